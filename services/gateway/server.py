@@ -1,0 +1,248 @@
+"""Search gateway: the API internal apps call. Composes detection, embedding,
+the vector store and re-ranking for search; queues ingestion for the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+
+from visearch.common.v1 import common_pb2
+from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
+from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from visearch.errors import InvalidArgument, NotFound, VisearchError, to_status
+from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from visearch.grpcserver import Service, channel_ready, client_options, remaining, rpc, serve
+from visearch.inference import ModelMeta
+from visearch.jobs import Jobs, new_job_id
+from visearch.queue import INGEST_TASK, make_celery
+from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from visearch.settings import GatewaySettings
+from visearch.store import VectorStore, check_catalog, check_item_id
+
+log = logging.getLogger(__name__)
+MAX_TOP_K = 1000
+
+
+class DependencyError(VisearchError):
+    """A downstream call failed; carries that call's status, named by service."""
+
+    def __init__(self, dependency: str, exc: grpc.RpcError):
+        code, message = to_status(exc, dependency)
+        super().__init__(message)
+        self.code = code
+
+
+async def call(dependency: str, coro):
+    try:
+        return await coro
+    except grpc.aio.AioRpcError as exc:
+        raise DependencyError(dependency, exc) from None
+
+
+def pb_box(box) -> common_pb2.BoundingBox:
+    return common_pb2.BoundingBox(x1=box[0], y1=box[1], x2=box[2], y2=box[3])
+
+
+def meta_of(info: common_pb2.ModelInfo) -> ModelMeta:
+    return ModelMeta(name=info.name, version=info.version, input_name="", output_name="", input_size=info.input_size,
+                     dim=info.dim, metric=info.metric, architecture=info.architecture, pooling=info.pooling,
+                     weights_sha256=info.weights_sha256)
+
+
+class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, settings: GatewaySettings):
+        self.s = settings
+        opts = client_options(settings.max_message_bytes)
+        self.channels = {
+            "detection": grpc.aio.insecure_channel(settings.detection_addr, opts),
+            "embedding": grpc.aio.insecure_channel(settings.embedding_addr, opts),
+            "rerank": grpc.aio.insecure_channel(settings.rerank_addr, opts),
+        }
+        self.detection = detection_pb2_grpc.DetectionServiceStub(self.channels["detection"])
+        self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self.channels["embedding"])
+        self.rerank = rerank_pb2_grpc.RerankServiceStub(self.channels["rerank"])
+        self.store = VectorStore(settings)
+        self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
+        self.celery = make_celery(settings)
+        self.roots = [Path(r).resolve() for r in settings.ingest_roots]
+
+    # ---- search ---------------------------------------------------------------
+    @rpc()
+    async def Search(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        top_k = request.top_k or 10
+        if not 0 < top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
+        if not request.image:
+            raise InvalidArgument("no query image: the image field is empty")
+        stored = await asyncio.to_thread(self.store.catalog_model, catalog)
+        if stored is None:
+            raise NotFound(f"catalog {catalog!r} does not exist")
+        t = self.s.rpc_timeout_seconds
+
+        det = await call("detection", self.detection.Detect(
+            detection_pb2.DetectRequest(images=[request.image]), timeout=remaining(context, t)))
+        res = det.results[0]
+        full = (0.0, 0.0, float(res.width), float(res.height))
+        if request.full_frame or not res.detections:
+            query_box = full
+        else:
+            b = res.detections[0].box
+            query_box = (b.x1, b.y1, b.x2, b.y2)
+        item = embedding_pb2.EmbedItem(image=request.image)
+        if query_box != full:
+            item.box.CopyFrom(pb_box(query_box))
+        emb = await call("embedding", self.embedding.Embed(
+            embedding_pb2.EmbedRequest(items=[item]), timeout=remaining(context, t)))
+        self.store.check_model(catalog, meta_of(emb.model))
+        vector = list(emb.embeddings[0].values)
+
+        n_candidates = max(top_k, self.s.rerank_candidates)
+        # Several objects of one item may match; ask for more rows than items wanted.
+        found = await asyncio.to_thread(self.store.search, catalog, vector, n_candidates, dict(request.filters))
+        best: dict[str, object] = {}
+        for obj in found:  # best object per item, in score order
+            best.setdefault(obj.item_id, obj)
+        candidates = [rerank_pb2.Candidate(item_id=o.item_id, object_id=o.object_id, score=o.score)
+                      for o in best.values()]
+        rr = await call("rerank", self.rerank.Rerank(
+            rerank_pb2.RerankRequest(catalog=catalog, query_embedding=vector, candidates=candidates,
+                                     method=request.rerank, top_k=top_k), timeout=remaining(context, t)))
+        hits = []
+        for h in rr.hits:
+            obj = best[h.item_id]
+            hit = gateway_pb2.SearchHit(item_id=h.item_id, score=h.score, box=pb_box(obj.box),
+                                        metadata={str(k): str(v) for k, v in obj.metadata.items()})
+            if h.HasField("region"):
+                hit.region.CopyFrom(h.region)
+            hits.append(hit)
+        return gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(query_box), model=emb.model, rerank=rr.method)
+
+    # ---- ingestion ------------------------------------------------------------
+    def _check_path(self, uri: str) -> str:
+        if "://" in uri and not uri.startswith("file://"):
+            raise InvalidArgument(f"uri {uri!r}: only local paths and file:// URIs are accepted")
+        path = Path(uri.removeprefix("file://"))
+        if not path.is_absolute():
+            raise InvalidArgument(f"path {uri!r} must be absolute")
+        real = path.resolve()
+        if not any(real.is_relative_to(root) for root in self.roots):
+            raise InvalidArgument(f"path {uri!r} is outside the gateway's ingest roots"
+                                  + ("" if self.roots else " (none configured: send image bytes instead)"))
+        if not real.is_file():
+            raise InvalidArgument(f"path {uri!r} is not a readable file")
+        return str(real)
+
+    @rpc()
+    async def IngestItems(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        if not request.items:
+            raise InvalidArgument("no items to ingest")
+        if len(request.items) > self.s.max_items_per_request:
+            raise InvalidArgument(f"{len(request.items)} items in one request; the limit is "
+                                  f"{self.s.max_items_per_request}: send several requests with the same job_id")
+        tasks, blobs, seen = [], {}, set()
+        for it in request.items:
+            check_item_id(it.item_id)
+            if it.item_id in seen:
+                raise InvalidArgument(f"item id {it.item_id!r} appears twice in one request")
+            seen.add(it.item_id)
+            entry = {"item_id": it.item_id, "metadata": dict(it.metadata)}
+            which = it.WhichOneof("source")
+            if which == "uri":
+                entry["uri"] = self._check_path(it.uri)
+            elif which == "image" and it.image:
+                blobs[it.item_id] = it.image
+            else:
+                raise InvalidArgument(f"item {it.item_id!r} has neither image bytes nor a uri")
+            tasks.append(entry)
+        job_id = request.job_id or new_job_id()
+        if request.job_id and not request.job_id.isalnum():
+            raise InvalidArgument(f"job id {request.job_id!r} must be alphanumeric")
+        # The catalog exists from the first ingest request on, made for the serving model.
+        info = await call("embedding", self.embedding.GetModelInfo(
+            embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
+        await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model))
+        # Record the items as pending before any task exists, so a fast worker can
+        # never finish an item the job does not know yet.
+        await asyncio.to_thread(self.jobs.submit, job_id, catalog, [t["item_id"] for t in tasks], blobs)
+        batch = self.s.ingest_batch
+
+        def enqueue():
+            for start in range(0, len(tasks), batch):
+                self.celery.send_task(INGEST_TASK, args=[job_id, catalog, tasks[start:start + batch]])
+
+        await asyncio.to_thread(enqueue)
+        log.info("ingest queued", extra={"job_id": job_id, "catalog": catalog, "items": len(tasks)})
+        return gateway_pb2.IngestItemsResponse(job_id=job_id, accepted=len(tasks))
+
+    @rpc()
+    async def GetIngestJob(self, request, context):
+        if not request.job_id:
+            raise InvalidArgument("job_id is empty")
+        st = await asyncio.to_thread(self.jobs.status, request.job_id)
+        state = gateway_pb2.JOB_STATE_DONE if st.finished else gateway_pb2.JOB_STATE_RUNNING
+        job = gateway_pb2.IngestJob(
+            job_id=st.job_id, catalog=st.catalog, state=state, submitted=st.submitted, done=st.done,
+            failed=st.failed, pending=st.pending, created_at=st.created_at, updated_at=st.updated_at,
+            failures=[gateway_pb2.FailedItem(item_id=k, reason=v) for k, v in sorted(st.failures.items())])
+        return gateway_pb2.GetIngestJobResponse(job=job)
+
+    # ---- items and catalogs ---------------------------------------------------
+    @rpc()
+    async def DeleteItems(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        ids = [check_item_id(i) for i in request.item_ids]
+        if not ids:
+            raise InvalidArgument("no item ids to delete")
+        n = await asyncio.to_thread(self.store.delete_items, catalog, ids)
+        return gateway_pb2.DeleteItemsResponse(deleted=n)
+
+    @rpc()
+    async def GetItem(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        objs = await asyncio.to_thread(self.store.get_item, catalog, check_item_id(request.item_id))
+        tag, _ = self.store.catalog_model(catalog) or ("", 0)
+        item = gateway_pb2.Item(item_id=request.item_id, catalog=catalog,
+                                metadata={str(k): str(v) for k, v in objs[0].metadata.items()},
+                                objects=[gateway_pb2.StoredObject(object_id=o.object_id, box=pb_box(o.box))
+                                         for o in objs], model_version=tag)
+        return gateway_pb2.GetItemResponse(item=item)
+
+    @rpc()
+    async def ListCatalogs(self, request, context):
+        cats = await asyncio.to_thread(self.store.list_catalogs)
+        out = []
+        for c in cats:
+            name, _, version = c.model_tag.partition(":")
+            out.append(gateway_pb2.Catalog(name=c.name, objects=c.objects,
+                                           model=common_pb2.ModelInfo(name=name, version=version, dim=c.dim)))
+        return gateway_pb2.ListCatalogsResponse(catalogs=out)
+
+    # ---- lifecycle ------------------------------------------------------------
+    async def ready(self) -> bool:
+        deps = await asyncio.gather(*(channel_ready(ch) for ch in self.channels.values()))
+        if not all(deps):
+            return False
+        try:
+            await asyncio.to_thread(self.jobs.ping)
+            await asyncio.to_thread(self.store.ping)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            log.warning("store or queue not ready: %s", exc)
+            return False
+        return True
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            await ch.close()
+        self.store.close()
+
+
+async def main(settings: GatewaySettings, **kw) -> None:
+    gateway = Gateway(settings)
+    service = Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+                      gateway_pb2_grpc.add_GatewayServiceServicer_to_server, gateway)
+    await serve([service], settings, settings.gateway_port, ready=gateway.ready, on_stop=gateway.close, **kw)

@@ -1,0 +1,140 @@
+"""Real components for the tests: Redis, Milvus Lite and the services as processes on localhost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from visearch.datasets import grocery_root, grocery_split
+from visearch.mesh import free_port
+from visearch.settings import DEFAULT_MODEL_REPOSITORY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+class Proc:
+    def __init__(self, argv: list[str], log: Path, env: dict | None = None):
+        self.log = log
+        self.f = open(log, "wb")
+        self.p = subprocess.Popen(argv, stdout=self.f, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+                                  start_new_session=True)
+
+    def stop(self, sig_timeout: float = 15.0) -> int:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(sig_timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.f.close()
+        return self.p.returncode
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    if not exe:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = Proc([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(d)], d / "log")
+    import redis
+
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: redis.Redis.from_url(url).ping(), 10, "redis", proc.p, proc.log)
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory):
+    port = free_port()
+    d = tmp_path_factory.mktemp("milvus")
+    proc = Proc([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(d / "data"), "--host",
+                 "127.0.0.1", "--port", str(port)], d / "log")
+    from pymilvus import MilvusClient
+
+    uri = f"http://127.0.0.1:{port}"
+    wait_until(lambda: MilvusClient(uri=uri, timeout=1).list_collections() is not None, 30, "milvus", proc.p, proc.log)
+    yield uri
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def model_repo() -> Path:
+    """The model repository (VISEARCH_MODEL_REPOSITORY, else the project's) with the embedder built."""
+    repo = Path(os.environ.get("VISEARCH_MODEL_REPOSITORY") or DEFAULT_MODEL_REPOSITORY)
+    if not list(repo.glob("embedder/[0-9]*/model.onnx")):
+        pytest.fail(f"{repo}/embedder is not built: run `make models` (visearch models build)")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def grocery():
+    root = grocery_root()
+    if root is None:
+        pytest.skip("the Grocery Store dataset is not at ../shared/data/grocery-store")
+    return {"root": root, "train": grocery_split(root, "train"), "val": grocery_split(root, "val")}
+
+
+def health_serving(address: str, service: str = "") -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class ServiceProcs:
+    """Starts `python -m services.<name>` processes sharing one environment."""
+
+    def __init__(self, tmp: Path, env: dict):
+        self.tmp, self.env, self.procs = tmp, env, {}
+
+    def start(self, name: str, wait: bool = True) -> str:
+        port = free_port()
+        self.env[f"VISEARCH_{name.upper()}_PORT"] = str(port)
+        addr = f"127.0.0.1:{port}"
+        self.env[f"VISEARCH_{name.upper()}_ADDR"] = addr
+        proc = Proc([sys.executable, "-m", f"services.{name}"], self.tmp / f"{name}.log", dict(self.env))
+        self.procs[name] = proc
+        if wait:
+            wait_until(lambda: health_serving(addr), 60, name, proc.p, proc.log)
+        return addr
+
+    def stop_all(self):
+        for p in reversed(self.procs.values()):
+            p.stop()
+
+
+@pytest.fixture
+def services(tmp_path, model_repo):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
+    env.update(VISEARCH_MODEL_REPOSITORY=str(model_repo), VISEARCH_HEALTH_INTERVAL_SECONDS="0.5",
+               VISEARCH_GRACE_SECONDS="3", PYTHONUNBUFFERED="1")
+    s = ServiceProcs(tmp_path, env)
+    yield s
+    s.stop_all()

@@ -1,0 +1,50 @@
+"""The inference backends: ONNX Runtime for real; Triton as far as it goes without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from visearch.errors import FailedPrecondition, Unavailable
+from visearch.inference import OnnxRuntimeBackend, TritonBackend, read_meta, resolve_version, triton_inputs
+
+
+def test_onnxruntime_backend_runs_the_repository_model(model_repo):
+    backend = OnnxRuntimeBackend(model_repo)
+    meta = asyncio.run(backend.metadata("embedder"))
+    assert meta.input_name == "images" and meta.output_name == "embeddings" and meta.dim > 0
+    batch = np.random.default_rng(0).integers(0, 256, (2, meta.input_size, meta.input_size, 3), dtype=np.uint8)
+    out = asyncio.run(backend.infer("embedder", {"images": batch}))["embeddings"]
+    assert out.shape == (2, meta.dim) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-4)
+
+
+def test_version_resolution(model_repo, tmp_path):
+    assert resolve_version(model_repo, "embedder").name.isdigit()
+    with pytest.raises(FailedPrecondition, match="version 99 not found"):
+        read_meta(model_repo, "embedder", "99")
+    with pytest.raises(FailedPrecondition, match="visearch models build"):
+        resolve_version(tmp_path, "embedder")
+
+
+def test_triton_inputs_carry_names_shapes_and_types():
+    arr = np.zeros((2, 8, 8, 3), np.uint8)
+    (ii,) = triton_inputs({"images": arr})
+    assert ii.name() == "images" and ii.shape() == [2, 8, 8, 3] and ii.datatype() == "UINT8"
+    with pytest.raises(ValueError, match="no Triton datatype"):
+        triton_inputs({"x": np.zeros(3, np.complex64)})
+
+
+def test_triton_backend_unreachable_is_unavailable_quickly(model_repo):
+    async def go():
+        backend = TritonBackend("127.0.0.1:1", repo=model_repo, timeout=2.0)
+        t0 = time.monotonic()
+        assert await backend.ready("embedder") is False
+        with pytest.raises(Unavailable, match="triton at 127.0.0.1:1"):
+            await backend.infer("embedder", {"images": np.zeros((1, 4, 4, 3), np.uint8)})
+        await backend.close()
+        return time.monotonic() - t0
+
+    assert asyncio.run(go()) < 10

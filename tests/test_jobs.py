@@ -1,0 +1,43 @@
+"""Job bookkeeping on a real Redis: counts add up however often work is repeated."""
+
+from __future__ import annotations
+
+import pytest
+
+from visearch.errors import InvalidArgument, NotFound
+from visearch.jobs import Jobs, new_job_id
+
+
+@pytest.fixture
+def jobs(redis_url):
+    return Jobs.from_url(redis_url, ttl_seconds=60)
+
+
+def test_counts_add_up_and_repeat_is_harmless(jobs):
+    job = new_job_id()
+    jobs.submit(job, "cat", ["a", "b", "c", "d"], {"a": b"bytes-a"})
+    st = jobs.status(job)
+    assert (st.submitted, st.done, st.failed, st.pending) == (4, 0, 0, 4)
+    assert jobs.blob(job, "a") == b"bytes-a"
+    jobs.mark_done(job, ["a", "b"])
+    jobs.mark_done(job, ["a", "b"])  # a task re-run after a worker died
+    jobs.mark_failed(job, {"c": "not an image"})
+    st = jobs.status(job)
+    assert (st.submitted, st.done, st.failed, st.pending) == (4, 2, 1, 1)
+    assert st.failures == {"c": "not an image"}
+    assert jobs.blob(job, "a") is None, "processed bytes are released"
+    # Re-submitting an item (even a failed one) makes it pending again, counted once.
+    jobs.submit(job, "cat", ["c", "d"], {})
+    st = jobs.status(job)
+    assert (st.submitted, st.done, st.failed, st.pending) == (4, 2, 0, 2)
+    jobs.mark_done(job, ["c", "d"])
+    assert jobs.status(job).finished
+
+
+def test_unknown_job_and_wrong_catalog(jobs):
+    with pytest.raises(NotFound):
+        jobs.status("nosuchjob")
+    job = new_job_id()
+    jobs.submit(job, "one", ["x"], {})
+    with pytest.raises(InvalidArgument, match="belongs to catalog"):
+        jobs.submit(job, "two", ["y"], {})

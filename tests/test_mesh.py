@@ -1,0 +1,154 @@
+"""The whole mesh as separate processes, driven through the `visearch` CLI like a user would.
+
+Real Redis, a real Celery worker, Milvus Lite, ONNX Runtime with real weights.
+Ingests the Grocery Store train split (2,640 real shop photos) through the queue
+and measures photo -> photo retrieval with the val photos of packaged products.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from visearch.demo import item_id, write_manifest
+from visearch.metrics import retrieval_report
+
+pytestmark = pytest.mark.mesh
+
+
+def cli(env: dict, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "visearch.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"visearch {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def mesh_env(tmp_path_factory, model_repo, grocery):
+    data = tmp_path_factory.mktemp("mesh")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
+    env.update(VISEARCH_DATA_DIR=str(data), VISEARCH_MODEL_REPOSITORY=str(model_repo))
+    cli(env, "up", "--ingest-root", str(grocery["root"]))
+    yield env
+    cli(env, "down", check=False)
+
+
+@pytest.fixture(scope="module")
+def ingested(mesh_env, grocery, tmp_path_factory):
+    manifest = write_manifest(grocery["train"], tmp_path_factory.mktemp("manifest") / "train.csv")
+    r = cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "grocery", "--wait", "--json")
+    return {"manifest": manifest, "result": json.loads(r.stdout)}
+
+
+def test_status_lists_every_component_serving(mesh_env):
+    st = json.loads(cli(mesh_env, "status", "--json").stdout)
+    names = {c["name"]: c for c in st["components"]}
+    assert set(names) == {"redis", "milvus", "detection", "embedding", "rerank", "gateway", "worker"}
+    assert all(c["health"] == "SERVING" and c["pid"] > 0 and c["address"] for c in names.values()), names
+
+
+def test_ingest_whole_train_split(ingested, grocery):
+    res = ingested["result"]
+    assert res["ok"] == len(grocery["train"]) and res["failed"] == 0, res
+
+
+def test_same_product_ranks_first(mesh_env, ingested, grocery):
+    queries = [p for p in grocery["val"] if p.is_product]
+    out = jsonl(cli(mesh_env, "search", *[str(q.path) for q in queries], "--catalog", "grocery",
+                    "--top-k", "100", "--json").stdout)
+    assert [o["query"] for o in out] == [str(q.path) for q in queries]
+    assert all("hits" in o and len(o["hits"]) == 100 for o in out)
+    by_class: dict[int, set[str]] = {}
+    for p in grocery["train"]:
+        by_class.setdefault(p.fine_id, set()).add(item_id(p))
+    report = retrieval_report([[h["item_id"] for h in o["hits"]] for o in out], [by_class[q.fine_id] for q in queries])
+    lat = sorted(o["latency_ms"] for o in out)
+    print("mesh photo->photo:", json.dumps(report), "latency p50 ms:", lat[len(lat) // 2])
+    # The issue's bar: at least the off-the-shelf level of this backbone family (R@1 about 0.5).
+    assert report["recall@1"] >= 0.5, report
+    assert report["recall@10"] > report["recall@1"]
+
+
+def test_reingest_is_idempotent(mesh_env, ingested, tmp_path):
+    rows = list(csv.reader(open(ingested["manifest"])))
+    subset = tmp_path / "again.csv"
+    with open(subset, "w", newline="") as f:
+        csv.writer(f).writerows(rows[:41])
+    before = {c["name"]: c["objects"] for c in jsonl(cli(mesh_env, "catalogs").stdout)}["grocery"]
+    res = json.loads(cli(mesh_env, "ingest", "--manifest", str(subset), "--catalog", "grocery", "--wait",
+                         "--json").stdout)
+    assert res["ok"] == 40
+    after = {c["name"]: c["objects"] for c in jsonl(cli(mesh_env, "catalogs").stdout)}["grocery"]
+    assert after == before
+
+
+def test_ingest_by_path_inside_roots_only(mesh_env, grocery, tmp_path):
+    photo = grocery["val"][0].path
+    ok = tmp_path / "ok.csv"
+    ok.write_text(f"item_id,path\nbypath1,{photo}\n")
+    res = json.loads(cli(mesh_env, "ingest", "--manifest", str(ok), "--catalog", "paths", "--wait", "--by-path",
+                         "--json").stdout)
+    assert res["ok"] == 1
+    outside = tmp_path / "outside.csv"
+    (tmp_path / "x.jpg").write_bytes(photo.read_bytes())
+    outside.write_text(f"item_id,path\nbypath2,{tmp_path / 'x.jpg'}\n")
+    r = cli(mesh_env, "ingest", "--manifest", str(outside), "--catalog", "paths", "--by-path", check=False)
+    assert r.returncode != 0 and "INVALID_ARGUMENT" in r.stderr and "ingest roots" in r.stderr
+
+
+def test_bad_input_gets_reasons_and_mesh_stays_up(mesh_env, ingested, grocery, tmp_path):
+    good = grocery["val"][0].path
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image at all")
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(good.read_bytes()[:2000])
+    out = jsonl(cli(mesh_env, "search", str(text), str(good), str(trunc), str(tmp_path / "missing.jpg"),
+                    "--catalog", "grocery", "--json").stdout)
+    assert out[0]["error"]["code"] == "INVALID_ARGUMENT" and "not an image" in out[0]["error"]["message"]
+    assert out[1]["hits"], "one bad query does not stop the others"
+    assert out[2]["error"]["code"] == "INVALID_ARGUMENT" and "truncated" in out[2]["error"]["message"]
+    assert out[3]["error"]["code"] == "INVALID_ARGUMENT"
+    unknown = jsonl(cli(mesh_env, "search", str(good), "--catalog", "nosuchcatalog", "--json", check=False).stdout)
+    assert unknown[0]["error"]["code"] == "NOT_FOUND"
+
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text(f"item_id,path\nbad_text,{text}\nbad_trunc,{trunc}\nbad_missing,{tmp_path / 'nope.jpg'}\n"
+                        f"good_one,{good}\n")
+    res = json.loads(cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "grocery", "--wait",
+                         "--json").stdout)
+    assert res["ok"] == 1 and res["failed"] == 3
+    assert "not an image" in res["failures"]["bad_text"] and "truncated" in res["failures"]["bad_trunc"]
+    assert "No such file" in res["failures"]["bad_missing"]
+    st = json.loads(cli(mesh_env, "status", "--json").stdout)
+    assert all(c["health"] == "SERVING" for c in st["components"])
+
+
+def test_get_and_delete(mesh_env, ingested, grocery):
+    target = item_id(grocery["train"][0])
+    item = json.loads(cli(mesh_env, "get", target, "--catalog", "grocery").stdout)
+    assert item["itemId"] == target and item["metadata"]["product"] == grocery["train"][0].fine_name
+    assert json.loads(cli(mesh_env, "delete", target, "--catalog", "grocery").stdout) == {"deleted": 1}
+    r = cli(mesh_env, "get", target, "--catalog", "grocery", check=False)
+    assert r.returncode != 0 and "NOT_FOUND" in r.stderr
+
+
+def test_down_stops_everything(mesh_env, ingested):
+    from visearch.mesh import alive, load_state
+
+    state = load_state(Path(mesh_env["VISEARCH_DATA_DIR"]))
+    pids = [c["pid"] for c in state["components"] if c["pid"]]
+    cli(mesh_env, "down")
+    assert not any(alive(p) for p in pids)
+    r = cli(mesh_env, "status", "--json")
+    assert json.loads(r.stdout)["components"] == []

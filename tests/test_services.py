@@ -1,0 +1,125 @@
+"""Each gRPC service as its own process: health, reflection, real inference, clear errors, graceful stop."""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from visearch.common.v1 import common_pb2
+from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
+from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+
+def listed_services(addr: str) -> set[str]:
+    with grpc.insecure_channel(addr) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        return {s.name for s in resp.list_services_response.service}
+
+
+def test_embedding_service(services, grocery):
+    addr = services.start("embedding")
+    assert "visearch.embedding.v1.EmbeddingService" in listed_services(addr)
+    photos = [p for p in grocery["train"] if p.fine_name == "Arla-Standard-Milk"][:2]
+    other = next(p for p in grocery["train"] if p.fine_name == "Oatly-Oat-Milk")
+    with grpc.insecure_channel(addr) as ch:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+        info = stub.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=10).model
+        items = [embedding_pb2.EmbedItem(image=p.path.read_bytes()) for p in [*photos, other]]
+        resp = stub.Embed(embedding_pb2.EmbedRequest(items=items), timeout=30)
+        v = np.array([e.values for e in resp.embeddings])
+        assert v.shape == (3, info.dim) and resp.model.version == info.version
+        assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+        assert v[0] @ v[1] > v[0] @ v[2], "same product should be closer than another product"
+        # The same photo embeds identically alone and in a batch.
+        alone = stub.Embed(embedding_pb2.EmbedRequest(items=items[:1]), timeout=30).embeddings[0].values
+        assert np.allclose(alone, v[0], atol=1e-5)
+        # A crop box changes what is embedded.
+        w, h = Image.open(photos[0].path).size
+        boxed = embedding_pb2.EmbedItem(image=items[0].image, box=common_pb2.BoundingBox(x1=0, y1=0, x2=w / 2, y2=h / 2))
+        cropped = stub.Embed(embedding_pb2.EmbedRequest(items=[boxed]), timeout=30).embeddings[0].values
+        assert not np.allclose(cropped, v[0], atol=1e-3)
+
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Embed(embedding_pb2.EmbedRequest(items=[items[0], embedding_pb2.EmbedItem(image=b"junk")]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item 1" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Embed(embedding_pb2.EmbedRequest(items=items * 20), timeout=0.001)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Still serving after bad input.
+        assert stub.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=10).model.dim == info.dim
+
+
+def test_detection_full_frame_until_detector_lands(services, grocery):
+    addr = services.start("detection")
+    photo = grocery["val"][0].path.read_bytes()
+    w, h = Image.open(io.BytesIO(photo)).size
+    with grpc.insecure_channel(addr) as ch:
+        stub = detection_pb2_grpc.DetectionServiceStub(ch)
+        resp = stub.Detect(detection_pb2.DetectRequest(images=[photo]), timeout=10)
+        assert (resp.results[0].width, resp.results[0].height) == (w, h) and resp.model == "full-frame"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Detect(detection_pb2.DetectRequest(images=[photo, photo[:300]]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 1" in err.value.details()
+
+
+def test_rerank_orders_and_refuses_unknown_methods(services):
+    addr = services.start("rerank")
+    cands = [rerank_pb2.Candidate(item_id=i, object_id=f"{i}#0", score=s) for i, s in (("a", .2), ("b", .9), ("c", .5))]
+    with grpc.insecure_channel(addr) as ch:
+        stub = rerank_pb2_grpc.RerankServiceStub(ch)
+        resp = stub.Rerank(rerank_pb2.RerankRequest(candidates=cands, top_k=2), timeout=10)
+        assert [h.item_id for h in resp.hits] == ["b", "c"] and resp.method == "none"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rerank(rerank_pb2.RerankRequest(candidates=cands, method="qam"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_sigterm_drains_and_exits_cleanly(services):
+    services.start("rerank")
+    proc = services.procs["rerank"]
+    proc.p.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert proc.p.wait(15) == 0
+    assert time.monotonic() - t0 < 10
+    assert '"stopped"' in proc.log.read_text() or "stopped" in proc.log.read_text()
+
+
+def test_gateway_not_serving_until_dependencies_answer(services, redis_url, milvus_uri):
+    services.env.update(VISEARCH_REDIS_URL=redis_url, VISEARCH_MILVUS_URI=milvus_uri)
+    services.env["VISEARCH_RERANK_ADDR"] = "127.0.0.1:1"  # nothing listens there yet
+    services.start("detection")
+    services.start("embedding")
+    addr = services.start("gateway", wait=False)
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import health_serving, wait_until
+
+    def status():
+        with grpc.insecure_channel(addr) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+
+    wait_until(lambda: status() is not None, 60, "gateway listening")
+    time.sleep(1.5)  # several readiness rounds
+    assert status() == health_pb2.HealthCheckResponse.NOT_SERVING, "not SERVING while re-ranking is unreachable"
+    services.procs["gateway"].stop()
+    services.start("rerank")
+    services.start("gateway")  # the conftest waits for SERVING
+    wait_until(lambda: health_serving(services.env["VISEARCH_GATEWAY_ADDR"]), 10, "gateway")
+
+
+def test_service_refuses_to_start_without_required_settings(services):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in services.env.items() if k != "VISEARCH_GATEWAY_PORT"}
+    r = subprocess.run([sys.executable, "-m", "services.gateway"], env=env, capture_output=True, timeout=60)
+    assert r.returncode != 0 and b"gateway_port" in r.stderr

@@ -1,0 +1,354 @@
+"""The `visearch` command: run the local mesh, ingest catalogs, search them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import grpc
+
+from visearch import mesh
+
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
+
+def _data_dir(value: str | None) -> Path:
+    return Path(value) if value else mesh.default_data_dir()
+
+
+def _gateway(ctx: click.Context) -> str:
+    if ctx.obj.get("gateway"):
+        return ctx.obj["gateway"]
+    state = mesh.load_state(ctx.obj["data_dir"])
+    if not state or not state.get("gateway"):
+        raise click.ClickException(f"no mesh is up in {ctx.obj['data_dir']}: run `visearch up` "
+                                   "(or pass --gateway / VISEARCH_GATEWAY_ADDR)")
+    return state["gateway"]
+
+
+def _client(ctx: click.Context):
+    from visearch.client import GatewayClient
+
+    return GatewayClient(_gateway(ctx), timeout=ctx.obj["timeout"])
+
+
+def _rpc_error(exc: grpc.RpcError) -> dict:
+    return {"code": exc.code().name, "message": exc.details() or ""}
+
+
+class Progress:
+    """A one-line progress bar on stderr (silent when stderr is not a terminal, except at the end)."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.t0 = max(total, 1), label, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.last = -1.0
+
+    def update(self, done: int, failed: int = 0, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and (now - self.last < (0.2 if self.tty else 10.0)):
+            return
+        self.last = now
+        frac = min(1.0, (done + failed) / self.total)
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        rate = (done + failed) / max(now - self.t0, 1e-6)
+        line = f"{self.label} [{bar}] {done + failed}/{self.total} ({failed} failed) {rate:.1f}/s"
+        click.echo(("\r" + line) if self.tty else line, err=True, nl=not self.tty)
+
+    def close(self) -> None:
+        if self.tty:
+            click.echo("", err=True)
+
+
+@click.group()
+@click.option("--data-dir", envvar="VISEARCH_DATA_DIR", help="Where the local mesh keeps its state and data.")
+@click.option("--gateway", envvar="VISEARCH_GATEWAY_ADDR", help="Gateway address (default: the local mesh's).")
+@click.option("--timeout", default=60.0, show_default=True, help="Deadline of each call, in seconds.")
+@click.pass_context
+def main(ctx, data_dir, gateway, timeout):
+    """visearch: visual instance search."""
+    ctx.obj = {"data_dir": _data_dir(data_dir), "gateway": gateway, "timeout": timeout}
+
+
+@main.command()
+@click.option("--ingest-root", "roots", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A folder the gateway may read images from by path (repeatable).")
+@click.option("--timeout", "wait", default=180.0, show_default=True, help="Seconds to wait for health.")
+@click.pass_context
+def up(ctx, roots, wait):
+    """Start Redis, Milvus Lite, every service and a worker; wait until healthy."""
+    data_dir = ctx.obj["data_dir"]
+    click.echo(f"starting the mesh in {data_dir}", err=True)
+    try:
+        state = mesh.up(data_dir, ingest_roots=list(roots), timeout=wait, log=lambda m: click.echo(m, err=True))
+    except mesh.MeshError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"gateway: {state['gateway']}")
+
+
+@main.command()
+@click.pass_context
+def down(ctx):
+    """Stop what `up` started."""
+    mesh.down(ctx.obj["data_dir"], log=lambda m: click.echo(m, err=True))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx, as_json):
+    """Each component with its pid, address and health."""
+    comps = mesh.status(ctx.obj["data_dir"])
+    rows = [{"name": c["name"], "pid": c["pid"], "address": c["address"], "kind": c["kind"],
+             "health": "SERVING" if c["healthy"] else ("NOT_SERVING" if c["running"] else "STOPPED")}
+            for c in comps]
+    if as_json:
+        click.echo(json.dumps({"data_dir": str(ctx.obj["data_dir"]), "components": rows}, indent=2))
+    elif not rows:
+        click.echo("mesh is not up")
+    else:
+        for r in rows:
+            click.echo(f"{r['name']:<10} {r['health']:<12} pid {r['pid']:<8} {r['address']}")
+    if rows and not all(r["health"] == "SERVING" for r in rows):
+        sys.exit(1)
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """Rows of a CSV with header item_id,path (other columns become metadata); paths relative to the CSV."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"item_id", "path"} <= set(reader.fieldnames):
+            raise click.ClickException(f"{path}: the header must contain item_id,path (got {reader.fieldnames})")
+        rows = []
+        for row in reader:
+            p = Path(row["path"])
+            rows.append({"item_id": row["item_id"], "path": p if p.is_absolute() else (path.parent / p),
+                         "metadata": {k: v for k, v in row.items() if k not in ("item_id", "path") and v}})
+    return rows
+
+
+def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool) -> tuple[str, dict[str, str]]:
+    """Send rows in requests of bounded size under one job id; returns (job id, local failures)."""
+    from visearch.gateway.v1 import gateway_pb2
+
+    job_id, local_failed = "", {}
+    batch, size = [], 0
+
+    def flush():
+        nonlocal job_id, batch, size
+        if batch:
+            job_id = client.ingest(batch, catalog=catalog, job_id=job_id).job_id
+        batch, size = [], 0
+
+    for row in rows:
+        if by_path:
+            item = gateway_pb2.IngestItem(item_id=row["item_id"], uri=str(Path(row["path"]).resolve()),
+                                          metadata=row["metadata"])
+        else:
+            try:
+                data = Path(row["path"]).read_bytes()
+            except OSError as exc:
+                local_failed[row["item_id"]] = f"cannot read {row['path']}: {exc.strerror or exc}"
+                continue
+            item = gateway_pb2.IngestItem(item_id=row["item_id"], image=data, metadata=row["metadata"])
+        n = item.ByteSize()
+        if batch and size + n > MAX_REQUEST_BYTES:
+            flush()
+        batch.append(item)
+        size += n
+    flush()
+    return job_id, local_failed
+
+
+def wait_job(client, job_id: str, total: int, quiet: bool = False):
+    bar = None if quiet else Progress(total, "ingest")
+    while True:
+        job = client.job(job_id)
+        if bar:
+            bar.update(job.done, job.failed, force=job.pending == 0)
+        if job.pending == 0:
+            break
+        time.sleep(0.5)
+    if bar:
+        bar.close()
+    return job
+
+
+@main.command()
+@click.option("--manifest", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--catalog", default="default", show_default=True)
+@click.option("--wait", is_flag=True, help="Return when the job is done and print the counts.")
+@click.option("--by-path", is_flag=True, help="Send paths (inside the gateway's ingest roots), not bytes.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ingest(ctx, manifest, catalog, wait, by_path, as_json):
+    """Queue the images of a CSV manifest (item_id,path) for ingestion."""
+    rows = read_manifest(manifest)
+    with _client(ctx) as client:
+        try:
+            job_id, local_failed = ingest_rows(client, rows, catalog, by_path)
+        except grpc.RpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+        out = {"job_id": job_id, "catalog": catalog, "submitted": len(rows)}
+        if wait and job_id:
+            job = wait_job(client, job_id, len(rows) - len(local_failed), quiet=as_json)
+            failures = {f.item_id: f.reason for f in job.failures} | local_failed
+            out.update(ok=job.done, failed=job.failed + len(local_failed), failures=failures)
+        elif local_failed:
+            out.update(failed_locally=local_failed)
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"job {job_id}: {len(rows)} submitted to catalog {catalog!r}")
+        if "ok" in out:
+            click.echo(f"ok {out['ok']}, failed {out['failed']}")
+            for item_id, reason in sorted(out["failures"].items()):
+                click.echo(f"  failed {item_id}: {reason}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--wait", is_flag=True)
+@click.pass_context
+def job(ctx, job_id, wait):
+    """An ingestion job's counts and failures, as JSON."""
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(ctx) as client:
+        try:
+            j = wait_job(client, job_id, client.job(job_id).submitted, quiet=True) if wait else client.job(job_id)
+        except grpc.RpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+    click.echo(json.dumps(MessageToDict(j, always_print_fields_with_no_presence=True)))
+
+
+def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters: dict) -> dict:
+    t0 = time.perf_counter()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return {"query": path, "error": {"code": "INVALID_ARGUMENT", "message": f"cannot read {path}: "
+                                                                              f"{exc.strerror or exc}"}}
+    try:
+        resp = client.search(data, catalog=catalog, top_k=top_k, rerank=rerank, filters=filters)
+    except grpc.RpcError as exc:
+        return {"query": path, "error": _rpc_error(exc)}
+    latency = (time.perf_counter() - t0) * 1000
+    hits = []
+    for h in resp.hits:
+        hit = {"item_id": h.item_id, "score": round(h.score, 6)}
+        if h.metadata:
+            hit["metadata"] = dict(h.metadata)
+        hits.append(hit)
+    qb = resp.query_box
+    return {"query": path, "hits": hits, "latency_ms": round(latency, 2),
+            "query_box": [qb.x1, qb.y1, qb.x2, qb.y2], "model": f"{resp.model.name}:{resp.model.version}",
+            "rerank": resp.rerank}
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--catalog", default="default", show_default=True)
+@click.option("--top-k", default=10, show_default=True)
+@click.option("--rerank", default="", help="none|regions|qam|qe (default: the service's).")
+@click.option("--filter", "filters", multiple=True, help="key=value on item metadata (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def search(ctx, images, catalog, top_k, rerank, filters, as_json):
+    """Search a catalog with each image; one JSON object per image, in order."""
+    flt = dict(f.split("=", 1) for f in filters)
+    failed = 0
+    with _client(ctx) as client:
+        for path in images:
+            out = search_one(client, path, catalog, top_k, rerank, flt)
+            failed += "error" in out
+            if as_json:
+                click.echo(json.dumps(out))
+            elif "error" in out:
+                click.echo(f"{path}: {out['error']['code']}: {out['error']['message']}")
+            else:
+                click.echo(f"{path} ({out['latency_ms']:.0f} ms)")
+                for rank, h in enumerate(out["hits"], 1):
+                    click.echo(f"  {rank:>3}. {h['item_id']}  {h['score']:.4f}")
+    if failed == len(images):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("item_ids", nargs=-1, required=True)
+@click.option("--catalog", default="default", show_default=True)
+@click.pass_context
+def delete(ctx, item_ids, catalog):
+    """Delete items from a catalog."""
+    with _client(ctx) as client:
+        try:
+            n = client.delete(list(item_ids), catalog=catalog)
+        except grpc.RpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+    click.echo(json.dumps({"deleted": n}))
+
+
+@main.command()
+@click.argument("item_id")
+@click.option("--catalog", default="default", show_default=True)
+@click.pass_context
+def get(ctx, item_id, catalog):
+    """An item's stored objects and metadata, as JSON."""
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(ctx) as client:
+        try:
+            item = client.get(item_id, catalog=catalog)
+        except grpc.RpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+    click.echo(json.dumps(MessageToDict(item)))
+
+
+@main.command()
+@click.pass_context
+def catalogs(ctx):
+    """Catalogs with their object counts and model."""
+    with _client(ctx) as client:
+        for c in client.catalogs():
+            click.echo(json.dumps({"name": c.name, "objects": c.objects,
+                                   "model": f"{c.model.name}:{c.model.version}", "dim": c.model.dim}))
+
+
+@main.group()
+def models():
+    """Served models."""
+
+
+@models.command("build")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model repository (default: the project's model_repository/).")
+def models_build(repo):
+    """Rebuild every served ONNX model and its meta record (needs the train extra)."""
+    try:
+        from visearch.modeling.build import build_all
+    except ImportError as exc:
+        raise click.ClickException(f"building models needs the train extra (torch): {exc}") from None
+    from visearch.settings import DEFAULT_MODEL_REPOSITORY
+
+    for record in build_all(repo or DEFAULT_MODEL_REPOSITORY, progress=lambda m: click.echo(m, err=True)):
+        click.echo(json.dumps(record))
+
+
+@main.command()
+@click.option("--catalog", default="demo", show_default=True)
+@click.option("--queries", default=0, help="Search with only this many query photos (0: all).")
+@click.option("--keep-up", is_flag=True, help="Leave the mesh running afterwards.")
+@click.pass_context
+def demo(ctx, catalog, queries, keep_up):
+    """Up, ingest a real-photo sample catalog, search it, print results and metrics."""
+    from visearch.demo import run_demo
+
+    run_demo(ctx.obj["data_dir"], catalog=catalog, n_queries=queries, keep_up=keep_up, timeout=ctx.obj["timeout"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""A small synchronous client of the gateway, used by the CLI and the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+
+from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from visearch.grpcserver import client_options
+
+# Reads are safe to retry; ingestion is too (idempotent per item id), deletes as well.
+_RETRY_POLICY = {
+    "methodConfig": [{
+        "name": [{"service": "visearch.gateway.v1.GatewayService"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]
+}
+
+
+class GatewayClient:
+    def __init__(self, address: str, timeout: float = 60.0):
+        import json
+
+        opts = [*client_options(), ("grpc.service_config", json.dumps(_RETRY_POLICY))]
+        self.address = address
+        self.channel = grpc.insecure_channel(address, opts)
+        self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
+        self.timeout = timeout
+
+    def search(self, image: bytes, catalog: str = "default", top_k: int = 10, filters: dict | None = None,
+               rerank: str = "", full_frame: bool = False) -> gateway_pb2.SearchResponse:
+        req = gateway_pb2.SearchRequest(catalog=catalog, image=image, top_k=top_k, filters=filters or {},
+                                        rerank=rerank, full_frame=full_frame)
+        return self.stub.Search(req, timeout=self.timeout)
+
+    def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = ""
+               ) -> gateway_pb2.IngestItemsResponse:
+        req = gateway_pb2.IngestItemsRequest(catalog=catalog, items=list(items), job_id=job_id)
+        return self.stub.IngestItems(req, timeout=self.timeout)
+
+    def job(self, job_id: str) -> gateway_pb2.IngestJob:
+        return self.stub.GetIngestJob(gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def delete(self, item_ids: list[str], catalog: str = "default") -> int:
+        req = gateway_pb2.DeleteItemsRequest(catalog=catalog, item_ids=item_ids)
+        return self.stub.DeleteItems(req, timeout=self.timeout).deleted
+
+    def get(self, item_id: str, catalog: str = "default") -> gateway_pb2.Item:
+        return self.stub.GetItem(gateway_pb2.GetItemRequest(catalog=catalog, item_id=item_id),
+                                 timeout=self.timeout).item
+
+    def catalogs(self) -> list[gateway_pb2.Catalog]:
+        return list(self.stub.ListCatalogs(gateway_pb2.ListCatalogsRequest(), timeout=self.timeout).catalogs)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

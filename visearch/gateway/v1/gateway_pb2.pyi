@@ -1,0 +1,232 @@
+from visearch.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_DONE: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_DONE: JobState
+
+class SearchRequest(_message.Message):
+    __slots__ = ("catalog", "image", "top_k", "filters", "rerank", "full_frame")
+    class FiltersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    FULL_FRAME_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    image: bytes
+    top_k: int
+    filters: _containers.ScalarMap[str, str]
+    rerank: str
+    full_frame: bool
+    def __init__(self, catalog: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[str] = ..., full_frame: _Optional[bool] = ...) -> None: ...
+
+class SearchHit(_message.Message):
+    __slots__ = ("item_id", "score", "box", "metadata", "region")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    box: _common_pb2.BoundingBox
+    metadata: _containers.ScalarMap[str, str]
+    region: _common_pb2.BoundingBox
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., region: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "query_box", "model", "rerank")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_BOX_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    query_box: _common_pb2.BoundingBox
+    model: _common_pb2.ModelInfo
+    rerank: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., query_box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., rerank: _Optional[str] = ...) -> None: ...
+
+class IngestItem(_message.Message):
+    __slots__ = ("item_id", "image", "uri", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    image: bytes
+    uri: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class IngestItemsRequest(_message.Message):
+    __slots__ = ("catalog", "items", "job_id")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    items: _containers.RepeatedCompositeFieldContainer[IngestItem]
+    job_id: str
+    def __init__(self, catalog: _Optional[str] = ..., items: _Optional[_Iterable[_Union[IngestItem, _Mapping]]] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class IngestItemsResponse(_message.Message):
+    __slots__ = ("job_id", "accepted")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    accepted: int
+    def __init__(self, job_id: _Optional[str] = ..., accepted: _Optional[int] = ...) -> None: ...
+
+class GetIngestJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class FailedItem(_message.Message):
+    __slots__ = ("item_id", "reason")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    reason: str
+    def __init__(self, item_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class IngestJob(_message.Message):
+    __slots__ = ("job_id", "catalog", "state", "submitted", "done", "failed", "pending", "failures", "created_at", "updated_at")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    catalog: str
+    state: JobState
+    submitted: int
+    done: int
+    failed: int
+    pending: int
+    failures: _containers.RepeatedCompositeFieldContainer[FailedItem]
+    created_at: float
+    updated_at: float
+    def __init__(self, job_id: _Optional[str] = ..., catalog: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., submitted: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., pending: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[FailedItem, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+
+class GetIngestJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: IngestJob
+    def __init__(self, job: _Optional[_Union[IngestJob, _Mapping]] = ...) -> None: ...
+
+class DeleteItemsRequest(_message.Message):
+    __slots__ = ("catalog", "item_ids")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, catalog: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteItemsResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class GetItemRequest(_message.Message):
+    __slots__ = ("catalog", "item_id")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    item_id: str
+    def __init__(self, catalog: _Optional[str] = ..., item_id: _Optional[str] = ...) -> None: ...
+
+class StoredObject(_message.Message):
+    __slots__ = ("object_id", "box")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    box: _common_pb2.BoundingBox
+    def __init__(self, object_id: _Optional[str] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
+
+class Item(_message.Message):
+    __slots__ = ("item_id", "catalog", "metadata", "objects", "model_version")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    catalog: str
+    metadata: _containers.ScalarMap[str, str]
+    objects: _containers.RepeatedCompositeFieldContainer[StoredObject]
+    model_version: str
+    def __init__(self, item_id: _Optional[str] = ..., catalog: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., objects: _Optional[_Iterable[_Union[StoredObject, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetItemResponse(_message.Message):
+    __slots__ = ("item",)
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    item: Item
+    def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ...) -> None: ...
+
+class ListCatalogsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Catalog(_message.Message):
+    __slots__ = ("name", "objects", "model")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    objects: int
+    model: _common_pb2.ModelInfo
+    def __init__(self, name: _Optional[str] = ..., objects: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class ListCatalogsResponse(_message.Message):
+    __slots__ = ("catalogs",)
+    CATALOGS_FIELD_NUMBER: _ClassVar[int]
+    catalogs: _containers.RepeatedCompositeFieldContainer[Catalog]
+    def __init__(self, catalogs: _Optional[_Iterable[_Union[Catalog, _Mapping]]] = ...) -> None: ...

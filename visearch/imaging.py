@@ -1,0 +1,116 @@
+"""Image decoding with limits, and the exact preprocessing the served models expect.
+
+Every entry point (gateway, detection, embedding, worker) decodes through
+`decode_image`, so a hostile or broken file is refused the same way everywhere
+with an `ImageError` whose message a person can act on.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Formats a catalog photo plausibly comes in; everything else (PDF, EPS, ICNS...)
+# is refused before a decoder plugin ever sees the bytes.
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
+
+# Truncated files must fail loudly, not decode to half-grey pictures.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we accept; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    min_side: int = 8
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, draft_size: int | None = None) -> Image.Image:
+    """Decode bytes to an RGB PIL image, EXIF orientation applied.
+
+    `draft_size` lets JPEG decode at a reduced scale (libjpeg DCT scaling) when the
+    caller will shrink the picture anyway; the result is never smaller than that.
+    """
+    if not data:
+        raise ImageError("empty image: zero bytes received")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            if fmt not in ALLOWED_FORMATS:
+                raise ImageError(f"image format {fmt!r} is not accepted (allowed: {', '.join(sorted(ALLOWED_FORMATS))})")
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
+            if min(w, h) < limits.min_side:
+                raise ImageError(f"image is {w}x{h}, smaller than {limits.min_side} px on a side")
+            if getattr(img, "is_animated", False):
+                img.seek(0)  # animated GIF/WebP/PNG: the first frame is the picture
+            if draft_size and fmt == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image: the bytes are in no recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"image could not be decoded (truncated or corrupt): {exc}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        peak = float(arr.max()) or 1.0
+        img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency on white, as a catalog page would show it.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def crop(img: Image.Image, box: tuple[float, float, float, float] | None) -> Image.Image:
+    """Crop to a pixel box (x1, y1, x2, y2), clipped to the image; None keeps the full frame."""
+    if box is None:
+        return img
+    x1, y1, x2, y2 = box
+    w, h = img.size
+    x1, x2 = max(0, int(round(x1))), min(w, int(round(x2)))
+    y1, y2 = max(0, int(round(y1))), min(h, int(round(y2)))
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        raise ImageError(f"crop box {box} is empty inside a {w}x{h} image")
+    return img.crop((x1, y1, x2, y2))
+
+
+def to_model_input(img: Image.Image, size: int) -> np.ndarray:
+    """The embedder's input: RGB uint8 [size, size, 3], a plain (aspect-changing) bilinear resize.
+
+    Mean/std normalisation happens inside the exported graph, so this is the whole
+    client-side contract (see the model's meta.json).
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)

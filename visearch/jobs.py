@@ -1,0 +1,137 @@
+"""Ingestion jobs in Redis: counts that always add up, however often a task re-runs.
+
+Per job:
+  vs:job:<id>          hash   catalog, created_at, updated_at
+  vs:job:<id>:items    set    every item id submitted (re-submitting one counts once)
+  vs:job:<id>:done     set    items stored
+  vs:job:<id>:failed   hash   item -> reason, for items that cannot be stored
+  vs:blob:<id>:<item>  string image bytes sent inline, until the item is processed
+done and failed never share an item (finishing one removes it from the other), so
+submitted == done + failed + pending with pending = submitted - done - failed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from visearch.errors import InvalidArgument, NotFound
+
+PREFIX = "vs:job:"
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    catalog: str
+    submitted: int
+    done: int
+    failed: int
+    failures: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def pending(self) -> int:
+        return self.submitted - self.done - self.failed
+
+    @property
+    def finished(self) -> bool:
+        return self.pending == 0
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _keys(job_id: str) -> tuple[str, str, str, str]:
+    base = PREFIX + job_id
+    return base, base + ":items", base + ":done", base + ":failed"
+
+
+def blob_key(job_id: str, item_id: str) -> str:
+    return f"vs:blob:{job_id}:{item_id}"
+
+
+class Jobs:
+    def __init__(self, client: redis.Redis, ttl_seconds: int):
+        self.r = client
+        self.ttl = ttl_seconds
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: int) -> Jobs:
+        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2), ttl_seconds)
+
+    def submit(self, job_id: str, catalog: str, item_ids: list[str], blobs: dict[str, bytes]) -> None:
+        """Record items as pending (and stage inline bytes) before their tasks are queued."""
+        base, items, done, failed = _keys(job_id)
+        existing = self.r.hget(base, "catalog")
+        if existing is not None and existing.decode() != catalog:
+            raise InvalidArgument(f"job {job_id} belongs to catalog {existing.decode()!r}, not {catalog!r}")
+        now = time.time()
+        p = self.r.pipeline(transaction=True)
+        p.hsetnx(base, "catalog", catalog)
+        p.hsetnx(base, "created_at", now)
+        p.hset(base, "updated_at", now)
+        if item_ids:
+            p.sadd(items, *item_ids)
+            # A re-submitted item is pending again until this submission is processed.
+            p.srem(done, *item_ids)
+            p.hdel(failed, *item_ids)
+        for item_id, data in blobs.items():
+            p.set(blob_key(job_id, item_id), data, ex=self.ttl)
+        for k in (base, items, done, failed):
+            p.expire(k, self.ttl)
+        p.execute()
+
+    def blob(self, job_id: str, item_id: str) -> bytes | None:
+        return self.r.get(blob_key(job_id, item_id))
+
+    def mark_done(self, job_id: str, item_ids: list[str]) -> None:
+        if item_ids:
+            self._finish(job_id, item_ids, None)
+
+    def mark_failed(self, job_id: str, reasons: dict[str, str]) -> None:
+        for item_id, reason in reasons.items():
+            self._finish(job_id, [item_id], reason)
+
+    def _finish(self, job_id: str, item_ids: list[str], reason: str | None) -> None:
+        base, _, done, failed = _keys(job_id)
+        p = self.r.pipeline(transaction=True)
+        if reason is None:
+            p.sadd(done, *item_ids)
+            p.hdel(failed, *item_ids)
+        else:
+            p.hset(failed, mapping={i: reason[:1000] for i in item_ids})
+            p.srem(done, *item_ids)
+        p.hset(base, "updated_at", time.time())
+        p.delete(*(blob_key(job_id, i) for i in item_ids))
+        p.execute()
+
+    def status(self, job_id: str, max_failures: int = 1000) -> JobStatus:
+        base, items, done, failed = _keys(job_id)
+        p = self.r.pipeline(transaction=True)
+        p.hgetall(base)
+        p.scard(items)
+        p.scard(done)
+        p.hlen(failed)
+        p.hscan(failed, 0, count=max_failures)
+        head, submitted, n_done, n_failed, (_, failures) = p.execute()
+        if not head:
+            raise NotFound(f"ingest job {job_id!r} does not exist (or has expired)")
+        return JobStatus(
+            job_id=job_id,
+            catalog=head[b"catalog"].decode(),
+            submitted=submitted,
+            done=n_done,
+            failed=n_failed,
+            failures={k.decode(): v.decode() for k, v in list(failures.items())[:max_failures]},
+            created_at=float(head.get(b"created_at", 0)),
+            updated_at=float(head.get(b"updated_at", 0)),
+        )
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())

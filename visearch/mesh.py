@@ -1,0 +1,236 @@
+"""Bring the whole mesh up as separate local processes, and down again.
+
+`up` starts Redis (unless VISEARCH_REDIS_URL names one), a Milvus Lite server on
+a folder of the data dir (unless VISEARCH_MILVUS_URI names a Milvus), the four
+gRPC services and one Celery worker, each in its own process group, logging to
+`<data-dir>/logs/<name>.log`, and records them in `<data-dir>/mesh.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+STATE = "mesh.json"
+SERVICES = ("detection", "embedding", "rerank", "gateway")
+
+
+class MeshError(RuntimeError):
+    pass
+
+
+@dataclass
+class Component:
+    name: str
+    pid: int
+    address: str
+    kind: str  # redis | milvus | grpc | worker
+    log: str
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("VISEARCH_DATA_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "visearch"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0); it is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+def load_state(data_dir: Path) -> dict | None:
+    path = data_dir / STATE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _spawn(name: str, argv: list[str], env: dict, data_dir: Path) -> tuple[int, str]:
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{name}.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, cwd=str(data_dir))
+    return proc.pid, str(log_path)
+
+
+def check_health(c: dict, timeout: float = 1.0) -> bool:
+    """Is this component answering? (gRPC health SERVING, Redis PING, Milvus listing, worker ping)."""
+    try:
+        if c["kind"] == "grpc":
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            with grpc.insecure_channel(c["address"]) as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+                return r.status == health_pb2.HealthCheckResponse.SERVING
+        if c["kind"] == "redis":
+            import redis
+
+            return bool(redis.Redis.from_url(c["address"], socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+        if c["kind"] == "milvus":
+            from pymilvus import MilvusClient
+
+            client = MilvusClient(uri=c["address"], timeout=timeout)
+            client.list_collections()
+            client.close()
+            return True
+        if c["kind"] == "worker":
+            if c.get("pid") and not alive(c["pid"]):
+                return False
+            from visearch.queue import make_celery
+            from visearch.settings import QueueSettings
+
+            app = make_celery(QueueSettings(redis_url=c["address"]))
+            replies = app.control.ping(timeout=timeout)
+            return any(f"worker{c['pid']}@" in name for r in replies for name in r)
+    except Exception:  # noqa: BLE001 - anything failing means "not healthy"
+        return False
+    return False
+
+
+def status(data_dir: Path) -> list[dict]:
+    state = load_state(data_dir)
+    if not state:
+        return []
+    out = []
+    for c in state["components"]:
+        running = c["pid"] == 0 or alive(c["pid"])
+        out.append({**c, "running": running, "healthy": running and check_health(c)})
+    return out
+
+
+def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 180.0, log=print) -> dict:
+    """Start everything, wait until all are healthy, return the state record."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    state = load_state(data_dir)
+    if state and all(c["pid"] == 0 or alive(c["pid"]) for c in state["components"]):
+        log(f"mesh already up in {data_dir}")
+        return state
+    if state:
+        down(data_dir, log=lambda *_: None)
+
+    # Every VISEARCH_* setting passes through to the processes; addresses and ports are the mesh's own.
+    env = {k: v for k, v in os.environ.items() if not (k.endswith("_ADDR") or k.endswith("_PORT"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    comps: list[Component] = []
+    try:
+        if not env.get("VISEARCH_REDIS_URL"):
+            exe = shutil.which("redis-server")
+            if not exe:
+                raise MeshError("redis-server not found: install it (apt-get install redis-server) "
+                                "or set VISEARCH_REDIS_URL to a running Redis")
+            port = free_port()
+            (data_dir / "redis").mkdir(exist_ok=True)
+            pid, lp = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                                       str(data_dir / "redis"), "--appendonly", "yes", "--save", "",
+                                       "--protected-mode", "yes"], env, data_dir)
+            env["VISEARCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+            comps.append(Component("redis", pid, env["VISEARCH_REDIS_URL"], "redis", lp))
+        else:
+            comps.append(Component("redis", 0, env["VISEARCH_REDIS_URL"], "redis", ""))
+        if not env.get("VISEARCH_MILVUS_URI"):
+            port = free_port()
+            pid, lp = _spawn("milvus", [sys.executable, "-m", "milvus_lite", "server", "--data-dir",
+                                        str(data_dir / "milvus"), "--host", "127.0.0.1", "--port", str(port)],
+                             env, data_dir)
+            env["VISEARCH_MILVUS_URI"] = f"http://127.0.0.1:{port}"
+            comps.append(Component("milvus", pid, env["VISEARCH_MILVUS_URI"], "milvus", lp))
+        else:
+            comps.append(Component("milvus", 0, env["VISEARCH_MILVUS_URI"], "milvus", ""))
+
+        for name in SERVICES:
+            port = free_port()
+            env[f"VISEARCH_{name.upper()}_PORT"] = str(port)
+            env[f"VISEARCH_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+        if ingest_roots:
+            env["VISEARCH_INGEST_ROOTS"] = ":".join(str(Path(r).resolve()) for r in ingest_roots)
+        for name in SERVICES:
+            pid, lp = _spawn(name, [sys.executable, "-m", f"services.{name}"], env, data_dir)
+            comps.append(Component(name, pid, env[f"VISEARCH_{name.upper()}_ADDR"], "grpc", lp))
+        pid, lp = _spawn("worker", [sys.executable, "-m", "services.worker"], env, data_dir)
+        comps.append(Component("worker", pid, env["VISEARCH_REDIS_URL"], "worker", lp))
+    finally:
+        state = {"data_dir": str(data_dir), "gateway": env.get("VISEARCH_GATEWAY_ADDR", ""),
+                 "components": [asdict(c) for c in comps], "started_at": time.time()}
+        (data_dir / STATE).write_text(json.dumps(state, indent=2))
+
+    deadline = time.monotonic() + timeout
+    pending = list(state["components"])
+    while pending:
+        for c in list(pending):
+            if c["pid"] and not alive(c["pid"]):
+                tail = Path(c["log"]).read_text(errors="replace")[-2000:] if c["log"] else ""
+                down(data_dir, log=lambda *_: None)
+                raise MeshError(f"{c['name']} exited during start-up; end of {c['log']}:\n{tail}")
+            if check_health(c):
+                log(f"  {c['name']:<10} healthy  {c['address']}")
+                pending.remove(c)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(c["name"] for c in pending)
+            down(data_dir, log=lambda *_: None)
+            raise MeshError(f"not healthy after {timeout:.0f}s: {names} (logs in {data_dir / 'logs'})")
+        if pending:
+            time.sleep(0.3)
+    return state
+
+
+def down(data_dir: Path, grace: float = 15.0, log=print) -> None:
+    """Stop what `up` started: SIGTERM (services drain), then SIGKILL after `grace`."""
+    state = load_state(data_dir)
+    if not state:
+        log("mesh is not up")
+        return
+    # Stop in reverse start order: callers before their dependencies.
+    comps = [c for c in reversed(state["components"]) if c["pid"]]
+    for c in comps:
+        if alive(c["pid"]):
+            try:
+                os.killpg(c["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for c in comps:
+        while alive(c["pid"]) and time.monotonic() < deadline:
+            try:
+                os.waitpid(c["pid"], os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+        if alive(c["pid"]):
+            try:
+                os.killpg(c["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log(f"  {c['name']:<10} stopped")
+    (data_dir / STATE).unlink(missing_ok=True)

