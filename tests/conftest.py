@@ -108,6 +108,17 @@ def health_serving(address: str, service: str = "") -> bool:
         return r.status == health_pb2.HealthCheckResponse.SERVING
 
 
+INTERNAL_TOKEN = "test-internal-token"
+
+
+def channel(address: str, key: str = INTERNAL_TOKEN) -> grpc.Channel:
+    """A channel to a test service that sends `key` on every call."""
+    from visearch.grpcserver import sync_channel
+    from visearch.settings import SecuritySettings
+
+    return sync_channel(address, SecuritySettings(), key=key)
+
+
 class ServiceProcs:
     """Starts `python -m services.<name>` processes sharing one environment."""
 
@@ -134,7 +145,7 @@ class ServiceProcs:
 def services(tmp_path, model_repo):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
     env.update(VISEARCH_MODEL_REPOSITORY=str(model_repo), VISEARCH_HEALTH_INTERVAL_SECONDS="0.5",
-               VISEARCH_GRACE_SECONDS="3", PYTHONUNBUFFERED="1")
+               VISEARCH_GRACE_SECONDS="3", PYTHONUNBUFFERED="1", VISEARCH_INTERNAL_TOKEN=INTERNAL_TOKEN)
     s = ServiceProcs(tmp_path, env)
     yield s
     s.stop_all()

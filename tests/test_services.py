@@ -12,6 +12,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from tests.conftest import channel
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -19,7 +20,7 @@ from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 
 def listed_services(addr: str) -> set[str]:
-    with grpc.insecure_channel(addr) as ch:
+    with channel(addr) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         return {s.name for s in resp.list_services_response.service}
@@ -30,7 +31,7 @@ def test_embedding_service(services, grocery):
     assert "visearch.embedding.v1.EmbeddingService" in listed_services(addr)
     photos = [p for p in grocery["train"] if p.fine_name == "Arla-Standard-Milk"][:2]
     other = next(p for p in grocery["train"] if p.fine_name == "Oatly-Oat-Milk")
-    with grpc.insecure_channel(addr) as ch:
+    with channel(addr) as ch:
         stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
         info = stub.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=10).model
         items = [embedding_pb2.EmbedItem(image=p.path.read_bytes()) for p in [*photos, other]]
@@ -62,7 +63,7 @@ def test_detection_full_frame_until_detector_lands(services, grocery):
     addr = services.start("detection")
     photo = grocery["val"][0].path.read_bytes()
     w, h = Image.open(io.BytesIO(photo)).size
-    with grpc.insecure_channel(addr) as ch:
+    with channel(addr) as ch:
         stub = detection_pb2_grpc.DetectionServiceStub(ch)
         resp = stub.Detect(detection_pb2.DetectRequest(images=[photo]), timeout=10)
         assert (resp.results[0].width, resp.results[0].height) == (w, h) and resp.model == "full-frame"
@@ -74,7 +75,7 @@ def test_detection_full_frame_until_detector_lands(services, grocery):
 def test_rerank_orders_and_refuses_unknown_methods(services):
     addr = services.start("rerank")
     cands = [rerank_pb2.Candidate(item_id=i, object_id=f"{i}#0", score=s) for i, s in (("a", .2), ("b", .9), ("c", .5))]
-    with grpc.insecure_channel(addr) as ch:
+    with channel(addr) as ch:
         stub = rerank_pb2_grpc.RerankServiceStub(ch)
         resp = stub.Rerank(rerank_pb2.RerankRequest(candidates=cands, top_k=2), timeout=10)
         assert [h.item_id for h in resp.hits] == ["b", "c"] and resp.method == "none"
@@ -104,7 +105,7 @@ def test_gateway_not_serving_until_dependencies_answer(services, redis_url, milv
     from tests.conftest import health_serving, wait_until
 
     def status():
-        with grpc.insecure_channel(addr) as ch:
+        with channel(addr) as ch:
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
 
     wait_until(lambda: status() is not None, 60, "gateway listening")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,10 +31,18 @@ def _gateway(ctx: click.Context) -> str:
     return state["gateway"]
 
 
+def _api_key(ctx: click.Context) -> str:
+    """VISEARCH_API_KEY, else the admin key `visearch up` wrote into the data dir."""
+    key = os.environ.get("VISEARCH_API_KEY", "")
+    if key:
+        return key
+    return mesh.read_admin_key(ctx.obj["data_dir"]) or ""
+
+
 def _client(ctx: click.Context):
     from visearch.client import GatewayClient
 
-    return GatewayClient(_gateway(ctx), timeout=ctx.obj["timeout"])
+    return GatewayClient(_gateway(ctx), key=_api_key(ctx), timeout=ctx.obj["timeout"])
 
 
 def _rpc_error(exc: grpc.RpcError) -> dict:
@@ -95,6 +104,18 @@ def up(ctx, roots, wait):
 def down(ctx):
     """Stop what `up` started."""
     mesh.down(ctx.obj["data_dir"], log=lambda m: click.echo(m, err=True))
+
+
+@main.command()
+@click.argument("component", type=click.Choice(["redis", "milvus", *mesh.SERVICES, "worker"]))
+@click.pass_context
+def restart(ctx, component):
+    """Restart one component of the local mesh (same settings, same address, same data)."""
+    try:
+        c = mesh.restart(ctx.obj["data_dir"], component)
+    except mesh.MeshError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{component} restarted: pid {c['pid']}, {c['address']}")
 
 
 @main.command()
@@ -336,6 +357,32 @@ def models_build(repo):
 
     for record in build_all(repo or DEFAULT_MODEL_REPOSITORY, progress=lambda m: click.echo(m, err=True)):
         click.echo(json.dumps(record))
+
+
+def _delegate(module: str, what: str):
+    """A command whose options belong to a torch-side module (`main(argv) -> int`), imported only when run."""
+
+    @click.pass_context
+    def run(ctx, args):
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise click.ClickException(f"{what} needs the train extra (torch): {exc}") from None
+        sys.exit(mod.main(list(args)))
+
+    return run
+
+
+for _name, _module, _help in (
+    ("train", "visearch.training.cli", "Train a descriptor model (`visearch train --help`)."),
+    ("export", "visearch.training.export", "Export a checkpoint to the model repository as ONNX."),
+    ("eval", "visearch.evaluation.cli", "Run the retrieval protocols; write tables, curves, example grids."),
+):
+    main.command(_name, help=_help, add_help_option=False,
+                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
+        click.argument("args", nargs=-1, type=click.UNPROCESSED)(_delegate(_module, _name)))
 
 
 @main.command()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
-import grpc
-
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from visearch.grpcserver import client_options
+from visearch.grpcserver import client_options, sync_channel
+from visearch.settings import SecuritySettings
 
 # Reads are safe to retry; ingestion is too (idempotent per item id), deletes as well.
 _RETRY_POLICY = {
@@ -20,12 +20,12 @@ _RETRY_POLICY = {
 
 
 class GatewayClient:
-    def __init__(self, address: str, timeout: float = 60.0):
-        import json
+    """`key`: the API key sent on every call; TLS comes from VISEARCH_TLS_CA_FILE (and client cert/key for mTLS)."""
 
+    def __init__(self, address: str, key: str = "", timeout: float = 60.0, security: SecuritySettings | None = None):
         opts = [*client_options(), ("grpc.service_config", json.dumps(_RETRY_POLICY))]
         self.address = address
-        self.channel = grpc.insecure_channel(address, opts)
+        self.channel = sync_channel(address, security or SecuritySettings(), key=key, options=opts)
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.timeout = timeout
 

@@ -89,7 +89,7 @@ def run_demo(data_dir: Path, catalog: str = "demo", n_queries: int = 0, keep_up:
         from visearch.cli import read_manifest
 
         rows = read_manifest(write_manifest(database, Path(state["data_dir"]) / "demo" / "manifest.csv"))
-        with GatewayClient(state["gateway"], timeout=timeout) as client:
+        with GatewayClient(state["gateway"], key=mesh.read_admin_key(data_dir), timeout=timeout) as client:
             t0 = time.monotonic()
             job_id, local_failed = ingest_rows(client, rows, catalog, by_path=False)
             job = wait_job(client, job_id, len(rows))

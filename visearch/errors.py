@@ -57,6 +57,8 @@ def to_status(exc: BaseException, dependency: str | None = None) -> tuple[grpc.S
         return exc.code, exc.message
     if isinstance(exc, ImageError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if type(exc).__name__ == "MilvusException" and type(exc).__module__.startswith("pymilvus"):
+        return grpc.StatusCode.UNAVAILABLE, f"vector store: {getattr(exc, 'message', exc)}"
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         code, details = exc.code(), exc.details() or ""
         where = f"{dependency} service: " if dependency else "dependency: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import signal
@@ -13,8 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from visearch.errors import to_status
-from visearch.settings import ServerSettings
+from visearch.auth import Authenticator, AuthInterceptor, KeyStore, TokenAuth
+from visearch.auth import current as current_principal
+from visearch.errors import InvalidArgument, to_status
+from visearch.settings import SecuritySettings, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,9 @@ def rpc(dependency_of: Callable[[BaseException], str | None] | None = None):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             try:
+                auth = getattr(self, "auth", None)
+                if auth is not None:
+                    current_principal.set(auth.authenticate(context.invocation_metadata()))
                 return await method(self, request, context)
             except asyncio.CancelledError:
                 raise
@@ -48,6 +54,17 @@ def remaining(context: grpc.aio.ServicerContext, cap: float) -> float:
     """The timeout for a downstream call: ours, capped by what the caller gave us."""
     left = context.time_remaining()
     return cap if left is None else max(0.001, min(cap, left))
+
+
+async def decode_bounded(fn: Callable[[], object], timeout: float):
+    """Run decoding work off the event loop, refusing inputs that take longer than `timeout`.
+
+    The thread cannot be killed; the pixel limits in visearch.imaging bound how long it runs on.
+    """
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fn), timeout)
+    except TimeoutError:
+        raise InvalidArgument(f"image took longer than {timeout:g}s to decode") from None
 
 
 @dataclass
@@ -79,14 +96,18 @@ async def serve(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=opts)
+    auth = authenticator(settings)
+    interceptors = [InFlightLimit(settings.max_in_flight), AuthInterceptor(auth)]
+    server = grpc.aio.server(options=opts, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for s in services:
         s.add(s.servicer, server)
     names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{settings.host}:{port}")
+    creds = server_credentials(settings)
+    address = f"{settings.host}:{port}"
+    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not bind {settings.host}:{port}")
 
@@ -96,7 +117,8 @@ async def serve(
 
     await set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("listening", extra={"address": f"{settings.host}:{bound}", "services": names})
+    log.info("listening", extra={"address": f"{settings.host}:{bound}", "services": names, "tls": bool(creds),
+                                 "auth": settings.auth, "max_in_flight": settings.max_in_flight})
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -147,13 +169,132 @@ async def channel_ready(channel: grpc.aio.Channel, service: str = "", timeout: f
 
 
 def client_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, object]]:
-    # round_robin so a comma-free DNS name with several A records spreads load.
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # round_robin: a DNS name with several addresses spreads calls over all of them.
         ("grpc.lb_policy_name", "round_robin"),
         ("grpc.enable_retries", 1),
+        # Reconnect within seconds when a dependency comes back (the default backoff grows to 2 minutes).
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
+
+
+def _read(path) -> bytes:
+    return open(path, "rb").read()
+
+
+def server_credentials(s: SecuritySettings) -> grpc.ServerCredentials | None:
+    if not s.tls_cert_file:
+        return None
+    if not s.tls_key_file:
+        raise ValueError("tls_cert_file is set but tls_key_file is not")
+    ca = _read(s.tls_client_ca_file) if s.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(_read(s.tls_key_file), _read(s.tls_cert_file))], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def channel_credentials(s: SecuritySettings) -> grpc.ChannelCredentials | None:
+    if not s.tls_ca_file:
+        return None
+    cert = _read(s.tls_client_cert_file) if s.tls_client_cert_file else None
+    key = _read(s.tls_client_key_file) if s.tls_client_key_file else None
+    return grpc.ssl_channel_credentials(_read(s.tls_ca_file), key, cert)
+
+
+def authenticator(s: SecuritySettings) -> Authenticator:
+    if s.auth == "off":
+        log.warning("authentication is OFF: every caller is trusted")
+        return Authenticator(None, enabled=False)
+    token = s.internal_token.get_secret_value()
+    keys = KeyStore.load(s.api_keys_file) if s.api_keys_file else None
+    if not token and keys is None:
+        raise ValueError("auth is on but neither VISEARCH_API_KEYS_FILE nor VISEARCH_INTERNAL_TOKEN is set "
+                         "(set VISEARCH_AUTH=off only for local experiments)")
+    return Authenticator(keys, token)
+
+
+class _Metadata(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, metadata):
+        self.metadata = tuple(metadata)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        md = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata)
+        return await continuation(details._replace(metadata=md), request)
+
+
+def aio_channel(address: str, s: SecuritySettings, key: str = "", max_message_bytes: int = 64 * 1024 * 1024):
+    """An asyncio channel to a visearch service: TLS when configured, credentials on every call."""
+    key = key or s.internal_token.get_secret_value()
+    interceptors = [_Metadata((("authorization", f"Bearer {key}"),))] if key else None
+    creds = channel_credentials(s)
+    opts = client_options(max_message_bytes)
+    if creds:
+        return grpc.aio.secure_channel(address, creds, opts, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, opts, interceptors=interceptors)
+
+
+def sync_channel(address: str, s: SecuritySettings, key: str = "", options=None):
+    """The blocking counterpart of `aio_channel` (workers and the CLI)."""
+    key = key or s.internal_token.get_secret_value()
+    creds = channel_credentials(s)
+    opts = options or client_options()
+    if creds:
+        if key:
+            creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(TokenAuth(key)))
+        return grpc.secure_channel(address, creds, opts)
+    channel = grpc.insecure_channel(address, opts)
+    return grpc.intercept_channel(channel, _SyncMetadata(key)) if key else channel
+
+
+class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, key: str):
+        self.md = (("authorization", f"Bearer {key}"),)
+
+    def _details(self, d):
+        return _CallDetails(d.method, d.timeout, tuple(d.metadata or ()) + self.md, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _CallDetails(
+        collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+        grpc.ClientCallDetails):
+    pass
+
+
+class InFlightLimit(grpc.aio.ServerInterceptor):
+    """At most `limit` unary calls at once (health checks excepted); the rest get RESOURCE_EXHAUSTED at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        inner = handler.unary_unary
+
+        async def limited(request, context):
+            if self.in_flight >= self.limit:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"server busy: {self.in_flight} calls in flight (limit {self.limit}); retry later")
+            self.in_flight += 1
+            try:
+                return await inner(request, context)
+            finally:
+                self.in_flight -= 1
+
+        return grpc.unary_unary_rpc_method_handler(limited, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
 
 
 def run(coro_factory: Callable[[], Awaitable[None]]) -> None:

@@ -19,8 +19,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
 STATE = "mesh.json"
 SERVICES = ("detection", "embedding", "rerank", "gateway")
 
@@ -36,6 +34,7 @@ class Component:
     address: str
     kind: str  # redis | milvus | grpc | worker
     log: str
+    argv: list[str] | None = None
 
 
 def default_data_dir() -> Path:
@@ -74,6 +73,33 @@ def load_state(data_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def ensure_credentials(data_dir: Path) -> tuple[Path, str]:
+    """The mesh's key file (an admin key granted everything) and internal token, made once, owner-only."""
+    from visearch.auth import KeyStore, hash_key, new_key
+
+    sec = data_dir / "secrets"
+    sec.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys, admin, token_file = sec / "keys.json", sec / "admin.key", sec / "internal.token"
+    if not (keys.is_file() and admin.is_file()):
+        key = new_key()
+        KeyStore.write(keys, [{"id": "admin", "sha256": hash_key(key), "catalogs": ["*"], "actions": ["*"]}])
+        _write_secret(admin, key)
+    if not token_file.is_file():
+        _write_secret(token_file, new_key())
+    return keys, token_file.read_text().strip()
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def read_admin_key(data_dir: Path) -> str | None:
+    path = Path(data_dir) / "secrets" / "admin.key"
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _spawn(name: str, argv: list[str], env: dict, data_dir: Path) -> tuple[int, str]:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -90,7 +116,10 @@ def check_health(c: dict, timeout: float = 1.0) -> bool:
         if c["kind"] == "grpc":
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            with grpc.insecure_channel(c["address"]) as ch:
+            from visearch.grpcserver import sync_channel
+            from visearch.settings import SecuritySettings
+
+            with sync_channel(c["address"], SecuritySettings()) as ch:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
                 return r.status == health_pb2.HealthCheckResponse.SERVING
         if c["kind"] == "redis":
@@ -143,6 +172,9 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
     # Every VISEARCH_* setting passes through to the processes; addresses and ports are the mesh's own.
     env = {k: v for k, v in os.environ.items() if not (k.endswith("_ADDR") or k.endswith("_PORT"))}
     env["PYTHONUNBUFFERED"] = "1"
+    keys_file, token = ensure_credentials(data_dir)
+    env.setdefault("VISEARCH_API_KEYS_FILE", str(keys_file))
+    env.setdefault("VISEARCH_INTERNAL_TOKEN", token)
     comps: list[Component] = []
     try:
         if not env.get("VISEARCH_REDIS_URL"):
@@ -152,20 +184,20 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
                                 "or set VISEARCH_REDIS_URL to a running Redis")
             port = free_port()
             (data_dir / "redis").mkdir(exist_ok=True)
-            pid, lp = _spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir",
-                                       str(data_dir / "redis"), "--appendonly", "yes", "--save", "",
-                                       "--protected-mode", "yes"], env, data_dir)
+            argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),
+                    "--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
+            pid, lp = _spawn("redis", argv, env, data_dir)
             env["VISEARCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-            comps.append(Component("redis", pid, env["VISEARCH_REDIS_URL"], "redis", lp))
+            comps.append(Component("redis", pid, env["VISEARCH_REDIS_URL"], "redis", lp, argv))
         else:
             comps.append(Component("redis", 0, env["VISEARCH_REDIS_URL"], "redis", ""))
         if not env.get("VISEARCH_MILVUS_URI"):
             port = free_port()
-            pid, lp = _spawn("milvus", [sys.executable, "-m", "milvus_lite", "server", "--data-dir",
-                                        str(data_dir / "milvus"), "--host", "127.0.0.1", "--port", str(port)],
-                             env, data_dir)
+            argv = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir / "milvus"),
+                    "--host", "127.0.0.1", "--port", str(port)]
+            pid, lp = _spawn("milvus", argv, env, data_dir)
             env["VISEARCH_MILVUS_URI"] = f"http://127.0.0.1:{port}"
-            comps.append(Component("milvus", pid, env["VISEARCH_MILVUS_URI"], "milvus", lp))
+            comps.append(Component("milvus", pid, env["VISEARCH_MILVUS_URI"], "milvus", lp, argv))
         else:
             comps.append(Component("milvus", 0, env["VISEARCH_MILVUS_URI"], "milvus", ""))
 
@@ -175,14 +207,20 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
             env[f"VISEARCH_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
         if ingest_roots:
             env["VISEARCH_INGEST_ROOTS"] = ":".join(str(Path(r).resolve()) for r in ingest_roots)
+        # Only the gateway takes API keys; the services behind it take the internal token alone.
+        internal_env = {k: v for k, v in env.items() if k != "VISEARCH_API_KEYS_FILE"}
         for name in SERVICES:
-            pid, lp = _spawn(name, [sys.executable, "-m", f"services.{name}"], env, data_dir)
-            comps.append(Component(name, pid, env[f"VISEARCH_{name.upper()}_ADDR"], "grpc", lp))
-        pid, lp = _spawn("worker", [sys.executable, "-m", "services.worker"], env, data_dir)
-        comps.append(Component("worker", pid, env["VISEARCH_REDIS_URL"], "worker", lp))
+            argv = [sys.executable, "-m", f"services.{name}"]
+            pid, lp = _spawn(name, argv, env if name == "gateway" else internal_env, data_dir)
+            comps.append(Component(name, pid, env[f"VISEARCH_{name.upper()}_ADDR"], "grpc", lp, argv))
+        argv = [sys.executable, "-m", "services.worker"]
+        pid, lp = _spawn("worker", argv, env, data_dir)
+        comps.append(Component("worker", pid, env["VISEARCH_REDIS_URL"], "worker", lp, argv))
     finally:
+        # The settings the processes got, so one can be restarted alike (the token stays in secrets/).
+        settings = {k: v for k, v in env.items() if k.startswith("VISEARCH_") and k != "VISEARCH_INTERNAL_TOKEN"}
         state = {"data_dir": str(data_dir), "gateway": env.get("VISEARCH_GATEWAY_ADDR", ""),
-                 "components": [asdict(c) for c in comps], "started_at": time.time()}
+                 "components": [asdict(c) for c in comps], "started_at": time.time(), "settings": settings}
         (data_dir / STATE).write_text(json.dumps(state, indent=2))
 
     deadline = time.monotonic() + timeout
@@ -203,6 +241,58 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
         if pending:
             time.sleep(0.3)
     return state
+
+
+def component_env(data_dir: Path, name: str) -> dict[str, str]:
+    """The environment `up` gave component `name` (services, worker), secrets included."""
+    state = load_state(data_dir)
+    if not state:
+        raise MeshError(f"no mesh is up in {data_dir}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
+    env.update(state["settings"], PYTHONUNBUFFERED="1")
+    env["VISEARCH_INTERNAL_TOKEN"] = (Path(data_dir) / "secrets" / "internal.token").read_text().strip()
+    if name not in ("gateway", "worker"):
+        env.pop("VISEARCH_API_KEYS_FILE", None)
+    return env
+
+
+def _stop_pid(pid: int, grace: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while alive(pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    if alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def restart(data_dir: Path, name: str, grace: float = 15.0, wait: float = 120.0) -> dict:
+    """Stop one component `up` started (if running) and start it again: same argv, settings, address, data."""
+    data_dir = Path(data_dir).resolve()
+    state = load_state(data_dir)
+    comps = {c["name"]: c for c in (state or {}).get("components", [])}
+    comp = comps.get(name)
+    if not comp or not comp.get("argv"):
+        raise MeshError(f"{name!r} is not a component this mesh started in {data_dir}")
+    if comp["pid"] and alive(comp["pid"]):
+        _stop_pid(comp["pid"], grace)
+    comp["pid"], comp["log"] = _spawn(name, comp["argv"], component_env(data_dir, name), data_dir)
+    (data_dir / STATE).write_text(json.dumps(state, indent=2))
+    deadline = time.monotonic() + wait
+    while not check_health(comp):
+        if not alive(comp["pid"]) or time.monotonic() > deadline:
+            raise MeshError(f"{name} did not come back healthy (log: {comp['log']})")
+        time.sleep(0.2)
+    return comp
 
 
 def down(data_dir: Path, grace: float = 15.0, log=print) -> None:

@@ -21,6 +21,9 @@ def make_celery(settings: QueueSettings) -> Celery:
         # mid-task gives it back; idempotent upserts make the re-run harmless.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A task that raises (Redis or Milvus down while recording) stays unacknowledged
+        # and comes back after the visibility timeout; item-level errors never raise.
+        task_acks_on_failure_or_timeout=False,
         worker_prefetch_multiplier=1,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,13 +24,41 @@ class _Base(BaseSettings):
     log_json: bool = True
 
 
-class ServerSettings(_Base):
+class SecuritySettings(_Base):
+    # "on" in every real deployment; "off" only for local experiments.
+    auth: str = "on"
+    # JSON file of hashed API keys and their grants (see visearch/auth.py).
+    api_keys_file: Path | None = None
+    # Shared secret the gateway and workers present to the internal services.
+    internal_token: SecretStr = SecretStr("")
+    # TLS: a server presents cert/key; with client_ca it requires client certificates (mTLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # TLS as a client: the CA that signed the servers (and our own cert/key for mTLS).
+    tls_ca_file: Path | None = None
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
+
+    @field_validator("auth")
+    @classmethod
+    def _on_off(cls, v: str) -> str:
+        if v not in ("on", "off"):
+            raise ValueError("auth must be 'on' or 'off'")
+        return v
+
+
+class ServerSettings(SecuritySettings):
     host: str = "127.0.0.1"
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_seconds: float = 5.0
     max_message_bytes: int = 64 * 1024 * 1024
     # How often readiness (health SERVING/NOT_SERVING) is re-checked.
     health_interval_seconds: float = 2.0
+    # Calls handled at once; beyond it RESOURCE_EXHAUSTED, not an unbounded queue.
+    max_in_flight: int = 64
+    # An image that takes longer than this to decode is refused.
+    decode_timeout_seconds: float = 10.0
 
 
 class InferenceSettings(_Base):
@@ -83,7 +111,7 @@ class QueueSettings(_Base):
     ingest_batch: int = 16
 
 
-class ClientSettings(_Base):
+class ClientSettings(SecuritySettings):
     detection_addr: str
     embedding_addr: str
     rpc_timeout_seconds: float = 30.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
@@ -11,7 +10,7 @@ from visearch import imaging
 from visearch.common.v1 import common_pb2
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.errors import InvalidArgument
-from visearch.grpcserver import Service, rpc, serve
+from visearch.grpcserver import Service, decode_bounded, rpc, serve
 from visearch.inference import InferenceBackend, ModelMeta, make_backend
 from visearch.settings import EmbeddingSettings
 
@@ -39,9 +38,10 @@ def prepare(data: bytes, box, size: int) -> np.ndarray:
 class Embedder:
     """Batches images through the backend; the gRPC servicer and tests share it."""
 
-    def __init__(self, backend: InferenceBackend, max_batch: int):
+    def __init__(self, backend: InferenceBackend, max_batch: int, decode_timeout: float = 10.0):
         self.backend = backend
         self.max_batch = max_batch
+        self.decode_timeout = decode_timeout
 
     async def meta(self) -> ModelMeta:
         return await self.backend.metadata(MODEL)
@@ -55,7 +55,7 @@ class Embedder:
             except imaging.ImageError as exc:
                 raise InvalidArgument(f"item {i}: {exc}") from None
 
-        arrays = await asyncio.to_thread(lambda: [prep(i, d, b) for i, (d, b) in enumerate(items)])
+        arrays = await decode_bounded(lambda: [prep(i, d, b) for i, (d, b) in enumerate(items)], self.decode_timeout)
         out = []
         for start in range(0, len(arrays), self.max_batch):
             batch = np.stack(arrays[start:start + self.max_batch])
@@ -88,7 +88,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
 async def main(settings: EmbeddingSettings, **kw) -> None:
     backend = make_backend(settings)
-    embedder = Embedder(backend, settings.max_batch)
+    embedder = Embedder(backend, settings.max_batch, settings.decode_timeout_seconds)
     service = Service(embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
                       embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(embedder))
     await serve([service], settings, settings.embedding_port, ready=lambda: backend.ready(MODEL),

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import grpc
 
+from visearch.auth import require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.errors import InvalidArgument, NotFound, VisearchError, to_status
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from visearch.grpcserver import Service, channel_ready, client_options, remaining, rpc, serve
+from visearch.grpcserver import Service, aio_channel, authenticator, channel_ready, remaining, rpc, serve
 from visearch.inference import ModelMeta
 from visearch.jobs import Jobs, new_job_id
 from visearch.queue import INGEST_TASK, make_celery
@@ -55,11 +56,11 @@ def meta_of(info: common_pb2.ModelInfo) -> ModelMeta:
 class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, settings: GatewaySettings):
         self.s = settings
-        opts = client_options(settings.max_message_bytes)
+        self.auth = authenticator(settings)
         self.channels = {
-            "detection": grpc.aio.insecure_channel(settings.detection_addr, opts),
-            "embedding": grpc.aio.insecure_channel(settings.embedding_addr, opts),
-            "rerank": grpc.aio.insecure_channel(settings.rerank_addr, opts),
+            name: aio_channel(addr, settings, max_message_bytes=settings.max_message_bytes)
+            for name, addr in (("detection", settings.detection_addr), ("embedding", settings.embedding_addr),
+                               ("rerank", settings.rerank_addr))
         }
         self.detection = detection_pb2_grpc.DetectionServiceStub(self.channels["detection"])
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self.channels["embedding"])
@@ -73,6 +74,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc()
     async def Search(self, request, context):
         catalog = check_catalog(request.catalog or "default")
+        require("search", catalog)
         top_k = request.top_k or 10
         if not 0 < top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
@@ -139,6 +141,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc()
     async def IngestItems(self, request, context):
         catalog = check_catalog(request.catalog or "default")
+        require("ingest", catalog)
         if not request.items:
             raise InvalidArgument("no items to ingest")
         if len(request.items) > self.s.max_items_per_request:
@@ -184,6 +187,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if not request.job_id:
             raise InvalidArgument("job_id is empty")
         st = await asyncio.to_thread(self.jobs.status, request.job_id)
+        require("read", st.catalog)
         state = gateway_pb2.JOB_STATE_DONE if st.finished else gateway_pb2.JOB_STATE_RUNNING
         job = gateway_pb2.IngestJob(
             job_id=st.job_id, catalog=st.catalog, state=state, submitted=st.submitted, done=st.done,
@@ -195,6 +199,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc()
     async def DeleteItems(self, request, context):
         catalog = check_catalog(request.catalog or "default")
+        require("delete", catalog)
         ids = [check_item_id(i) for i in request.item_ids]
         if not ids:
             raise InvalidArgument("no item ids to delete")
@@ -204,6 +209,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     @rpc()
     async def GetItem(self, request, context):
         catalog = check_catalog(request.catalog or "default")
+        require("read", catalog)
         objs = await asyncio.to_thread(self.store.get_item, catalog, check_item_id(request.item_id))
         tag, _ = self.store.catalog_model(catalog) or ("", 0)
         item = gateway_pb2.Item(item_id=request.item_id, catalog=catalog,
@@ -217,6 +223,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         cats = await asyncio.to_thread(self.store.list_catalogs)
         out = []
         for c in cats:
+            if not visible(c.name):
+                continue
             name, _, version = c.model_tag.partition(":")
             out.append(gateway_pb2.Catalog(name=c.name, objects=c.objects,
                                            model=common_pb2.ModelInfo(name=name, version=version, dim=c.dim)))

@@ -20,7 +20,7 @@ from visearch import imaging
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from visearch.grpcserver import client_options
+from visearch.grpcserver import sync_channel
 from visearch.inference import ModelMeta
 from visearch.jobs import Jobs
 from visearch.queue import INGEST_TASK
@@ -37,14 +37,16 @@ class Transient(Exception):
     """A dependency is down or slow; the whole batch is retried later."""
 
 
+INFRASTRUCTURE = (Transient, MilvusException, redis.ConnectionError, redis.TimeoutError)
+
+
 class Context:
     """Per-process clients, made after the fork (gRPC channels must not cross one)."""
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
-        opts = client_options()
-        self.detection = detection_pb2_grpc.DetectionServiceStub(grpc.insecure_channel(settings.detection_addr, opts))
-        self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(grpc.insecure_channel(settings.embedding_addr, opts))
+        self.detection = detection_pb2_grpc.DetectionServiceStub(sync_channel(settings.detection_addr, settings))
+        self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(sync_channel(settings.embedding_addr, settings))
         self.store = VectorStore(settings)
         self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
 
@@ -124,10 +126,12 @@ def register(app: Celery, settings: WorkerSettings) -> None:
         ctx = context(settings)
         try:
             done, failed = process(ctx, job_id, catalog, items)
-        except (Transient, MilvusException, redis.ConnectionError) as exc:
+        except INFRASTRUCTURE as exc:
             if self.request.retries < self.max_retries:
                 delay = min(60, 2 ** self.request.retries)
                 log.warning("batch retried in %ss: %s", delay, exc, extra={"job_id": job_id})
+                # If the broker itself is down this raises, the message stays unacknowledged
+                # and is delivered again after the visibility timeout.
                 raise self.retry(exc=exc, countdown=delay) from None
             done, failed = [], {i["item_id"]: f"gave up after {self.max_retries} retries: {exc}" for i in items}
         except grpc.RpcError as exc:
@@ -141,6 +145,9 @@ def register(app: Celery, settings: WorkerSettings) -> None:
                     failed.update(f)
             else:
                 done, failed = [], {items[0]["item_id"]: f"{exc.code().name}: {exc.details()}"}
+        except Exception as exc:  # noqa: BLE001 - a bug must fail the items with a reason, not loop forever
+            log.exception("batch failed", extra={"job_id": job_id})
+            done, failed = [], {i["item_id"]: f"internal error: {type(exc).__name__}: {exc}" for i in items}
         ctx.jobs.mark_done(job_id, done)
         ctx.jobs.mark_failed(job_id, failed)
         if done and ctx.jobs.status(job_id, max_failures=0).finished:

@@ -1,0 +1,252 @@
+"""Hostile input, dependency faults, crashes and overload, on a real mesh.
+
+One mesh with tight limits (8 MB messages, 4 calls in flight, a 10 s visibility
+timeout so a dead worker's batch comes back within seconds).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import wait_until
+from tests.test_mesh import cli
+from visearch import mesh
+from visearch.client import GatewayClient
+from visearch.demo import write_manifest
+from visearch.gateway.v1 import gateway_pb2
+from visearch.jobs import Jobs
+
+pytestmark = pytest.mark.mesh
+
+
+@pytest.fixture(scope="module")
+def rmesh(tmp_path_factory, model_repo, grocery):
+    data = tmp_path_factory.mktemp("reliability")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
+    env.update(VISEARCH_DATA_DIR=str(data), VISEARCH_MODEL_REPOSITORY=str(model_repo),
+               VISEARCH_MAX_MESSAGE_BYTES=str(8 * 1024 * 1024), VISEARCH_MAX_IN_FLIGHT="4",
+               VISEARCH_VISIBILITY_TIMEOUT="10", VISEARCH_HEALTH_INTERVAL_SECONDS="0.5")
+    cli(env, "up")
+    state = mesh.load_state(data)
+    m = {"env": env, "data": data, "state": state, "comps": {c["name"]: c for c in state["components"]}}
+    m["client"] = GatewayClient(state["gateway"], key=mesh.read_admin_key(data), timeout=60)
+    photos = [p for p in grocery["train"] if p.is_product][:24]
+    res = json.loads(cli(env, "ingest", "--manifest", str(write_manifest(photos, data / "base.csv")), "--catalog",
+                         "base", "--wait", "--json").stdout)
+    assert res["ok"] == 24
+    yield m
+    m["client"].close()
+    cli(env, "down", check=False)
+
+
+def enc(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png_claiming(w: int, h: int) -> bytes:
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def corpus(photo: bytes) -> list[tuple[str, bytes, str, str]]:
+    """(name, image bytes, expected status, reason substring or '' for OK)."""
+    real = Image.open(io.BytesIO(photo)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [real, real.rotate(90)]
+    rng = np.random.default_rng(7)
+    return [
+        ("truncated jpeg", photo[: len(photo) // 3], "INVALID_ARGUMENT", "truncated"),
+        ("zero bytes", b"", "INVALID_ARGUMENT", "no query image"),
+        ("random bytes", rng.integers(0, 256, 20000, dtype=np.uint8).tobytes(), "INVALID_ARGUMENT", "not an image"),
+        ("pixel bomb", png_claiming(200_000, 200_000), "INVALID_ARGUMENT", "decompression bomb"),
+        ("huge dimensions", png_claiming(9000, 9000), "INVALID_ARGUMENT", "over the limit"),
+        ("1x1", enc(Image.new("RGB", (1, 1)), "PNG"), "INVALID_ARGUMENT", "smaller than"),
+        ("text as .jpg", b"hello, I am a text file\n" * 50, "INVALID_ARGUMENT", "not an image"),
+        ("svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "INVALID_ARGUMENT", "not an image"),
+        ("eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n", "INVALID_ARGUMENT", "not accepted"),
+        ("oversize message", rng.integers(0, 256, 9 * 1024 * 1024, dtype=np.uint8).tobytes(), "RESOURCE_EXHAUSTED", ""),
+        ("cmyk jpeg", enc(real.convert("CMYK"), "JPEG"), "OK", ""),
+        ("16-bit png", enc(Image.fromarray((np.asarray(real.convert("L"), np.uint16) * 257)), "PNG"), "OK", ""),
+        ("palette + alpha png", enc(real.convert("RGBA").convert("P"), "PNG", transparency=0), "OK", ""),
+        ("rgba png", enc(real.convert("RGBA"), "PNG"), "OK", ""),
+        ("grayscale", enc(real.convert("L"), "JPEG"), "OK", ""),
+        ("animated gif", enc(frames[0], "GIF", save_all=True, append_images=frames[1:]), "OK", ""),
+        ("exif rotated", enc(real.resize((400, 300)), "JPEG", exif=exif.tobytes()), "OK", ""),
+        ("webp", enc(real, "WEBP"), "OK", ""),
+        ("progressive jpeg", enc(real, "JPEG", progressive=True, quality=85), "OK", ""),
+        ("bmp", enc(real, "BMP"), "OK", ""),
+        ("tiff", enc(real, "TIFF"), "OK", ""),
+    ]
+
+
+def status_of(fn):
+    try:
+        return "OK", fn()
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details() or ""
+
+
+def test_hostile_search_corpus(rmesh, grocery):
+    photo = grocery["val"][0].path.read_bytes()
+    client = rmesh["client"]
+    cases = corpus(photo)
+    assert len(cases) >= 20
+    outcomes = {}
+    for name, data, expected, reason in cases:
+        code, resp = status_of(lambda d=data: client.search(d, catalog="base", top_k=3))
+        outcomes[name] = code
+        assert code == expected, (name, code, resp)
+        if code == "OK":
+            assert resp.hits, name
+        elif reason:
+            assert reason in resp, (name, resp)
+    rotated = client.search(cases[16][1], catalog="base", top_k=1)
+    assert (rotated.query_box.x2, rotated.query_box.y2) == (300, 400), "EXIF orientation applied"
+    print("hostile corpus:", json.dumps(outcomes))
+
+
+def test_hostile_requests(rmesh, grocery):
+    client, photo = rmesh["client"], grocery["val"][0].path.read_bytes()
+    before = {c.name: c.objects for c in client.catalogs()}
+
+    def ingest(*items, catalog="base"):
+        return lambda: client.ingest(list(items), catalog=catalog)
+
+    item = gateway_pb2.IngestItem
+    cases = [
+        ("wrong catalog", lambda: client.search(photo, catalog="nosuch"), "NOT_FOUND", "does not exist"),
+        ("bad catalog name", lambda: client.search(photo, catalog="../etc"), "INVALID_ARGUMENT", "catalog name"),
+        ("top_k too large", lambda: client.search(photo, catalog="base", top_k=100_000), "INVALID_ARGUMENT", "top_k"),
+        ("empty id", ingest(item(item_id="", image=photo)), "INVALID_ARGUMENT", "item id"),
+        ("id with #", ingest(item(item_id="a#1", image=photo)), "INVALID_ARGUMENT", "item id"),
+        ("duplicate id", ingest(item(item_id="dup", image=photo), item(item_id="dup", image=photo)),
+         "INVALID_ARGUMENT", "appears twice"),
+        ("no source", ingest(item(item_id="nothing")), "INVALID_ARGUMENT", "neither image bytes nor a uri"),
+        ("path without roots", ingest(item(item_id="p", uri="/etc/passwd")), "INVALID_ARGUMENT", "ingest roots"),
+        ("unknown job", lambda: client.job("0123456789abcdef"), "NOT_FOUND", "does not exist"),
+        ("unknown item", lambda: client.get("nosuchitem", catalog="base"), "NOT_FOUND", "is not in catalog"),
+        ("delete nothing", lambda: client.delete([], catalog="base"), "INVALID_ARGUMENT", "no item ids"),
+    ]
+    for name, fn, expected, reason in cases:
+        code, details = status_of(fn)
+        assert code == expected and reason in details, (name, code, details)
+    assert {c.name: c.objects for c in client.catalogs()} == before, "nothing stored was lost or added"
+    st = json.loads(cli(rmesh["env"], "status", "--json").stdout)
+    assert all(c["health"] == "SERVING" for c in st["components"])
+
+
+def index_items(rmesh, catalog: str) -> list[str]:
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    for attempt in range(3):  # a fresh client can meet the server's keepalive policy ("too many pings")
+        try:
+            client = MilvusClient(uri=rmesh["comps"]["milvus"]["address"])
+            rows = client.query(f"vs_{catalog}", filter='object_id != ""', output_fields=["item_id"], limit=16000)
+            client.close()
+            return [r["item_id"] for r in rows]
+        except MilvusException:
+            if attempt == 2:
+                raise
+            time.sleep(1)
+    return []
+
+
+def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault) -> None:
+    photos = grocery["train"][:1000]
+    manifest = write_manifest(photos, tmp_path / f"{catalog}.csv")
+    job_id = json.loads(cli(rmesh["env"], "ingest", "--manifest", str(manifest), "--catalog", catalog,
+                            "--json").stdout)["job_id"]
+    jobs = Jobs.from_url(rmesh["comps"]["redis"]["address"], 60)
+    wait_until(lambda: jobs.status(job_id).done >= 100, 300, "first items stored")
+    fault()
+    wait_until(lambda: jobs.status(job_id).finished, 600, "job finished after the fault")
+    st = jobs.status(job_id)
+    assert (st.submitted, st.done, st.failed, st.pending) == (1000, 1000, 0, 0), st
+    items = index_items(rmesh, catalog)
+    assert len(items) == 1000 and set(items) == {p.path.stem for p in photos}, "each submitted item exactly once"
+
+
+def test_worker_killed_mid_ingest(rmesh, grocery, tmp_path):
+    def kill_worker():
+        pid = mesh.load_state(rmesh["data"])["components"][-1]["pid"]
+        os.killpg(pid, 9)  # the worker and its pool child, mid-batch
+        wait_until(lambda: not mesh.alive(pid), 10, "worker gone")
+        mesh.restart(rmesh["data"], "worker")
+
+    ingest_under_fault(rmesh, grocery, tmp_path, "killed", kill_worker)
+
+
+def test_redis_restarted_mid_ingest(rmesh, grocery, tmp_path):
+    ingest_under_fault(rmesh, grocery, tmp_path, "redisrestart", lambda: mesh.restart(rmesh["data"], "redis"))
+
+
+def test_embedding_outage_while_searching(rmesh, grocery):
+    photo = grocery["val"][1].path.read_bytes()
+    client = GatewayClient(rmesh["state"]["gateway"], key=mesh.read_admin_key(rmesh["data"]), timeout=10)
+    gateway_pid = rmesh["comps"]["gateway"]["pid"]
+    results: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def search_loop():
+        while not stop.is_set():
+            code, _ = status_of(lambda: client.search(photo, catalog="base", top_k=3))
+            results.append((time.monotonic(), code))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=search_loop)
+    t.start()
+    try:
+        time.sleep(2)
+        emb = next(c for c in mesh.load_state(rmesh["data"])["components"] if c["name"] == "embedding")
+        down_at = time.monotonic()
+        mesh._stop_pid(emb["pid"], 10)
+        time.sleep(3)
+        up_at = time.monotonic()
+        mesh.restart(rmesh["data"], "embedding")
+        back_at = time.monotonic()
+        time.sleep(4)
+    finally:
+        stop.set()
+        t.join()
+        client.close()
+    codes = {c for _, c in results}
+    assert codes <= {"OK", "UNAVAILABLE"}, codes
+    assert any(c == "UNAVAILABLE" for ts, c in results if down_at <= ts <= back_at), "the outage was seen"
+    assert all(c == "OK" for ts, c in results if ts < down_at), "no error before the outage"
+    late = [c for ts, c in results if ts > back_at + 2.0]
+    assert late and all(c == "OK" for c in late), "searches recover without restarting the gateway"
+    assert all(c == "OK" for ts, c in results if ts < down_at - 0.5) and up_at > down_at
+    assert mesh.alive(gateway_pid)
+
+
+def test_overload_gets_resource_exhausted_and_memory_stays_flat(rmesh, grocery):
+    from bench.load import rss_kib, run_load
+
+    gateway_pid = rmesh["comps"]["gateway"]["pid"]
+    photo = grocery["val"][2].path.read_bytes()
+    key = mesh.read_admin_key(rmesh["data"])
+    run_load(rmesh["state"]["gateway"], key, photo, "base", concurrency=16, seconds=3)  # warm up
+    before = rss_kib(gateway_pid)
+    report = run_load(rmesh["state"]["gateway"], key, photo, "base", concurrency=16, seconds=8)
+    after = rss_kib(gateway_pid)
+    print("overload:", json.dumps(report), "gateway rss KiB", before, "->", after)
+    assert set(report["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}, report["codes"]
+    assert report["codes"].get("RESOURCE_EXHAUSTED", 0) > 0 and report["codes"].get("OK", 0) > 0
+    assert after - before < 50 * 1024, "gateway memory must not grow with the overload"
