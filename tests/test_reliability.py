@@ -13,7 +13,6 @@ import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -82,7 +81,7 @@ def corpus(photo: bytes) -> list[tuple[str, bytes, str, str]]:
         ("eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n", "INVALID_ARGUMENT", "not accepted"),
         ("oversize message", rng.integers(0, 256, 9 * 1024 * 1024, dtype=np.uint8).tobytes(), "RESOURCE_EXHAUSTED", ""),
         ("cmyk jpeg", enc(real.convert("CMYK"), "JPEG"), "OK", ""),
-        ("16-bit png", enc(Image.fromarray((np.asarray(real.convert("L"), np.uint16) * 257)), "PNG"), "OK", ""),
+        ("16-bit png", enc(Image.fromarray(np.asarray(real.convert("L"), np.uint16) * 257), "PNG"), "OK", ""),
         ("palette + alpha png", enc(real.convert("RGBA").convert("P"), "PNG", transparency=0), "OK", ""),
         ("rgba png", enc(real.convert("RGBA"), "PNG"), "OK", ""),
         ("grayscale", enc(real.convert("L"), "JPEG"), "OK", ""),
