@@ -35,7 +35,11 @@ def make_certs(d: Path) -> dict[str, str]:
     (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
         "server.pem", "-days", "2", "-extfile", "ext.cnf")
-    return {"ca": str(d / "ca.pem"), "cert": str(d / "server.pem"), "key": str(d / "server.key")}
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=client")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "client.pem", "-days", "2")
+    return {"ca": str(d / "ca.pem"), "cert": str(d / "server.pem"), "key": str(d / "server.key"),
+            "client_cert": str(d / "client.pem"), "client_key": str(d / "client.key")}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,10 @@ def secure_mesh(tmp_path_factory, model_repo, grocery):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
     env.update(VISEARCH_DATA_DIR=str(data), VISEARCH_MODEL_REPOSITORY=str(model_repo),
                VISEARCH_TLS_CERT_FILE=certs["cert"], VISEARCH_TLS_KEY_FILE=certs["key"],
-               VISEARCH_TLS_CA_FILE=certs["ca"])
+               VISEARCH_TLS_CA_FILE=certs["ca"],
+               # mTLS: every server requires a client certificate signed by the CA.
+               VISEARCH_TLS_CLIENT_CA_FILE=certs["ca"], VISEARCH_TLS_CLIENT_CERT_FILE=certs["client_cert"],
+               VISEARCH_TLS_CLIENT_KEY_FILE=certs["client_key"])
     cli(env, "up", "--ingest-root", str(grocery["root"]))
     photos = [p for p in grocery["train"] if p.is_product][:6]
     manifest = root / "m.csv"
@@ -66,8 +73,15 @@ def secure_mesh(tmp_path_factory, model_repo, grocery):
     cli(env, "down", check=False)
 
 
+def client_tls(m, with_cert: bool = True) -> SecuritySettings:
+    c = m["certs"]
+    if not with_cert:
+        return SecuritySettings(tls_ca_file=c["ca"], tls_client_cert_file=None, tls_client_key_file=None)
+    return SecuritySettings(tls_ca_file=c["ca"], tls_client_cert_file=c["client_cert"], tls_client_key_file=c["client_key"])
+
+
 def gateway_stub(m, key: str | None):
-    sec = SecuritySettings(tls_ca_file=m["certs"]["ca"])
+    sec = client_tls(m)
     ch = sync_channel(m["state"]["gateway"], sec, key=key or "")
     return ch, gateway_pb2_grpc.GatewayServiceStub(ch)
 
@@ -90,6 +104,17 @@ def test_plaintext_client_cannot_talk_to_a_tls_gateway(secure_mesh):
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         assert code_of(lambda: stub.ListCatalogs(gateway_pb2.ListCatalogsRequest(), timeout=5)) == \
             grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_refuses_a_client_without_certificate(secure_mesh):
+    key = read_admin_key(secure_mesh["data"])
+    with sync_channel(secure_mesh["state"]["gateway"], client_tls(secure_mesh, with_cert=False), key=key) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        assert code_of(lambda: stub.ListCatalogs(gateway_pb2.ListCatalogsRequest(), timeout=5)) == \
+            grpc.StatusCode.UNAVAILABLE
+    ch, stub = gateway_stub(secure_mesh, key)
+    with ch:
+        assert [c.name for c in stub.ListCatalogs(gateway_pb2.ListCatalogsRequest(), timeout=10).catalogs]
 
 
 def test_missing_and_wrong_keys_are_unauthenticated(secure_mesh):
@@ -124,7 +149,7 @@ def test_grants_limit_catalogs_and_actions(secure_mesh):
 
 def test_internal_services_need_the_internal_token(secure_mesh):
     addr = secure_mesh["comps"]["embedding"]["address"]
-    sec = SecuritySettings(tls_ca_file=secure_mesh["certs"]["ca"])
+    sec = client_tls(secure_mesh)
     admin = read_admin_key(secure_mesh["data"])
     for key, expected in (("", grpc.StatusCode.UNAUTHENTICATED), (admin, grpc.StatusCode.UNAUTHENTICATED)):
         with sync_channel(addr, sec, key=key) as ch:
