@@ -134,6 +134,63 @@ def test_bad_input_gets_reasons_and_mesh_stays_up(mesh_env, ingested, grocery, t
     assert all(c["health"] == "SERVING" for c in st["components"])
 
 
+def scrape(address: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] != name or not all(f'{k}="{v}"' in head for k, v in labels.items()):
+            continue
+        total, found = total + float(value), True
+    assert found, f"{name} {labels} not exported"
+    return total
+
+
+def test_metrics_and_request_ids(mesh_env, ingested, grocery):
+    from visearch.mesh import load_state, read_admin_key
+
+    data = Path(mesh_env["VISEARCH_DATA_DIR"])
+    comps = {c["name"]: c for c in load_state(data)["components"]}
+    import grpc
+
+    from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+    key = read_admin_key(data)
+    with grpc.insecure_channel(comps["gateway"]["address"]) as ch:
+        gateway_pb2_grpc.GatewayServiceStub(ch).Search(
+            gateway_pb2.SearchRequest(catalog="grocery", image=grocery["val"][3].path.read_bytes(), top_k=3),
+            metadata=(("authorization", f"Bearer {key}"), ("x-request-id", "rid-test-4242")), timeout=60)
+    gw = scrape(comps["gateway"]["metrics"])
+    assert metric(gw, "visearch_rpc_seconds_count", method="Search", code="OK") >= 1
+    assert metric(gw, "visearch_rpc_seconds_count", method="IngestItems", code="OK") >= 1
+    import time as _t
+
+    deadline = _t.monotonic() + 15
+    while _t.monotonic() < deadline:  # index sizes refresh every 10 s
+        gw = scrape(comps["gateway"]["metrics"])
+        if "visearch_index_objects{" in gw:
+            break
+        _t.sleep(1)
+    assert metric(gw, "visearch_index_objects", catalog="grocery") >= len(grocery["train"]) - 1
+    metric(gw, "visearch_ingest_queue_depth")
+    emb = scrape(comps["embedding"]["metrics"])
+    assert metric(emb, "visearch_embed_batch_size_count") > 0 and metric(emb, "visearch_embed_batch_size_sum") >= 2640
+    worker = scrape(comps["worker"]["metrics"])
+    assert metric(worker, "visearch_ingested_items_total", catalog="grocery", outcome="done") >= len(grocery["train"])
+    # The caller's request id is on the log lines of every service the search went through.
+    for name in ("gateway", "detection", "embedding", "rerank"):
+        assert "rid-test-4242" in Path(comps[name]["log"]).read_text(), name
+
+
 def test_get_and_delete(mesh_env, ingested, grocery):
     target = item_id(grocery["train"][0])
     item = json.loads(cli(mesh_env, "get", target, "--catalog", "grocery").stdout)

@@ -7,6 +7,7 @@ import collections
 import functools
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -14,12 +15,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from visearch import observability as obs
 from visearch.auth import Authenticator, AuthInterceptor, KeyStore, TokenAuth
 from visearch.auth import current as current_principal
 from visearch.errors import InvalidArgument, to_status
 from visearch.settings import SecuritySettings, ServerSettings
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("visearch.access")
 
 
 def rpc(dependency_of: Callable[[BaseException], str | None] | None = None):
@@ -91,19 +94,21 @@ async def serve(
     and is re-checked every `health_interval_seconds`.
     """
     services = list(services)
+    names = [s.name for s in services]
     opts = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
     auth = authenticator(settings)
-    interceptors = [InFlightLimit(settings.max_in_flight), AuthInterceptor(auth)]
+    interceptors = [InFlightLimit(settings.max_in_flight, names[0].rsplit(".", 1)[-1] if names else ""),
+                    AuthInterceptor(auth)]
+    obs.serve_metrics(settings.metrics_port, settings.host)
     server = grpc.aio.server(options=opts, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for s in services:
         s.add(s.servicer, server)
-    names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     creds = server_credentials(settings)
     address = f"{settings.host}:{port}"
@@ -221,14 +226,16 @@ class _Metadata(grpc.aio.UnaryUnaryClientInterceptor):
         self.metadata = tuple(metadata)
 
     async def intercept_unary_unary(self, continuation, details, request):
-        md = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata)
+        rid = obs.request_id.get()
+        extra = (("x-request-id", rid),) if rid else ()
+        md = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata, *extra)
         return await continuation(details._replace(metadata=md), request)
 
 
 def aio_channel(address: str, s: SecuritySettings, key: str = "", max_message_bytes: int = 64 * 1024 * 1024):
     """An asyncio channel to a visearch service: TLS when configured, credentials on every call."""
     key = key or s.internal_token.get_secret_value()
-    interceptors = [_Metadata((("authorization", f"Bearer {key}"),))] if key else None
+    interceptors = [_Metadata((("authorization", f"Bearer {key}"),) if key else ())]
     creds = channel_credentials(s)
     opts = client_options(max_message_bytes)
     if creds:
@@ -245,16 +252,17 @@ def sync_channel(address: str, s: SecuritySettings, key: str = "", options=None)
         if key:
             creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(TokenAuth(key)))
         return grpc.secure_channel(address, creds, opts)
-    channel = grpc.insecure_channel(address, opts)
-    return grpc.intercept_channel(channel, _SyncMetadata(key)) if key else channel
+    return grpc.intercept_channel(grpc.insecure_channel(address, opts), _SyncMetadata(key))
 
 
 class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     def __init__(self, key: str):
-        self.md = (("authorization", f"Bearer {key}"),)
+        self.md = (("authorization", f"Bearer {key}"),) if key else ()
 
     def _details(self, d):
-        return _CallDetails(d.method, d.timeout, tuple(d.metadata or ()) + self.md, d.credentials,
+        rid = obs.request_id.get()
+        md = tuple(d.metadata or ()) + self.md + ((("x-request-id", rid),) if rid else ())
+        return _CallDetails(d.method, d.timeout, md, d.credentials,
                             getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
 
     def intercept_unary_unary(self, continuation, details, request):
@@ -271,27 +279,47 @@ class _CallDetails(
 
 
 class InFlightLimit(grpc.aio.ServerInterceptor):
-    """At most `limit` unary calls at once (health checks excepted); the rest get RESOURCE_EXHAUSTED at once."""
+    """At most `limit` unary calls at once (health checks excepted); the rest get RESOURCE_EXHAUSTED at once.
 
-    def __init__(self, limit: int):
+    Also where each call is measured (latency by method and status code) and gets
+    its request id (the caller's `x-request-id`, or a new one).
+    """
+
+    def __init__(self, limit: int, service: str = ""):
         self.limit = limit
         self.in_flight = 0
+        self.service = service
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None or details.method.startswith("/grpc.health.v1.Health/"):
             return handler
         inner = handler.unary_unary
+        method = details.method.rsplit("/", 1)[-1]
+        rid = dict(details.invocation_metadata or ()).get("x-request-id", "")
 
         async def limited(request, context):
+            obs.request_id.set(rid or obs.new_request_id())
             if self.in_flight >= self.limit:
+                obs.RPC_REJECTED.labels(self.service).inc()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"server busy: {self.in_flight} calls in flight (limit {self.limit}); retry later")
             self.in_flight += 1
+            obs.RPC_IN_FLIGHT.labels(self.service).inc()
+            t0 = time.perf_counter()
+            code = "OK"
             try:
                 return await inner(request, context)
+            except BaseException:
+                c = context.code()
+                code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
+                raise
             finally:
                 self.in_flight -= 1
+                obs.RPC_IN_FLIGHT.labels(self.service).dec()
+                secs = time.perf_counter() - t0
+                obs.RPC_SECONDS.labels(self.service, method, code).observe(secs)
+                access.info("rpc", extra={"method": method, "code": code, "ms": round(secs * 1000, 2)})
 
         return grpc.unary_unary_rpc_method_handler(limited, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)

@@ -35,6 +35,7 @@ class Component:
     kind: str  # redis | milvus | grpc | worker
     log: str
     argv: list[str] | None = None
+    metrics: str = ""  # host:port of its /metrics, when it serves one
 
 
 def default_data_dir() -> Path:
@@ -211,11 +212,16 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
         internal_env = {k: v for k, v in env.items() if k != "VISEARCH_API_KEYS_FILE"}
         for name in SERVICES:
             argv = [sys.executable, "-m", f"services.{name}"]
-            pid, lp = _spawn(name, argv, env if name == "gateway" else internal_env, data_dir)
-            comps.append(Component(name, pid, env[f"VISEARCH_{name.upper()}_ADDR"], "grpc", lp, argv))
+            # Each process its own /metrics port (VISEARCH_METRICS_PORT), recorded in the state.
+            metrics = free_port()
+            penv = dict(env if name == "gateway" else internal_env, VISEARCH_METRICS_PORT=str(metrics))
+            pid, lp = _spawn(name, argv, penv, data_dir)
+            comps.append(Component(name, pid, env[f"VISEARCH_{name.upper()}_ADDR"], "grpc", lp, argv,
+                                   f"127.0.0.1:{metrics}"))
         argv = [sys.executable, "-m", "services.worker"]
-        pid, lp = _spawn("worker", argv, env, data_dir)
-        comps.append(Component("worker", pid, env["VISEARCH_REDIS_URL"], "worker", lp, argv))
+        metrics = free_port()
+        pid, lp = _spawn("worker", argv, dict(env, VISEARCH_WORKER_METRICS_PORT=str(metrics)), data_dir)
+        comps.append(Component("worker", pid, env["VISEARCH_REDIS_URL"], "worker", lp, argv, f"127.0.0.1:{metrics}"))
     finally:
         # The settings the processes got, so one can be restarted alike (the token stays in secrets/).
         settings = {k: v for k, v in env.items() if k.startswith("VISEARCH_") and k != "VISEARCH_INTERNAL_TOKEN"}
@@ -285,7 +291,10 @@ def restart(data_dir: Path, name: str, grace: float = 15.0, wait: float = 120.0)
         raise MeshError(f"{name!r} is not a component this mesh started in {data_dir}")
     if comp["pid"] and alive(comp["pid"]):
         _stop_pid(comp["pid"], grace)
-    comp["pid"], comp["log"] = _spawn(name, comp["argv"], component_env(data_dir, name), data_dir)
+    env = component_env(data_dir, name)
+    if comp.get("metrics"):
+        env["VISEARCH_WORKER_METRICS_PORT" if name == "worker" else "VISEARCH_METRICS_PORT"] = comp["metrics"].rsplit(":", 1)[1]
+    comp["pid"], comp["log"] = _spawn(name, comp["argv"], env, data_dir)
     (data_dir / STATE).write_text(json.dumps(state, indent=2))
     deadline = time.monotonic() + wait
     while not check_health(comp):

@@ -59,6 +59,8 @@ class ServerSettings(SecuritySettings):
     max_in_flight: int = 64
     # An image that takes longer than this to decode is refused.
     decode_timeout_seconds: float = 10.0
+    # Prometheus /metrics over HTTP on this port; 0 leaves it off.
+    metrics_port: int = 0
 
 
 class InferenceSettings(_Base):
@@ -137,3 +139,5 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
 class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
     worker_concurrency: int = 1
     max_retries: int = 5
+    # /metrics of pool child n on worker_metrics_port + n; 0 leaves it off.
+    worker_metrics_port: int = 0

@@ -12,6 +12,7 @@ from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.errors import InvalidArgument
 from visearch.grpcserver import Service, decode_bounded, rpc, serve
 from visearch.inference import InferenceBackend, ModelMeta, make_backend
+from visearch.observability import EMBED_BATCH
 from visearch.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Embedder:
         out = []
         for start in range(0, len(arrays), self.max_batch):
             batch = np.stack(arrays[start:start + self.max_batch])
+            EMBED_BATCH.observe(len(batch))
             result = await self.backend.infer(MODEL, {meta.input_name: batch})
             out.append(result[meta.output_name])
         vectors = np.concatenate(out).astype(np.float32, copy=False)

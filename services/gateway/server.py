@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import grpc
 
+from visearch import observability as obs
 from visearch.auth import require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
@@ -18,7 +20,7 @@ from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from visearch.grpcserver import Service, aio_channel, authenticator, channel_ready, remaining, rpc, serve
 from visearch.inference import ModelMeta
 from visearch.jobs import Jobs, new_job_id
-from visearch.queue import INGEST_TASK, make_celery
+from visearch.queue import INGEST_QUEUE, INGEST_TASK, make_celery
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import GatewaySettings
 from visearch.store import VectorStore, check_catalog, check_item_id
@@ -69,6 +71,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
         self.celery = make_celery(settings)
         self.roots = [Path(r).resolve() for r in settings.ingest_roots]
+        self._stats_at = 0.0
 
     # ---- search ---------------------------------------------------------------
     @rpc()
@@ -174,9 +177,11 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         await asyncio.to_thread(self.jobs.submit, job_id, catalog, [t["item_id"] for t in tasks], blobs)
         batch = self.s.ingest_batch
 
+        headers = {"request_id": obs.request_id.get()}
+
         def enqueue():
             for start in range(0, len(tasks), batch):
-                self.celery.send_task(INGEST_TASK, args=[job_id, catalog, tasks[start:start + batch]])
+                self.celery.send_task(INGEST_TASK, args=[job_id, catalog, tasks[start:start + batch]], headers=headers)
 
         await asyncio.to_thread(enqueue)
         log.info("ingest queued", extra={"job_id": job_id, "catalog": catalog, "items": len(tasks)})
@@ -238,10 +243,21 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             await asyncio.to_thread(self.jobs.ping)
             await asyncio.to_thread(self.store.ping)
+            await self._refresh_stats()
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             log.warning("store or queue not ready: %s", exc)
             return False
         return True
+
+    async def _refresh_stats(self, every: float = 10.0) -> None:
+        """Queue depth and index sizes for /metrics, at most every `every` seconds."""
+        now = time.monotonic()
+        if now - self._stats_at < every:
+            return
+        self._stats_at = now
+        obs.QUEUE_DEPTH.set(await asyncio.to_thread(self.jobs.r.llen, INGEST_QUEUE))
+        for c in await asyncio.to_thread(self.store.list_catalogs):
+            obs.INDEX_OBJECTS.labels(c.name).set(c.objects)
 
     async def close(self) -> None:
         for ch in self.channels.values():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ from celery import Celery
 from pymilvus.exceptions import MilvusException
 
 from visearch import imaging
+from visearch import observability as obs
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -121,9 +123,22 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
 
 
 def register(app: Celery, settings: WorkerSettings) -> None:
+    from celery.signals import worker_process_init
+
+    @worker_process_init.connect(weak=False)
+    def _metrics(**_):
+        # Each pool child serves its own /metrics: worker_metrics_port + the child's index.
+        if settings.worker_metrics_port:
+            from billiard.process import current_process
+
+            obs.serve_metrics(settings.worker_metrics_port + (getattr(current_process(), "index", 0) or 0))
+
     @app.task(name=INGEST_TASK, bind=True, max_retries=settings.max_retries)
     def ingest_batch(self, job_id: str, catalog: str, items: list[dict]) -> dict:
+        headers = getattr(self.request, "headers", None) or {}
+        obs.request_id.set(getattr(self.request, "request_id", None) or headers.get("request_id") or job_id[:16])
         ctx = context(settings)
+        t0 = time.perf_counter()
         try:
             done, failed = process(ctx, job_id, catalog, items)
         except INFRASTRUCTURE as exc:
@@ -150,6 +165,9 @@ def register(app: Celery, settings: WorkerSettings) -> None:
             done, failed = [], {i["item_id"]: f"internal error: {type(exc).__name__}: {exc}" for i in items}
         ctx.jobs.mark_done(job_id, done)
         ctx.jobs.mark_failed(job_id, failed)
+        obs.INGESTED.labels(catalog, "done").inc(len(done))
+        obs.INGESTED.labels(catalog, "failed").inc(len(failed))
+        obs.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
         if done and ctx.jobs.status(job_id, max_failures=0).finished:
             # Seal the job's rows into indexed segments: Milvus Lite brute-forces
             # unflushed rows in Python, which made searches after a bulk ingest slow.
