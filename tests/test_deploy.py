@@ -64,3 +64,28 @@ def test_k8s_manifests_probe_over_grpc_and_match_config():
         assert c["readinessProbe"]["grpc"]["port"] == port == c["ports"][0]["containerPort"]
         if name != "gateway":
             assert config[f"VISEARCH_{name.upper()}_ADDR"].endswith(f"{name}:{port}")
+
+
+def _run(*argv: str):
+    import subprocess
+    import sys
+
+    bindir = Path(sys.executable).parent
+    return subprocess.run([str(bindir / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=120)
+
+
+def test_compose_validates_against_the_compose_spec(tmp_path):
+    ok = _run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text((ROOT / "docker-compose.yml").read_text().replace("healthcheck:", "healthchek:", 1))
+    bad = _run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(broken))
+    assert bad.returncode != 0, "the validator must catch a misspelt key"
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schemas(tmp_path):
+    ok = _run("kubernetes-validate", "--strict", str(ROOT / "deploy" / "k8s" / "visearch.yaml"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = tmp_path / "k8s.yaml"
+    broken.write_text((ROOT / "deploy" / "k8s" / "visearch.yaml").read_text().replace("containerPort:", "containerPrt:", 1))
+    assert _run("kubernetes-validate", "--strict", str(broken)).returncode != 0
