@@ -87,13 +87,23 @@ def main(ctx, data_dir, gateway, timeout):
 @click.option("--ingest-root", "roots", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="A folder the gateway may read images from by path (repeatable).")
 @click.option("--timeout", "wait", default=180.0, show_default=True, help="Seconds to wait for health.")
+@click.option("--replicas", multiple=True, metavar="SERVICE=N",
+              help="Run N processes of a service behind one round-robin target (repeatable), e.g. embedding=2.")
+@click.option("--workers", default=1, show_default=True, help="Celery ingestion workers.")
 @click.pass_context
-def up(ctx, roots, wait):
+def up(ctx, roots, wait, replicas, workers):
     """Start Redis, Milvus Lite, every service and a worker; wait until healthy."""
     data_dir = ctx.obj["data_dir"]
+    counts = {}
+    for r in replicas:
+        name, _, n = r.partition("=")
+        if name not in mesh.SERVICES or not n.isdigit() or int(n) < 1:
+            raise click.BadParameter(f"{r!r}: expected SERVICE=N with SERVICE one of {', '.join(mesh.SERVICES)}")
+        counts[name] = int(n)
     click.echo(f"starting the mesh in {data_dir}", err=True)
     try:
-        state = mesh.up(data_dir, ingest_roots=list(roots), timeout=wait, log=lambda m: click.echo(m, err=True))
+        state = mesh.up(data_dir, ingest_roots=list(roots), timeout=wait, log=lambda m: click.echo(m, err=True),
+                        replicas=counts, workers=workers)
     except mesh.MeshError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"gateway: {state['gateway']}")
@@ -107,10 +117,10 @@ def down(ctx):
 
 
 @main.command()
-@click.argument("component", type=click.Choice(["redis", "milvus", *mesh.SERVICES, "worker"]))
+@click.argument("component")
 @click.pass_context
 def restart(ctx, component):
-    """Restart one component of the local mesh (same settings, same address, same data)."""
+    """Restart one component of the local mesh by name (`visearch status`): same settings, address, data."""
     try:
         c = mesh.restart(ctx.obj["data_dir"], component)
     except mesh.MeshError as exc:

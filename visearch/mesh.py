@@ -159,8 +159,12 @@ def status(data_dir: Path) -> list[dict]:
     return out
 
 
-def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 180.0, log=print) -> dict:
-    """Start everything, wait until all are healthy, return the state record."""
+def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 180.0, log=print,
+       replicas: dict[str, int] | None = None, workers: int = 1) -> dict:
+    """Start everything, wait until all are healthy, return the state record.
+
+    `replicas` runs several processes of a service (e.g. {"embedding": 2}); `workers` Celery workers.
+    """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     state = load_state(data_dir)
@@ -202,26 +206,33 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
         else:
             comps.append(Component("milvus", 0, env["VISEARCH_MILVUS_URI"], "milvus", ""))
 
+        # Several replicas of a service share one client target, "ipv4:host:p1,host:p2":
+        # callers spread calls over them with gRPC's round_robin policy.
+        replicas = {name: max(1, (replicas or {}).get(name, 1)) for name in SERVICES}
+        ports = {name: [free_port() for _ in range(replicas[name])] for name in SERVICES}
         for name in SERVICES:
-            port = free_port()
-            env[f"VISEARCH_{name.upper()}_PORT"] = str(port)
-            env[f"VISEARCH_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+            addrs = [f"127.0.0.1:{p}" for p in ports[name]]
+            env[f"VISEARCH_{name.upper()}_ADDR"] = addrs[0] if len(addrs) == 1 else "ipv4:" + ",".join(addrs)
         if ingest_roots:
             env["VISEARCH_INGEST_ROOTS"] = ":".join(str(Path(r).resolve()) for r in ingest_roots)
         # Only the gateway takes API keys; the services behind it take the internal token alone.
         internal_env = {k: v for k, v in env.items() if k != "VISEARCH_API_KEYS_FILE"}
         for name in SERVICES:
-            argv = [sys.executable, "-m", f"services.{name}"]
-            # Each process its own /metrics port (VISEARCH_METRICS_PORT), recorded in the state.
+            for n, port in enumerate(ports[name]):
+                argv = [sys.executable, "-m", f"services.{name}"]
+                # Each process its own port and /metrics port, recorded in the state.
+                metrics = free_port()
+                penv = dict(env if name == "gateway" else internal_env, VISEARCH_METRICS_PORT=str(metrics),
+                            **{f"VISEARCH_{name.upper()}_PORT": str(port)})
+                cname = name if n == 0 else f"{name}-{n + 1}"
+                pid, lp = _spawn(cname, argv, penv, data_dir)
+                comps.append(Component(cname, pid, f"127.0.0.1:{port}", "grpc", lp, argv, f"127.0.0.1:{metrics}"))
+        for n in range(max(1, workers)):
+            argv = [sys.executable, "-m", "services.worker"]
             metrics = free_port()
-            penv = dict(env if name == "gateway" else internal_env, VISEARCH_METRICS_PORT=str(metrics))
-            pid, lp = _spawn(name, argv, penv, data_dir)
-            comps.append(Component(name, pid, env[f"VISEARCH_{name.upper()}_ADDR"], "grpc", lp, argv,
-                                   f"127.0.0.1:{metrics}"))
-        argv = [sys.executable, "-m", "services.worker"]
-        metrics = free_port()
-        pid, lp = _spawn("worker", argv, dict(env, VISEARCH_WORKER_METRICS_PORT=str(metrics)), data_dir)
-        comps.append(Component("worker", pid, env["VISEARCH_REDIS_URL"], "worker", lp, argv, f"127.0.0.1:{metrics}"))
+            cname = "worker" if n == 0 else f"worker-{n + 1}"
+            pid, lp = _spawn(cname, argv, dict(env, VISEARCH_WORKER_METRICS_PORT=str(metrics)), data_dir)
+            comps.append(Component(cname, pid, env["VISEARCH_REDIS_URL"], "worker", lp, argv, f"127.0.0.1:{metrics}"))
     finally:
         # The settings the processes got, so one can be restarted alike (the token stays in secrets/).
         settings = {k: v for k, v in env.items() if k.startswith("VISEARCH_") and k != "VISEARCH_INTERNAL_TOKEN"}
@@ -257,7 +268,7 @@ def component_env(data_dir: Path, name: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
     env.update(state["settings"], PYTHONUNBUFFERED="1")
     env["VISEARCH_INTERNAL_TOKEN"] = (Path(data_dir) / "secrets" / "internal.token").read_text().strip()
-    if name not in ("gateway", "worker"):
+    if name.split("-")[0] not in ("gateway", "worker"):
         env.pop("VISEARCH_API_KEYS_FILE", None)
     return env
 
@@ -292,8 +303,12 @@ def restart(data_dir: Path, name: str, grace: float = 15.0, wait: float = 120.0)
     if comp["pid"] and alive(comp["pid"]):
         _stop_pid(comp["pid"], grace)
     env = component_env(data_dir, name)
+    if comp["kind"] == "grpc":
+        service = name.split("-")[0]
+        env[f"VISEARCH_{service.upper()}_PORT"] = comp["address"].rsplit(":", 1)[1]
     if comp.get("metrics"):
-        env["VISEARCH_WORKER_METRICS_PORT" if name == "worker" else "VISEARCH_METRICS_PORT"] = comp["metrics"].rsplit(":", 1)[1]
+        var = "VISEARCH_WORKER_METRICS_PORT" if comp["kind"] == "worker" else "VISEARCH_METRICS_PORT"
+        env[var] = comp["metrics"].rsplit(":", 1)[1]
     comp["pid"], comp["log"] = _spawn(name, comp["argv"], env, data_dir)
     (data_dir / STATE).write_text(json.dumps(state, indent=2))
     deadline = time.monotonic() + wait
