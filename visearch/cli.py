@@ -135,7 +135,8 @@ def status(ctx, as_json):
     """Each component with its pid, address and health."""
     comps = mesh.status(ctx.obj["data_dir"])
     rows = [{"name": c["name"], "pid": c["pid"], "address": c["address"], "kind": c["kind"],
-             "health": "SERVING" if c["healthy"] else ("NOT_SERVING" if c["running"] else "STOPPED")}
+             "health": "SERVING" if c["healthy"] else ("NOT_SERVING" if c["running"] else "STOPPED"),
+             **({"metrics": f"http://{c['metrics']}/metrics"} if c.get("metrics") else {})}
             for c in comps]
     if as_json:
         click.echo(json.dumps({"data_dir": str(ctx.obj["data_dir"]), "components": rows}, indent=2))
