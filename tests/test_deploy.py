@@ -54,7 +54,12 @@ def test_k8s_manifests_probe_over_grpc_and_match_config():
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "visearch.yaml").read_text()))
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert set(deployments) == {"gateway", "detection", "embedding", "rerank", "worker"}
+    assert set(deployments) == {"gateway", "detection", "embedding", "rerank", "worker", "triton"}
+    gpu = deployments.pop("triton")["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert gpu["nvidia.com/gpu"] == "1"
+    hpas = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+    pdbs = {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert {"embedding", "gateway", "worker"} <= hpas and {"embedding", "gateway", "worker"} <= pdbs
     for name, dep in deployments.items():
         c = dep["spec"]["template"]["spec"]["containers"][0]
         assert (ROOT / "services" / name).is_dir()
