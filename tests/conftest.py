@@ -76,10 +76,10 @@ def milvus_uri(tmp_path_factory):
     d = tmp_path_factory.mktemp("milvus")
     proc = Proc([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(d / "data"), "--host",
                  "127.0.0.1", "--port", str(port)], d / "log")
-    from pymilvus import MilvusClient
+    from visearch.store import milvus_client
 
     uri = f"http://127.0.0.1:{port}"
-    wait_until(lambda: MilvusClient(uri=uri, timeout=1).list_collections() is not None, 30, "milvus", proc.p, proc.log)
+    wait_until(lambda: milvus_client(uri, timeout=1).list_collections() is not None, 30, "milvus", proc.p, proc.log)
     yield uri
     proc.stop()
 
@@ -93,10 +93,10 @@ def milvus_server_uri(tmp_path_factory):
     port = free_port()
     d = tmp_path_factory.mktemp("milvus-server")
     proc = Proc([str(exe), "--data", str(d / "data"), "--proxy-port", str(port)], d / "log")
-    from pymilvus import MilvusClient
+    from visearch.store import milvus_client
 
     uri = f"http://127.0.0.1:{port}"
-    wait_until(lambda: MilvusClient(uri=uri, timeout=2).list_collections() is not None, 180, "milvus-server",
+    wait_until(lambda: milvus_client(uri, timeout=2).list_collections() is not None, 180, "milvus-server",
                proc.p, proc.log)
     yield uri
     # SIGINT: SIGTERM would orphan its embedded etcd.

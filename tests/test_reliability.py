@@ -151,12 +151,13 @@ def test_hostile_requests(rmesh, grocery):
 
 
 def index_items(rmesh, catalog: str) -> list[str]:
-    from pymilvus import MilvusClient
     from pymilvus.exceptions import MilvusException
+
+    from visearch.store import milvus_client
 
     for attempt in range(3):  # a fresh client can meet the server's keepalive policy ("too many pings")
         try:
-            client = MilvusClient(uri=rmesh["comps"]["milvus"]["address"])
+            client = milvus_client(rmesh["comps"]["milvus"]["address"])
             rows = client.query(f"vs_{catalog}", filter='object_id != ""', output_fields=["item_id"], limit=16000)
             client.close()
             return [r["item_id"] for r in rows]

@@ -128,9 +128,9 @@ def check_health(c: dict, timeout: float = 1.0) -> bool:
 
             return bool(redis.Redis.from_url(c["address"], socket_timeout=timeout, socket_connect_timeout=timeout).ping())
         if c["kind"] == "milvus":
-            from pymilvus import MilvusClient
+            from visearch.store import milvus_client
 
-            client = MilvusClient(uri=c["address"], timeout=timeout)
+            client = milvus_client(c["address"], timeout=timeout)
             client.list_collections()
             client.close()
             return True

@@ -51,6 +51,14 @@ def check_item_id(item_id: str) -> str:
     return item_id
 
 
+def milvus_client(uri: str, token: str = "", timeout: float | None = None) -> MilvusClient:
+    # pymilvus pings every 10 s even when idle; Milvus Lite's server keeps gRPC's default
+    # policy (one ping per 5 minutes) and answers GOAWAY "too_many_pings", dropping calls.
+    # Ping only while calls are in flight, and rarely.
+    return MilvusClient(uri=uri, token=token, timeout=timeout,
+                        grpc_options={"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False})
+
+
 def _quote(s: str) -> str:
     return json.dumps(s)  # a JSON string literal is a valid Milvus string literal
 
@@ -75,7 +83,7 @@ class CatalogInfo:
 class VectorStore:
     def __init__(self, settings: StoreSettings):
         self.settings = settings
-        self.client = MilvusClient(uri=settings.milvus_uri, token=settings.milvus_token)
+        self.client = milvus_client(settings.milvus_uri, settings.milvus_token)
         self._known: dict[str, tuple[str, int]] = {}
         self._create_lock = threading.Lock()
 
