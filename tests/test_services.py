@@ -124,3 +124,31 @@ def test_service_refuses_to_start_without_required_settings(services):
     env = {k: v for k, v in services.env.items() if k != "VISEARCH_GATEWAY_PORT"}
     r = subprocess.run([sys.executable, "-m", "services.gateway"], env=env, capture_output=True, timeout=60)
     assert r.returncode != 0 and b"gateway_port" in r.stderr
+
+
+def test_gateway_pinned_to_another_model_refuses_clearly(services, redis_url, milvus_uri, grocery):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import wait_until
+    from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+    services.env.update(VISEARCH_REDIS_URL=redis_url, VISEARCH_MILVUS_URI=milvus_uri, VISEARCH_AUTH="off",
+                        VISEARCH_EXPECTED_MODEL="embedder:99")
+    for name in ("detection", "embedding", "rerank"):
+        services.start(name)
+    addr = services.start("gateway", wait=False)
+
+    def status():
+        with grpc.insecure_channel(addr) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+
+    wait_until(lambda: status() is not None, 60, "gateway listening")
+    time.sleep(1.5)
+    assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    with grpc.insecure_channel(addr) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        item = gateway_pb2.IngestItem(item_id="x", image=grocery["val"][0].path.read_bytes())
+        with pytest.raises(grpc.RpcError) as err:
+            stub.IngestItems(gateway_pb2.IngestItemsRequest(catalog="pinned", items=[item]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "pinned to embedder:99" in err.value.details()
+    assert "pinned to embedder:99" in services.procs["gateway"].log.read_text()

@@ -124,6 +124,9 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     rerank_addr: str
     # Candidates handed to re-ranking (at least top_k).
     rerank_candidates: int = 100
+    # Pin the embedding model this gateway was deployed with ("embedder:1"; "" = any):
+    # on a mismatch it is NOT_SERVING and calls fail FAILED_PRECONDITION.
+    expected_model: str = ""
     # Folders the gateway may read when an item names a path; empty refuses paths.
     ingest_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_items_per_request: int = 10_000

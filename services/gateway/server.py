@@ -15,7 +15,7 @@ from visearch.auth import require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from visearch.errors import InvalidArgument, NotFound, VisearchError, to_status
+from visearch.errors import FailedPrecondition, InvalidArgument, NotFound, VisearchError, to_status
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from visearch.grpcserver import Service, aio_channel, authenticator, channel_ready, remaining, rpc, serve
 from visearch.inference import ModelMeta
@@ -102,6 +102,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             item.box.CopyFrom(pb_box(query_box))
         emb = await call("embedding", self.embedding.Embed(
             embedding_pb2.EmbedRequest(items=[item]), timeout=remaining(context, t)))
+        await self.check_model(emb.model)
         self.store.check_model(catalog, meta_of(emb.model))
         vector = list(emb.embeddings[0].values)
 
@@ -171,6 +172,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         # The catalog exists from the first ingest request on, made for the serving model.
         info = await call("embedding", self.embedding.GetModelInfo(
             embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
+        await self.check_model(info.model)
         await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model))
         # Record the items as pending before any task exists, so a fast worker can
         # never finish an item the job does not know yet.
@@ -236,10 +238,24 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.ListCatalogsResponse(catalogs=out)
 
     # ---- lifecycle ------------------------------------------------------------
+    async def check_model(self, info: common_pb2.ModelInfo) -> None:
+        """Refuse to work with an embedding model other than the pinned one."""
+        want = self.s.expected_model
+        if want and f"{info.name}:{info.version}" != want:
+            raise FailedPrecondition(f"the embedding service serves {info.name}:{info.version} (dim {info.dim}); "
+                                     f"this gateway is pinned to {want} (VISEARCH_EXPECTED_MODEL)")
+
     async def ready(self) -> bool:
         deps = await asyncio.gather(*(channel_ready(ch) for ch in self.channels.values()))
         if not all(deps):
             return False
+        if self.s.expected_model:
+            try:
+                info = await self.embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=5)
+                await self.check_model(info.model)
+            except (grpc.aio.AioRpcError, FailedPrecondition) as exc:
+                log.error("not ready: %s", getattr(exc, "message", None) or exc)
+                return False
         try:
             await asyncio.to_thread(self.jobs.ping)
             await asyncio.to_thread(self.store.ping)
