@@ -1,0 +1,49 @@
+"""Time exported ONNX models one after another: ONNX Runtime CPU, 1 intra-op thread, batch of 32 real photos.
+
+    python bench/time_onnx.py runs/onnx-lite0:320 runs/onnx-mnv2:224 --out runs/onnx-times.json
+
+Each DIR:SIZE is a folder of `.onnx` files (as `visearch eval --export DIR` writes) and their
+input size; prints and writes {file name: ms per image} (best of 3 runs after a warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from visearch import datasets  # noqa: E402
+from visearch.evaluation.features import load_batch  # noqa: E402
+from visearch.modeling.methods import onnx_ms_per_image  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="+", metavar="DIR:SIZE")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    root = datasets.grocery_root()
+    if root is None:
+        print(f"grocery dataset not found: set {datasets.ENV_VAR}", file=sys.stderr)
+        return 2
+    photos = [p.path for p in datasets.grocery_split(root, "val") if p.is_product][:32]
+    times: dict[str, float] = {}
+    for spec in args.dirs:
+        d, size = spec.rsplit(":", 1)
+        batch = load_batch(photos, int(size))
+        for f in sorted(Path(d).glob("*.onnx")):
+            times[f.name] = round(onnx_ms_per_image(f, batch, threads=args.threads, repeats=3), 1)
+            print(f"{f.name}: {times[f.name]} ms/img", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(times, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

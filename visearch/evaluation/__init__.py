@@ -1,0 +1,1 @@
+"""Retrieval evaluation: protocols on the Grocery Store dataset, the scoring harness, reports, `visearch eval`."""
