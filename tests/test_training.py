@@ -1,0 +1,230 @@
+"""Training on real grocery photos, end to end but small: unit split, cache, a smoke run, export, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from visearch import datasets  # noqa: E402
+from visearch.modeling import build, pooling  # noqa: E402
+from visearch.training import cli, data, export, losses, train  # noqa: E402
+from visearch.training import model as tmodel  # noqa: E402
+
+pytestmark = pytest.mark.train
+
+ROOT = Path(__file__).resolve().parents[1]
+GROCERY = datasets.grocery_root()
+needs_grocery = pytest.mark.skipif(GROCERY is None, reason="grocery dataset not found (set VISEARCH_GROCERY_DIR)")
+
+SMOKE = {
+    "name": "smoke",
+    "model": {"arch": "efficientnet_lite0", "pooling": "rmac", "size": 224, "train_from": 17, "dim": 64,
+              "whitening_init": "random"},
+    "loss": {"name": "triplet", "margin": 0.2, "strategy": "hard"},
+    "p": 4, "k": 4, "lr": 0.01, "backbone_lr": 0.001, "warmup_steps": 1, "flip": False, "head_epochs": 1, "epochs": 1,
+}
+
+
+# --------------------------------------------------------------------------- the model split
+
+
+def test_units_compose_to_the_backbone_and_cached_path_equals_the_export():
+    torch.manual_seed(0)
+    cfg = tmodel.ModelConfig(size=224, train_from=16, dim=32, whitening_init="random")
+    model = tmodel.make_model(cfg).eval()
+    images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8)
+    x = tmodel.normalise_images(model, images)
+    with torch.no_grad():
+        full = model.backbone.forward_features(x)
+        assert torch.allclose(tmodel.run_units(model, x, 0), full, atol=1e-5)
+        cut = tmodel.run_units(model, x, 0, cfg.train_from)  # what the cache stores
+        assert torch.allclose(tmodel.embed_from(model, cut, cfg.train_from), model(images), atol=1e-5)
+    assert tmodel.n_units("efficientnet_lite0") == len(tmodel.units(model.backbone)) == 18
+
+
+def test_fast_rmac_equals_rmac():
+    x = torch.rand(3, 16, 10, 10)
+    for h, w in ((10, 10), (7, 9)):
+        xi = x[:, :, :h, :w]
+        assert torch.allclose(tmodel.fast_rmac(xi, pooling.rmac_regions(h, w, 3)), pooling.rmac(xi, 3), atol=1e-6)
+
+
+def test_freezing_leaves_only_top_units_trainable():
+    model = tmodel.make_model(tmodel.ModelConfig(size=224, train_from=16, dim=16))
+    params = tmodel.set_trainable(model, 16, freeze_bn=True)
+    names = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("_blocks.15.", "_conv_head.")) for n in names)
+    assert len(params) == len(names)
+    tmodel.train_mode(model, 16, freeze_bn=True)
+    assert not model.backbone._blocks[3].training and not model.backbone._bn1.training
+    assert model.head.training
+
+
+def test_whitening_init_decorrelates():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)) @ rng.normal(size=(8, 8)) + 3.0
+    head = tmodel.Projection(8, 4)
+    tmodel.init_whitening(head, x, shrink=0.0)
+    with torch.no_grad():
+        y = head(torch.from_numpy(x).float()).numpy()
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(4), atol=1e-2)
+
+
+def test_pk_sampler_batches_and_determinism():
+    labels = np.array([0] * 5 + [1] * 3 + [2] * 7 + [3] * 1)
+    s = data.PKSampler(labels, p=3, k=2, seed=1, steps=6)
+    batches = list(s)
+    assert len(batches) == 6 and all(len(b) == 6 for b in batches)
+    for b in batches:
+        lab = labels[b]
+        assert len(set(lab.tolist())) == 3 and all((lab == c).sum() == 2 for c in set(lab.tolist()))
+    assert [b.tolist() for b in data.PKSampler(labels, 3, 2, seed=1, steps=6)] == [b.tolist() for b in batches]
+
+
+def test_package_types_cover_the_coarse_groups():
+    assert data.PACKAGE_TYPES["Juice"] == "juice" and data.PACKAGE_TYPES["Soyghurt"] == "yoghurt"
+    assert set(data.PACKAGE_TYPES.values()) <= set(data.PACKAGE_TYPE_NAMES)
+
+
+def test_configs_parse():
+    paths = sorted((ROOT / "configs").glob("*.json"))
+    assert paths, "no training configs"
+    for p in paths:
+        cfg = train.load_config(p)
+        assert cfg.loss["name"] in losses.LOSSES, p
+        assert cfg.split in ("all", "cd"), p
+    with pytest.raises(ValueError, match="unknown config key"):
+        train.TrainConfig.from_dict({"epochz": 3})
+
+
+# --------------------------------------------------------------------------- a real (small) run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    if GROCERY is None:
+        pytest.skip("grocery dataset not found")
+    tmp = tmp_path_factory.mktemp("train")
+    cfg_path = tmp / "smoke.json"
+    cfg_path.write_text(json.dumps(SMOKE))
+    out = tmp / "run"
+    rc = cli.main(["--config", str(cfg_path), "--out", str(out), "--smoke", "--cache", str(tmp / "cache"),
+                   "--threads", "2"])
+    assert rc == 0
+    return out, tmp / "cache"
+
+
+@needs_grocery
+def test_smoke_run_writes_checkpoint_history_and_curve(smoke_run):
+    out, _ = smoke_run
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    meta = ckpt["meta"]
+    for key in ("architecture", "pooling", "whitening", "mean", "std", "input_size", "dim", "loss", "config", "seed",
+                "train_split", "holdout_metrics", "id"):
+        assert key in meta, key
+    assert meta["architecture"] == "efficientnet_lite0" and meta["input_size"] == 224 and meta["dim"] == 64
+    assert meta["train_split"]["split"] == "all" and "val never used" in meta["train_split"]["description"]
+    assert 0 <= meta["holdout_metrics"]["mAP"] <= 1
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["history"][0]["epoch"] == 0 and "loss" in hist["history"][-1]
+    assert (out / "loss.png").stat().st_size > 1000
+    # the frozen maps were cached, one file per image, keyed by the weights
+    cached = list(next(p for p in smoke_run[1].iterdir() if p.is_dir()).glob("*-id.npy"))
+    assert len(cached) >= 8
+
+
+@needs_grocery
+def test_smoke_training_lowers_the_loss(smoke_run):
+    """The loss on one fixed batch of the training photos (no augmentation) drops over the run."""
+    out, _ = smoke_run
+    hist = json.loads((out / "history.json").read_text())["history"]
+    assert hist[-1]["fixed_batch_loss"] < hist[0]["fixed_batch_loss"]
+
+
+@needs_grocery
+def test_export_runs_in_onnxruntime_with_parity(smoke_run, tmp_path):
+    out, _ = smoke_run
+    meta = export.export_checkpoint(out / "best.pt", tmp_path / "repo", version=3, progress=lambda m: None,
+                                    write_config=True)
+    vdir = tmp_path / "repo" / "embedder" / "3"
+    assert json.loads((vdir / "meta.json").read_text()) == meta
+    assert meta["fine_tuned"] and meta["dim"] == 64 and meta["input_size"] == 224 and meta["version"] == 3
+    assert meta["parity_max_abs_diff"] < build.PARITY_TOL
+    build.check_config(tmp_path / "repo" / "embedder" / "config.pbtxt",
+                       build.EmbedderConfig(size=224, version=3), 64)
+    sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [224, 224, 3])
+    assert (outp.name, outp.shape[1:]) == ("embeddings", [64])
+    batch = build.sample_images(224, 3)[0]
+    got = sess.run(["embeddings"], {"images": batch})[0]
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    model, _ = train.load_checkpoint(out / "best.pt")
+    with torch.no_grad():
+        ref = model(torch.from_numpy(batch)).numpy()
+    assert np.abs(got - ref).max() < 1e-4
+    one = sess.run(["embeddings"], {"images": batch[:1]})[0]
+    np.testing.assert_allclose(one[0], got[0], atol=1e-5)  # dynamic batch
+
+
+@needs_grocery
+def test_export_cli_refuses_a_mismatched_config(smoke_run, tmp_path):
+    out, _ = smoke_run
+    repo = tmp_path / "repo"
+    (repo / "embedder").mkdir(parents=True)
+    (repo / "embedder" / "config.pbtxt").write_text(build.render_config(build.DEFAULT_CONFIG, 1280))
+    assert export.main(["--checkpoint", str(out / "best.pt"), "--repo", str(repo)]) == 1
+    assert not (repo / "embedder" / "1" / "model.onnx").exists()
+
+
+@needs_grocery
+def test_models_build_exports_a_checkpoint_as_the_embedder(smoke_run, tmp_path):
+    out, _ = smoke_run
+    (meta,) = build.build_all(tmp_path, progress=lambda m: None, write_config=True, checkpoint=out / "best.pt")
+    assert meta["fine_tuned"] and meta["id"].startswith("efficientnet_lite0-rmac3-224-ft-")
+    assert (tmp_path / "embedder" / "1" / "model.onnx").is_file()
+
+
+@needs_grocery
+def test_mining_smoke_run_measures_pair_precision(smoke_run, tmp_path):
+    _, cache = smoke_run
+    cfg = train.TrainConfig.from_dict({**SMOKE, "name": "mine", "split": "cd",
+                                       "mining": {"pool": "cd-unseen", "k": 3, "threshold": 0.5}})
+    from visearch.training.mining import mine_and_retrain
+
+    summary = mine_and_retrain(cfg, tmp_path / "mine", smoke=True, cache_root=cache, progress=lambda m: None)
+    q = summary["mining"]
+    assert q["pool_photos"] == 24 and q["threshold"] == 0.5
+    assert q["pairs"]["pairs"] == 0 or 0.0 <= q["pairs"]["precision"] <= 1.0
+    assert (tmp_path / "mine" / "mined" / "best.pt").is_file()
+    assert json.loads((tmp_path / "mine" / "mining.json").read_text())["mining"] == q
+
+
+@needs_grocery
+def test_default_checkpoint_is_reused_only_for_the_same_recipe(smoke_run, tmp_path):
+    """`visearch models build` retrains the default only when runs/ lacks that exact recipe's checkpoint."""
+    from visearch.training import default
+
+    out, _ = smoke_run
+    cfg = train.TrainConfig.from_dict(SMOKE)
+    assert default.reusable(out / "best.pt", cfg)
+    assert not default.reusable(out / "best.pt", train.TrainConfig.from_dict({**SMOKE, "lr": 0.02}))
+    assert not default.reusable(tmp_path / "missing.pt", cfg)
+    (tmp_path / "torn.pt").write_bytes(b"not a checkpoint")
+    assert not default.reusable(tmp_path / "torn.pt", cfg)
+    # a runs/ folder holding that run is reused, not retrained
+    runs = tmp_path / "runs"
+    (runs / "smoke").mkdir(parents=True)
+    (runs / "smoke" / "best.pt").write_bytes((out / "best.pt").read_bytes())
+    cfg_path = tmp_path / "smoke.json"
+    cfg_path.write_text(json.dumps(SMOKE))
+    said = []
+    assert default.default_checkpoint(cfg_path, runs, progress=said.append) == runs / "smoke" / "best.pt"
+    assert said and said[0].startswith("reusing")
