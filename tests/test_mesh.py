@@ -80,6 +80,30 @@ def test_same_product_ranks_first(mesh_env, ingested, grocery):
     assert report["recall@10"] > report["recall@1"]
 
 
+def test_rerank_methods_over_the_mesh(mesh_env, ingested, grocery):
+    """Every re-rank method through gateway -> rerank -> Milvus; region methods say where the match is."""
+    from PIL import Image
+
+    size = {item_id(p): Image.open(p.path).size for p in grocery["train"]}
+    queries = [p for p in grocery["val"] if p.is_product][:3]
+    for method in ("none", "qe", "regions", "qam"):
+        out = jsonl(cli(mesh_env, "search", *[str(q.path) for q in queries], "--catalog", "grocery", "--top-k", "5",
+                        "--rerank", method, "--json").stdout)
+        for o in out:
+            assert o["rerank"] == method and len(o["hits"]) == 5, o
+            scores = [h["score"] for h in o["hits"]]
+            assert scores == sorted(scores, reverse=True)
+            if method in ("regions", "qam"):
+                for h in o["hits"]:
+                    w, hh = size[h["item_id"]]
+                    x1, y1, x2, y2 = h["region"]
+                    assert 0 <= x1 < x2 <= w + 0.5 and 0 <= y1 < y2 <= hh + 0.5, (h, w, hh)
+            else:
+                assert not any("region" in h for h in o["hits"])
+    default = jsonl(cli(mesh_env, "search", str(queries[0].path), "--catalog", "grocery", "--json").stdout)[0]
+    assert default["rerank"] == "qe"  # the service default when it has a store
+
+
 def test_reingest_is_idempotent(mesh_env, ingested, tmp_path):
     rows = list(csv.reader(open(ingested["manifest"])))
     subset = tmp_path / "again.csv"

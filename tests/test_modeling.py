@@ -126,10 +126,20 @@ def test_meta_describes_the_model(built):
     assert meta["weights_sha256"] == backbones.sha256_file(backbones.weights_path(cfg.arch))
     assert meta["model_sha256"] == backbones.sha256_file(version_dir / "model.onnx")
     assert "built_at" not in meta
-    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    (inp,), outs = sess.get_inputs(), sess.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [cfg.size, cfg.size, 3])
+    out = outs[0]
     assert (out.name, out.type, out.shape[1:]) == ("embeddings", "tensor(float)", [meta["dim"]])
     assert not isinstance(inp.shape[0], int)  # dynamic batch axis
+    # The region outputs of the same forward (re-ranking): projected map, FMP energies, query side.
+    r = meta["regions"]
+    h, w = r["map_size"]
+    assert [(o.name, o.shape[1:]) for o in outs[1:]] == [
+        ("region_map", [h, w, r["dim"]]), ("region_energy", [h, w, r["channels"]]), ("region_query", [r["dim"]])]
+    assert r["fitted_on"].endswith("grocery train photos") and (h, w) == (cfg.size // 32, cfg.size // 32)
+    emb, rmap, _, rq = sess.run([o.name for o in outs], {"images": sample(cfg.size, 2)})
+    np.testing.assert_allclose(np.linalg.norm(rq, axis=1), 1.0, atol=1e-5)
+    assert (rmap.sum((1, 2)) * rq).sum(1).min() > 0  # a frame resembles its own query in the region space
 
 
 def test_dynamic_batch_and_unit_norm(built):
@@ -170,7 +180,9 @@ def test_other_configs_export(tmp_path):
 def test_config_pbtxt_must_agree(built, tmp_path):
     repo, meta, _ = built
     text = (repo / "embedder" / "config.pbtxt").read_text()
-    build.check_config(repo / "embedder" / "config.pbtxt", build.DEFAULT_CONFIG, meta["dim"])
+    build.check_config(repo / "embedder" / "config.pbtxt", build.DEFAULT_CONFIG, meta["dim"], meta["regions"])
+    with pytest.raises(build.ConfigMismatch, match="outputs"):  # a config without the region outputs
+        build.check_config(repo / "embedder" / "config.pbtxt", build.DEFAULT_CONFIG, meta["dim"])
     s = meta["input_size"]
     bad = tmp_path / "embedder" / "config.pbtxt"
     bad.parent.mkdir()
@@ -188,8 +200,12 @@ def test_config_pbtxt_must_agree(built, tmp_path):
 def test_committed_config_matches_default():
     from pathlib import Path
 
+    from visearch.modeling import regionhead
+
     committed = Path(__file__).resolve().parents[1] / "model_repository" / "embedder" / "config.pbtxt"
-    build.check_config(committed, build.DEFAULT_CONFIG, backbones.SPECS[build.DEFAULT_CONFIG.arch].dim)
+    side = build.DEFAULT_CONFIG.size // backbones.SPECS[build.DEFAULT_CONFIG.arch].stride
+    regions = {"map_size": [side, side], "dim": regionhead.DEFAULT_DIM, "channels": regionhead.DEFAULT_CHANNELS}
+    build.check_config(committed, build.DEFAULT_CONFIG, backbones.SPECS[build.DEFAULT_CONFIG.arch].dim, regions)
 
 
 # --------------------------------------------------------------------------- retrieval sanity

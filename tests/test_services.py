@@ -73,15 +73,44 @@ def test_detection_full_frame_until_detector_lands(services, grocery):
 
 
 def test_rerank_orders_and_refuses_unknown_methods(services):
-    addr = services.start("rerank")
+    addr = services.start("rerank")  # no vector store configured: only "none"
     cands = [rerank_pb2.Candidate(item_id=i, object_id=f"{i}#0", score=s) for i, s in (("a", .2), ("b", .9), ("c", .5))]
     with channel(addr) as ch:
         stub = rerank_pb2_grpc.RerankServiceStub(ch)
         resp = stub.Rerank(rerank_pb2.RerankRequest(candidates=cands, top_k=2), timeout=10)
         assert [h.item_id for h in resp.hits] == ["b", "c"] and resp.method == "none"
         with pytest.raises(grpc.RpcError) as err:
+            stub.Rerank(rerank_pb2.RerankRequest(candidates=cands, method="bogus"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "qam" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
             stub.Rerank(rerank_pb2.RerankRequest(candidates=cands, method="qam"), timeout=10)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "MILVUS_URI" in err.value.details()
+
+
+def test_embedding_service_returns_base_regions(services, grocery):
+    addr = services.start("embedding")
+    photo = grocery["val"][0].path.read_bytes()
+    w, h = Image.open(io.BytesIO(photo)).size
+    with channel(addr) as ch:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+        plain = stub.Embed(embedding_pb2.EmbedRequest(items=[embedding_pb2.EmbedItem(image=photo)]), timeout=30)
+        assert not plain.embeddings[0].HasField("regions")
+        box = common_pb2.BoundingBox(x1=w / 4, y1=h / 4, x2=w * 3 / 4, y2=h)
+        resp = stub.Embed(embedding_pb2.EmbedRequest(items=[embedding_pb2.EmbedItem(image=photo),
+                                                            embedding_pb2.EmbedItem(image=photo, box=box)],
+                                                     regions=True), timeout=30)
+    full, crop = (e.regions for e in resp.embeddings)
+    np.testing.assert_allclose(resp.embeddings[0].values, plain.embeddings[0].values, atol=1e-5)
+    for r, frame in ((full, (0, 0, w, h)), (crop, (w / 4, h / 4, w * 3 / 4, h))):
+        n = len(r.boxes)
+        assert 14 <= n <= 22 and len(r.features) == n * r.dim and r.dim == 256  # 14 OSPP + up to 8 FMP regions
+        boxes = np.array([(b.x1, b.y1, b.x2, b.y2) for b in r.boxes])
+        np.testing.assert_allclose(boxes[0], frame, atol=0.5)  # the first OSPP region is the whole frame
+        assert (boxes[:, 0] >= frame[0] - 0.5).all() and (boxes[:, 2] <= frame[2] + 0.5).all()
+        assert (boxes[:, 1] >= frame[1] - 0.5).all() and (boxes[:, 3] <= frame[3] + 0.5).all()
+        assert np.linalg.norm(r.query) == pytest.approx(1.0, abs=1e-4)
+        feats = np.array(r.features).reshape(n, r.dim)
+        assert feats[0] @ np.array(r.query) > 0  # the whole frame resembles its own query
 
 
 def test_sigterm_drains_and_exits_cleanly(services):
@@ -152,3 +181,53 @@ def test_gateway_pinned_to_another_model_refuses_clearly(services, redis_url, mi
             stub.IngestItems(gateway_pb2.IngestItemsRequest(catalog="pinned", items=[item]), timeout=30)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "pinned to embedder:99" in err.value.details()
     assert "pinned to embedder:99" in services.procs["gateway"].log.read_text()
+
+
+def test_rerank_with_regions_from_the_store(services, milvus_uri):
+    """QAM finds the catalog image whose regions, merged, match the query, and says where."""
+    from visearch.inference import ModelMeta
+    from visearch.settings import StoreSettings
+    from visearch.store import VectorStore
+
+    rng = np.random.default_rng(5)
+    d = 32
+    obj_a, obj_b = np.abs(rng.normal(size=d)), np.abs(rng.normal(size=d))
+    query = (obj_a + obj_b) / np.linalg.norm(obj_a + obj_b)
+    meta = ModelMeta(name="embedder", version="1", input_name="images", output_name="embeddings", input_size=32, dim=8)
+    store = VectorStore(StoreSettings(milvus_uri=milvus_uri))
+    g = np.eye(8, dtype=np.float32)
+    store.ensure_catalog("rr", meta)
+    store.upsert_items("rr", [(i, [(g[n], (0, 0, 100, 100))], {}) for n, i in enumerate(("clutter", "object", "bare"))])
+    boxes = np.array([[0, 0, 100, 100], [0, 0, 50, 50], [40, 40, 60, 70], [60, 40, 80, 70], [50, 50, 100, 100]], np.float32)
+    clutter = np.abs(rng.normal(size=(5, d))).astype(np.float32)
+    scene = np.vstack([clutter[0] + obj_a + obj_b, clutter[1], obj_a, obj_b, clutter[2]]).astype(np.float32)
+    store.upsert_regions("rr", [("clutter#0", clutter, boxes), ("object#0", scene, boxes)])
+    store.flush("rr")
+    store.close()
+
+    services.env["VISEARCH_MILVUS_URI"] = milvus_uri
+    addr = services.start("rerank")
+    cands = [rerank_pb2.Candidate(item_id=i, object_id=f"{i}#0", score=s)
+             for i, s in (("clutter", .9), ("object", .5), ("bare", .7))]
+    with channel(addr) as ch:
+        stub = rerank_pb2_grpc.RerankServiceStub(ch)
+        req = rerank_pb2.RerankRequest(catalog="rr", candidates=cands, query_region=query.tolist(),
+                                       query_embedding=g[0].tolist())
+        assert stub.Rerank(req, timeout=10).method == "qe"  # the default method with a store
+        req.method = "qam"
+        qam = stub.Rerank(req, timeout=10)
+        assert qam.method == "qam" and qam.hits[0].item_id == "object"
+        assert qam.hits[0].score == pytest.approx(1.0, abs=1e-4)
+        r = qam.hits[0].region
+        assert (r.x1, r.y1, r.x2, r.y2) == (40, 40, 80, 70)  # the two regions holding the object, merged
+        bare = next(h for h in qam.hits if h.item_id == "bare")
+        assert bare.score == pytest.approx(0.7) and not bare.HasField("region")  # no regions: global score stands
+        req.method = "regions"
+        single = stub.Rerank(req, timeout=10)
+        assert single.hits[0].score < 0.99  # no single region holds the whole object
+        req.method = "qe"
+        qe = stub.Rerank(req, timeout=10)
+        assert [h.item_id for h in qe.hits][0] == "clutter" and qe.method == "qe"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rerank(rerank_pb2.RerankRequest(catalog="rr", candidates=cands, method="qam"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "query_region" in err.value.details()

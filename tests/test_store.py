@@ -62,3 +62,71 @@ def test_model_mismatch_and_unknown_catalog(store):
         store.search("t_nothing_here", np.zeros(8, np.float32), 3)
     with pytest.raises(InvalidArgument):
         check_catalog("../etc")
+
+
+def test_regions_are_stored_per_object_and_follow_their_item(store, request):
+    from visearch.store import MAX_REGIONS
+
+    cat = "t_" + request.node.name[:40]
+    rng = np.random.default_rng(1)
+    store.ensure_catalog(cat, META)
+    vecs = unit(rng, 3)
+    store.upsert_items(cat, [("a", [(vecs[0], (0, 0, 10, 10)), (vecs[1], (5, 5, 9, 9))], {}),
+                             ("b", [(vecs[2], (0, 0, 4, 4))], {})])
+    feats = rng.random((5, 16)).astype(np.float32)
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 5, 5], [5, 0, 10, 5], [0, 5, 5, 10], [5, 5, 10, 10]], np.float32)
+    store.upsert_regions(cat, [("a#0", feats, boxes), ("a#1", feats[:3], boxes[:3]), ("b#0", feats[:1], boxes[:1])])
+    store.upsert_regions(cat, [("b#0", feats[:1], boxes[:1])])  # again: replaced, not added
+    got = store.get_regions(cat, ["a#0", "a#1", "b#0", "nope#0"])
+    assert set(got) == {"a#0", "a#1", "b#0"}
+    np.testing.assert_allclose(got["a#0"][0], feats, rtol=1e-6)
+    np.testing.assert_allclose(got["a#0"][1], boxes)
+    assert got["a#1"][0].shape == (3, 16) and got["b#0"][1].shape == (1, 4)
+    v = store.get_vectors(cat, ["a#1", "b#0"])
+    np.testing.assert_allclose(v["a#1"], vecs[1], rtol=1e-6)
+    # Re-ingesting "a" with one object drops the regions of its second; deleting "b" drops its own.
+    store.upsert_items(cat, [("a", [(vecs[0], (0, 0, 10, 10))], {})])
+    assert set(store.get_regions(cat, ["a#0", "a#1"])) == {"a#0"}
+    store.delete_items(cat, ["b"])
+    assert store.get_regions(cat, ["b#0"]) == {}
+    with pytest.raises(InvalidArgument, match="regions"):
+        store.upsert_regions(cat, [("a#0", np.zeros((MAX_REGIONS + 1, 16), np.float32), np.zeros((MAX_REGIONS + 1, 4)))])
+    with pytest.raises(FailedPrecondition, match="dim"):
+        store.upsert_regions(cat, [("a#0", feats[:, :8], boxes)])
+    assert store.get_regions("t_no_regions_here", ["x#0"]) == {}
+
+
+def test_catalogs_survive_a_milvus_lite_restart(tmp_path):
+    """Collections come back released after Milvus restarts; the store loads them again instead of failing."""
+    import sys
+
+    from tests.conftest import Proc, free_port, wait_until
+    from visearch.store import milvus_client
+
+    def start():
+        port = free_port()
+        proc = Proc([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "data"), "--host",
+                     "127.0.0.1", "--port", str(port)], tmp_path / f"log{port}")
+        uri = f"http://127.0.0.1:{port}"
+        wait_until(lambda: milvus_client(uri, timeout=1).list_collections() is not None, 30, "milvus", proc.p, proc.log)
+        return proc, uri
+
+    proc, uri = start()
+    rng = np.random.default_rng(2)
+    vecs = unit(rng, 2)
+    s = VectorStore(StoreSettings(milvus_uri=uri))
+    s.ensure_catalog("kept", META)
+    s.upsert_items("kept", [("a", [(vecs[0], (0, 0, 1, 1))], {}), ("b", [(vecs[1], (0, 0, 1, 1))], {})])
+    s.upsert_regions("kept", [("a#0", np.ones((3, 4), np.float32), np.zeros((3, 4), np.float32))])
+    s.flush("kept")
+    s.close()
+    proc.stop()
+    proc, uri = start()
+    try:
+        s = VectorStore(StoreSettings(milvus_uri=uri))
+        assert s.count("kept") == 2 and s.search("kept", vecs[1], 1)[0].item_id == "b"
+        assert list(s.get_regions("kept", ["a#0"])) == ["a#0"]
+        s.ensure_catalog("kept", META)  # same model: accepted, nothing recreated
+        s.close()
+    finally:
+        proc.stop()

@@ -158,9 +158,11 @@ def test_export_runs_in_onnxruntime_with_parity(smoke_run, tmp_path):
     assert meta["fine_tuned"] and meta["dim"] == 64 and meta["input_size"] == 224 and meta["version"] == 3
     assert meta["parity_max_abs_diff"] < build.PARITY_TOL
     build.check_config(tmp_path / "repo" / "embedder" / "config.pbtxt",
-                       build.EmbedderConfig(size=224, version=3), 64)
+                       build.EmbedderConfig(size=224, version=3), 64, meta["regions"])
+    assert meta["regions"]["dim"] == 64  # the region space is at most the projection's dimension
     sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
-    (inp,), (outp,) = sess.get_inputs(), sess.get_outputs()
+    (inp,), (outp, *regions) = sess.get_inputs(), sess.get_outputs()
+    assert [o.name for o in regions] == ["region_map", "region_energy", "region_query"]
     assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [224, 224, 3])
     assert (outp.name, outp.shape[1:]) == ("embeddings", [64])
     batch = build.sample_images(224, 3)[0]

@@ -275,6 +275,8 @@ def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters
         hit = {"item_id": h.item_id, "score": round(h.score, 6)}
         if h.metadata:
             hit["metadata"] = dict(h.metadata)
+        if h.HasField("region"):  # where re-ranking matched, pixels of the catalog image
+            hit["region"] = [round(v, 1) for v in (h.region.x1, h.region.y1, h.region.x2, h.region.y2)]
         hits.append(hit)
     qb = resp.query_box
     return {"query": path, "hits": hits, "latency_ms": round(latency, 2),

@@ -42,6 +42,12 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, draft_siz
     `draft_size` lets JPEG decode at a reduced scale (libjpeg DCT scaling) when the
     caller will shrink the picture anyway; the result is never smaller than that.
     """
+    return decode_image_scaled(data, limits, draft_size=draft_size)[0]
+
+
+def decode_image_scaled(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *,
+                        draft_size: int | None = None) -> tuple[Image.Image, float]:
+    """`decode_image`, plus the factor from its pixels to the original image's (1.0 unless drafted)."""
     if not data:
         raise ImageError("empty image: zero bytes received")
     if len(data) > limits.max_bytes:
@@ -63,8 +69,9 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, draft_siz
             if draft_size and fmt == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
+            scale = w / img.size[0]
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(img), scale
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

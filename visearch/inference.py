@@ -11,6 +11,7 @@ import abc
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,9 @@ class InferenceBackend(abc.ABC):
     async def metadata(self, model: str) -> ModelMeta: ...
 
     @abc.abstractmethod
-    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    async def infer(self, model: str, inputs: dict[str, np.ndarray],
+                    outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run `model`; returns the named `outputs` (default: the model's primary output only)."""
 
     @abc.abstractmethod
     async def ready(self, model: str) -> bool: ...
@@ -139,11 +142,12 @@ class OnnxRuntimeBackend(InferenceBackend):
     async def metadata(self, model: str) -> ModelMeta:
         return (await self._get(model))[1]
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session, _ = await self._get(model)
-        names = [o.name for o in session.get_outputs()]
-        outputs = await asyncio.to_thread(session.run, names, inputs)
-        return dict(zip(names, outputs, strict=True))
+    async def infer(self, model: str, inputs: dict[str, np.ndarray],
+                    outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        session, meta = await self._get(model)
+        names = list(outputs or [meta.output_name])
+        got = await asyncio.to_thread(session.run, names, inputs)
+        return dict(zip(names, got, strict=True))
 
     async def ready(self, model: str) -> bool:
         await self._get(model)
@@ -206,7 +210,8 @@ class TritonBackend(InferenceBackend):
         if self.repo and (self.repo / model / served_version / "meta.json").is_file():
             meta = read_meta(self.repo, model, served_version)
         else:
-            inp, outp = md["inputs"][0], md["outputs"][0]
+            inp = md["inputs"][0]
+            outp = next((o for o in md["outputs"] if o["name"] == "embeddings"), md["outputs"][0])
             meta = ModelMeta(name=model, version=served_version, input_name=inp["name"], output_name=outp["name"],
                              input_size=int(inp["shape"][1]), dim=int(outp["shape"][-1]))
         served_in = {i["name"]: i for i in md["inputs"]}
@@ -215,14 +220,15 @@ class TritonBackend(InferenceBackend):
         self._meta[model] = meta
         return meta
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, model: str, inputs: dict[str, np.ndarray],
+                    outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         import tritonclient.grpc as tc
 
         meta = await self.metadata(model)
-        outputs = [tc.InferRequestedOutput(meta.output_name)]
+        names = list(outputs or [meta.output_name])
         result = await self._call("infer", self.client.infer(model, triton_inputs(inputs), model_version=meta.version,
-                                                              outputs=outputs))
-        return {meta.output_name: result.as_numpy(meta.output_name)}
+                                                              outputs=[tc.InferRequestedOutput(n) for n in names]))
+        return {n: result.as_numpy(n) for n in names}
 
     async def ready(self, model: str) -> bool:
         try:

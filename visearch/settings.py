@@ -90,11 +90,6 @@ class DetectionSettings(ServerSettings):
     detection_port: int
 
 
-class RerankSettings(ServerSettings):
-    rerank_port: int
-    rerank_default: str = "none"
-
-
 class StoreSettings(_Base):
     milvus_uri: str
     milvus_token: str = ""
@@ -102,6 +97,18 @@ class StoreSettings(_Base):
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     hnsw_ef: int = 128
+
+
+class RerankSettings(ServerSettings, StoreSettings):
+    rerank_port: int
+    # The method when a request names none: "none", "regions", "qam" or "qe". "qe" measured best on
+    # product-centred catalogs, "qam" on objects small in cluttered catalog images (docs/RERANK.md).
+    rerank_default: str = "qe"
+    # Where region and global vectors are read from; empty leaves only "none".
+    milvus_uri: str = ""
+    # alpha-QE: the query plus its top k candidates weighted by similarity^alpha.
+    qe_k: int = 5
+    qe_alpha: float = 3.0
 
 
 class QueueSettings(_Base):
@@ -140,6 +147,8 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
 
 
 class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
+    # Store base regions of every object for re-ranking (needs a model with region outputs).
+    ingest_regions: bool = True
     worker_concurrency: int = 1
     max_retries: int = 5
     # /metrics of pool child n on worker_metrics_port + n; 0 leaves it off.

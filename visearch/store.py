@@ -14,6 +14,13 @@ and it needs no training step, so a new catalog is searchable from its first row
 The collection records the model that made its vectors (property
 `visearch.model`), and a search with another model's vectors is refused.
 Consistency level: Strong, so an acknowledged ingest is visible to the next search.
+
+Region vectors (re-ranking, visearch.regions) live in a second collection per catalog,
+`vsr_<catalog>`, keyed by the same object ids: one row per object with its base regions
+packed into one FLOAT_VECTOR (MAX_REGIONS x region dim, zero-padded; `n` says how many
+rows are real) and their boxes; it is read by primary key only (FLAT index, never
+searched). A separate collection rather than a second vector field: Milvus 2.3 servers
+allow one vector field per collection.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ ID_MAX = 256
 # Objects stored per item (detections in one catalog image); bounded so an item's
 # rows are found by primary key, never by scanning.
 MAX_OBJECTS = 32
+MAX_REGIONS = 24
 MODEL_PROP = "visearch.model"
 DIM_PROP = "visearch.dim"
 
@@ -91,6 +99,10 @@ class VectorStore:
     def collection(catalog: str) -> str:
         return f"vs_{check_catalog(catalog)}"
 
+    @staticmethod
+    def region_collection(catalog: str) -> str:
+        return f"vsr_{check_catalog(catalog)}"
+
     def ping(self) -> bool:
         self.client.list_collections()
         return True
@@ -102,10 +114,18 @@ class VectorStore:
         name = self.collection(catalog)
         if not self.client.has_collection(name):
             return None
+        self._load(name)
         props = self.client.describe_collection(name).get("properties", {})
         found = (props.get(MODEL_PROP, ""), int(props.get(DIM_PROP, 0)))
         self._known[catalog] = found
         return found
+
+    def _load(self, name: str) -> None:
+        """Collections of an earlier run come back released after a Milvus restart: load before use
+        (a no-op when loaded)."""
+        if str(self.client.get_load_state(name).get("state", "")).endswith("Loaded"):
+            return
+        self.client.load_collection(name)
 
     def ensure_catalog(self, catalog: str, meta: ModelMeta) -> None:
         """Create the catalog's collection for this model, or check it was made by it."""
@@ -171,6 +191,7 @@ class VectorStore:
         stale = [r["object_id"] for r in self._existing_objects(name, stale_candidates, ["object_id"])]
         if stale:
             self.client.delete(name, ids=stale)
+            self._delete_regions(catalog, stale)
         return len(rows)
 
     def delete_items(self, catalog: str, item_ids: list[str]) -> int:
@@ -178,7 +199,82 @@ class VectorStore:
         found = self._existing_objects(name, [o for i in item_ids for o in self.object_ids(i)], ["object_id"])
         if found:
             self.client.delete(name, ids=[r["object_id"] for r in found])
+            self._delete_regions(catalog, [r["object_id"] for r in found])
         return len({r["object_id"].rsplit("#", 1)[0] for r in found})
+
+    # ---- region vectors ---------------------------------------------------------
+    def _region_dim(self, catalog: str) -> int | None:
+        key = f"regions:{catalog}"
+        if key in self._known:
+            return self._known[key][1]
+        name = self.region_collection(catalog)
+        if not self.client.has_collection(name):
+            return None
+        self._load(name)
+        dim = int(self.client.describe_collection(name).get("properties", {}).get(DIM_PROP, 0))
+        self._known[key] = ("", dim)
+        return dim
+
+    def upsert_regions(self, catalog: str, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> int:
+        """Store each object's base regions: (object_id, features [R, d], boxes [R, 4] pixels)."""
+        if not rows:
+            return 0
+        dim = int(rows[0][1].shape[1])
+        with self._create_lock:
+            found = self._region_dim(catalog)
+            if found is None:
+                self._create_regions(catalog, dim)
+                self._known[f"regions:{catalog}"] = ("", dim)
+            elif found != dim:
+                raise FailedPrecondition(f"catalog {catalog!r} stores regions of dim {found}, the model gives {dim}")
+        out = []
+        for object_id, feats, boxes in rows:
+            n = len(feats)
+            if not 0 < n <= MAX_REGIONS or feats.shape[1] != dim or boxes.shape != (n, 4):
+                raise InvalidArgument(f"object {object_id!r}: {n} regions of dim {feats.shape[1]} "
+                                      f"(1 to {MAX_REGIONS} of dim {dim} are stored)")
+            packed = np.zeros((MAX_REGIONS, dim), np.float32)
+            packed[:n] = feats
+            out.append({"object_id": object_id, "n": n, "features": packed.ravel().tolist(),
+                        "boxes": [float(b) for b in np.asarray(boxes, np.float32).ravel()]})
+        self.client.upsert(self.region_collection(catalog), out)
+        return len(out)
+
+    def get_regions(self, catalog: str, object_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """object_id -> (features [n, d], boxes [n, 4]) for the objects that have regions."""
+        dim = self._region_dim(catalog)
+        if dim is None or not object_ids:
+            return {}
+        rows = self.client.get(self.region_collection(catalog), ids=list(object_ids),
+                               output_fields=["object_id", "n", "features", "boxes"])
+        out = {}
+        for r in rows:
+            n = int(r["n"])
+            feats = np.asarray(r["features"], np.float32).reshape(MAX_REGIONS, dim)[:n]
+            out[r["object_id"]] = (feats, np.asarray(r["boxes"], np.float32).reshape(n, 4))
+        return out
+
+    def get_vectors(self, catalog: str, object_ids: list[str]) -> dict[str, np.ndarray]:
+        """object_id -> its global vector."""
+        if not object_ids:
+            return {}
+        rows = self.client.get(self._existing(catalog), ids=list(object_ids), output_fields=["object_id", "vector"])
+        return {r["object_id"]: np.asarray(r["vector"], np.float32) for r in rows}
+
+    def _create_regions(self, catalog: str, dim: int) -> None:
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("object_id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX + 8)
+        schema.add_field("n", DataType.INT64)
+        schema.add_field("features", DataType.FLOAT_VECTOR, dim=MAX_REGIONS * dim)
+        schema.add_field("boxes", DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=MAX_REGIONS * 4)
+        index = self.client.prepare_index_params()
+        index.add_index(field_name="features", index_type="FLAT", metric_type="IP")
+        self.client.create_collection(self.region_collection(catalog), schema=schema, index_params=index,
+                                      consistency_level="Strong", properties={DIM_PROP: str(dim)})
+
+    def _delete_regions(self, catalog: str, object_ids: list[str]) -> None:
+        if object_ids and self._region_dim(catalog) is not None:
+            self.client.delete(self.region_collection(catalog), ids=list(object_ids))
 
     def get_item(self, catalog: str, item_id: str) -> list[StoredObject]:
         name = self._existing(catalog)
@@ -219,6 +315,8 @@ class VectorStore:
 
     def flush(self, catalog: str) -> None:
         self.client.flush(self._existing(catalog))
+        if self._region_dim(catalog) is not None:
+            self.client.flush(self.region_collection(catalog))
 
     def _existing(self, catalog: str) -> str:
         if self.catalog_model(catalog) is None:

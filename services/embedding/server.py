@@ -1,15 +1,17 @@
-"""Embedding service: images (or boxes in them) -> L2-normalised global descriptors."""
+"""Embedding service: images (or boxes in them) -> L2-normalised global descriptors,
+and on request each image's base regions for re-ranking (visearch.regions)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import numpy as np
 
-from visearch import imaging
+from visearch import imaging, regions
 from visearch.common.v1 import common_pb2
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from visearch.errors import InvalidArgument
+from visearch.errors import FailedPrecondition, InvalidArgument
 from visearch.grpcserver import Service, decode_bounded, rpc, serve
 from visearch.inference import InferenceBackend, ModelMeta, make_backend
 from visearch.observability import EMBED_BATCH
@@ -29,11 +31,32 @@ def box_of(msg) -> tuple[float, float, float, float] | None:
     return (msg.x1, msg.y1, msg.x2, msg.y2) if msg is not None else None
 
 
-def prepare(data: bytes, box, size: int) -> np.ndarray:
+def prepare(data: bytes, box, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The model input and the frame it shows: (x1, y1, x2, y2) in pixels of the original image."""
     # JPEG draft decoding at about twice the model size keeps crops sharp enough
     # while skipping most of the full-resolution decode.
-    img = imaging.decode_image(data, draft_size=None if box is not None else 2 * size)
-    return imaging.to_model_input(imaging.crop(img, box), size)
+    img, scale = imaging.decode_image_scaled(data, draft_size=None if box is not None else 2 * size)
+    if box is None:
+        frame = (0.0, 0.0, img.width * scale, img.height * scale)
+    else:
+        x1, y1 = max(0.0, box[0]), max(0.0, box[1])
+        frame = (x1, y1, min(float(img.width), box[2]), min(float(img.height), box[3]))
+    return imaging.to_model_input(imaging.crop(img, box), size), frame
+
+
+def region_set(region_map: np.ndarray, energy: np.ndarray, query: np.ndarray, frame) -> common_pb2.RegionSet:
+    """Base regions (OSPP + FMP) of one image, boxes mapped from the map to original pixels."""
+    base = regions.base_regions(region_map, energy)
+    x1, y1, x2, y2 = frame
+    w, h = x2 - x1, y2 - y1
+    boxes = [common_pb2.BoundingBox(x1=x1 + b[0] * w, y1=y1 + b[1] * h, x2=x1 + b[2] * w, y2=y1 + b[3] * h)
+             for b in base.boxes.tolist()]
+    return common_pb2.RegionSet(dim=int(base.features.shape[1]), features=base.features.ravel().tolist(), boxes=boxes,
+                                query=query.tolist())
+
+
+def region_sets(region_map: np.ndarray, energy: np.ndarray, query: np.ndarray, frames: list) -> list[common_pb2.RegionSet]:
+    return [region_set(region_map[j], energy[j], query[j], f) for j, f in enumerate(frames)]
 
 
 class Embedder:
@@ -48,25 +71,38 @@ class Embedder:
         return await self.backend.metadata(MODEL)
 
     async def embed(self, items: list[tuple[bytes, tuple | None]]) -> np.ndarray:
-        meta = await self.meta()
+        return (await self.embed_with_regions(items, False))[0]
 
-        def prep(i: int, data: bytes, box) -> np.ndarray:
+    async def embed_with_regions(self, items: list[tuple[bytes, tuple | None]], with_regions: bool = True
+                                 ) -> tuple[np.ndarray, list[common_pb2.RegionSet] | None]:
+        """Global descriptors [N, D] and, if asked, each item's base regions."""
+        meta = await self.meta()
+        region_outputs = (meta.extra.get("regions") or {}).get("outputs") if with_regions else None
+        if with_regions and not region_outputs:
+            raise FailedPrecondition(f"model {meta.tag} has no region outputs: rebuild it (visearch models build)")
+
+        def prep(i: int, data: bytes, box):
             try:
                 return prepare(data, box, meta.input_size)
             except imaging.ImageError as exc:
                 raise InvalidArgument(f"item {i}: {exc}") from None
 
-        arrays = await decode_bounded(lambda: [prep(i, d, b) for i, (d, b) in enumerate(items)], self.decode_timeout)
-        out = []
-        for start in range(0, len(arrays), self.max_batch):
-            batch = np.stack(arrays[start:start + self.max_batch])
+        prepared = await decode_bounded(lambda: [prep(i, d, b) for i, (d, b) in enumerate(items)], self.decode_timeout)
+        names = [meta.output_name, *(region_outputs or [])]
+        out: list[np.ndarray] = []
+        sets: list[common_pb2.RegionSet] = []
+        for start in range(0, len(prepared), self.max_batch):
+            part = prepared[start:start + self.max_batch]
+            batch = np.stack([p[0] for p in part])
             EMBED_BATCH.observe(len(batch))
-            result = await self.backend.infer(MODEL, {meta.input_name: batch})
+            result = await self.backend.infer(MODEL, {meta.input_name: batch}, names)
             out.append(result[meta.output_name])
+            if region_outputs:
+                sets += await asyncio.to_thread(region_sets, *(result[n] for n in region_outputs), [p[1] for p in part])
         vectors = np.concatenate(out).astype(np.float32, copy=False)
         if vectors.shape[1] != meta.dim:
             raise RuntimeError(f"model {meta.tag} returned dim {vectors.shape[1]}, meta says {meta.dim}")
-        return vectors
+        return vectors, (sets if region_outputs else None)
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -78,10 +114,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         if not request.items:
             raise InvalidArgument("no items to embed")
         items = [(it.image, box_of(it.box) if it.HasField("box") else None) for it in request.items]
-        vectors = await self.embedder.embed(items)
+        vectors, sets = await self.embedder.embed_with_regions(items, request.regions)
         meta = await self.embedder.meta()
-        return embedding_pb2.EmbedResponse(
-            embeddings=[embedding_pb2.Embedding(values=v) for v in vectors], model=model_info(meta))
+        if sets is None:
+            embeddings = [embedding_pb2.Embedding(values=v) for v in vectors]
+        else:
+            embeddings = [embedding_pb2.Embedding(values=v, regions=r) for v, r in zip(vectors, sets, strict=True)]
+        return embedding_pb2.EmbedResponse(embeddings=embeddings, model=model_info(meta))
 
     @rpc()
     async def GetModelInfo(self, request, context):

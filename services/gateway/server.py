@@ -100,11 +100,15 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         item = embedding_pb2.EmbedItem(image=request.image)
         if query_box != full:
             item.box.CopyFrom(pb_box(query_box))
+        # The query's regions cost a few ms: fetched when the re-rank method may use them (an
+        # empty method is the re-rank service's default, which the gateway does not know).
+        want_regions = request.rerank not in ("none", "qe")
         emb = await call("embedding", self.embedding.Embed(
-            embedding_pb2.EmbedRequest(items=[item]), timeout=remaining(context, t)))
+            embedding_pb2.EmbedRequest(items=[item], regions=want_regions), timeout=remaining(context, t)))
         await self.check_model(emb.model)
         self.store.check_model(catalog, meta_of(emb.model))
         vector = list(emb.embeddings[0].values)
+        query_region = list(emb.embeddings[0].regions.query) if want_regions else []
 
         n_candidates = max(top_k, self.s.rerank_candidates)
         # Several objects of one item may match; ask for more rows than items wanted.
@@ -116,7 +120,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                       for o in best.values()]
         rr = await call("rerank", self.rerank.Rerank(
             rerank_pb2.RerankRequest(catalog=catalog, query_embedding=vector, candidates=candidates,
-                                     method=request.rerank, top_k=top_k), timeout=remaining(context, t)))
+                                     method=request.rerank, top_k=top_k, query_region=query_region),
+            timeout=remaining(context, t)))
         hits = []
         for h in rr.hits:
             obj = best[h.item_id]

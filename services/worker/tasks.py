@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import redis
 from celery import Celery
 from pymilvus.exceptions import MilvusException
@@ -109,16 +110,27 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
 
     embed_items = [embedding_pb2.EmbedItem(image=ok[n][1], box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
                    for n, b in objects]
-    emb = _call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=embed_items), timeout, "embedding")
+    emb = _call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=embed_items, regions=ctx.settings.ingest_regions),
+                timeout, "embedding")
     m = emb.model
     meta = ModelMeta(name=m.name, version=m.version, input_name="", output_name="", input_size=m.input_size, dim=m.dim)
     ctx.store.ensure_catalog(catalog, meta)
 
     per_item: dict[int, list] = {}
+    region_rows = []
     for (n, box), vec in zip(objects, emb.embeddings, strict=True):
-        per_item.setdefault(n, []).append((list(vec.values), box))
+        objs = per_item.setdefault(n, [])
+        if vec.HasField("regions") and vec.regions.boxes:
+            r = vec.regions
+            feats = np.asarray(r.features, np.float32).reshape(len(r.boxes), r.dim)
+            boxes = np.asarray([(b.x1, b.y1, b.x2, b.y2) for b in r.boxes], np.float32)
+            region_rows.append((f"{ok[n][0]['item_id']}#{len(objs)}", feats, boxes))
+        objs.append((list(vec.values), box))
     rows = [(ok[n][0]["item_id"], objs, ok[n][0].get("metadata") or {}) for n, objs in per_item.items()]
+    # Global vectors first, then regions: a crash in between leaves the item searchable and
+    # re-ranked on its global score until the redelivered task stores its regions.
     ctx.store.upsert_items(catalog, rows)
+    ctx.store.upsert_regions(catalog, region_rows)
     return [r[0] for r in rows], failed
 
 

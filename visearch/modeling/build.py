@@ -72,7 +72,9 @@ class Embedder(nn.Module):
     """uint8 NHWC RGB [N,S,S,3] -> L2-normalised float32 [N,D]; normalisation lives in the graph.
 
     `head` (optional, e.g. a fine-tuned projection / learned whitening) maps the pooled
-    descriptor before the final L2 normalisation.
+    descriptor before the final L2 normalisation. With `regions` (a
+    `regionhead.RegionHead`, attached at export) the graph also returns the region
+    outputs of the same forward: (embeddings, region_map, region_energy, region_query).
     """
 
     def __init__(self, backbone: nn.Module, pool: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
@@ -81,18 +83,30 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.pool = pool
         self.head = head
+        self.regions: nn.Module | None = None
         mean_t, std_t = torch.tensor(mean), torch.tensor(std)
         # ((x/255) - mean) / std folded into one multiply-add on the channel axis.
         self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(torch.float32) * self.scale + self.shift
-        x = x.permute(0, 3, 1, 2)
-        v = self.pool(self.backbone.forward_features(x))
+        return self.backbone.forward_features(x.permute(0, 3, 1, 2))
+
+    def forward(self, images: torch.Tensor):
+        fmap = self.feature_map(images)
+        v = self.pool(fmap)
         if self.head is not None:
             v = self.head(v)
-        return F.normalize(v, p=2.0, dim=1, eps=1e-12)
+        emb = F.normalize(v, p=2.0, dim=1, eps=1e-12)
+        if self.regions is None:
+            return emb
+        return (emb, *self.regions(fmap, emb))
+
+    def output_names(self) -> list[str]:
+        from .regionhead import REGION_OUTPUTS
+
+        return [OUTPUT_NAME, *(REGION_OUTPUTS if self.regions is not None else ())]
 
 
 def make_embedder(cfg: EmbedderConfig) -> Embedder:
@@ -108,6 +122,7 @@ def make_embedder(cfg: EmbedderConfig) -> Embedder:
 
 def export_onnx(model: Embedder, cfg: EmbedderConfig, path: Path) -> None:
     dummy = torch.zeros(2, cfg.size, cfg.size, 3, dtype=torch.uint8)
+    outputs = model.output_names()
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter: deprecated, but the dynamo one needs onnxscript, which the
         # build should not depend on. Its constant-folding notes are noise here.
@@ -115,8 +130,8 @@ def export_onnx(model: Embedder, cfg: EmbedderConfig, path: Path) -> None:
         warnings.filterwarnings("ignore", message="Constant folding")
         torch.onnx.export(
             model, (dummy,), str(path),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=[INPUT_NAME], output_names=outputs,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     proto = onnx.load(str(path))
@@ -146,6 +161,36 @@ def sample_images(size: int, n: int = 4) -> tuple[np.ndarray, str]:
     return batch.astype(np.uint8), "synthetic gradients (grocery dataset not found)"
 
 
+def fit_images(size: int, n: int = 64) -> tuple[np.ndarray, str]:
+    """Real photos to fit the region projection on: grocery *train* photos (never val), spread
+    over the classes, or the synthetic batch without the dataset."""
+    from visearch import datasets
+    from visearch.imaging import decode_image, to_model_input
+
+    root = datasets.grocery_root()
+    if root is None:
+        return sample_images(size, 8)
+    photos = datasets.grocery_split(root, "train")
+    picks = [photos[i * len(photos) // n] for i in range(n)]
+    return np.stack([to_model_input(decode_image(p.path.read_bytes()), size) for p in picks]), f"{n} grocery train photos"
+
+
+def attach_regions(model: Embedder, size: int, dim: int | None = None, channels: int | None = None) -> dict:
+    """Fit the region outputs (visearch.modeling.regionhead) on real photos and attach them to
+    `model`; returns the meta record's `regions` entry."""
+    from . import regionhead
+
+    batch, source = fit_images(size)
+    model.regions = None
+    with torch.no_grad():
+        fmaps = torch.cat([model.feature_map(torch.from_numpy(batch[i:i + 16])) for i in range(0, len(batch), 16)])
+    head = regionhead.fit_region_head(fmaps.numpy(), model.head, dim or regionhead.DEFAULT_DIM,
+                                      channels or regionhead.DEFAULT_CHANNELS)
+    model.regions = head.eval()
+    return {"outputs": list(regionhead.REGION_OUTPUTS), "dim": head.dim, "channels": int(head.channels.numel()),
+            "map_size": [int(fmaps.shape[2]), int(fmaps.shape[3])], "fitted_on": source, **head.params()}
+
+
 def ort_session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
@@ -157,22 +202,48 @@ def ort_session(path: Path, threads: int | None = None):
 
 
 def check_parity(model: Embedder, path: Path, batch: np.ndarray) -> float:
-    """Max |torch - onnxruntime| over `batch` (run whole and one by one)."""
+    """Max |torch - onnxruntime| of the embeddings over `batch` (run whole and one by one).
+
+    Region outputs (sums of activations, not unit vectors) are checked relative to their
+    largest magnitude and raise when they differ by more than PARITY_TOL of it."""
     sess = ort_session(path)
+    names = model.output_names()
     with torch.no_grad():
-        ref = model(torch.from_numpy(batch)).numpy()
-    got = sess.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-    single = np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: batch[i:i + 1]})[0] for i in range(len(batch))])
-    if got.shape != ref.shape or got.dtype != np.float32:
-        raise RuntimeError(f"ONNX output {got.shape} {got.dtype}, torch gave {ref.shape}")
-    return float(max(np.abs(got - ref).max(), np.abs(single - ref).max()))
+        ref = model(torch.from_numpy(batch))
+    refs = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+    got = sess.run(names, {INPUT_NAME: batch})
+    single = [np.concatenate(parts) for parts in
+              zip(*(sess.run(names, {INPUT_NAME: batch[i:i + 1]}) for i in range(len(batch))), strict=True)]
+    for name, r, g, one in zip(names, refs, got, single, strict=True):
+        if g.shape != r.shape or g.dtype != np.float32:
+            raise RuntimeError(f"ONNX output {name} {g.shape} {g.dtype}, torch gave {r.shape}")
+        if name != OUTPUT_NAME:
+            rel = max(np.abs(g - r).max(), np.abs(one - r).max()) / max(float(np.abs(r).max()), 1e-12)
+            if not rel < PARITY_TOL:
+                raise RuntimeError(f"ONNX output {name} differs from torch by {rel:.2e} of its range")
+    return float(max(np.abs(got[0] - refs[0]).max(), np.abs(single[0] - refs[0]).max()))
 
 
 # --------------------------------------------------------------------------- Triton config
 
 
-def render_config(cfg: EmbedderConfig, dim: int) -> str:
+def output_specs(dim: int, regions: dict | None = None) -> list[tuple[str, list[int]]]:
+    """(name, dims without the batch axis) of every output the embedder graph has."""
+    out = [(OUTPUT_NAME, [dim])]
+    if regions:
+        h, w = regions["map_size"]
+        out += [("region_map", [h, w, regions["dim"]]), ("region_energy", [h, w, regions["channels"]]),
+                ("region_query", [regions["dim"]])]
+    return out
+
+
+def render_config(cfg: EmbedderConfig, dim: int, regions: dict | None = None) -> str:
     s = cfg.size
+    outputs = ",\n".join(f"""  {{
+    name: "{name}"
+    data_type: TYPE_FP32
+    dims: [ {", ".join(str(d) for d in dims)} ]
+  }}""" for name, dims in output_specs(dim, regions))
     return f"""# Triton model configuration of the visearch embedder ({cfg.id}).
 # Must agree with embedder/{cfg.version}/model.onnx: `python -m visearch.modeling.build` checks it.
 name: "{cfg.name}"
@@ -186,11 +257,7 @@ input [
   }}
 ]
 output [
-  {{
-    name: "{OUTPUT_NAME}"
-    data_type: TYPE_FP32
-    dims: [ {dim} ]
-  }}
+{outputs}
 ]
 dynamic_batching {{
   preferred_batch_size: [ 8, 16, 32 ]
@@ -264,10 +331,10 @@ class ConfigMismatch(ValueError):
     """The committed Triton config does not describe the built model."""
 
 
-def check_config(path: Path, cfg: EmbedderConfig, dim: int) -> None:
-    """Raise ConfigMismatch unless `path` serves `cfg` (names, types, dims, backend)."""
+def check_config(path: Path, cfg: EmbedderConfig, dim: int, regions: dict | None = None) -> None:
+    """Raise ConfigMismatch unless `path` serves `cfg` (names, types, dims, backend, every output)."""
     conf = parse_pbtxt(path.read_text(encoding="utf-8"))
-    want_in, want_out = [cfg.size, cfg.size, 3], [dim]
+    want_in = [cfg.size, cfg.size, 3]
     problems: list[str] = []
 
     def one(field: str):
@@ -279,17 +346,20 @@ def check_config(path: Path, cfg: EmbedderConfig, dim: int) -> None:
         problems.append("backend must be \"onnxruntime\"")
     if not isinstance(one("max_batch_size"), int) or one("max_batch_size") < 1:
         problems.append("max_batch_size must be >= 1 (the model has a dynamic batch axis and dims exclude it)")
-    for field, name, dtype, dims in (("input", INPUT_NAME, "TYPE_UINT8", want_in),
-                                     ("output", OUTPUT_NAME, "TYPE_FP32", want_out)):
-        entries = conf.get(field, [])
-        if len(entries) != 1:
-            problems.append(f"expected exactly one {field}, found {len(entries)}")
-            continue
+    entries = conf.get("input", [])
+    if len(entries) != 1:
+        problems.append(f"expected exactly one input, found {len(entries)}")
+    else:
         e = entries[0]
         got = (e.get("name", [None])[0], e.get("data_type", [None])[0], e.get("dims", []))
-        if got != (name, dtype, dims):
-            problems.append(f"{field} is name={got[0]!r} data_type={got[1]} dims={got[2]}, "
-                            f"the model has name={name!r} data_type={dtype} dims={dims}")
+        if got != (INPUT_NAME, "TYPE_UINT8", want_in):
+            problems.append(f"input is name={got[0]!r} data_type={got[1]} dims={got[2]}, "
+                            f"the model has name={INPUT_NAME!r} data_type=TYPE_UINT8 dims={want_in}")
+    have = sorted((e.get("name", [None])[0], e.get("data_type", [None])[0], e.get("dims", []))
+                  for e in conf.get("output", []))
+    want = sorted((name, "TYPE_FP32", dims) for name, dims in output_specs(dim, regions))
+    if have != want:
+        problems.append(f"outputs are {have}, the model has {want}")
     if problems:
         raise ConfigMismatch(
             f"{path} does not match the model being built ({cfg.id}): " + "; ".join(problems)
@@ -305,15 +375,16 @@ def build_embedder(repo_dir: Path, cfg: EmbedderConfig = DEFAULT_CONFIG, progres
     t0 = time.perf_counter()
     spec = backbones.SPECS[cfg.arch]
     dim = spec.dim
+    model = make_embedder(cfg)
+    regions = attach_regions(model, cfg.size)
     model_dir = repo_dir / cfg.name
     config_path = model_dir / "config.pbtxt"
     if write_config or not config_path.exists():
         model_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(render_config(cfg, dim), encoding="utf-8")
+        config_path.write_text(render_config(cfg, dim, regions), encoding="utf-8")
         progress(f"wrote {config_path}")
-    check_config(config_path, cfg, dim)  # before exporting: never replace a model the config still serves
+    check_config(config_path, cfg, dim, regions)  # before exporting: never replace a model the config still serves
 
-    model = make_embedder(cfg)
     version_dir = model_dir / str(cfg.version)
     version_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = version_dir / "model.onnx"
@@ -353,6 +424,7 @@ def build_embedder(repo_dir: Path, cfg: EmbedderConfig = DEFAULT_CONFIG, progres
         "dim": dim,
         "metric": "ip",
         "normalized": True,
+        "regions": regions,
         "max_batch_size": MAX_BATCH,
         "opset": OPSET,
         "model_file": onnx_path.name,

@@ -38,13 +38,14 @@ def export_checkpoint(checkpoint: Path, repo: Path, name: str = "embedder", vers
     cfg = build.EmbedderConfig(arch=mc["arch"], pooling=mc["pooling"], size=mc["size"], gem_p=mc["gem_p"],
                                rmac_levels=mc["rmac_levels"], name=name, version=version)
     dim = int(tmeta["dim"])
+    regions = build.attach_regions(model, cfg.size)
     model_dir = Path(repo) / name
     config_path = model_dir / "config.pbtxt"
     if write_config or not config_path.exists():
         model_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(build.render_config(cfg, dim), encoding="utf-8")
+        config_path.write_text(build.render_config(cfg, dim, regions), encoding="utf-8")
         progress(f"wrote {config_path}")
-    build.check_config(config_path, cfg, dim)
+    build.check_config(config_path, cfg, dim, regions)
 
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,7 @@ def export_checkpoint(checkpoint: Path, repo: Path, name: str = "embedder", vers
         "pooling": cfg.pooling,
         "pooling_params": model.pool.params(),
         "whitening": tmeta.get("whitening"),
+        "regions": regions,
         "input_name": build.INPUT_NAME,
         "input_dtype": "uint8",
         "input_shape": [-1, cfg.size, cfg.size, 3],

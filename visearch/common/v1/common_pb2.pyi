@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -35,3 +37,15 @@ class ModelInfo(_message.Message):
     input_size: int
     weights_sha256: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., architecture: _Optional[str] = ..., pooling: _Optional[str] = ..., input_size: _Optional[int] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+
+class RegionSet(_message.Message):
+    __slots__ = ("dim", "features", "boxes", "query")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    features: _containers.RepeatedScalarFieldContainer[float]
+    boxes: _containers.RepeatedCompositeFieldContainer[BoundingBox]
+    query: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, dim: _Optional[int] = ..., features: _Optional[_Iterable[float]] = ..., boxes: _Optional[_Iterable[_Union[BoundingBox, _Mapping]]] = ..., query: _Optional[_Iterable[float]] = ...) -> None: ...

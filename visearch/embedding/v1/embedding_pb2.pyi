@@ -16,16 +16,20 @@ class EmbedItem(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "regions")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EmbedItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ...) -> None: ...
+    regions: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ..., regions: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "regions")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+    regions: _common_pb2.RegionSet
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., regions: _Optional[_Union[_common_pb2.RegionSet, _Mapping]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "model")
