@@ -41,3 +41,21 @@ def test_unknown_job_and_wrong_catalog(jobs):
     jobs.submit(job, "one", ["x"], {})
     with pytest.raises(InvalidArgument, match="belongs to catalog"):
         jobs.submit(job, "two", ["y"], {})
+
+
+def test_redelivered_batch_counts_stored_items_as_done(jobs):
+    """A batch delivered again after its items were stored (worker killed before the ack, or the
+    visibility timeout passed) finds their bytes released: they stay done, never turn failed."""
+    from types import SimpleNamespace
+
+    from services.worker.tasks import process
+
+    job = new_job_id()
+    jobs.submit(job, "cat", ["a", "b"], {"a": b"bytes-a", "b": b"bytes-b"})
+    jobs.mark_done(job, ["a", "b"])  # the first delivery stored them and released the bytes
+    ctx = SimpleNamespace(jobs=jobs, settings=SimpleNamespace(rpc_timeout_seconds=5))
+    done, failed = process(ctx, job, "cat", [{"item_id": "a"}, {"item_id": "b"}])
+    assert sorted(done) == ["a", "b"] and failed == {}
+    jobs.submit(job, "cat", ["c"], {})  # never had bytes and is not done: a real failure
+    done, failed = process(ctx, job, "cat", [{"item_id": "c"}])
+    assert done == [] and "missing" in failed["c"]

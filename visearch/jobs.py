@@ -90,6 +90,10 @@ class Jobs:
     def blob(self, job_id: str, item_id: str) -> bytes | None:
         return self.r.get(blob_key(job_id, item_id))
 
+    def is_done(self, job_id: str, item_id: str) -> bool:
+        """Whether the item is already stored for this job (its bytes are then deleted)."""
+        return bool(self.r.sismember(_keys(job_id)[2], item_id))
+
     def mark_done(self, job_id: str, item_ids: list[str]) -> None:
         if item_ids:
             self._finish(job_id, item_ids, None)

@@ -85,6 +85,7 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     """Ingest a batch; returns (stored item ids, failed item id -> reason)."""
     timeout = ctx.settings.rpc_timeout_seconds
     failed: dict[str, str] = {}
+    already: list[str] = []
     ok: list[tuple[dict, bytes, tuple[int, int]]] = []
     for item in items:
         item_id = item["item_id"]
@@ -93,6 +94,12 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
                 data = read_uri(item["uri"])
             else:
                 data = ctx.jobs.blob(job_id, item_id)
+                if data is None and ctx.jobs.is_done(job_id, item_id):
+                    # A redelivered batch (worker killed after storing, before the ack; or the
+                    # visibility timeout passed): the item is stored and its bytes are gone by
+                    # design. Done, not failed, and not stored twice.
+                    already.append(item_id)
+                    continue
                 if data is None:
                     raise imaging.ImageError("image bytes expired or missing before the item was processed")
             size = imaging.decode_image(data).size
@@ -100,7 +107,7 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
         except imaging.ImageError as exc:
             failed[item_id] = str(exc)
     if not ok:
-        return [], failed
+        return already, failed
 
     det = _call(ctx.detection.Detect, detection_pb2.DetectRequest(images=[d for _, d, _ in ok]), timeout, "detection")
     objects: list[tuple[int, tuple[float, float, float, float]]] = []
@@ -131,7 +138,7 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     # re-ranked on its global score until the redelivered task stores its regions.
     ctx.store.upsert_items(catalog, rows)
     ctx.store.upsert_regions(catalog, region_rows)
-    return [r[0] for r in rows], failed
+    return [r[0] for r in rows] + already, failed
 
 
 def register(app: Celery, settings: WorkerSettings) -> None:
