@@ -29,6 +29,7 @@ def listed_services(addr: str) -> set[str]:
 def test_embedding_service(services, grocery):
     addr = services.start("embedding")
     assert "visearch.embedding.v1.EmbeddingService" in listed_services(addr)
+    assert "model warmed up" in services.procs["embedding"].log.read_text()  # before SERVING
     photos = [p for p in grocery["train"] if p.fine_name == "Arla-Standard-Milk"][:2]
     other = next(p for p in grocery["train"] if p.fine_name == "Oatly-Oat-Milk")
     with channel(addr) as ch:

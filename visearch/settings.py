@@ -131,6 +131,9 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     rerank_addr: str
     # Candidates handed to re-ranking (at least top_k).
     rerank_candidates: int = 100
+    # The re-rank method of a search that names none; the same VISEARCH_RERANK_DEFAULT the
+    # re-rank service reads, so the gateway knows whether to fetch the query's regions.
+    rerank_default: str = "qe"
     # Pin the embedding model this gateway was deployed with ("embedder:1"; "" = any):
     # on a mismatch it is NOT_SERVING and calls fail FAILED_PRECONDITION.
     expected_model: str = ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 
@@ -66,9 +67,25 @@ class Embedder:
         self.backend = backend
         self.max_batch = max_batch
         self.decode_timeout = decode_timeout
+        self.warm = False
 
     async def meta(self) -> ModelMeta:
         return await self.backend.metadata(MODEL)
+
+    async def ready(self) -> bool:
+        """Model loaded and warmed up: the first forward of a session allocates its buffers
+        (hundreds of ms), so it runs once on a blank image before the service says SERVING."""
+        if not await self.backend.ready(MODEL):
+            return False
+        if not self.warm:
+            meta = await self.meta()
+            names = [meta.output_name, *((meta.extra.get("regions") or {}).get("outputs") or [])]
+            t0 = time.perf_counter()
+            blank = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
+            await self.backend.infer(MODEL, {meta.input_name: blank}, names)
+            self.warm = True
+            log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
+        return True
 
     async def embed(self, items: list[tuple[bytes, tuple | None]]) -> np.ndarray:
         return (await self.embed_with_regions(items, False))[0]
@@ -132,5 +149,5 @@ async def main(settings: EmbeddingSettings, **kw) -> None:
     embedder = Embedder(backend, settings.max_batch, settings.decode_timeout_seconds)
     service = Service(embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
                       embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(embedder))
-    await serve([service], settings, settings.embedding_port, ready=lambda: backend.ready(MODEL),
+    await serve([service], settings, settings.embedding_port, ready=embedder.ready,
                 on_stop=backend.close, **kw)

@@ -100,9 +100,9 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         item = embedding_pb2.EmbedItem(image=request.image)
         if query_box != full:
             item.box.CopyFrom(pb_box(query_box))
-        # The query's regions cost a few ms: fetched when the re-rank method may use them (an
-        # empty method is the re-rank service's default, which the gateway does not know).
-        want_regions = request.rerank not in ("none", "qe")
+        # The query's regions cost a few ms and 20 kB: fetched only for a region method.
+        method = request.rerank or self.s.rerank_default
+        want_regions = method in ("regions", "qam")
         emb = await call("embedding", self.embedding.Embed(
             embedding_pb2.EmbedRequest(items=[item], regions=want_regions), timeout=remaining(context, t)))
         await self.check_model(emb.model)
@@ -120,7 +120,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                       for o in best.values()]
         rr = await call("rerank", self.rerank.Rerank(
             rerank_pb2.RerankRequest(catalog=catalog, query_embedding=vector, candidates=candidates,
-                                     method=request.rerank, top_k=top_k, query_region=query_region),
+                                     method=method, top_k=top_k, query_region=query_region),
             timeout=remaining(context, t)))
         hits = []
         for h in rr.hits:
