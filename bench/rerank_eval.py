@@ -90,13 +90,7 @@ def rerank(method: str, qi: int, order: np.ndarray, q: np.ndarray, db: np.ndarra
     elif method in ("regions", "qam"):
         new, boxes = np.empty(len(top)), np.empty((len(top), 4), np.float32)
         for i, d in enumerate(top):
-            reg = db_regions[d]
-            if method == "regions":
-                s, best = regions.max_region(qr, reg.features)
-                new[i], boxes[i] = s, reg.boxes[best]
-            else:
-                s, z = regions.qam(qr, reg.features)
-                new[i], boxes[i] = s, regions.merged_box(reg.boxes, z)
+            new[i], boxes[i] = regions.match(method, qr, db_regions[d].features, db_regions[d].boxes)
     else:
         raise ValueError(method)
     perm = np.argsort(-new, kind="stable")

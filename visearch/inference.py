@@ -66,6 +66,11 @@ class ModelMeta:
     def tag(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def region_outputs(self) -> list[str]:
+        """Names of the model's region outputs (meta.json `regions`), empty when it has none."""
+        return list((self.extra.get("regions") or {}).get("outputs") or [])
+
 
 def resolve_version(repo: Path, name: str, version: str = "") -> Path:
     """The version folder to serve: the pinned one, else the highest integer folder."""

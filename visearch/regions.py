@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 EPS = 1e-12
+# Re-rank methods that match the query's region vector (RegionSet.query) against base regions.
+REGION_METHODS = ("regions", "qam")
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,18 @@ def merged_box(boxes: np.ndarray, weights: np.ndarray, share: float = 0.1) -> np
     keep = weights >= share * weights.max()
     b = boxes[keep]
     return np.array([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()], np.float32)
+
+
+def match(method: str, query: np.ndarray, features: np.ndarray, boxes: np.ndarray) -> tuple[float, np.ndarray]:
+    """One candidate by a region method: (score, box of the matched region) for "regions"
+    (the best single base region) or "qam" (the best merge)."""
+    if method == "regions":
+        score, best = max_region(query, features)
+        return score, boxes[best]
+    if method == "qam":
+        score, z = qam(query, features)
+        return score, merged_box(boxes, z)
+    raise ValueError(f"{method!r} is not a region method ({', '.join(REGION_METHODS)})")
 
 
 # --------------------------------------------------------------------------- query expansion

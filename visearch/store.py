@@ -93,6 +93,7 @@ class VectorStore:
         self.settings = settings
         self.client = milvus_client(settings.milvus_uri, settings.milvus_token)
         self._known: dict[str, tuple[str, int]] = {}
+        self._region_dims: dict[str, int] = {}
         self._create_lock = threading.Lock()
 
     @staticmethod
@@ -204,15 +205,14 @@ class VectorStore:
 
     # ---- region vectors ---------------------------------------------------------
     def _region_dim(self, catalog: str) -> int | None:
-        key = f"regions:{catalog}"
-        if key in self._known:
-            return self._known[key][1]
+        if catalog in self._region_dims:
+            return self._region_dims[catalog]
         name = self.region_collection(catalog)
         if not self.client.has_collection(name):
             return None
         self._load(name)
         dim = int(self.client.describe_collection(name).get("properties", {}).get(DIM_PROP, 0))
-        self._known[key] = ("", dim)
+        self._region_dims[catalog] = dim
         return dim
 
     def upsert_regions(self, catalog: str, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> int:
@@ -224,7 +224,7 @@ class VectorStore:
             found = self._region_dim(catalog)
             if found is None:
                 self._create_regions(catalog, dim)
-                self._known[f"regions:{catalog}"] = ("", dim)
+                self._region_dims[catalog] = dim
             elif found != dim:
                 raise FailedPrecondition(f"catalog {catalog!r} stores regions of dim {found}, the model gives {dim}")
         out = []

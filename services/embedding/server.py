@@ -79,7 +79,7 @@ class Embedder:
             return False
         if not self.warm:
             meta = await self.meta()
-            names = [meta.output_name, *((meta.extra.get("regions") or {}).get("outputs") or [])]
+            names = [meta.output_name, *meta.region_outputs]
             t0 = time.perf_counter()
             blank = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
             await self.backend.infer(MODEL, {meta.input_name: blank}, names)
@@ -94,7 +94,7 @@ class Embedder:
                                  ) -> tuple[np.ndarray, list[common_pb2.RegionSet] | None]:
         """Global descriptors [N, D] and, if asked, each item's base regions."""
         meta = await self.meta()
-        region_outputs = (meta.extra.get("regions") or {}).get("outputs") if with_regions else None
+        region_outputs = meta.region_outputs if with_regions else None
         if with_regions and not region_outputs:
             raise FailedPrecondition(f"model {meta.tag} has no region outputs: rebuild it (visearch models build)")
 

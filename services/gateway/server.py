@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from visearch import observability as obs
+from visearch import regions
 from visearch.auth import require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
@@ -102,7 +103,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             item.box.CopyFrom(pb_box(query_box))
         # The query's regions cost a few ms and 20 kB: fetched only for a region method.
         method = request.rerank or self.s.rerank_default
-        want_regions = method in ("regions", "qam")
+        want_regions = method in regions.REGION_METHODS
         emb = await call("embedding", self.embedding.Embed(
             embedding_pb2.EmbedRequest(items=[item], regions=want_regions), timeout=remaining(context, t)))
         await self.check_model(emb.model)

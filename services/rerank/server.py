@@ -29,8 +29,7 @@ from visearch.settings import RerankSettings
 from visearch.store import VectorStore
 
 log = logging.getLogger(__name__)
-METHODS = ("none", "regions", "qam", "qe")
-NEEDS_QUERY_REGION = ("regions", "qam")
+METHODS = ("none", *regions.REGION_METHODS, "qe")
 
 
 class LazyStore:
@@ -125,12 +124,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
             feats, rboxes = reg
             if feats.shape[1] != qr.size:
                 raise InvalidArgument(f"query_region has {qr.size} values, catalog regions {feats.shape[1]}")
-            if method == "regions":
-                scores[i], best = regions.max_region(qr, feats)
-                boxes[c.object_id] = rboxes[best]
-            else:
-                scores[i], z = regions.qam(qr, feats)
-                boxes[c.object_id] = regions.merged_box(rboxes, z)
+            scores[i], boxes[c.object_id] = regions.match(method, qr, feats, rboxes)
         return scores, boxes
 
 
