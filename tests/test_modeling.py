@@ -29,7 +29,7 @@ def photo(rel: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     repo = tmp_path_factory.mktemp("model_repository")
-    (meta,) = build.build_all(repo, progress=lambda m: None)
+    (meta,) = build.build_all(repo, ["embedder"], progress=lambda m: None)
     version_dir = repo / "embedder" / "1"
     sess = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     return repo, meta, sess
@@ -188,13 +188,13 @@ def test_config_pbtxt_must_agree(built, tmp_path):
     bad.parent.mkdir()
     bad.write_text(text.replace(f"dims: [ {s}, {s}, 3 ]", "dims: [ 224, 224, 3 ]" if s != 224 else "dims: [ 256, 256, 3 ]"))
     with pytest.raises(build.ConfigMismatch, match="dims"):
-        build.build_all(tmp_path, progress=lambda m: None)
+        build.build_all(tmp_path, ["embedder"], progress=lambda m: None)
     assert not (tmp_path / "embedder" / "1" / "model.onnx").exists()  # refused before exporting
     bad.write_text(text.replace("TYPE_FP32", "TYPE_FP16"))
     with pytest.raises(build.ConfigMismatch, match="TYPE_FP16"):
-        build.build_all(tmp_path, progress=lambda m: None)
+        build.build_all(tmp_path, ["embedder"], progress=lambda m: None)
     with pytest.raises(ValueError, match="unknown model"):
-        build.build_all(tmp_path, ["detector"], progress=lambda m: None)
+        build.build_all(tmp_path, ["classifier"], progress=lambda m: None)
 
 
 def test_committed_config_matches_default():

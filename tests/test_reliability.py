@@ -115,8 +115,10 @@ def test_hostile_search_corpus(rmesh, grocery):
             assert resp.hits, name
         elif reason:
             assert reason in resp, (name, resp)
-    rotated = client.search(cases[16][1], catalog="base", top_k=1)
+    rotated = client.search(cases[16][1], catalog="base", top_k=1, full_frame=True)
     assert (rotated.query_box.x2, rotated.query_box.y2) == (300, 400), "EXIF orientation applied"
+    qb = client.search(cases[16][1], catalog="base", top_k=1).query_box  # through the detector
+    assert 0 <= qb.x1 < qb.x2 <= 300 and 0 <= qb.y1 < qb.y2 <= 400, qb
     print("hostile corpus:", json.dumps(outcomes))
 
 
@@ -150,7 +152,7 @@ def test_hostile_requests(rmesh, grocery):
     assert all(c["health"] == "SERVING" for c in st["components"])
 
 
-def index_items(rmesh, catalog: str) -> list[str]:
+def index_items(rmesh, catalog: str) -> list[tuple[str, str]]:
     from pymilvus.exceptions import MilvusException
 
     from visearch.store import milvus_client
@@ -158,9 +160,10 @@ def index_items(rmesh, catalog: str) -> list[str]:
     for attempt in range(3):  # a fresh client can meet the server's keepalive policy ("too many pings")
         try:
             client = milvus_client(rmesh["comps"]["milvus"]["address"])
-            rows = client.query(f"vs_{catalog}", filter='object_id != ""', output_fields=["item_id"], limit=16000)
+            rows = client.query(f"vs_{catalog}", filter='object_id != ""', output_fields=["item_id", "object_id"],
+                                limit=16000)
             client.close()
-            return [r["item_id"] for r in rows]
+            return [(r["item_id"], r["object_id"]) for r in rows]
         except MilvusException:
             if attempt == 2:
                 raise
@@ -179,8 +182,15 @@ def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault) -> None:
     wait_until(lambda: jobs.status(job_id).finished, 600, "job finished after the fault")
     st = jobs.status(job_id)
     assert (st.submitted, st.done, st.failed, st.pending) == (1000, 1000, 0, 0), st
-    items = index_items(rmesh, catalog)
-    assert len(items) == 1000 and set(items) == {p.path.stem for p in photos}, "each submitted item exactly once"
+    rows = index_items(rmesh, catalog)
+    assert {item for item, _ in rows} == {p.path.stem for p in photos}, "every submitted item stored"
+    # An item is stored as its objects <item>#0..#k-1 (full frame and detected boxes): each once.
+    assert len({obj for _, obj in rows}) == len(rows), "no object stored twice"
+    per_item: dict[str, list[str]] = {}
+    for item, obj in rows:
+        per_item.setdefault(item, []).append(obj)
+    for item, objs in per_item.items():
+        assert sorted(objs) == sorted(f"{item}#{n}" for n in range(len(objs))), (item, objs)
 
 
 def test_worker_killed_mid_ingest(rmesh, grocery, tmp_path):

@@ -14,7 +14,6 @@ from PIL import Image
 
 from tests.conftest import channel
 from visearch.common.v1 import common_pb2
-from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
@@ -58,19 +57,6 @@ def test_embedding_service(services, grocery):
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # Still serving after bad input.
         assert stub.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=10).model.dim == info.dim
-
-
-def test_detection_full_frame_until_detector_lands(services, grocery):
-    addr = services.start("detection")
-    photo = grocery["val"][0].path.read_bytes()
-    w, h = Image.open(io.BytesIO(photo)).size
-    with channel(addr) as ch:
-        stub = detection_pb2_grpc.DetectionServiceStub(ch)
-        resp = stub.Detect(detection_pb2.DetectRequest(images=[photo]), timeout=10)
-        assert (resp.results[0].width, resp.results[0].height) == (w, h) and resp.model == "full-frame"
-        with pytest.raises(grpc.RpcError) as err:
-            stub.Detect(detection_pb2.DetectRequest(images=[photo, photo[:300]]), timeout=10)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 1" in err.value.details()
 
 
 def test_rerank_orders_and_refuses_unknown_methods(services):

@@ -189,7 +189,8 @@ def test_export_cli_refuses_a_mismatched_config(smoke_run, tmp_path):
 @needs_grocery
 def test_models_build_exports_a_checkpoint_as_the_embedder(smoke_run, tmp_path):
     out, _ = smoke_run
-    (meta,) = build.build_all(tmp_path, progress=lambda m: None, write_config=True, checkpoint=out / "best.pt")
+    (meta,) = build.build_all(tmp_path, ["embedder"], progress=lambda m: None, write_config=True,
+                              checkpoint=out / "best.pt")
     assert meta["fine_tuned"] and meta["id"].startswith("efficientnet_lite0-rmac3-224-ft-")
     assert (tmp_path / "embedder" / "1" / "model.onnx").is_file()
 

@@ -30,14 +30,15 @@ def triton(tmp_path_factory, model_repo):
     if not VENV.is_dir():
         pytest.fail("the Triton test server is not installed: run `make triton`")
     work = tmp_path_factory.mktemp("triton")
-    assert derive_cpu_repository(model_repo, work / "repo") == ["embedder"]
+    assert derive_cpu_repository(model_repo, work / "repo") == ["detector", "embedder"]
     http, grpc_port = free_port(), free_port()
     proc = start_server(work / "repo", VENV, work, http, grpc_port, work / "triton.log")
     url = f"127.0.0.1:{grpc_port}"
     import tritonclient.grpc as tc
 
     client = tc.InferenceServerClient(url)
-    wait_until(lambda: client.is_model_ready("embedder"), 120, "tritonserver", proc, work / "triton.log")
+    wait_until(lambda: client.is_model_ready("embedder") and client.is_model_ready("detector"), 120, "tritonserver", proc,
+               work / "triton.log")
     yield {"url": url, "repo": model_repo, "log": work / "triton.log"}
     proc.terminate()
     proc.wait(20)
@@ -77,6 +78,28 @@ def test_triton_returns_the_onnxruntime_vectors(triton, grocery):
     print(f"max |triton - onnxruntime| = {diff:.2e}, concurrent singles {float(np.abs(a - c).max()):.2e}")
     assert a.shape == b.shape and diff < 1e-5
     assert np.abs(a - c).max() < 1e-4
+
+
+def test_detector_on_triton_finds_the_same_boxes(triton, grocery):
+    from visearch.detector import Detector
+
+    images = [decode_image(p.path.read_bytes()) for p in grocery["val"][::50]]
+
+    async def go():
+        ort, tri = OnnxRuntimeBackend(triton["repo"]), TritonBackend(triton["url"], repo=triton["repo"])
+        try:
+            assert (await tri.metadata("detector")).version == (await ort.metadata("detector")).version
+            return (await Detector(ort).detect(images, min_score=0.05),
+                    await Detector(tri).detect(images, min_score=0.05))
+        finally:
+            await tri.close()
+
+    a, b = asyncio.run(go())
+    assert sum(map(len, a)) > 0 and [len(x) for x in a] == [len(x) for x in b]
+    for xa, xb in zip(a, b, strict=True):
+        for ba, bb in zip(xa, xb, strict=True):
+            assert ba.label == bb.label and abs(ba.score - bb.score) < 1e-4
+            assert np.allclose(ba.xyxy, bb.xyxy, atol=0.05)
 
 
 def test_triton_version_pin_and_outage_fail_clearly(triton):

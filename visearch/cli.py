@@ -258,7 +258,22 @@ def job(ctx, job_id, wait):
     click.echo(json.dumps(MessageToDict(j, always_print_fields_with_no_presence=True)))
 
 
-def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters: dict) -> dict:
+def _hits(resp_hits) -> list[dict]:
+    hits = []
+    for h in resp_hits:
+        hit = {"item_id": h.item_id, "score": round(h.score, 6)}
+        if h.HasField("box"):  # the matched object in the catalog image, pixels
+            hit["box"] = [round(v, 1) for v in (h.box.x1, h.box.y1, h.box.x2, h.box.y2)]
+        if h.metadata:
+            hit["metadata"] = dict(h.metadata)
+        if h.HasField("region"):  # where re-ranking matched, pixels of the catalog image
+            hit["region"] = [round(v, 1) for v in (h.region.x1, h.region.y1, h.region.x2, h.region.y2)]
+        hits.append(hit)
+    return hits
+
+
+def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters: dict, full_frame: bool = False,
+               per_object: bool = False) -> dict:
     t0 = time.perf_counter()
     try:
         data = Path(path).read_bytes()
@@ -266,22 +281,21 @@ def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters
         return {"query": path, "error": {"code": "INVALID_ARGUMENT", "message": f"cannot read {path}: "
                                                                               f"{exc.strerror or exc}"}}
     try:
-        resp = client.search(data, catalog=catalog, top_k=top_k, rerank=rerank, filters=filters)
+        resp = client.search(data, catalog=catalog, top_k=top_k, rerank=rerank, filters=filters, full_frame=full_frame,
+                             per_object=per_object)
     except grpc.RpcError as exc:
         return {"query": path, "error": _rpc_error(exc)}
     latency = (time.perf_counter() - t0) * 1000
-    hits = []
-    for h in resp.hits:
-        hit = {"item_id": h.item_id, "score": round(h.score, 6)}
-        if h.metadata:
-            hit["metadata"] = dict(h.metadata)
-        if h.HasField("region"):  # where re-ranking matched, pixels of the catalog image
-            hit["region"] = [round(v, 1) for v in (h.region.x1, h.region.y1, h.region.x2, h.region.y2)]
-        hits.append(hit)
     qb = resp.query_box
-    return {"query": path, "hits": hits, "latency_ms": round(latency, 2),
-            "query_box": [qb.x1, qb.y1, qb.x2, qb.y2], "model": f"{resp.model.name}:{resp.model.version}",
-            "rerank": resp.rerank}
+    out = {"query": path, "hits": _hits(resp.hits), "latency_ms": round(latency, 2),
+           "query_box": [qb.x1, qb.y1, qb.x2, qb.y2], "model": f"{resp.model.name}:{resp.model.version}",
+           "rerank": resp.rerank}
+    if per_object:
+        out["objects"] = [{"query_box": [round(v, 1) for v in (o.query_box.x1, o.query_box.y1, o.query_box.x2,
+                                                                o.query_box.y2)],
+                           "score": round(o.detection_score, 4), "label": o.label, "hits": _hits(o.hits)}
+                          for o in resp.objects]
+    return out
 
 
 @main.command()
@@ -290,15 +304,17 @@ def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters
 @click.option("--top-k", default=10, show_default=True)
 @click.option("--rerank", default="", help="none|regions|qam|qe (default: the service's).")
 @click.option("--filter", "filters", multiple=True, help="key=value on item metadata (repeatable).")
+@click.option("--full-frame", is_flag=True, help="Search with the whole photo, not the detected object.")
+@click.option("--per-object", is_flag=True, help="Also search with each object detected in the photo (\"objects\").")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def search(ctx, images, catalog, top_k, rerank, filters, as_json):
+def search(ctx, images, catalog, top_k, rerank, filters, full_frame, per_object, as_json):
     """Search a catalog with each image; one JSON object per image, in order."""
     flt = dict(f.split("=", 1) for f in filters)
     failed = 0
     with _client(ctx) as client:
         for path in images:
-            out = search_one(client, path, catalog, top_k, rerank, flt)
+            out = search_one(client, path, catalog, top_k, rerank, flt, full_frame, per_object)
             failed += "error" in out
             if as_json:
                 click.echo(json.dumps(out))
@@ -308,6 +324,9 @@ def search(ctx, images, catalog, top_k, rerank, filters, as_json):
                 click.echo(f"{path} ({out['latency_ms']:.0f} ms)")
                 for rank, h in enumerate(out["hits"], 1):
                     click.echo(f"  {rank:>3}. {h['item_id']}  {h['score']:.4f}")
+                for o in out.get("objects", []):
+                    click.echo(f"  object {o['label']} {o['score']:.2f} at {[round(v) for v in o['query_box']]}: "
+                               + ", ".join(f"{h['item_id']} {h['score']:.3f}" for h in o["hits"][:3]))
     if failed == len(images):
         sys.exit(1)
 
@@ -352,6 +371,45 @@ def catalogs(ctx):
                                    "model": f"{c.model.name}:{c.model.version}", "dim": c.model.dim}))
 
 
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image (line), boxes in original pixels.")
+@click.option("--min-score", default=0.0, help="Drop boxes scoring below this (0: the service default, 0.3).")
+@click.option("--max-detections", default=0, help="At most this many boxes per image (0: the default, 10).")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model repository (default: the project's model_repository/).")
+def detect(images, as_json, min_score, max_detections, repo):
+    """Find the objects in images with the served detector (run here, same code as the detection service).
+
+    Prints {"image": PATH, "boxes": [{"box": [x1, y1, x2, y2], "score": S, "label": L}, ...]} per image,
+    best first, in pixels of the original image (EXIF orientation applied). An image that cannot be
+    read prints {"image": PATH, "error": REASON} and the exit status is 1.
+    """
+    from services.detection.server import DetectionModel, run_local
+    from visearch.settings import DetectionSettings
+
+    kw = {"model_repository": repo} if repo else {}
+    settings = DetectionSettings(detection_port=0, **kw)
+    failed = False
+    for path, result in run_local(DetectionModel, settings, list(images), min_score, max_detections):
+        if isinstance(result, str):
+            failed = True
+            row = {"image": str(path), "error": result}
+        else:
+            row = {"image": str(path), "boxes": [{"box": [round(v, 1) for v in b.xyxy], "score": round(b.score, 4),
+                                                  "label": b.label} for b in result]}
+        if as_json:
+            click.echo(json.dumps(row))
+        elif "error" in row:
+            click.echo(f"{path}: error: {row['error']}")
+        else:
+            click.echo(f"{path}: {len(row['boxes'])} object(s)")
+            for b in row["boxes"]:
+                click.echo(f"  {b['label']:<12} {b['score']:.3f}  [{', '.join(f'{v:.0f}' for v in b['box'])}]")
+    if failed:
+        sys.exit(1)
+
+
 @main.group()
 def models():
     """Served models."""
@@ -370,7 +428,10 @@ def models_build(repo, checkpoint, off_the_shelf, retrain):
 
     The embedder is the fine-tuned default (configs/default.json, trained on the grocery
     train photos when runs/ does not already hold that exact run: about 5 minutes on 2
-    cores), else the off-the-shelf model when the dataset is missing or --off-the-shelf.
+    cores), else the off-the-shelf model when the dataset is missing or --off-the-shelf. The
+    detector is the COCO SSD-MobileNetV2 converted from its frozen graph (version 1) and the
+    class-agnostic detector fine-tuned on composited scenes (version 2, trained when runs/detector
+    lacks it, about 5 minutes; not with --off-the-shelf).
     """
     if checkpoint and off_the_shelf:
         raise click.UsageError("--checkpoint and --off-the-shelf exclude each other")

@@ -30,9 +30,9 @@ class GatewayClient:
         self.timeout = timeout
 
     def search(self, image: bytes, catalog: str = "default", top_k: int = 10, filters: dict | None = None,
-               rerank: str = "", full_frame: bool = False) -> gateway_pb2.SearchResponse:
+               rerank: str = "", full_frame: bool = False, per_object: bool = False) -> gateway_pb2.SearchResponse:
         req = gateway_pb2.SearchRequest(catalog=catalog, image=image, top_k=top_k, filters=filters or {},
-                                        rerank=rerank, full_frame=full_frame)
+                                        rerank=rerank, full_frame=full_frame, per_object=per_object)
         return self.stub.Search(req, timeout=self.timeout)
 
     def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = ""

@@ -82,6 +82,28 @@ def decode_image_scaled(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *,
         raise ImageError(f"image could not be decoded (truncated or corrupt): {exc}") from None
 
 
+def image_size(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header: no pixel decode."""
+    if not data:
+        raise ImageError("empty image: zero bytes received")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format not in ALLOWED_FORMATS:
+            raise ImageError(f"image format {img.format!r} is not accepted (allowed: {', '.join(sorted(ALLOWED_FORMATS))})")
+        w, h = img.size
+        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
+            w, h = h, w
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image: the bytes are in no recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"image header could not be read: {exc}") from None
+    if w * h > limits.max_pixels or min(w, h) < limits.min_side:
+        raise ImageError(f"image is {w}x{h}, outside the accepted sizes")
+    return w, h
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img

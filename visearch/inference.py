@@ -246,7 +246,7 @@ class TritonBackend(InferenceBackend):
 
 
 def make_backend(settings: InferenceSettings) -> InferenceBackend:
-    versions = {"embedder": settings.embedder_version} if settings.embedder_version else {}
+    versions = {name: v for name, v in (("embedder", settings.embedder_version), ("detector", settings.detector_version)) if v}
     if settings.backend == "triton":
         return TritonBackend(settings.triton_url, settings.model_repository, versions, settings.triton_timeout_seconds)
     return OnnxRuntimeBackend(settings.model_repository, versions, settings.ort_intra_op_threads)

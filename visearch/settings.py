@@ -69,6 +69,7 @@ class InferenceSettings(_Base):
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     # Empty means the highest version folder present.
     embedder_version: str = ""
+    detector_version: str = ""
     triton_url: str = "127.0.0.1:8001"
     triton_timeout_seconds: float = 10.0
     ort_intra_op_threads: int = 1
@@ -86,8 +87,24 @@ class EmbeddingSettings(ServerSettings, InferenceSettings):
     embedding_port: int
 
 
-class DetectionSettings(ServerSettings):
+class DetectionSettings(ServerSettings, InferenceSettings):
+    @field_validator("detector_resize")
+    @classmethod
+    def _known_resize(cls, v: str) -> str:
+        if v not in ("stretch", "letterbox"):
+            raise ValueError(f"detector_resize {v!r}: expected stretch or letterbox")
+        return v
+
     detection_port: int
+    # Boxes scoring below this are dropped (a request may ask for another threshold).
+    detector_min_score: float = 0.3
+    # Greedy NMS overlap; boxes of different classes suppress each other unless per_class.
+    detector_iou: float = 0.5
+    detector_max_detections: int = 10
+    detector_per_class: bool = False
+    # "stretch" (how SSD was trained) or "letterbox" (aspect kept, padded).
+    detector_resize: str = "stretch"
+    max_batch: int = 16
 
 
 class StoreSettings(_Base):
@@ -126,7 +143,18 @@ class ClientSettings(SecuritySettings):
     rpc_timeout_seconds: float = 30.0
 
 
+INGEST_OBJECTS = ("detected", "detected+full", "full")
+QUERY_OBJECTS = ("best", "full", "both")
+
+
 class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettings):
+    @field_validator("query_objects")
+    @classmethod
+    def _known_query_policy(cls, v: str) -> str:
+        if v not in QUERY_OBJECTS:
+            raise ValueError(f"query_objects {v!r}: expected one of {', '.join(QUERY_OBJECTS)}")
+        return v
+
     gateway_port: int
     rerank_addr: str
     # Candidates handed to re-ranking (at least top_k).
@@ -137,6 +165,12 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     # Pin the embedding model this gateway was deployed with ("embedder:1"; "" = any):
     # on a mismatch it is NOT_SERVING and calls fail FAILED_PRECONDITION.
     expected_model: str = ""
+    # What part of the query photo is searched: "best" (the detector's best box, the full frame
+    # when it finds nothing), "full" (never crop), or "both" (best box and full frame, each
+    # item scored by the better of the two). A request's full_frame flag forces "full".
+    # "both" by default: cropping wins on objects small in clutter and loses on product-centred
+    # photos; "both" keeps most of each (docs/DETECTION.md, bench/detect_eval.py).
+    query_objects: str = "both"
     # Folders the gateway may read when an item names a path; empty refuses paths.
     ingest_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_items_per_request: int = 10_000
@@ -150,8 +184,20 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
 
 
 class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
+    @field_validator("ingest_objects")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if v not in INGEST_OBJECTS:
+            raise ValueError(f"ingest_objects {v!r}: expected one of {', '.join(INGEST_OBJECTS)}")
+        return v
+
     # Store base regions of every object for re-ranking (needs a model with region outputs).
     ingest_regions: bool = True
+    # What is stored per catalog image: "detected" (one object per detected box, the full frame
+    # when nothing is found), "detected+full" (those and the full frame), or "full".
+    ingest_objects: str = "detected+full"
+    # At most this many detected objects per catalog image (the best ones).
+    ingest_max_objects: int = 3
     worker_concurrency: int = 1
     max_retries: int = 5
     # /metrics of pool child n on worker_metrics_port + n; 0 leaves it off.

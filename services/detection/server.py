@@ -1,48 +1,138 @@
-"""Detection service: where the object is in each image.
+"""Detection service: where the objects of interest are in each image.
 
-Until the detector model lands (issue 4) it answers with no detections, which
-every caller treats as "search with the full frame"; it still decodes each image,
-so a bad image is refused here exactly as it will be with a real detector.
+The `detector` model of the repository (SSD-MobileNetV2: the COCO conversion, or the
+class-agnostic model fine-tuned on composited scenes) runs behind the same inference
+backend as the embedder. Images are decoded with EXIF orientation applied, so boxes are
+in pixels of the image as a person sees it; an image with no box above the threshold
+gets an empty list and callers fall back to the full frame.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from visearch import detector as det
 from visearch import imaging
+from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.errors import InvalidArgument
 from visearch.grpcserver import Service, decode_bounded, rpc, serve
+from visearch.inference import InferenceBackend, make_backend
 from visearch.settings import DetectionSettings
 
-FULL_FRAME = "full-frame"
+log = logging.getLogger(__name__)
+MAX_DETECTIONS = 100
 
 
-def _size(i: int, data: bytes) -> tuple[int, int]:
-    """Width and height after EXIF orientation; the full decode also validates the bytes."""
-    try:
-        return imaging.decode_image(data).size
-    except imaging.ImageError as exc:
-        raise InvalidArgument(f"image {i}: {exc}") from None
+class DetectionModel:
+    """Decode, batch and detect; the gRPC servicer and the CLI share it."""
+
+    def __init__(self, backend: InferenceBackend, settings: DetectionSettings):
+        self.backend = backend
+        self.settings = settings
+        self.detector = det.Detector(backend, resize=settings.detector_resize)
+        self.warm = False
+
+    async def ready(self) -> bool:
+        if not await self.backend.ready(det.MODEL):
+            return False
+        if not self.warm:
+            meta = await self.detector.meta()
+            t0 = time.perf_counter()
+            blank = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
+            await self.backend.infer(det.MODEL, {meta.input_name: blank}, ["boxes", "scores"])
+            self.warm = True
+            log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
+        return True
+
+    async def detect_images(self, images, *, min_score: float = 0.0, max_detections: int = 0) -> list[list[det.Box]]:
+        s = self.settings
+        min_score = min_score or s.detector_min_score
+        limit = max_detections or s.detector_max_detections
+        if not 0.0 < min_score <= 1.0:
+            raise InvalidArgument(f"min_score {min_score} is outside (0, 1]")
+        if not 0 < limit <= MAX_DETECTIONS:
+            raise InvalidArgument(f"max_detections {limit} is outside 1..{MAX_DETECTIONS}")
+        meta = await self.detector.meta()
+        batch = min(s.max_batch, int(meta.extra.get("max_batch_size") or s.max_batch))
+        out: list[list[det.Box]] = []
+        for start in range(0, len(images), batch):
+            out += await self.detector.detect(images[start:start + batch], min_score=min_score, iou=s.detector_iou,
+                                              limit=limit, per_class=s.detector_per_class)
+        return out
+
+    async def detect(self, blobs: list[bytes], *, min_score: float = 0.0, max_detections: int = 0
+                     ) -> tuple[list[tuple[int, int]], list[list[det.Box]]]:
+        def decode(i: int, data: bytes):
+            try:
+                return imaging.decode_image(data)
+            except imaging.ImageError as exc:
+                raise InvalidArgument(f"image {i}: {exc}") from None
+
+        images = await decode_bounded(lambda: [decode(i, d) for i, d in enumerate(blobs)], self.settings.decode_timeout_seconds)
+        found = await self.detect_images(images, min_score=min_score, max_detections=max_detections)
+        return [img.size for img in images], found
+
+    async def tag(self) -> str:
+        return (await self.detector.meta()).tag
+
+
+def detections_pb(boxes: list[det.Box]) -> list[detection_pb2.Detection]:
+    return [detection_pb2.Detection(box=common_pb2.BoundingBox(x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2), score=b.score,
+                                    label=b.label) for b in boxes]
 
 
 class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):
-    def __init__(self, decode_timeout: float = 10.0):
-        self.decode_timeout = decode_timeout
+    def __init__(self, model: DetectionModel):
+        self.model = model
 
     @rpc()
     async def Detect(self, request, context):
         if not request.images:
             raise InvalidArgument("no images to detect in")
-        sizes = await decode_bounded(lambda: [_size(i, d) for i, d in enumerate(request.images)], self.decode_timeout)
-        results = [detection_pb2.ImageDetections(width=w, height=h) for w, h in sizes]
-        return detection_pb2.DetectResponse(results=results, model=FULL_FRAME)
+        if request.min_score < 0 or request.max_detections < 0:
+            raise InvalidArgument("min_score and max_detections must not be negative")
+        sizes, found = await self.model.detect(list(request.images), min_score=request.min_score,
+                                               max_detections=request.max_detections)
+        results = [detection_pb2.ImageDetections(width=w, height=h, detections=detections_pb(boxes))
+                   for (w, h), boxes in zip(sizes, found, strict=True)]
+        return detection_pb2.DetectResponse(results=results, model=await self.model.tag())
 
 
 async def main(settings: DetectionSettings, **kw) -> None:
+    backend = make_backend(settings)
+    model = DetectionModel(backend, settings)
     service = Service(detection_pb2.DESCRIPTOR.services_by_name["DetectionService"].full_name,
-                      detection_pb2_grpc.add_DetectionServiceServicer_to_server,
-                      DetectionServicer(settings.decode_timeout_seconds))
+                      detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(model))
+    await serve([service], settings, settings.detection_port, ready=model.ready, on_stop=backend.close, **kw)
 
-    async def ready() -> bool:
-        return True  # no model to load yet
 
-    await serve([service], settings, settings.detection_port, ready=ready, **kw)
+def run_local(model_cls, settings: DetectionSettings, paths, min_score: float = 0.0, max_detections: int = 0):
+    """Detect in image files in this process (ONNX Runtime), one at a time: (path, boxes or error text)."""
+    from visearch.errors import VisearchError
+    from visearch.inference import OnnxRuntimeBackend
+
+    async def run():
+        versions = {det.MODEL: settings.detector_version} if settings.detector_version else {}
+        backend = OnnxRuntimeBackend(settings.model_repository, versions, settings.ort_intra_op_threads)
+        model = model_cls(backend, settings)
+        out = []
+        try:
+            for p in paths:
+                try:
+                    data = p.read_bytes()
+                    found = (await model.detect([data], min_score=min_score, max_detections=max_detections))[1][0]
+                except OSError as exc:
+                    found = f"cannot read {p}: {exc.strerror or exc}"
+                except VisearchError as exc:
+                    found = str(exc).removeprefix("image 0: ")
+                out.append((p, found))
+        finally:
+            await backend.close()
+        return out
+
+    return asyncio.run(run())

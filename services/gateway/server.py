@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from visearch import imaging, regions
 from visearch import observability as obs
-from visearch import regions
 from visearch.auth import require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
@@ -28,6 +28,8 @@ from visearch.store import VectorStore, check_catalog, check_item_id
 
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
+MAX_QUERY_OBJECTS = 5  # objects searched on their own with per_object
+MAX_SEARCH_ROWS = 16_384  # Milvus's top-k limit
 
 
 class DependencyError(VisearchError):
@@ -44,6 +46,10 @@ async def call(dependency: str, coro):
         return await coro
     except grpc.aio.AioRpcError as exc:
         raise DependencyError(dependency, exc) from None
+
+
+def box_of(b: common_pb2.BoundingBox) -> tuple[float, float, float, float]:
+    return (b.x1, b.y1, b.x2, b.y2)
 
 
 def pb_box(box) -> common_pb2.BoundingBox:
@@ -89,40 +95,75 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise NotFound(f"catalog {catalog!r} does not exist")
         t = self.s.rpc_timeout_seconds
 
-        det = await call("detection", self.detection.Detect(
-            detection_pb2.DetectRequest(images=[request.image]), timeout=remaining(context, t)))
-        res = det.results[0]
-        full = (0.0, 0.0, float(res.width), float(res.height))
-        if request.full_frame or not res.detections:
-            query_box = full
+        policy = "full" if request.full_frame else self.s.query_objects
+        detections = []
+        if policy == "full" and not request.per_object:
+            try:
+                w, h = await asyncio.to_thread(imaging.image_size, request.image)
+            except imaging.ImageError as exc:
+                raise InvalidArgument(f"query image: {exc}") from None
+            full = (0.0, 0.0, float(w), float(h))
         else:
-            b = res.detections[0].box
-            query_box = (b.x1, b.y1, b.x2, b.y2)
-        item = embedding_pb2.EmbedItem(image=request.image)
-        if query_box != full:
-            item.box.CopyFrom(pb_box(query_box))
+            det = await call("detection", self.detection.Detect(
+                detection_pb2.DetectRequest(images=[request.image], max_detections=MAX_QUERY_OBJECTS),
+                timeout=remaining(context, t)))
+            res = det.results[0]
+            full = (0.0, 0.0, float(res.width), float(res.height))
+            detections = list(res.detections)
+        best_box = box_of(detections[0].box) if detections and policy != "full" else None
+        # The views of the query searched: the best box, the full frame, or both ("both").
+        views = [best_box or full] if policy != "both" or best_box is None else [best_box, full]
+        objects = [box_of(d.box) for d in detections] if request.per_object else []
         # The query's regions cost a few ms and 20 kB: fetched only for a region method.
         method = request.rerank or self.s.rerank_default
         want_regions = method in regions.REGION_METHODS
+        items = []
+        for box in views + objects:
+            item = embedding_pb2.EmbedItem(image=request.image)
+            if box != full:
+                item.box.CopyFrom(pb_box(box))
+            items.append(item)
         emb = await call("embedding", self.embedding.Embed(
-            embedding_pb2.EmbedRequest(items=[item], regions=want_regions), timeout=remaining(context, t)))
+            embedding_pb2.EmbedRequest(items=items, regions=want_regions), timeout=remaining(context, t)))
         await self.check_model(emb.model)
         self.store.check_model(catalog, meta_of(emb.model))
-        vector = list(emb.embeddings[0].values)
-        query_region = list(emb.embeddings[0].regions.query) if want_regions else []
+        embs = list(emb.embeddings)
+        args = (catalog, method, want_regions, top_k, dict(request.filters), context)
 
+        # The view whose best match is closest leads (its vector and regions go to re-ranking);
+        # every item keeps its best object over all views.
+        lead, (hits, used) = await self._ranked(embs[:len(views)], *args)
+        response = gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(views[lead]), model=emb.model, rerank=used)
+        per_object = await asyncio.gather(*(self._ranked([e], *args) for e in embs[len(views):]))
+        for d, (_, (obj_hits, _)) in zip(detections, per_object, strict=False):
+            response.objects.append(gateway_pb2.ObjectHits(query_box=d.box, detection_score=d.score, label=d.label,
+                                                           hits=obj_hits))
+        return response
+
+    async def _ranked(self, embs, catalog, method, want_regions, top_k, filters, context):
+        """Search the store with each query vector, keep each item's best object, re-rank with the
+        lead vector (the one whose best match scored highest): (lead index, (hits, method used))."""
         n_candidates = max(top_k, self.s.rerank_candidates)
-        # Several objects of one item may match; ask for more rows than items wanted.
-        found = await asyncio.to_thread(self.store.search, catalog, vector, n_candidates, dict(request.filters))
-        best: dict[str, object] = {}
-        for obj in found:  # best object per item, in score order
-            best.setdefault(obj.item_id, obj)
+        # An item may be stored as several objects: ask for more rows than items wanted, and
+        # more again while the rows of fewer items than wanted fill the answer.
+        rows = 2 * n_candidates
+        while True:
+            results = [await asyncio.to_thread(self.store.search, catalog, list(e.values), rows, filters) for e in embs]
+            best: dict[str, object] = {}
+            for obj in sorted((o for found in results for o in found), key=lambda o: -o.score):
+                best.setdefault(obj.item_id, obj)
+            if len(best) >= n_candidates or all(len(r) < rows for r in results) or rows >= MAX_SEARCH_ROWS:
+                break
+            rows = min(4 * rows, MAX_SEARCH_ROWS)
+        best = dict(list(best.items())[:n_candidates])
+        lead = max(range(len(embs)), key=lambda i: results[i][0].score if results[i] else -1.0)
         candidates = [rerank_pb2.Candidate(item_id=o.item_id, object_id=o.object_id, score=o.score)
                       for o in best.values()]
+        query_region = list(embs[lead].regions.query) if want_regions else []
         rr = await call("rerank", self.rerank.Rerank(
-            rerank_pb2.RerankRequest(catalog=catalog, query_embedding=vector, candidates=candidates,
+            rerank_pb2.RerankRequest(catalog=catalog, query_embedding=list(embs[lead].values), candidates=candidates,
                                      method=method, top_k=top_k, query_region=query_region),
-            timeout=remaining(context, t)))
+            timeout=remaining(context, self.s.rpc_timeout_seconds)))
         hits = []
         for h in rr.hits:
             obj = best[h.item_id]
@@ -131,7 +172,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             if h.HasField("region"):
                 hit.region.CopyFrom(h.region)
             hits.append(hit)
-        return gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(query_box), model=emb.model, rerank=rr.method)
+        return lead, (hits, rr.method)
 
     # ---- ingestion ------------------------------------------------------------
     def _check_path(self, uri: str) -> str:

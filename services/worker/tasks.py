@@ -109,11 +109,7 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     if not ok:
         return already, failed
 
-    det = _call(ctx.detection.Detect, detection_pb2.DetectRequest(images=[d for _, d, _ in ok]), timeout, "detection")
-    objects: list[tuple[int, tuple[float, float, float, float]]] = []
-    for n, ((_, _, (w, h)), res) in enumerate(zip(ok, det.results, strict=True)):
-        boxes = [(d.box.x1, d.box.y1, d.box.x2, d.box.y2) for d in res.detections] or [(0.0, 0.0, float(w), float(h))]
-        objects += [(n, b) for b in boxes]
+    objects = catalog_objects(ctx, ok, timeout)
 
     embed_items = [embedding_pb2.EmbedItem(image=ok[n][1], box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
                    for n, b in objects]
@@ -139,6 +135,26 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     ctx.store.upsert_items(catalog, rows)
     ctx.store.upsert_regions(catalog, region_rows)
     return [r[0] for r in rows] + already, failed
+
+
+def catalog_objects(ctx, ok: list, timeout: float) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """(index into ok, box in pixels) of every object to store, by the ingest_objects policy:
+    each detected box ("detected", the full frame when none), those and the full frame
+    ("detected+full"), or only the full frame ("full", no detection call)."""
+    policy = ctx.settings.ingest_objects
+    full = [(0.0, 0.0, float(w), float(h)) for _, _, (w, h) in ok]
+    if policy == "full":
+        return list(enumerate(full))
+    det = _call(ctx.detection.Detect, detection_pb2.DetectRequest(images=[d for _, d, _ in ok],
+                                                                  max_detections=ctx.settings.ingest_max_objects),
+                timeout, "detection")
+    objects = []
+    for n, res in enumerate(det.results):
+        boxes = [(d.box.x1, d.box.y1, d.box.x2, d.box.y2) for d in res.detections]
+        if policy == "detected+full" or not boxes:
+            boxes = [full[n], *boxes]
+        objects += [(n, b) for b in boxes]
+    return objects
 
 
 def register(app: Celery, settings: WorkerSettings) -> None:

@@ -441,7 +441,23 @@ def build_embedder(repo_dir: Path, cfg: EmbedderConfig = DEFAULT_CONFIG, progres
     return meta
 
 
-BUILDERS = {"embedder": build_embedder}
+def build_detectors(repo_dir: Path, progress: Callable[[str], None] = print, write_config: bool = False,
+                    fine_tune: bool = True, retrain: bool = False) -> list[dict]:
+    """The COCO conversion as detector version 1, and the fine-tuned "object" detector above it
+    (trained on composited scenes when runs/ lacks it; skipped without the dataset or fine_tune)."""
+    from visearch.modeling.detector_build import build_detector
+
+    out = [build_detector(repo_dir, progress, version=1, write_config=write_config)]
+    if fine_tune:
+        from visearch.training.detector import default_checkpoint
+
+        checkpoint = default_checkpoint(progress=progress, retrain=retrain)
+        if checkpoint is not None:
+            out.append(build_detector(repo_dir, progress, checkpoint=checkpoint, version=2))
+    return out
+
+
+BUILDERS = {"embedder": build_embedder, "detector": build_detectors}
 
 
 CHECKPOINT_ENV = "VISEARCH_EMBEDDER_CHECKPOINT"
@@ -456,7 +472,9 @@ def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callabl
     wheels alone), unless a fine-tuned training checkpoint is given (`checkpoint`, else
     $VISEARCH_EMBEDDER_CHECKPOINT): then that checkpoint is exported as the served embedder
     (`visearch train --config configs/default.json` makes one; docs/TRAINING.md).
-    `off_the_shelf` ignores both.
+    `off_the_shelf` ignores both. The detector is the COCO conversion (version 1) and, unless
+    `off_the_shelf`, the class-agnostic detector fine-tuned on composited scenes (version 2,
+    trained when runs/detector lacks it: `visearch.training.detector`).
     """
     names = list(BUILDERS) if models is None else models
     unknown = [n for n in names if n not in BUILDERS]
@@ -470,7 +488,9 @@ def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callabl
         checkpoint = None
     out = []
     for n in names:
-        if n == "embedder" and checkpoint is not None:
+        if n == "detector":
+            out += build_detectors(repo_dir, progress, write_config, fine_tune=not off_the_shelf)
+        elif n == "embedder" and checkpoint is not None:
             from visearch.training.export import export_checkpoint
 
             if not Path(checkpoint).is_file():

@@ -18,7 +18,7 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_DONE: JobState
 
 class SearchRequest(_message.Message):
-    __slots__ = ("catalog", "image", "top_k", "filters", "rerank", "full_frame")
+    __slots__ = ("catalog", "image", "top_k", "filters", "rerank", "full_frame", "per_object")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,13 +32,27 @@ class SearchRequest(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     FULL_FRAME_FIELD_NUMBER: _ClassVar[int]
+    PER_OBJECT_FIELD_NUMBER: _ClassVar[int]
     catalog: str
     image: bytes
     top_k: int
     filters: _containers.ScalarMap[str, str]
     rerank: str
     full_frame: bool
-    def __init__(self, catalog: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[str] = ..., full_frame: _Optional[bool] = ...) -> None: ...
+    per_object: bool
+    def __init__(self, catalog: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[str] = ..., full_frame: _Optional[bool] = ..., per_object: _Optional[bool] = ...) -> None: ...
+
+class ObjectHits(_message.Message):
+    __slots__ = ("query_box", "detection_score", "label", "hits")
+    QUERY_BOX_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    query_box: _common_pb2.BoundingBox
+    detection_score: float
+    label: str
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    def __init__(self, query_box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., detection_score: _Optional[float] = ..., label: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("item_id", "score", "box", "metadata", "region")
@@ -62,16 +76,18 @@ class SearchHit(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., region: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "query_box", "model", "rerank")
+    __slots__ = ("hits", "query_box", "model", "rerank", "objects")
     HITS_FIELD_NUMBER: _ClassVar[int]
     QUERY_BOX_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     query_box: _common_pb2.BoundingBox
     model: _common_pb2.ModelInfo
     rerank: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., query_box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., rerank: _Optional[str] = ...) -> None: ...
+    objects: _containers.RepeatedCompositeFieldContainer[ObjectHits]
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., query_box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., rerank: _Optional[str] = ..., objects: _Optional[_Iterable[_Union[ObjectHits, _Mapping]]] = ...) -> None: ...
 
 class IngestItem(_message.Message):
     __slots__ = ("item_id", "image", "uri", "metadata")
