@@ -160,6 +160,76 @@ def best_boxes(found: list[list[det.Box]]) -> list[tuple | None]:
     return [f[0].xyxy if f else None for f in found]
 
 
+def catalog_objects(root: Path, dets: dict[str, det.Detector], emb, out: Path, smoke: bool) -> dict:
+    """Protocol S of bench/rerank_eval.py (val product photos -> the 81 iconic images pasted at 25-40 %
+    into shop photos), with the catalog ingested as the worker does: the full frame and up to 3
+    detected objects per scene, a scene scoring its best object. Also: for each query, the box of
+    the true scene's best-matching object against the pasted object's true box (what a hit's box
+    shows the client), beside the whole frame's IoU."""
+    from visearch.scenes import build_scenes
+
+    scenes = build_scenes(root, ROOT / ".data" / "scenes")
+    queries = [p for p in datasets.grocery_split(root, "val") if p.is_product][: 6 if smoke else None]
+    proto = Protocol("S", queries, [s.photo for s in scenes], "val product photos -> iconic pasted small into shop photos")
+    imgs = [Image.open(s.photo.path).convert("RGB") for s in scenes]
+    truth = np.array([s.box for s in scenes])
+    q = emb([Image.open(p.path).convert("RGB") for p in queries])
+    full = emb(imgs)
+    out_rows = {"full frame only": retrieval("full frame only", q @ full.T, proto)}
+    frame_iou = [det.box_iou(np.array([[0, 0, im.width, im.height]]), truth[i:i + 1])[0, 0] for i, im in enumerate(imgs)]
+    for name, d in dets.items():
+        found = run_detector(d, imgs, 0.3)
+        owner, boxes = [], []
+        for i, (im, f) in enumerate(zip(imgs, found, strict=True)):
+            for b in [(0.0, 0.0, float(im.width), float(im.height))] + [x.xyxy for x in f[:3]]:
+                owner.append(i)
+                boxes.append(b)
+        owner = np.array(owner)
+        vecs = emb([imgs[i] for i in owner], boxes)
+        obj_scores = q @ vecs.T
+        scene_scores = np.full((len(q), len(imgs)), -np.inf)
+        np.maximum.at(scene_scores.T, owner, obj_scores.T)
+        row = retrieval(f"full frame + detected: {name}", scene_scores, proto)
+        ious, matched = [], []
+        for qi, p in enumerate(queries):
+            t = next(iter(proto.positives(p)))
+            mine = np.flatnonzero(owner == t)
+            best = mine[int(np.argmax(obj_scores[qi, mine]))]
+            ious.append(det.box_iou(np.array([boxes[best]]), truth[t:t + 1])[0, 0])
+            matched.append((p, t, boxes[best]))
+        if name == list(dets)[-1]:
+            draw_matches(matched, imgs, truth, np.argmax(scene_scores, 1), out / "examples-S.jpg")
+        row |= {"objects_per_scene": round(len(owner) / len(imgs), 2), "matched_box_mean_iou": round(float(np.mean(ious)), 3),
+                "matched_box_iou>=0.5": round(float(np.mean(np.array(ious) >= 0.5)), 3)}
+        log(f"    matched object's box vs truth: mean IoU {row['matched_box_mean_iou']}, "
+            f"IoU>=0.5 {row['matched_box_iou>=0.5']} ({row['objects_per_scene']} objects per scene)")
+        out_rows[f"full frame + detected: {name}"] = row
+    out_rows["whole frame IoU"] = {"mean_iou": round(float(np.mean(frame_iou)), 3)}
+    return out_rows
+
+
+def draw_matches(matched, imgs, truth, top, out: Path, n: int = 8) -> None:
+    """Query | its true scene with the best-matching stored object's box (green) and the pasted
+    object's true box (white); a green frame when that scene is the top hit."""
+    from PIL import ImageDraw
+
+    cell = 220
+    picks = list(range(len(matched)))[:: max(1, len(matched) // n)][:n]
+    grid = Image.new("RGB", (2 * cell, len(picks) * cell), "white")
+    for r, i in enumerate(picks):
+        q, t, box = matched[i]
+        grid.paste(Image.open(q.path).convert("RGB").resize((cell, cell)), (0, r * cell))
+        scene = imgs[t].copy()
+        d = ImageDraw.Draw(scene)
+        d.rectangle(tuple(truth[t]), outline="white", width=2)
+        d.rectangle(tuple(box), outline=(0, 220, 0), width=3)
+        tile = scene.resize((cell, cell))
+        ImageDraw.Draw(tile).rectangle((0, 0, cell - 1, cell - 1), outline=(0, 200, 0) if top[i] == t else (220, 0, 0),
+                                       width=4)
+        grid.paste(tile, (cell, r * cell))
+    grid.save(out, quality=90)
+
+
 def timing(dets: dict[str, det.Detector], emb: Embedder, images: list[Image.Image], repeats: int = 3) -> dict:
     """ms per image, batch 1, interleaved: detection (resize + forward + NMS) and the embedding forward."""
     best: dict[str, float] = {}
@@ -211,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per session")
     ap.add_argument("--versions", default="", help="detector versions to measure, comma-separated (default: all)")
     ap.add_argument("--smoke", action="store_true", help="a handful of scenes and queries, no P1/P3")
+    ap.add_argument("--parts", default="ap,o,s,grocery,cost", help="what to measure, comma-separated")
     args = ap.parse_args(argv)
     root = datasets.grocery_root()
     if root is None:
@@ -222,37 +293,44 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"model": str(args.model), "detectors": list(dets), "embedder": emb.meta.get("id"),
                     "command": "python bench/detect_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])}
 
-    log("box AP on held-aside composites")
-    n_ap = 12 if args.smoke else 300
-    scenes = composites.build_composites(root, args.out / "ap-scenes", "val", n_ap, AP_SEED)
-    report["box_ap"] = box_ap(dets, scenes)
+    parts = set(args.parts.split(","))
+    if "ap" in parts:
+        log("box AP on held-aside composites")
+        n_ap = 12 if args.smoke else 300
+        scenes = composites.build_composites(root, args.out / "ap-scenes", "val", n_ap, AP_SEED)
+        report["box_ap"] = box_ap(dets, scenes)
 
-    log("object-in-scene retrieval (O): val products pasted small into val shop photos -> iconic catalog")
-    rows = object_queries(root, args.out / "o-queries", 6 if args.smoke else None)
-    catalog = datasets.grocery_iconic(root)
-    proto = Protocol("O", [r[0] for r in rows], catalog, "val product photos pasted small into shop photos -> iconic")
-    cat = emb([Image.open(p.path).convert("RGB") for p in catalog])
-    images = [Image.open(r[1]).convert("RGB") for r in rows]
-    truth = [r[2] for r in rows]
-    q_full = emb(images)
-    o = {"full frame": retrieval("full frame", q_full @ cat.T, proto)}
-    found_by = {}
-    for name, d in dets.items():
-        found = run_detector(d, images, 0.3)
-        found_by[name] = found
-        boxes = best_boxes(found)
-        o |= policies(name, images, boxes, q_full, cat, emb, proto)
-        hits = [b is not None and det.box_iou(np.array([b]), np.array([t]))[0, 0] >= 0.5 for b, t in zip(boxes, truth,
-                                                                                                          strict=True)]
-        o[f"best box: {name}"]["best_box_iou>=0.5"] = round(float(np.mean(hits)), 3)
-    o["crop: true box"] = retrieval("crop: true box", emb(images, truth) @ cat.T, proto)
-    report["object_in_scene"] = o
-    best_name = max(dets, key=lambda n: o[f"best box: {n}"]["recall@1"])
-    q_crop = emb(images, best_boxes(found_by[best_name]))
-    draw(rows, found_by[best_name], truth, np.argmax(q_full @ cat.T, 1), np.argmax(q_crop @ cat.T, 1), catalog,
-         args.out / "examples.jpg")
+    if "o" in parts:
+        log("object-in-scene retrieval (O): val products pasted small into val shop photos -> iconic catalog")
+        rows = object_queries(root, args.out / "o-queries", 6 if args.smoke else None)
+        catalog = datasets.grocery_iconic(root)
+        proto = Protocol("O", [r[0] for r in rows], catalog, "val product photos pasted small into shop photos -> iconic")
+        cat = emb([Image.open(p.path).convert("RGB") for p in catalog])
+        images = [Image.open(r[1]).convert("RGB") for r in rows]
+        truth = [r[2] for r in rows]
+        q_full = emb(images)
+        o = {"full frame": retrieval("full frame", q_full @ cat.T, proto)}
+        found_by = {}
+        for name, d in dets.items():
+            found = run_detector(d, images, 0.3)
+            found_by[name] = found
+            boxes = best_boxes(found)
+            o |= policies(name, images, boxes, q_full, cat, emb, proto)
+            hits = [b is not None and det.box_iou(np.array([b]), np.array([t]))[0, 0] >= 0.5 for b, t in zip(boxes, truth,
+                                                                                                              strict=True)]
+            o[f"best box: {name}"]["best_box_iou>=0.5"] = round(float(np.mean(hits)), 3)
+        o["crop: true box"] = retrieval("crop: true box", emb(images, truth) @ cat.T, proto)
+        report["object_in_scene"] = o
+        best_name = max(dets, key=lambda n: o[f"best box: {n}"]["recall@1"])
+        q_crop = emb(images, best_boxes(found_by[best_name]))
+        draw(rows, found_by[best_name], truth, np.argmax(q_full @ cat.T, 1), np.argmax(q_crop @ cat.T, 1), catalog,
+             args.out / "examples.jpg")
 
-    if not args.smoke:
+    if "s" in parts:
+        log("S: catalog scenes with the object small (the re-rank benchmark's), stored as full frame + detected objects")
+        report["catalog_objects"] = catalog_objects(root, dets, emb, args.out, args.smoke)
+
+    if not args.smoke and "grocery" in parts:
         report["grocery"] = {}
         for pname, p in get_protocols(root, ("P1", "P3")).items():
             log(f"{pname}: query cropped to the best box vs the full frame")
@@ -264,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows_p |= policies(name, q_imgs, best_boxes(run_detector(d, q_imgs, 0.3)), q_full_p, db, emb, p)
             report["grocery"][pname] = rows_p
 
-    log("cost per image")
-    report["ms_per_image"] = timing(dets, emb, images[:6] if args.smoke else images[:40])
-    log(f"  {report['ms_per_image']}")
+    if "cost" in parts:
+        log("cost per image")
+        photos = [Image.open(p.path).convert("RGB") for p in datasets.grocery_split(root, "val")[::7]]
+        report["ms_per_image"] = timing(dets, emb, photos[:6] if args.smoke else photos[:40])
+        log(f"  {report['ms_per_image']}")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
     (args.out / "results.md").write_text(markdown(report))
@@ -276,13 +356,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(r: dict) -> str:
     lines = [f"`{r['command']}`", "", "| detector | box AP@0.5 | box AP@0.75 |", "|---|---|---|"]
-    lines += [f"| {k} | {v['AP50']:.3f} | {v['AP75']:.3f} |" for k, v in r["box_ap"].items()]
+    lines += [f"| {k} | {v['AP50']:.3f} | {v['AP75']:.3f} |" for k, v in r.get("box_ap", {}).items()]
     lines += ["", "| protocol | query | mAP | R@1 | R@5 |", "|---|---|---|---|---|"]
-    for pname, rows in [("O", r["object_in_scene"]), *r.get("grocery", {}).items()]:
-        lines += [f"| {pname} | {k} | {v['mAP']:.3f} | {v['recall@1']:.3f} | {v['recall@5']:.3f} |" for k, v in rows.items()]
-    lines += ["", "| ms per image (1 thread, batch 1) | " + " | ".join(r["ms_per_image"]) + " |",
-              "|---|" + "---|" * len(r["ms_per_image"]),
-              "| | " + " | ".join(f"{v:.1f}" for v in r["ms_per_image"].values()) + " |", ""]
+    for pname, rows in [("O", r.get("object_in_scene", {})), ("S", r.get("catalog_objects", {})),
+                        *r.get("grocery", {}).items()]:
+        lines += [f"| {pname} | {k} | {v['mAP']:.3f} | {v['recall@1']:.3f} | {v['recall@5']:.3f} |" for k, v in rows.items()
+                  if "mAP" in v]
+    if "catalog_objects" in r:
+        lines += ["", "S, the box of the true scene's best-matching object vs the pasted object: "
+                  + "; ".join(f"{k}: mean IoU {v['matched_box_mean_iou']}, IoU>=0.5 {v['matched_box_iou>=0.5']}"
+                              for k, v in r["catalog_objects"].items() if "matched_box_mean_iou" in v)
+                  + f"; whole frame: mean IoU {r['catalog_objects']['whole frame IoU']['mean_iou']}"]
+    if "ms_per_image" in r:
+        lines += ["", "| ms per image (1 thread, batch 1) | " + " | ".join(r["ms_per_image"]) + " |",
+                  "|---|" + "---|" * len(r["ms_per_image"]),
+                  "| | " + " | ".join(f"{v:.1f}" for v in r["ms_per_image"].values()) + " |", ""]
     return "\n".join(lines)
 
 

@@ -36,7 +36,9 @@ def rmesh(tmp_path_factory, model_repo, grocery):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
     env.update(VISEARCH_DATA_DIR=str(data), VISEARCH_MODEL_REPOSITORY=str(model_repo),
                VISEARCH_MAX_MESSAGE_BYTES=str(8 * 1024 * 1024), VISEARCH_MAX_IN_FLIGHT="4",
-               VISEARCH_VISIBILITY_TIMEOUT="10", VISEARCH_HEALTH_INTERVAL_SECONDS="0.5")
+               VISEARCH_VISIBILITY_TIMEOUT="10", VISEARCH_HEALTH_INTERVAL_SECONDS="0.5",
+               # Items stay multi-object (full frame + the best detection) at half the default's cost.
+               VISEARCH_INGEST_MAX_OBJECTS="1")
     cli(env, "up")
     state = mesh.load_state(data)
     m = {"env": env, "data": data, "state": state, "comps": {c["name"]: c for c in state["components"]}}

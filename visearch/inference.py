@@ -98,12 +98,14 @@ class InferenceBackend(abc.ABC):
     """Runs a named model on a batch of named input tensors."""
 
     @abc.abstractmethod
-    async def metadata(self, model: str) -> ModelMeta: ...
+    async def metadata(self, model: str, version: str = "") -> ModelMeta:
+        """The meta record of `version` ("" = the served default: the pinned or highest version)."""
 
     @abc.abstractmethod
     async def infer(self, model: str, inputs: dict[str, np.ndarray],
-                    outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run `model`; returns the named `outputs` (default: the model's primary output only)."""
+                    outputs: Sequence[str] | None = None, version: str = "") -> dict[str, np.ndarray]:
+        """Run `model` (`version`, "" = the served default); returns the named `outputs`
+        (default: the model's primary output only)."""
 
     @abc.abstractmethod
     async def ready(self, model: str) -> bool: ...
@@ -119,13 +121,13 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.repo = Path(repo)
         self.versions = versions or {}
         self.threads = intra_op_threads
-        self._sessions: dict[str, tuple[object, ModelMeta]] = {}
+        self._sessions: dict[tuple[str, str], tuple[object, ModelMeta]] = {}
         self._lock = asyncio.Lock()
 
-    def _load(self, model: str):
+    def _load(self, model: str, version: str):
         import onnxruntime as ort
 
-        meta = read_meta(self.repo, model, self.versions.get(model, ""))
+        meta = read_meta(self.repo, model, version or self.versions.get(model, ""))
         opts = ort.SessionOptions()
         # One intra-op thread per session measured fastest for these CNNs on 2 cores;
         # parallelism comes from processes, not threads inside one forward.
@@ -137,19 +139,20 @@ class OnnxRuntimeBackend(InferenceBackend):
         log.info("loaded model", extra={"model": meta.tag, "path": str(path)})
         return session, meta
 
-    async def _get(self, model: str):
-        if model not in self._sessions:
+    async def _get(self, model: str, version: str = ""):
+        key = (model, version)  # "" is the served default; an explicit version gets its own session
+        if key not in self._sessions:
             async with self._lock:
-                if model not in self._sessions:
-                    self._sessions[model] = await asyncio.to_thread(self._load, model)
-        return self._sessions[model]
+                if key not in self._sessions:
+                    self._sessions[key] = await asyncio.to_thread(self._load, model, version)
+        return self._sessions[key]
 
-    async def metadata(self, model: str) -> ModelMeta:
-        return (await self._get(model))[1]
+    async def metadata(self, model: str, version: str = "") -> ModelMeta:
+        return (await self._get(model, version))[1]
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray],
-                    outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        session, meta = await self._get(model)
+                    outputs: Sequence[str] | None = None, version: str = "") -> dict[str, np.ndarray]:
+        session, meta = await self._get(model, version)
         names = list(outputs or [meta.output_name])
         got = await asyncio.to_thread(session.run, names, inputs)
         return dict(zip(names, got, strict=True))
@@ -206,10 +209,11 @@ class TritonBackend(InferenceBackend):
         except InferenceServerException as exc:
             raise Unavailable(f"triton at {self.url}: {what} failed: {exc.message()}") from None
 
-    async def metadata(self, model: str) -> ModelMeta:
-        if model in self._meta:
-            return self._meta[model]
-        version = self.versions.get(model, "")
+    async def metadata(self, model: str, version: str = "") -> ModelMeta:
+        key = f"{model}:{version}"
+        if key in self._meta:
+            return self._meta[key]
+        version = version or self.versions.get(model, "")
         md = await self._call("model metadata", self.client.get_model_metadata(model, model_version=version, as_json=True))
         served_version = version or max(md.get("versions", ["1"]), key=int)
         if self.repo and (self.repo / model / served_version / "meta.json").is_file():
@@ -222,14 +226,14 @@ class TritonBackend(InferenceBackend):
         served_in = {i["name"]: i for i in md["inputs"]}
         if meta.input_name not in served_in:
             raise FailedPrecondition(f"triton serves {model}:{served_version} without input {meta.input_name!r}")
-        self._meta[model] = meta
+        self._meta[key] = meta
         return meta
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray],
-                    outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                    outputs: Sequence[str] | None = None, version: str = "") -> dict[str, np.ndarray]:
         import tritonclient.grpc as tc
 
-        meta = await self.metadata(model)
+        meta = await self.metadata(model, version)
         names = list(outputs or [meta.output_name])
         result = await self._call("infer", self.client.infer(model, triton_inputs(inputs), model_version=meta.version,
                                                               outputs=[tc.InferRequestedOutput(n) for n in names]))

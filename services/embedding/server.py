@@ -69,8 +69,8 @@ class Embedder:
         self.decode_timeout = decode_timeout
         self.warm = False
 
-    async def meta(self) -> ModelMeta:
-        return await self.backend.metadata(MODEL)
+    async def meta(self, version: str = "") -> ModelMeta:
+        return await self.backend.metadata(MODEL, version)
 
     async def ready(self) -> bool:
         """Model loaded and warmed up: the first forward of a session allocates its buffers
@@ -90,10 +90,10 @@ class Embedder:
     async def embed(self, items: list[tuple[bytes, tuple | None]]) -> np.ndarray:
         return (await self.embed_with_regions(items, False))[0]
 
-    async def embed_with_regions(self, items: list[tuple[bytes, tuple | None]], with_regions: bool = True
-                                 ) -> tuple[np.ndarray, list[common_pb2.RegionSet] | None]:
-        """Global descriptors [N, D] and, if asked, each item's base regions."""
-        meta = await self.meta()
+    async def embed_with_regions(self, items: list[tuple[bytes, tuple | None]], with_regions: bool = True,
+                                 version: str = "") -> tuple[np.ndarray, list[common_pb2.RegionSet] | None]:
+        """Global descriptors [N, D] and, if asked, each item's base regions (model `version`, "" = default)."""
+        meta = await self.meta(version)
         region_outputs = meta.region_outputs if with_regions else None
         if with_regions and not region_outputs:
             raise FailedPrecondition(f"model {meta.tag} has no region outputs: rebuild it (visearch models build)")
@@ -112,7 +112,7 @@ class Embedder:
             part = prepared[start:start + self.max_batch]
             batch = np.stack([p[0] for p in part])
             EMBED_BATCH.observe(len(batch))
-            result = await self.backend.infer(MODEL, {meta.input_name: batch}, names)
+            result = await self.backend.infer(MODEL, {meta.input_name: batch}, names, version=version)
             out.append(result[meta.output_name])
             if region_outputs:
                 sets += await asyncio.to_thread(region_sets, *(result[n] for n in region_outputs), [p[1] for p in part])
@@ -131,8 +131,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         if not request.items:
             raise InvalidArgument("no items to embed")
         items = [(it.image, box_of(it.box) if it.HasField("box") else None) for it in request.items]
-        vectors, sets = await self.embedder.embed_with_regions(items, request.regions)
-        meta = await self.embedder.meta()
+        vectors, sets = await self.embedder.embed_with_regions(items, request.regions, request.model_version)
+        meta = await self.embedder.meta(request.model_version)
         if sets is None:
             embeddings = [embedding_pb2.Embedding(values=v) for v in vectors]
         else:

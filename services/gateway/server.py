@@ -48,6 +48,11 @@ async def call(dependency: str, coro):
         raise DependencyError(dependency, exc) from None
 
 
+def model_version(tag: str) -> str:
+    """The version part of a model tag ("embedder:3" -> "3"; "" when the tag has none)."""
+    return tag.rpartition(":")[2] if ":" in tag else ""
+
+
 def box_of(b: common_pb2.BoundingBox) -> tuple[float, float, float, float]:
     return (b.x1, b.y1, b.x2, b.y2)
 
@@ -123,9 +128,11 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             if box != full:
                 item.box.CopyFrom(pb_box(box))
             items.append(item)
+        # Queries are embedded by the model version that made the catalog's vectors, whatever
+        # the embedding service serves by default: a model change never compares two versions.
         emb = await call("embedding", self.embedding.Embed(
-            embedding_pb2.EmbedRequest(items=items, regions=want_regions), timeout=remaining(context, t)))
-        await self.check_model(emb.model)
+            embedding_pb2.EmbedRequest(items=items, regions=want_regions, model_version=model_version(stored[0])),
+            timeout=remaining(context, t)))
         self.store.check_model(catalog, meta_of(emb.model))
         embs = list(emb.embeddings)
         args = (catalog, method, want_regions, top_k, dict(request.filters), context)
@@ -216,11 +223,13 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         job_id = request.job_id or new_job_id()
         if request.job_id and not request.job_id.isalnum():
             raise InvalidArgument(f"job id {request.job_id!r} must be alphanumeric")
-        # The catalog exists from the first ingest request on, made for the serving model.
-        info = await call("embedding", self.embedding.GetModelInfo(
-            embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
-        await self.check_model(info.model)
-        await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model))
+        # The catalog exists from the first ingest request on, made for the serving model; an
+        # existing catalog keeps its model version (the workers embed with it).
+        if await asyncio.to_thread(self.store.catalog_model, catalog) is None:
+            info = await call("embedding", self.embedding.GetModelInfo(
+                embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
+            await self.check_model(info.model)
+            await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model))
         # Record the items as pending before any task exists, so a fast worker can
         # never finish an item the job does not know yet.
         await asyncio.to_thread(self.jobs.submit, job_id, catalog, [t["item_id"] for t in tasks], blobs)

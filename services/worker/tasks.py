@@ -113,8 +113,11 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
 
     embed_items = [embedding_pb2.EmbedItem(image=ok[n][1], box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
                    for n, b in objects]
-    emb = _call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=embed_items, regions=ctx.settings.ingest_regions),
-                timeout, "embedding")
+    # An existing catalog is embedded by the model version that made it (new ones: the default).
+    stored = ctx.store.catalog_model(catalog)
+    version = stored[0].rpartition(":")[2] if stored and ":" in stored[0] else ""
+    emb = _call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=embed_items, regions=ctx.settings.ingest_regions,
+                                                                model_version=version), timeout, "embedding")
     m = emb.model
     meta = ModelMeta(name=m.name, version=m.version, input_name="", output_name="", input_size=m.input_size, dim=m.dim)
     ctx.store.ensure_catalog(catalog, meta)

@@ -269,7 +269,9 @@ instance_group [
     kind: KIND_AUTO
   }}
 ]
-version_policy: {{ latest: {{ num_versions: 1 }} }}
+# The two newest versions stay loaded: a catalog is searched with the version that made its
+# vectors, so a new model is deployed beside the old one (docs/MODELS.md, model versions).
+version_policy: {{ latest: {{ num_versions: 2 }} }}
 """
 
 

@@ -16,12 +16,14 @@ class EmbedItem(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("items", "regions")
+    __slots__ = ("items", "regions", "model_version")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EmbedItem]
     regions: bool
-    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ..., regions: _Optional[bool] = ...) -> None: ...
+    model_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ..., regions: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values", "regions")
