@@ -60,6 +60,10 @@ def test_postprocess_class_agnostic_and_per_class():
     per_class = det.postprocess(boxes, scores, frame, labels, min_score=0.3, iou=0.5, per_class=True)
     assert [(b.label, round(b.score, 2)) for b in per_class] == [("cat", 0.9), ("dog", 0.8)]
     assert det.postprocess(boxes, scores, frame, labels, min_score=0.95) == []
+    # A box too small in original pixels is dropped before NMS, so it cannot take a slot of `limit`.
+    tiny = np.array([[0.5, 0.5, 0.505, 0.505], [0.1, 0.1, 0.5, 0.5]], np.float32)
+    found = det.postprocess(tiny, np.array([[0, 0.99], [0, 0.6]], np.float32), frame, ["bg", "object"], limit=1)
+    assert [round(b.score, 2) for b in found] == [0.6]
 
 
 def detector_version(model_repo, version="1"):

@@ -29,6 +29,20 @@ def test_version_resolution(model_repo, tmp_path):
         resolve_version(tmp_path, "embedder")
 
 
+def test_explicit_versions_share_the_default_session_and_are_checked(model_repo):
+    from visearch.errors import InvalidArgument
+
+    backend = OnnxRuntimeBackend(model_repo)
+    default = asyncio.run(backend.metadata("embedder"))
+    assert asyncio.run(backend.metadata("embedder", default.version)) is default  # one session, not two
+    assert len(backend._sessions) == 1
+    for bad in ("../detector/1", "1/../../x", "latest"):
+        with pytest.raises(InvalidArgument, match="not a version number"):
+            asyncio.run(backend.metadata("embedder", bad))
+    with pytest.raises(FailedPrecondition, match="version 99 not found"):
+        asyncio.run(backend.metadata("embedder", "99"))
+
+
 def test_triton_inputs_carry_names_shapes_and_types():
     arr = np.zeros((2, 8, 8, 3), np.uint8)
     (ii,) = triton_inputs({"images": arr})

@@ -431,7 +431,7 @@ def models_build(repo, checkpoint, off_the_shelf, retrain):
     cores), else the off-the-shelf model when the dataset is missing or --off-the-shelf. The
     detector is the COCO SSD-MobileNetV2 converted from its frozen graph (version 1) and the
     class-agnostic detector fine-tuned on composited scenes (version 2, trained when runs/detector
-    lacks it, about 5 minutes; not with --off-the-shelf).
+    lacks it, about 15 minutes; not with --off-the-shelf).
     """
     if checkpoint and off_the_shelf:
         raise click.UsageError("--checkpoint and --off-the-shelf exclude each other")

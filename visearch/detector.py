@@ -123,6 +123,10 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, frame: Frame, labels: lis
     else:
         cls_pick, best_pick = cls[pick], best[pick]
     cand = boxes[pick].astype(np.float64)
+    if min_side > 0 and len(cand):  # drop boxes too small in original pixels before NMS, not after it
+        big = ((cand[:, 2] - cand[:, 0]) * frame.size / frame.scale_x >= min_side) & \
+              ((cand[:, 3] - cand[:, 1]) * frame.size / frame.scale_y >= min_side)
+        cand, cls_pick, best_pick = cand[big], cls_pick[big], best_pick[big]
     if len(cand) > 4096:  # bound NMS work on a pathological image
         top = np.argsort(-best_pick)[:4096]
         cand, cls_pick, best_pick = cand[top], cls_pick[top], best_pick[top]

@@ -86,6 +86,8 @@ def image_size(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, 
     """(width, height) as displayed (EXIF orientation applied), from the header: no pixel decode."""
     if not data:
         raise ImageError("empty image: zero bytes received")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in ALLOWED_FORMATS:
@@ -95,6 +97,8 @@ def image_size(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, 
             w, h = h, w
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError("not an image: the bytes are in no recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visearch.errors import FailedPrecondition, Unavailable
+from visearch.errors import FailedPrecondition, InvalidArgument, Unavailable
 from visearch.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.versions = versions or {}
         self.threads = intra_op_threads
         self._sessions: dict[tuple[str, str], tuple[object, ModelMeta]] = {}
+        self._default: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
     def _load(self, model: str, version: str):
@@ -140,7 +141,13 @@ class OnnxRuntimeBackend(InferenceBackend):
         return session, meta
 
     async def _get(self, model: str, version: str = ""):
-        key = (model, version)  # "" is the served default; an explicit version gets its own session
+        if version and not version.isdigit():
+            raise InvalidArgument(f"model version {version!r} is not a version number")
+        if not version:  # the served default, resolved once: the pinned or the highest version folder
+            if model not in self._default:
+                self._default[model] = resolve_version(self.repo, model, self.versions.get(model, "")).name
+            version = self._default[model]
+        key = (model, version)
         if key not in self._sessions:
             async with self._lock:
                 if key not in self._sessions:
@@ -213,8 +220,16 @@ class TritonBackend(InferenceBackend):
         key = f"{model}:{version}"
         if key in self._meta:
             return self._meta[key]
+        if version and not version.isdigit():
+            raise InvalidArgument(f"model version {version!r} is not a version number")
+        asked = version
         version = version or self.versions.get(model, "")
-        md = await self._call("model metadata", self.client.get_model_metadata(model, model_version=version, as_json=True))
+        try:
+            md = await self._call("model metadata", self.client.get_model_metadata(model, model_version=version, as_json=True))
+        except Unavailable as exc:
+            if asked and await self.ready(model):  # the server is up and serves the model, not this version
+                raise FailedPrecondition(f"model {model} version {asked} is not served by triton at {self.url}") from exc
+            raise
         served_version = version or max(md.get("versions", ["1"]), key=int)
         if self.repo and (self.repo / model / served_version / "meta.json").is_file():
             meta = read_meta(self.repo, model, served_version)

@@ -162,8 +162,9 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     # The re-rank method of a search that names none; the same VISEARCH_RERANK_DEFAULT the
     # re-rank service reads, so the gateway knows whether to fetch the query's regions.
     rerank_default: str = "qe"
-    # Pin the embedding model this gateway was deployed with ("embedder:1"; "" = any):
-    # on a mismatch it is NOT_SERVING and calls fail FAILED_PRECONDITION.
+    # Pin the embedding model this gateway was deployed with ("embedder:1"; "" = any): on a
+    # mismatch it is NOT_SERVING and creating a catalog fails FAILED_PRECONDITION (existing
+    # catalogs are always searched with their own model version).
     expected_model: str = ""
     # What part of the query photo is searched: "best" (the detector's best box, the full frame
     # when it finds nothing), "full" (never crop), or "both" (best box and full frame, each
@@ -189,6 +190,13 @@ class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
     def _known_policy(cls, v: str) -> str:
         if v not in INGEST_OBJECTS:
             raise ValueError(f"ingest_objects {v!r}: expected one of {', '.join(INGEST_OBJECTS)}")
+        return v
+
+    @field_validator("ingest_max_objects")
+    @classmethod
+    def _objects_bound(cls, v: int) -> int:
+        if not 1 <= v <= 31:  # the full frame + these stay under the store's 32 objects per item
+            raise ValueError(f"ingest_max_objects {v}: expected 1..31")
         return v
 
     # Store base regions of every object for re-ranking (needs a model with region outputs).

@@ -153,13 +153,15 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         n_candidates = max(top_k, self.s.rerank_candidates)
         # An item may be stored as several objects: ask for more rows than items wanted, and
         # more again while the rows of fewer items than wanted fill the answer.
-        rows = 2 * n_candidates
+        rows = min(2 * n_candidates, MAX_SEARCH_ROWS)
         while True:
             results = [await asyncio.to_thread(self.store.search, catalog, list(e.values), rows, filters) for e in embs]
             best: dict[str, object] = {}
             for obj in sorted((o for found in results for o in found), key=lambda o: -o.score):
                 best.setdefault(obj.item_id, obj)
-            if len(best) >= n_candidates or all(len(r) < rows for r in results) or rows >= MAX_SEARCH_ROWS:
+            left = context.time_remaining()
+            if (len(best) >= n_candidates or all(len(r) < rows for r in results) or rows >= MAX_SEARCH_ROWS
+                    or (left is not None and left < 1.0)):
                 break
             rows = min(4 * rows, MAX_SEARCH_ROWS)
         best = dict(list(best.items())[:n_candidates])

@@ -151,9 +151,11 @@ def catalog_objects(ctx, ok: list, timeout: float) -> list[tuple[int, tuple[floa
     det = _call(ctx.detection.Detect, detection_pb2.DetectRequest(images=[d for _, d, _ in ok],
                                                                   max_detections=ctx.settings.ingest_max_objects),
                 timeout, "detection")
+    if len(det.results) != len(ok):
+        raise RuntimeError(f"detection answered {len(det.results)} results for {len(ok)} images")
     objects = []
     for n, res in enumerate(det.results):
-        boxes = [(d.box.x1, d.box.y1, d.box.x2, d.box.y2) for d in res.detections]
+        boxes = [(d.box.x1, d.box.y1, d.box.x2, d.box.y2) for d in res.detections][:ctx.settings.ingest_max_objects]
         if policy == "detected+full" or not boxes:
             boxes = [full[n], *boxes]
         objects += [(n, b) for b in boxes]

@@ -9,7 +9,7 @@ with named tensors and a dynamic batch axis, and checked twice: ONNX Runtime aga
 (max abs difference), and the final detections against the original graph run by cv2.dnn on
 real shop photos (every reference detection >= 0.3 matched by class with IoU >= 0.9 and its
 score within 0.02). A fine-tuned checkpoint (`visearch.training.detector`) exports as the
-next version with the same graph interface, so the serving side never changes.
+version 2 with the same graph interface, so the serving side never changes.
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ instance_group [
     kind: KIND_AUTO
   }}
 ]
-version_policy: {{ latest: {{ num_versions: 1 }} }}
+# Both versions stay loaded, so VISEARCH_DETECTOR_VERSION can pin either.
+version_policy: {{ latest: {{ num_versions: 2 }} }}
 """
 
 
@@ -208,7 +209,7 @@ def check_config(path: Path) -> None:
 
 def build_detector(repo_dir: Path, progress: Callable[[str], None] = print, checkpoint: Path | None = None,
                    version: int | None = None, write_config: bool = False, reference: bool = True) -> dict:
-    """Export the converted COCO detector (version 1) or a fine-tuned checkpoint (next version)."""
+    """Export the converted COCO detector (version 1) or a fine-tuned checkpoint (version 2 unless given)."""
     t0 = time.perf_counter()
     pb = ssd.frozen_graph_path()
     if checkpoint is None:

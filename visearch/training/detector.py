@@ -4,7 +4,7 @@
     visearch models build          # exports runs/detector/best.pt as the next detector version
 
 COCO's 90 classes have no milk carton; what the search needs is "where is the product".
-The recipe (CPU-sized, ~5 min on 2 cores):
+The recipe (CPU-sized, about 15 min on 2 cores):
 - data: `visearch.composites` scenes, "train" split (train product photos and cut-out iconic
   images pasted into train shop photos, exact boxes); the held-aside "val" split scores it;
 - model: the converted COCO network; its backbone and extra layers stay frozen (their six
@@ -224,7 +224,7 @@ def default_checkpoint(progress=print, retrain: bool = False, runs: Path | None 
             progress(f"detector: reusing {best} (val box AP@0.5 {meta.get('val_ap50', float('nan')):.3f})")
             return best
     r = DEFAULT_RECIPE
-    progress(f"detector: fine-tuning on composited scenes into {out} (about 5 min on 2 cores)")
+    progress(f"detector: fine-tuning on composited scenes into {out} (about 15 min on 2 cores)")
     train(out, r["n_train"], r["n_val"], r["epochs"], r["batch"], r["lr"], r["seed"], log=progress)
     return best
 
