@@ -46,10 +46,21 @@ def default_data_dir() -> Path:
     return Path(base) / "visearch"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before by this process: the kernel may offer a port
+    again while the process it was given to has not bound it yet (every component of `up` gets
+    its port before any of them starts)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no free port that was not already handed out")
 
 
 def alive(pid: int) -> bool:
