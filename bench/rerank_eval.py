@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from visearch import datasets, regions  # noqa: E402
+from visearch.detector import box_iou  # noqa: E402
 from visearch.evaluation.harness import MAP_AT, _ap, relevance  # noqa: E402
 from visearch.evaluation.protocols import Protocol, get_protocols  # noqa: E402
 from visearch.imaging import decode_image, to_model_input  # noqa: E402
@@ -153,18 +154,11 @@ def box_quality(proto: Protocol, extra: dict, scenes: dict, method: str) -> dict
 
         w, h = Image.open(photo.path).size
         box = boxes[pos[0]] * np.array([w, h, w, h])
-        ious.append(_iou(box, gt))
-        frame_ious.append(_iou(np.array([0, 0, w, h]), gt))
+        ious.append(float(box_iou(box, gt)[0, 0]))
+        frame_ious.append(float(box_iou(np.array([0, 0, w, h]), gt)[0, 0]))
     return {"n": len(ious), "mean_iou": round(float(np.mean(ious)), 3) if ious else None,
             "iou>=0.3": round(float(np.mean(np.array(ious) >= 0.3)), 3) if ious else None,
             "whole_frame_mean_iou": round(float(np.mean(frame_ious)), 3) if frame_ious else None}
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return float(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
 
 
 def ingestion_cost(model: Model, photos: list, repeats: int = 5) -> dict:

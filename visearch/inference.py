@@ -72,6 +72,11 @@ class ModelMeta:
         return list((self.extra.get("regions") or {}).get("outputs") or [])
 
 
+def model_version(tag: str) -> str:
+    """The version part of a model tag ("embedder:3" -> "3"; "" when the tag has none)."""
+    return tag.rpartition(":")[2] if ":" in tag else ""
+
+
 def resolve_version(repo: Path, name: str, version: str = "") -> Path:
     """The version folder to serve: the pinned one, else the highest integer folder."""
     model_dir = repo / name

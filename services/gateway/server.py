@@ -19,7 +19,7 @@ from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.errors import FailedPrecondition, InvalidArgument, NotFound, VisearchError, to_status
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from visearch.grpcserver import Service, aio_channel, authenticator, channel_ready, remaining, rpc, serve
-from visearch.inference import ModelMeta
+from visearch.inference import ModelMeta, model_version
 from visearch.jobs import Jobs, new_job_id
 from visearch.queue import INGEST_QUEUE, INGEST_TASK, make_celery
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
@@ -46,11 +46,6 @@ async def call(dependency: str, coro):
         return await coro
     except grpc.aio.AioRpcError as exc:
         raise DependencyError(dependency, exc) from None
-
-
-def model_version(tag: str) -> str:
-    """The version part of a model tag ("embedder:3" -> "3"; "" when the tag has none)."""
-    return tag.rpartition(":")[2] if ":" in tag else ""
 
 
 def box_of(b: common_pb2.BoundingBox) -> tuple[float, float, float, float]:

@@ -24,7 +24,7 @@ from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.grpcserver import sync_channel
-from visearch.inference import ModelMeta
+from visearch.inference import ModelMeta, model_version
 from visearch.jobs import Jobs
 from visearch.queue import INGEST_TASK
 from visearch.settings import WorkerSettings
@@ -115,7 +115,7 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
                    for n, b in objects]
     # An existing catalog is embedded by the model version that made it (new ones: the default).
     stored = ctx.store.catalog_model(catalog)
-    version = stored[0].rpartition(":")[2] if stored and ":" in stored[0] else ""
+    version = model_version(stored[0]) if stored else ""
     emb = _call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=embed_items, regions=ctx.settings.ingest_regions,
                                                                 model_version=version), timeout, "embedding")
     m = emb.model
