@@ -93,7 +93,47 @@ def test_regions_are_stored_per_object_and_follow_their_item(store, request):
         store.upsert_regions(cat, [("a#0", np.zeros((MAX_REGIONS + 1, 16), np.float32), np.zeros((MAX_REGIONS + 1, 4)))])
     with pytest.raises(FailedPrecondition, match="dim"):
         store.upsert_regions(cat, [("a#0", feats[:, :8], boxes)])
+    store.ensure_catalog("t_no_regions_here", META)
     assert store.get_regions("t_no_regions_here", ["x#0"]) == {}
+
+
+def test_generations_switch_atomically_by_alias(store, request):
+    """A catalog is an alias over its live generation: a new generation is built beside it, written
+    to, then made live with one alias change; the old one is dropped afterwards."""
+    from visearch.store import GEN_RE
+
+    cat = "t_" + request.node.name[:40]
+    rng = np.random.default_rng(3)
+    v1 = store.ensure_catalog(cat, META)
+    assert (v1.number, v1.model_tag, v1.collection) == (1, "embedder:1", f"vsg_{cat}_1")
+    old = unit(rng, 2)
+    store.upsert_items(cat, [("a", [(old[0], (0, 0, 1, 1))], {}, "/img/a.jpg", 11),
+                             ("b", [(old[1], (0, 0, 1, 1))], {}, "", 12)])
+    assert store.write_targets(cat) == [v1]
+    assert store.item_stamps(cat) == {"a": 11, "b": 12}
+    assert store.item_rows(cat, ["a", "zz"])["a"][0].source == "/img/a.jpg"
+
+    META2 = ModelMeta(name="embedder", version="2", input_name="images", output_name="embeddings", input_size=32, dim=8)
+    v2 = store.create_generation(cat, META2)
+    assert v2.number == 2 and store.building(cat) == v2 and store.write_targets(cat) == [v1, v2]
+    assert store.live(cat) == v1, "a generation being built is not live"
+    new = unit(rng, 2)
+    store.upsert_items(v2, [("a", [(new[0], (0, 0, 1, 1))], {}, "/img/a.jpg", 11)])
+    info = {c.name: c for c in store.list_catalogs()}[cat]
+    assert (info.generation, info.objects, info.building, info.building_objects) == (1, 2, v2, 1)
+    assert store.search(cat, new[0], 1)[0].score < 0.99, "searches still read generation 1"
+
+    store.switch(v2)
+    assert store.live(cat) == v2 and store.catalog_model(cat) == ("embedder:2", 8)
+    assert store.search(cat, new[0], 1)[0].score == pytest.approx(1.0, abs=1e-4)
+    assert store.item_stamps(cat) == {"a": 11} and store.item_stamps(v1) == {"a": 11, "b": 12}
+    with pytest.raises(FailedPrecondition, match="re-embed"):
+        store.check_model(cat, META)
+    with pytest.raises(FailedPrecondition, match="live"):
+        store.drop_generation(v2)
+    store.drop_generation(v1)
+    assert [g.number for g in store.generations(cat)] == [2] and store.generation(cat, 1) is None
+    assert not any(GEN_RE.match(n) and n.endswith(f"{cat}_1") for n in store.client.list_collections())
 
 
 def test_catalogs_survive_a_milvus_lite_restart(tmp_path):

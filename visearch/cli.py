@@ -197,12 +197,14 @@ def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool) -> tuple[
 
 
 def wait_job(client, job_id: str, total: int, quiet: bool = False):
+    from visearch.gateway.v1 import gateway_pb2
+
     bar = None if quiet else Progress(total, "ingest")
     while True:
         job = client.job(job_id)
         if bar:
             bar.update(job.done, job.failed, force=job.pending == 0)
-        if job.pending == 0:
+        if job.state == gateway_pb2.JOB_STATE_DONE:
             break
         time.sleep(0.5)
     if bar:
@@ -364,11 +366,55 @@ def get(ctx, item_id, catalog):
 @main.command()
 @click.pass_context
 def catalogs(ctx):
-    """Catalogs with their object counts and model."""
+    """Catalogs with their object counts, model and generation (and one being built, if any)."""
     with _client(ctx) as client:
         for c in client.catalogs():
-            click.echo(json.dumps({"name": c.name, "objects": c.objects,
-                                   "model": f"{c.model.name}:{c.model.version}", "dim": c.model.dim}))
+            row = {"name": c.name, "objects": c.objects, "model": f"{c.model.name}:{c.model.version}",
+                   "dim": c.model.dim, "generation": c.generation}
+            if c.building_generation:
+                row["building"] = {"generation": c.building_generation, "objects": c.building_objects,
+                                   "model": f"{c.building_model.name}:{c.building_model.version}"}
+            click.echo(json.dumps(row))
+
+
+@main.command()
+@click.option("--catalog", default="default", show_default=True)
+@click.option("--model-version", default="", help="Embedding model version to re-embed with (default: the served one).")
+@click.option("--wait", is_flag=True, help="Return when the catalog has switched (or the job failed).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def reembed(ctx, catalog, model_version, wait, as_json):
+    """Re-embed a catalog with another model version, blue/green: searches keep working on the current
+    generation while the new one is built through the queue, then the catalog switches at once."""
+    from google.protobuf.json_format import MessageToDict
+
+    from visearch.gateway.v1 import gateway_pb2
+
+    with _client(ctx) as client:
+        try:
+            res = client.reembed(catalog, model_version)
+            out = {"job_id": res.job_id, "catalog": catalog, "generation": res.generation,
+                   "model": f"{res.model.name}:{res.model.version}"}
+            if not as_json:
+                click.echo(f"job {res.job_id}: re-embedding {catalog!r} into generation {res.generation} "
+                           f"with {out['model']}", err=True)
+            if wait:
+                last = None
+                while (job := client.job(res.job_id)).state != gateway_pb2.JOB_STATE_DONE:
+                    now = (job.phase, job.done + job.failed, job.submitted)
+                    if now != last and not as_json:
+                        click.echo(f"  {job.phase}: {job.done + job.failed}/{job.submitted}", err=True)
+                    last = now
+                    time.sleep(0.5)
+                out["job"] = MessageToDict(job, always_print_fields_with_no_presence=True)
+        except grpc.RpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+    if as_json:
+        click.echo(json.dumps(out))
+    elif "job" in out:
+        click.echo(f"{out['job']['phase']}: {out['job']['message']}")
+    if wait and out["job"]["phase"] != "switched":
+        sys.exit(1)
 
 
 @main.command()

@@ -54,6 +54,10 @@ class GatewayClient:
     def catalogs(self) -> list[gateway_pb2.Catalog]:
         return list(self.stub.ListCatalogs(gateway_pb2.ListCatalogsRequest(), timeout=self.timeout).catalogs)
 
+    def reembed(self, catalog: str = "default", model_version: str = "") -> gateway_pb2.ReembedCatalogResponse:
+        req = gateway_pb2.ReembedCatalogRequest(catalog=catalog, model_version=model_version)
+        return self.stub.ReembedCatalog(req, timeout=self.timeout)
+
     def close(self) -> None:
         self.channel.close()
 

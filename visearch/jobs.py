@@ -1,7 +1,9 @@
 """Ingestion jobs in Redis: counts that always add up, however often a task re-runs.
 
 Per job:
-  vs:job:<id>          hash   catalog, created_at, updated_at
+  vs:job:<id>          hash   catalog, created_at, updated_at; kind ("ingest" or "reembed"),
+                              phase and message (re-embedding), open (1 while the job is
+                              not finished whatever its counts: a re-embedding until it switched)
   vs:job:<id>:items    set    every item id submitted (re-submitting one counts once)
   vs:job:<id>:done     set    items stored
   vs:job:<id>:failed   hash   item -> reason, for items that cannot be stored
@@ -33,6 +35,10 @@ class JobStatus:
     failures: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    kind: str = "ingest"
+    phase: str = ""
+    message: str = ""
+    open: bool = False
 
     @property
     def pending(self) -> int:
@@ -40,7 +46,7 @@ class JobStatus:
 
     @property
     def finished(self) -> bool:
-        return self.pending == 0
+        return self.pending == 0 and not self.open
 
 
 def new_job_id() -> str:
@@ -86,6 +92,26 @@ class Jobs:
         for k in (base, items, done, failed):
             p.expire(k, self.ttl)
         p.execute()
+
+    def create(self, job_id: str, catalog: str, kind: str, phase: str, **fields) -> None:
+        """A job that stays open (unfinished) until `close`, whatever its counts."""
+        base = _keys(job_id)[0]
+        now = time.time()
+        p = self.r.pipeline(transaction=True)
+        p.hset(base, mapping={"catalog": catalog, "created_at": now, "updated_at": now, "kind": kind, "phase": phase,
+                              "message": "", "open": 1, **fields})
+        p.expire(base, self.ttl)
+        p.execute()
+
+    def set_phase(self, job_id: str, phase: str, message: str = "", close: bool = False) -> None:
+        mapping = {"phase": phase, "message": message[:2000], "updated_at": time.time()}
+        if close:
+            mapping["open"] = 0
+        self.r.hset(_keys(job_id)[0], mapping=mapping)
+
+    def field(self, job_id: str, name: str) -> str | None:
+        v = self.r.hget(_keys(job_id)[0], name)
+        return v.decode() if v is not None else None
 
     def blob(self, job_id: str, item_id: str) -> bytes | None:
         return self.r.get(blob_key(job_id, item_id))
@@ -135,6 +161,10 @@ class Jobs:
             failures={k.decode(): v.decode() for k, v in list(failures.items())[:max_failures]},
             created_at=float(head.get(b"created_at", 0)),
             updated_at=float(head.get(b"updated_at", 0)),
+            kind=head.get(b"kind", b"ingest").decode(),
+            phase=head.get(b"phase", b"").decode(),
+            message=head.get(b"message", b"").decode(),
+            open=head.get(b"open", b"0") == b"1",
         )
 
     def ping(self) -> bool:

@@ -27,6 +27,10 @@ INGEST_BATCH_SECONDS = Histogram("visearch_ingest_batch_seconds", "Time to inges
                                  buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 QUEUE_DEPTH = Gauge("visearch_ingest_queue_depth", "Ingestion batches waiting in the queue")
 INDEX_OBJECTS = Gauge("visearch_index_objects", "Objects stored per catalog", ["catalog"])
+REEMBEDDED = Counter("visearch_reembedded_items_total", "Items re-embedded into a new catalog generation",
+                     ["catalog", "outcome"])
+GENERATION_SWITCHES = Counter("visearch_generation_switches_total", "Catalogs switched to a new generation",
+                              ["catalog"])
 
 
 def new_request_id() -> str:

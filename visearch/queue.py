@@ -7,6 +7,10 @@ from celery import Celery
 from visearch.settings import QueueSettings
 
 INGEST_TASK = "visearch.ingest_batch"
+# Re-embedding a catalog into a new generation (services/worker/generations.py).
+REEMBED_PLAN_TASK = "visearch.reembed_plan"
+REEMBED_BATCH_TASK = "visearch.reembed_batch"
+RETIRE_TASK = "visearch.retire_generation"
 INGEST_QUEUE = "visearch.ingest"
 
 
@@ -32,7 +36,8 @@ def make_celery(settings: QueueSettings) -> Celery:
             "unacked_restore_throttle": 1,
         },
         task_default_queue=INGEST_QUEUE,
-        task_routes={INGEST_TASK: {"queue": INGEST_QUEUE}},
+        task_routes={name: {"queue": INGEST_QUEUE}
+                     for name in (INGEST_TASK, REEMBED_PLAN_TASK, REEMBED_BATCH_TASK, RETIRE_TASK)},
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

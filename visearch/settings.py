@@ -210,3 +210,10 @@ class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
     max_retries: int = 5
     # /metrics of pool child n on worker_metrics_port + n; 0 leaves it off.
     worker_metrics_port: int = 0
+    # Where images sent as bytes are kept (content-addressed) so a re-embedding can read them
+    # again; a folder every worker shares (a ReadWriteMany volume in production). Empty keeps
+    # nothing: such items cannot be re-embedded and fail that job with the reason.
+    blob_dir: str = ""
+    # Seconds the previous generation is kept after a re-embedding switched (in-flight searches
+    # finish on it, late writes are carried over), before it is dropped.
+    retire_after_seconds: float = 300.0

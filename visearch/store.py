@@ -1,4 +1,13 @@
-"""The vector store: one Milvus collection per catalog.
+"""The vector store: a catalog is a Milvus alias over one generation of collections.
+
+A catalog `c` is the alias `vs_c`, pointing at the physical collection of its live
+generation, `vsg_c_<n>`. A generation is made by one embedding model (property
+`visearch.model`) and never holds another model's vectors. Re-embedding a catalog
+with a new model builds generation n+1 beside the live one (ingestion writes to
+both meanwhile), then moves the alias in one call: searches resolve the alias once
+per request and use that one generation throughout (global vectors, regions, query
+model version), so no answer ever mixes two models. The old generation is dropped
+later (services/worker/generations.py).
 
 Schema (one row per stored object; an item may have several objects):
   object_id  VARCHAR primary key, "<item_id>#<n>" (n < 32): deterministic, so
@@ -8,15 +17,18 @@ Schema (one row per stored object; an item may have several objects):
   vector     FLOAT_VECTOR(dim), L2-normalised, metric IP (= cosine)
   box        ARRAY<FLOAT>[4], the object's box in the catalog image (pixels)
   metadata   JSON, the item's string metadata (exact-match filters)
+  source     VARCHAR, where the item's image can be read again (a path; "" if it cannot),
+             what re-embedding reads
+  stamp      INT64, when the item was last ingested (ns): a generation being built
+             is in step with the live one when its items carry the same stamps
 Index: HNSW (M=16, efConstruction=200), search ef = max(hnsw_ef, top_k): at
 catalog sizes up to a few million it gives recall@10 > 0.98 at millisecond cost,
 and it needs no training step, so a new catalog is searchable from its first row.
-The collection records the model that made its vectors (property
-`visearch.model`), and a search with another model's vectors is refused.
+A search with another model's vectors is refused.
 Consistency level: Strong, so an acknowledged ingest is visible to the next search.
 
-Region vectors (re-ranking, visearch.regions) live in a second collection per catalog,
-`vsr_<catalog>`, keyed by the same object ids: one row per object with its base regions
+Region vectors (re-ranking, visearch.regions) live in a second collection per generation,
+`vsgr_<catalog>_<n>`, keyed by the same object ids: one row per object with its base regions
 packed into one FLOAT_VECTOR (MAX_REGIONS x region dim, zero-padded; `n` says how many
 rows are real) and their boxes; it is read by primary key only (FLAT index, never
 searched). A separate collection rather than a second vector field: Milvus 2.3 servers
@@ -28,10 +40,12 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
@@ -45,6 +59,30 @@ MAX_OBJECTS = 32
 MAX_REGIONS = 24
 MODEL_PROP = "visearch.model"
 DIM_PROP = "visearch.dim"
+SOURCE_MAX = 2048
+GEN_RE = re.compile(r"^vsg_([A-Za-z][A-Za-z0-9_]{0,62})_(\d+)$")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One physical generation of a catalog: its collections and the model that made them."""
+
+    catalog: str
+    number: int
+    model_tag: str
+    dim: int
+
+    @property
+    def collection(self) -> str:
+        return f"vsg_{self.catalog}_{self.number}"
+
+    @property
+    def region_collection(self) -> str:
+        return f"vsgr_{self.catalog}_{self.number}"
+
+    @property
+    def model_version(self) -> str:
+        return self.model_tag.rpartition(":")[2] if ":" in self.model_tag else ""
 
 
 def check_catalog(name: str) -> str:
@@ -78,6 +116,8 @@ class StoredObject:
     box: tuple[float, float, float, float]
     metadata: dict[str, str]
     score: float = 0.0
+    source: str = ""
+    stamp: int = 0
 
 
 @dataclass
@@ -86,40 +126,92 @@ class CatalogInfo:
     model_tag: str
     dim: int
     objects: int
+    generation: int = 0
+    building: Generation | None = None
+    building_objects: int = 0
+
+
+Target = str | Generation  # a catalog name (its live generation) or one generation
 
 
 class VectorStore:
     def __init__(self, settings: StoreSettings):
         self.settings = settings
         self.client = milvus_client(settings.milvus_uri, settings.milvus_token)
-        self._known: dict[str, tuple[str, int]] = {}
+        self._gens: dict[str, Generation] = {}  # physical name -> generation (immutable once made)
         self._region_dims: dict[str, int] = {}
         self._create_lock = threading.Lock()
 
     @staticmethod
-    def collection(catalog: str) -> str:
+    def alias(catalog: str) -> str:
         return f"vs_{check_catalog(catalog)}"
-
-    @staticmethod
-    def region_collection(catalog: str) -> str:
-        return f"vsr_{check_catalog(catalog)}"
 
     def ping(self) -> bool:
         self.client.list_collections()
         return True
 
-    def catalog_model(self, catalog: str) -> tuple[str, int] | None:
-        """(model tag, dim) of a catalog, or None when it does not exist."""
-        if catalog in self._known:
-            return self._known[catalog]
-        name = self.collection(catalog)
+    # ---- generations ------------------------------------------------------------
+    def live(self, catalog: str) -> Generation | None:
+        """The generation the catalog's alias points at now (one call to Milvus), or None."""
+        alias = self.alias(catalog)
+        try:
+            desc = self.client.describe_collection(alias)
+        except MilvusException:
+            if self.client.has_collection(alias):
+                raise
+            return None
+        name = desc.get("collection_name", "")
+        m = GEN_RE.match(name)
+        if not m or m.group(1) != catalog:
+            raise FailedPrecondition(f"collection {alias!r} was made by an older visearch without generations: "
+                                     f"drop it (or use another catalog name) and ingest again")
+        if name in self._gens:
+            return self._gens[name]
+        gen = self._describe(catalog, int(m.group(2)), desc)
+        self._load(gen.collection)  # once per generation and process, like `generation`
+        return gen
+
+    def generation(self, catalog: str, number: int) -> Generation | None:
+        """Generation `number` of a catalog, live or not, or None when it does not exist."""
+        name = f"vsg_{check_catalog(catalog)}_{int(number)}"
+        if name in self._gens:
+            return self._gens[name]
         if not self.client.has_collection(name):
             return None
+        gen = self._describe(catalog, number, self.client.describe_collection(name))
         self._load(name)
-        props = self.client.describe_collection(name).get("properties", {})
-        found = (props.get(MODEL_PROP, ""), int(props.get(DIM_PROP, 0)))
-        self._known[catalog] = found
-        return found
+        return gen
+
+    def _describe(self, catalog: str, number: int, desc: dict) -> Generation:
+        props = desc.get("properties", {})
+        gen = Generation(catalog, number, props.get(MODEL_PROP, ""), int(props.get(DIM_PROP, 0)))
+        self._gens[gen.collection] = gen
+        return gen
+
+    def generations(self, catalog: str) -> list[Generation]:
+        """Every generation of a catalog, oldest first (the live one, one being built, one being retired)."""
+        numbers = sorted(int(m.group(2)) for m in map(GEN_RE.match, self.client.list_collections())
+                         if m and m.group(1) == catalog)
+        return [g for g in (self.generation(catalog, n) for n in numbers) if g is not None]
+
+    def building(self, catalog: str, live: Generation | None = None) -> Generation | None:
+        """The generation being built beside the live one (newer than it), if any."""
+        live = live or self.live(catalog)
+        newer = [g for g in self.generations(catalog) if live is None or g.number > live.number]
+        return newer[-1] if newer else None
+
+    def write_targets(self, catalog: str) -> list[Generation]:
+        """Where an ingest is written: the live generation and the one being built, if any."""
+        live = self.live(catalog)
+        if live is None:
+            return []
+        building = self.building(catalog, live)
+        return [live, building] if building else [live]
+
+    def catalog_model(self, catalog: str) -> tuple[str, int] | None:
+        """(model tag, dim) of a catalog's live generation, or None when it does not exist."""
+        gen = self.live(catalog)
+        return (gen.model_tag, gen.dim) if gen else None
 
     def _load(self, name: str) -> None:
         """Collections of an earlier run come back released after a Milvus restart: load before use
@@ -128,40 +220,78 @@ class VectorStore:
             return
         self.client.load_collection(name)
 
-    def ensure_catalog(self, catalog: str, meta: ModelMeta) -> None:
-        """Create the catalog's collection for this model, or check it was made by it."""
+    def ensure_catalog(self, catalog: str, meta: ModelMeta) -> Generation:
+        """The catalog's live generation; a new catalog gets generation 1 made for this model."""
         with self._create_lock:
-            found = self.catalog_model(catalog)
-            if found is None:
-                self._create(catalog, meta)
-                self._known[catalog] = (meta.tag, meta.dim)
-                return
-        self.check_model(catalog, meta)
+            gen = self.live(catalog)
+            if gen is None:
+                gen = self.create_generation(catalog, meta)
+                try:
+                    self.client.create_alias(gen.collection, self.alias(catalog))
+                except MilvusException:
+                    # Another process made the catalog at the same moment: use the one it made.
+                    if self.live(catalog) is None:
+                        raise
+                gen = self.live(catalog)
+        self.check_model(gen, meta)
+        return gen
 
-    def check_model(self, catalog: str, meta: ModelMeta) -> None:
-        found = self.catalog_model(catalog)
-        if found is None:
-            raise NotFound(f"catalog {catalog!r} does not exist")
-        tag, dim = found
-        if tag != meta.tag or dim != meta.dim:
+    def create_generation(self, catalog: str, meta: ModelMeta) -> Generation:
+        """A new, empty generation numbered after every existing one (not live until `switch`)."""
+        numbers = [g.number for g in self.generations(catalog)]
+        gen = Generation(check_catalog(catalog), max(numbers, default=0) + 1, meta.tag, meta.dim)
+        self._create(gen)
+        self._gens[gen.collection] = gen
+        return gen
+
+    def switch(self, gen: Generation) -> None:
+        """Point the catalog at `gen`: one alias change, atomic for every reader."""
+        self.flush(gen)
+        self.client.alter_alias(gen.collection, self.alias(gen.catalog))
+
+    def drop_generation(self, gen: Generation) -> None:
+        live = self.live(gen.catalog)
+        if live is not None and live.number == gen.number:
+            raise FailedPrecondition(f"generation {gen.number} of catalog {gen.catalog!r} is live: not dropped")
+        for name in (gen.region_collection, gen.collection):
+            if self.client.has_collection(name):
+                self.client.drop_collection(name)
+            self._gens.pop(name, None)
+            self._region_dims.pop(name, None)
+
+    def check_model(self, target: Target, meta: ModelMeta) -> None:
+        gen = self._gen(target)
+        if gen.model_tag != meta.tag or gen.dim != meta.dim:
             raise FailedPrecondition(
-                f"catalog {catalog!r} holds vectors of model {tag} (dim {dim}); the serving model is {meta.tag} "
-                f"(dim {meta.dim}): re-embed the catalog before searching it with this model")
+                f"catalog {gen.catalog!r} (generation {gen.number}) holds vectors of model {gen.model_tag} "
+                f"(dim {gen.dim}); the model used is {meta.tag} (dim {meta.dim}): re-embed the catalog before "
+                f"searching it with this model")
 
-    def _create(self, catalog: str, meta: ModelMeta) -> None:
+    def _gen(self, target: Target) -> Generation:
+        if isinstance(target, Generation):
+            return target
+        gen = self.live(target)
+        if gen is None:
+            raise NotFound(f"catalog {target!r} does not exist")
+        return gen
+
+    def _create(self, gen: Generation) -> None:
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("object_id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX)
         schema.add_field("item_id", DataType.VARCHAR, max_length=ID_MAX)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=meta.dim)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=gen.dim)
         schema.add_field("box", DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=4)
         schema.add_field("metadata", DataType.JSON)
+        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX)
+        schema.add_field("stamp", DataType.INT64)
         index = self.client.prepare_index_params()
         index.add_index(field_name="vector", index_type="HNSW", metric_type="IP",
                         params={"M": self.settings.hnsw_m, "efConstruction": self.settings.hnsw_ef_construction})
-        self.client.create_collection(self.collection(catalog), schema=schema, index_params=index,
+        self.client.create_collection(gen.collection, schema=schema, index_params=index,
                                       consistency_level="Strong",
-                                      properties={MODEL_PROP: meta.tag, DIM_PROP: str(meta.dim)})
+                                      properties={MODEL_PROP: gen.model_tag, DIM_PROP: str(gen.dim)})
 
+    # ---- items ------------------------------------------------------------------
     @staticmethod
     def object_ids(item_id: str, start: int = 0) -> list[str]:
         return [f"{item_id}#{n}" for n in range(start, MAX_OBJECTS)]
@@ -171,62 +301,94 @@ class VectorStore:
         # brute-forces unflushed rows in Python), which made ingestion quadratic.
         return self.client.get(name, ids=candidate_ids, output_fields=fields) if candidate_ids else []
 
-    def upsert_items(self, catalog: str, items: list[tuple[str, list[tuple[np.ndarray, tuple]], dict[str, str]]]) -> int:
+    def upsert_items(self, target: Target, items: list[tuple]) -> int:
         """Replace each item's objects: upsert rows `<item>#0..n-1`, then drop the item's older rows `#n...`.
 
+        items: (item_id, [(vector, box), ...], metadata[, source[, stamp]]); the stamp defaults to now.
         Upsert first, delete after, so a crash between the two leaves the item
         searchable (with at worst stale extra objects), never missing.
         """
-        name = self.collection(catalog)
+        gen = self._gen(target)
+        name = gen.collection
         rows, stale_candidates = [], []
-        for item_id, objects, metadata in items:
+        now = time.time_ns()
+        for item_id, objects, metadata, *rest in items:
+            source = rest[0] if rest else ""
+            stamp = rest[1] if len(rest) > 1 else now
             if not 0 < len(objects) <= MAX_OBJECTS:
                 raise InvalidArgument(f"item {item_id!r} has {len(objects)} objects; 1 to {MAX_OBJECTS} are stored")
+            if len(source) > SOURCE_MAX:
+                raise InvalidArgument(f"item {item_id!r}: source longer than {SOURCE_MAX} characters")
             for n, (vec, box) in enumerate(objects):
                 rows.append({"object_id": f"{item_id}#{n}", "item_id": item_id,
                              "vector": np.asarray(vec, np.float32).tolist(), "box": [float(b) for b in box],
-                             "metadata": dict(metadata)})
+                             "metadata": dict(metadata), "source": source, "stamp": int(stamp)})
             stale_candidates += self.object_ids(item_id, len(objects))
         if rows:
             self.client.upsert(name, rows)
         stale = [r["object_id"] for r in self._existing_objects(name, stale_candidates, ["object_id"])]
         if stale:
             self.client.delete(name, ids=stale)
-            self._delete_regions(catalog, stale)
+            self._delete_regions(gen, stale)
         return len(rows)
 
-    def delete_items(self, catalog: str, item_ids: list[str]) -> int:
-        name = self._existing(catalog)
-        found = self._existing_objects(name, [o for i in item_ids for o in self.object_ids(i)], ["object_id"])
+    def delete_items(self, target: Target, item_ids: list[str]) -> int:
+        gen = self._gen(target)
+        found = self._existing_objects(gen.collection, [o for i in item_ids for o in self.object_ids(i)], ["object_id"])
         if found:
-            self.client.delete(name, ids=[r["object_id"] for r in found])
-            self._delete_regions(catalog, [r["object_id"] for r in found])
+            self.client.delete(gen.collection, ids=[r["object_id"] for r in found])
+            self._delete_regions(gen, [r["object_id"] for r in found])
         return len({r["object_id"].rsplit("#", 1)[0] for r in found})
 
+    def item_rows(self, target: Target, item_ids: list[str]) -> dict[str, list[StoredObject]]:
+        """item id -> its stored objects (with box, metadata, source, stamp), in object order."""
+        gen = self._gen(target)
+        rows = self._existing_objects(gen.collection, [o for i in item_ids for o in self.object_ids(i)],
+                                      ["object_id", "item_id", "box", "metadata", "source", "stamp"])
+        out: dict[str, list[StoredObject]] = {}
+        for r in sorted(rows, key=lambda r: int(r["object_id"].rsplit("#", 1)[1])):
+            out.setdefault(r["item_id"], []).append(self._obj(r))
+        return out
+
+    def item_stamps(self, target: Target, batch: int = 4096) -> dict[str, int]:
+        """item id -> stamp of every item in a generation (a scan; an item's objects share its stamp).
+        Every row, not only `#0` ones: Milvus 2.3 matches only prefixes with `like`."""
+        gen = self._gen(target)
+        it = self.client.query_iterator(gen.collection, batch_size=batch, filter='item_id != ""',
+                                        output_fields=["item_id", "stamp"])
+        out: dict[str, int] = {}
+        try:
+            while rows := it.next():
+                out.update((r["item_id"], int(r["stamp"])) for r in rows)
+        finally:
+            it.close()
+        return out
+
     # ---- region vectors ---------------------------------------------------------
-    def _region_dim(self, catalog: str) -> int | None:
-        if catalog in self._region_dims:
-            return self._region_dims[catalog]
-        name = self.region_collection(catalog)
+    def _region_dim(self, gen: Generation) -> int | None:
+        name = gen.region_collection
+        if name in self._region_dims:
+            return self._region_dims[name]
         if not self.client.has_collection(name):
             return None
         self._load(name)
         dim = int(self.client.describe_collection(name).get("properties", {}).get(DIM_PROP, 0))
-        self._region_dims[catalog] = dim
+        self._region_dims[name] = dim
         return dim
 
-    def upsert_regions(self, catalog: str, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> int:
+    def upsert_regions(self, target: Target, rows: list[tuple[str, np.ndarray, np.ndarray]]) -> int:
         """Store each object's base regions: (object_id, features [R, d], boxes [R, 4] pixels)."""
         if not rows:
             return 0
+        gen = self._gen(target)
         dim = int(rows[0][1].shape[1])
         with self._create_lock:
-            found = self._region_dim(catalog)
+            found = self._region_dim(gen)
             if found is None:
-                self._create_regions(catalog, dim)
-                self._region_dims[catalog] = dim
+                self._create_regions(gen, dim)
+                self._region_dims[gen.region_collection] = dim
             elif found != dim:
-                raise FailedPrecondition(f"catalog {catalog!r} stores regions of dim {found}, the model gives {dim}")
+                raise FailedPrecondition(f"catalog {gen.catalog!r} stores regions of dim {found}, the model gives {dim}")
         out = []
         for object_id, feats, boxes in rows:
             n = len(feats)
@@ -237,15 +399,16 @@ class VectorStore:
             packed[:n] = feats
             out.append({"object_id": object_id, "n": n, "features": packed.ravel().tolist(),
                         "boxes": [float(b) for b in np.asarray(boxes, np.float32).ravel()]})
-        self.client.upsert(self.region_collection(catalog), out)
+        self.client.upsert(gen.region_collection, out)
         return len(out)
 
-    def get_regions(self, catalog: str, object_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def get_regions(self, target: Target, object_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """object_id -> (features [n, d], boxes [n, 4]) for the objects that have regions."""
-        dim = self._region_dim(catalog)
+        gen = self._gen(target)
+        dim = self._region_dim(gen)
         if dim is None or not object_ids:
             return {}
-        rows = self.client.get(self.region_collection(catalog), ids=list(object_ids),
+        rows = self.client.get(gen.region_collection, ids=list(object_ids),
                                output_fields=["object_id", "n", "features", "boxes"])
         out = {}
         for r in rows:
@@ -254,14 +417,14 @@ class VectorStore:
             out[r["object_id"]] = (feats, np.asarray(r["boxes"], np.float32).reshape(n, 4))
         return out
 
-    def get_vectors(self, catalog: str, object_ids: list[str]) -> dict[str, np.ndarray]:
+    def get_vectors(self, target: Target, object_ids: list[str]) -> dict[str, np.ndarray]:
         """object_id -> its global vector."""
         if not object_ids:
             return {}
-        rows = self.client.get(self._existing(catalog), ids=list(object_ids), output_fields=["object_id", "vector"])
+        rows = self.client.get(self._gen(target).collection, ids=list(object_ids), output_fields=["object_id", "vector"])
         return {r["object_id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
-    def _create_regions(self, catalog: str, dim: int) -> None:
+    def _create_regions(self, gen: Generation, dim: int) -> None:
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("object_id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX + 8)
         schema.add_field("n", DataType.INT64)
@@ -269,26 +432,26 @@ class VectorStore:
         schema.add_field("boxes", DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=MAX_REGIONS * 4)
         index = self.client.prepare_index_params()
         index.add_index(field_name="features", index_type="FLAT", metric_type="IP")
-        self.client.create_collection(self.region_collection(catalog), schema=schema, index_params=index,
+        self.client.create_collection(gen.region_collection, schema=schema, index_params=index,
                                       consistency_level="Strong", properties={DIM_PROP: str(dim)})
 
-    def _delete_regions(self, catalog: str, object_ids: list[str]) -> None:
-        if object_ids and self._region_dim(catalog) is not None:
-            self.client.delete(self.region_collection(catalog), ids=list(object_ids))
+    def _delete_regions(self, gen: Generation, object_ids: list[str]) -> None:
+        if object_ids and self._region_dim(gen) is not None:
+            self.client.delete(gen.region_collection, ids=list(object_ids))
 
-    def get_item(self, catalog: str, item_id: str) -> list[StoredObject]:
-        name = self._existing(catalog)
-        rows = self._existing_objects(name, self.object_ids(item_id), ["object_id", "item_id", "box", "metadata"])
+    def get_item(self, target: Target, item_id: str) -> list[StoredObject]:
+        gen = self._gen(target)
+        rows = self.item_rows(gen, [item_id]).get(item_id)
         if not rows:
-            raise NotFound(f"item {item_id!r} is not in catalog {catalog!r}")
-        return sorted((self._obj(r) for r in rows), key=lambda o: int(o.object_id.rsplit("#", 1)[1]))
+            raise NotFound(f"item {item_id!r} is not in catalog {gen.catalog!r}")
+        return rows
 
-    def search(self, catalog: str, vector: np.ndarray, limit: int, filters: dict[str, str] | None = None
+    def search(self, target: Target, vector: np.ndarray, limit: int, filters: dict[str, str] | None = None
                ) -> list[StoredObject]:
-        name = self._existing(catalog)
+        gen = self._gen(target)
         expr = " and ".join(f"metadata[{_quote(k)}] == {_quote(v)}" for k, v in sorted((filters or {}).items()))
-        res = self.client.search(name, data=[np.asarray(vector, np.float32).tolist()], limit=limit, filter=expr,
-                                 output_fields=["item_id", "box", "metadata"], anns_field="vector",
+        res = self.client.search(gen.collection, data=[np.asarray(vector, np.float32).tolist()], limit=limit,
+                                 filter=expr, output_fields=["item_id", "box", "metadata"], anns_field="vector",
                                  search_params={"metric_type": "IP",
                                                 "params": {"ef": max(self.settings.hnsw_ef, limit)}})
         out = []
@@ -299,34 +462,32 @@ class VectorStore:
                                     score=float(hit["distance"])))
         return out
 
-    def count(self, catalog: str) -> int:
-        res = self.client.query(self._existing(catalog), filter="", output_fields=["count(*)"])
+    def count(self, target: Target) -> int:
+        res = self.client.query(self._gen(target).collection, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
     def list_catalogs(self) -> list[CatalogInfo]:
+        names = sorted({m.group(1) for m in map(GEN_RE.match, self.client.list_collections()) if m})
         out = []
-        for name in sorted(self.client.list_collections()):
-            if not name.startswith("vs_"):
+        for catalog in names:
+            live = self.live(catalog)
+            if live is None:  # generations without an alias: a creation that failed half-way
                 continue
-            catalog = name[3:]
-            tag, dim = self.catalog_model(catalog) or ("", 0)
-            out.append(CatalogInfo(catalog, tag, dim, self.count(catalog)))
+            building = self.building(catalog, live)
+            out.append(CatalogInfo(catalog, live.model_tag, live.dim, self.count(live), live.number, building,
+                                   self.count(building) if building else 0))
         return out
 
-    def flush(self, catalog: str) -> None:
-        self.client.flush(self._existing(catalog))
-        if self._region_dim(catalog) is not None:
-            self.client.flush(self.region_collection(catalog))
-
-    def _existing(self, catalog: str) -> str:
-        if self.catalog_model(catalog) is None:
-            raise NotFound(f"catalog {catalog!r} does not exist")
-        return self.collection(catalog)
+    def flush(self, target: Target) -> None:
+        gen = self._gen(target)
+        self.client.flush(gen.collection)
+        if self._region_dim(gen) is not None:
+            self.client.flush(gen.region_collection)
 
     @staticmethod
     def _obj(r: dict) -> StoredObject:
         return StoredObject(object_id=r["object_id"], item_id=r["item_id"], box=tuple(r.get("box") or (0, 0, 0, 0)),
-                            metadata=r.get("metadata") or {})
+                            metadata=r.get("metadata") or {}, source=r.get("source") or "", stamp=int(r.get("stamp") or 0))
 
     def close(self) -> None:
         self.client.close()

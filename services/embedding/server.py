@@ -141,7 +141,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     @rpc()
     async def GetModelInfo(self, request, context):
-        return embedding_pb2.GetModelInfoResponse(model=model_info(await self.embedder.meta()))
+        return embedding_pb2.GetModelInfoResponse(model=model_info(await self.embedder.meta(request.model_version)))
 
 
 async def main(settings: EmbeddingSettings, **kw) -> None:

@@ -16,12 +16,12 @@ from visearch.auth import require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from visearch.errors import FailedPrecondition, InvalidArgument, NotFound, VisearchError, to_status
+from visearch.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, VisearchError, to_status
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from visearch.grpcserver import Service, aio_channel, authenticator, channel_ready, remaining, rpc, serve
-from visearch.inference import ModelMeta, model_version
+from visearch.inference import ModelMeta
 from visearch.jobs import Jobs, new_job_id
-from visearch.queue import INGEST_QUEUE, INGEST_TASK, make_celery
+from visearch.queue import INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import GatewaySettings
 from visearch.store import VectorStore, check_catalog, check_item_id
@@ -90,8 +90,11 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
         if not request.image:
             raise InvalidArgument("no query image: the image field is empty")
-        stored = await asyncio.to_thread(self.store.catalog_model, catalog)
-        if stored is None:
+        # The catalog's live generation, resolved once: every read of this search (vectors,
+        # regions) and the query's model version come from it, even if a re-embedding switches
+        # the catalog meanwhile.
+        gen = await asyncio.to_thread(self.store.live, catalog)
+        if gen is None:
             raise NotFound(f"catalog {catalog!r} does not exist")
         t = self.s.rpc_timeout_seconds
 
@@ -126,11 +129,11 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         # Queries are embedded by the model version that made the catalog's vectors, whatever
         # the embedding service serves by default: a model change never compares two versions.
         emb = await call("embedding", self.embedding.Embed(
-            embedding_pb2.EmbedRequest(items=items, regions=want_regions, model_version=model_version(stored[0])),
+            embedding_pb2.EmbedRequest(items=items, regions=want_regions, model_version=gen.model_version),
             timeout=remaining(context, t)))
-        self.store.check_model(catalog, meta_of(emb.model))
+        self.store.check_model(gen, meta_of(emb.model))
         embs = list(emb.embeddings)
-        args = (catalog, method, want_regions, top_k, dict(request.filters), context)
+        args = (gen, method, want_regions, top_k, dict(request.filters), context)
 
         # The view whose best match is closest leads (its vector and regions go to re-ranking);
         # every item keeps its best object over all views.
@@ -142,7 +145,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                                                            hits=obj_hits))
         return response
 
-    async def _ranked(self, embs, catalog, method, want_regions, top_k, filters, context):
+    async def _ranked(self, embs, gen, method, want_regions, top_k, filters, context):
         """Search the store with each query vector, keep each item's best object, re-rank with the
         lead vector (the one whose best match scored highest): (lead index, (hits, method used))."""
         n_candidates = max(top_k, self.s.rerank_candidates)
@@ -150,7 +153,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         # more again while the rows of fewer items than wanted fill the answer.
         rows = min(2 * n_candidates, MAX_SEARCH_ROWS)
         while True:
-            results = [await asyncio.to_thread(self.store.search, catalog, list(e.values), rows, filters) for e in embs]
+            results = [await asyncio.to_thread(self.store.search, gen, list(e.values), rows, filters) for e in embs]
             best: dict[str, object] = {}
             for obj in sorted((o for found in results for o in found), key=lambda o: -o.score):
                 best.setdefault(obj.item_id, obj)
@@ -165,8 +168,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                       for o in best.values()]
         query_region = list(embs[lead].regions.query) if want_regions else []
         rr = await call("rerank", self.rerank.Rerank(
-            rerank_pb2.RerankRequest(catalog=catalog, query_embedding=list(embs[lead].values), candidates=candidates,
-                                     method=method, top_k=top_k, query_region=query_region),
+            rerank_pb2.RerankRequest(catalog=gen.catalog, query_embedding=list(embs[lead].values), candidates=candidates,
+                                     method=method, top_k=top_k, query_region=query_region, generation=gen.number),
             timeout=remaining(context, self.s.rpc_timeout_seconds)))
         hits = []
         for h in rr.hits:
@@ -222,7 +225,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(f"job id {request.job_id!r} must be alphanumeric")
         # The catalog exists from the first ingest request on, made for the serving model; an
         # existing catalog keeps its model version (the workers embed with it).
-        if await asyncio.to_thread(self.store.catalog_model, catalog) is None:
+        if await asyncio.to_thread(self.store.live, catalog) is None:
             info = await call("embedding", self.embedding.GetModelInfo(
                 embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
             await self.check_model(info.model)
@@ -252,6 +255,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         job = gateway_pb2.IngestJob(
             job_id=st.job_id, catalog=st.catalog, state=state, submitted=st.submitted, done=st.done,
             failed=st.failed, pending=st.pending, created_at=st.created_at, updated_at=st.updated_at,
+            kind=st.kind, phase=st.phase, message=st.message,
             failures=[gateway_pb2.FailedItem(item_id=k, reason=v) for k, v in sorted(st.failures.items())])
         return gateway_pb2.GetIngestJobResponse(job=job)
 
@@ -263,15 +267,26 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         ids = [check_item_id(i) for i in request.item_ids]
         if not ids:
             raise InvalidArgument("no item ids to delete")
-        n = await asyncio.to_thread(self.store.delete_items, catalog, ids)
+        live = await asyncio.to_thread(self.store.live, catalog)
+        if live is None:
+            raise NotFound(f"catalog {catalog!r} does not exist")
+        # From every generation: the one being built must not keep it, and neither may the
+        # previous one, whose late writes are carried over when it is retired.
+        n = 0
+        for gen in await asyncio.to_thread(self.store.generations, catalog):
+            deleted = await asyncio.to_thread(self.store.delete_items, gen, ids)
+            n = deleted if gen.number == live.number else n
         return gateway_pb2.DeleteItemsResponse(deleted=n)
 
     @rpc()
     async def GetItem(self, request, context):
         catalog = check_catalog(request.catalog or "default")
         require("read", catalog)
-        objs = await asyncio.to_thread(self.store.get_item, catalog, check_item_id(request.item_id))
-        tag, _ = self.store.catalog_model(catalog) or ("", 0)
+        gen = await asyncio.to_thread(self.store.live, catalog)
+        if gen is None:
+            raise NotFound(f"catalog {catalog!r} does not exist")
+        objs = await asyncio.to_thread(self.store.get_item, gen, check_item_id(request.item_id))
+        tag = gen.model_tag
         item = gateway_pb2.Item(item_id=request.item_id, catalog=catalog,
                                 metadata={str(k): str(v) for k, v in objs[0].metadata.items()},
                                 objects=[gateway_pb2.StoredObject(object_id=o.object_id, box=pb_box(o.box))
@@ -286,9 +301,64 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             if not visible(c.name):
                 continue
             name, _, version = c.model_tag.partition(":")
-            out.append(gateway_pb2.Catalog(name=c.name, objects=c.objects,
-                                           model=common_pb2.ModelInfo(name=name, version=version, dim=c.dim)))
+            cat = gateway_pb2.Catalog(name=c.name, objects=c.objects, generation=c.generation,
+                                      model=common_pb2.ModelInfo(name=name, version=version, dim=c.dim))
+            if c.building:
+                bname, _, bversion = c.building.model_tag.partition(":")
+                cat.building_generation = c.building.number
+                cat.building_objects = c.building_objects
+                cat.building_model.CopyFrom(common_pb2.ModelInfo(name=bname, version=bversion, dim=c.building.dim))
+            out.append(cat)
         return gateway_pb2.ListCatalogsResponse(catalogs=out)
+
+    @rpc()
+    async def ReembedCatalog(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        require("admin", catalog)
+        if request.model_version and not request.model_version.isdigit():
+            raise InvalidArgument(f"model_version {request.model_version!r} must be a number (empty: the default)")
+        live = await asyncio.to_thread(self.store.live, catalog)
+        if live is None:
+            raise NotFound(f"catalog {catalog!r} does not exist")
+        info = (await call("embedding", self.embedding.GetModelInfo(
+            embedding_pb2.GetModelInfoRequest(model_version=request.model_version),
+            timeout=remaining(context, self.s.rpc_timeout_seconds)))).model
+        if not request.model_version:
+            await self.check_model(info)
+        meta = meta_of(info)
+        if meta.tag == live.model_tag:
+            raise FailedPrecondition(f"catalog {catalog!r} is already embedded by {meta.tag} (generation {live.number})")
+        # One re-embedding per catalog at a time; a lock so two calls cannot both start one.
+        lock = self.jobs.r.lock(f"vs:reembed-start:{catalog}", timeout=60, blocking_timeout=10, thread_local=False)
+        if not await asyncio.to_thread(lock.acquire):
+            raise Unavailable(f"another re-embedding of catalog {catalog!r} is starting: try again")
+        try:
+            building = await asyncio.to_thread(self.store.building, catalog, live)
+            if building is not None and building.model_tag != meta.tag:
+                raise FailedPrecondition(f"catalog {catalog!r} is being re-embedded into generation {building.number} "
+                                         f"({building.model_tag}); it must finish (or its generation be dropped) first")
+            running = await asyncio.to_thread(self.jobs.r.get, f"vs:reembed:{catalog}")
+            if building is not None and running:
+                try:
+                    st = await asyncio.to_thread(self.jobs.status, running.decode(), 0)
+                except NotFound:  # expired
+                    st = None
+                if st is not None and not st.finished:  # already under way: that job, not a second one
+                    return gateway_pb2.ReembedCatalogResponse(job_id=st.job_id, generation=building.number, model=info)
+            if building is None:  # else resume it: only what it lacks is re-embedded
+                building = await asyncio.to_thread(self.store.create_generation, catalog, meta)
+            job_id = new_job_id()
+            await asyncio.to_thread(self.jobs.create, job_id, catalog, "reembed", "planning",
+                                    generation=building.number, model=meta.tag)
+            await asyncio.to_thread(self.jobs.r.set, f"vs:reembed:{catalog}", job_id, ex=self.s.job_ttl_seconds)
+        finally:
+            await asyncio.to_thread(lock.release)
+        headers = {"request_id": obs.request_id.get()}
+        await asyncio.to_thread(self.celery.send_task, REEMBED_PLAN_TASK, args=[job_id, catalog, building.number],
+                                headers=headers)
+        log.info("re-embedding queued", extra={"job_id": job_id, "catalog": catalog, "generation": building.number,
+                                               "model": meta.tag})
+        return gateway_pb2.ReembedCatalogResponse(job_id=job_id, generation=building.number, model=info)
 
     # ---- lifecycle ------------------------------------------------------------
     async def check_model(self, info: common_pb2.ModelInfo) -> None:

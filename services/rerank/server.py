@@ -26,7 +26,7 @@ from visearch.errors import FailedPrecondition, InvalidArgument, Unavailable
 from visearch.grpcserver import Service, rpc, serve
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import RerankSettings
-from visearch.store import VectorStore
+from visearch.store import Generation, VectorStore
 
 log = logging.getLogger(__name__)
 METHODS = ("none", *regions.REGION_METHODS, "qe")
@@ -96,9 +96,19 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
             hits.append(hit)
         return rerank_pb2.RerankResponse(hits=hits, method=method)
 
+    def _generation(self, request) -> Generation | str:
+        """The catalog generation the gateway searched (the live one when it names none)."""
+        if request.generation <= 0:
+            return request.catalog
+        gen = self.store.generation(request.catalog, request.generation)
+        if gen is None:
+            raise FailedPrecondition(f"generation {request.generation} of catalog {request.catalog!r} is gone "
+                                     "(retired after a re-embedding): search again")
+        return gen
+
     def _qe(self, request, cands) -> np.ndarray:
         q = np.asarray(request.query_embedding, np.float32)
-        vecs = self.store.get_vectors(request.catalog, [c.object_id for c in cands])
+        vecs = self.store.get_vectors(self._generation(request), [c.object_id for c in cands])
         missing = [c.object_id for c in cands if c.object_id not in vecs]
         if missing:
             raise FailedPrecondition(f"{len(missing)} candidates are not in catalog {request.catalog!r} "
@@ -113,7 +123,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
         qr = np.asarray(request.query_region, np.float32)
         if qr.size == 0:
             raise InvalidArgument(f"re-rank method {method!r} needs query_region (the query's RegionSet.query)")
-        found = self.store.get_regions(request.catalog, [c.object_id for c in cands])
+        found = self.store.get_regions(self._generation(request), [c.object_id for c in cands])
         scores = np.empty(len(cands), np.float32)
         boxes: dict[str, np.ndarray] = {}
         for i, c in enumerate(cands):

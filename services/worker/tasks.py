@@ -7,6 +7,7 @@ before acknowledging) leaves exactly the same state as one run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.grpcserver import sync_channel
-from visearch.inference import ModelMeta, model_version
+from visearch.inference import ModelMeta
 from visearch.jobs import Jobs
 from visearch.queue import INGEST_TASK
 from visearch.settings import WorkerSettings
@@ -110,34 +111,73 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
         return already, failed
 
     objects = catalog_objects(ctx, ok, timeout)
+    stamp = time.time_ns()
+    sources = [item.get("uri") or keep_blob(ctx.settings.blob_dir, data) for item, data, _ in ok]
+    # An existing catalog is written in each of its generations: the live one and, during a
+    # re-embedding, the one being built, each with the model version that made it. A new
+    # catalog is made for the serving default.
+    targets = ctx.store.write_targets(catalog) or [None]
+    stored: list[str] = []
+    for gen in targets:
+        emb = embed_objects(ctx, [(ok[n][1], box) for n, box in objects], gen.model_version if gen else "", timeout)
+        meta = model_meta(emb.model)
+        if gen is None:
+            gen = ctx.store.ensure_catalog(catalog, meta)
+        else:
+            ctx.store.check_model(gen, meta)
+        per_item, region_rows = group_objects([ok[n][0]["item_id"] for n, _ in objects],
+                                              [box for _, box in objects], emb.embeddings)
+        first = {item["item_id"]: n for n, (item, _, _) in enumerate(ok)}
+        rows = [(item_id, objs, ok[first[item_id]][0].get("metadata") or {}, sources[first[item_id]], stamp)
+                for item_id, objs in per_item.items()]
+        # Global vectors first, then regions: a crash in between leaves the item searchable and
+        # re-ranked on its global score until the redelivered task stores its regions.
+        ctx.store.upsert_items(gen, rows)
+        ctx.store.upsert_regions(gen, region_rows)
+        stored = [r[0] for r in rows]
+    return stored + already, failed
 
-    embed_items = [embedding_pb2.EmbedItem(image=ok[n][1], box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
-                   for n, b in objects]
-    # An existing catalog is embedded by the model version that made it (new ones: the default).
-    stored = ctx.store.catalog_model(catalog)
-    version = model_version(stored[0]) if stored else ""
-    emb = _call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=embed_items, regions=ctx.settings.ingest_regions,
-                                                                model_version=version), timeout, "embedding")
-    m = emb.model
-    meta = ModelMeta(name=m.name, version=m.version, input_name="", output_name="", input_size=m.input_size, dim=m.dim)
-    ctx.store.ensure_catalog(catalog, meta)
 
-    per_item: dict[int, list] = {}
+def model_meta(m) -> ModelMeta:
+    return ModelMeta(name=m.name, version=m.version, input_name="", output_name="", input_size=m.input_size, dim=m.dim)
+
+
+def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple]], version: str, timeout: float):
+    """Embed (image bytes, box in pixels) pairs with one model version, regions as configured."""
+    items = [embedding_pb2.EmbedItem(image=data, box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
+             for data, b in objects]
+    return _call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=items, regions=ctx.settings.ingest_regions,
+                                                                 model_version=version), timeout, "embedding")
+
+
+def group_objects(item_ids: list[str], boxes: list[tuple], embeddings) -> tuple[dict[str, list], list]:
+    """Per item, its objects [(vector, box)] in order; and the region rows (object id, features, boxes)."""
+    per_item: dict[str, list] = {}
     region_rows = []
-    for (n, box), vec in zip(objects, emb.embeddings, strict=True):
-        objs = per_item.setdefault(n, [])
+    for item_id, box, vec in zip(item_ids, boxes, embeddings, strict=True):
+        objs = per_item.setdefault(item_id, [])
         if vec.HasField("regions") and vec.regions.boxes:
             r = vec.regions
             feats = np.asarray(r.features, np.float32).reshape(len(r.boxes), r.dim)
-            boxes = np.asarray([(b.x1, b.y1, b.x2, b.y2) for b in r.boxes], np.float32)
-            region_rows.append((f"{ok[n][0]['item_id']}#{len(objs)}", feats, boxes))
+            rboxes = np.asarray([(b.x1, b.y1, b.x2, b.y2) for b in r.boxes], np.float32)
+            region_rows.append((f"{item_id}#{len(objs)}", feats, rboxes))
         objs.append((list(vec.values), box))
-    rows = [(ok[n][0]["item_id"], objs, ok[n][0].get("metadata") or {}) for n, objs in per_item.items()]
-    # Global vectors first, then regions: a crash in between leaves the item searchable and
-    # re-ranked on its global score until the redelivered task stores its regions.
-    ctx.store.upsert_items(catalog, rows)
-    ctx.store.upsert_regions(catalog, region_rows)
-    return [r[0] for r in rows] + already, failed
+    return per_item, region_rows
+
+
+def keep_blob(blob_dir: str, data: bytes) -> str:
+    """Keep image bytes under their SHA-256 so a re-embedding can read them again; their path
+    ("" when no blob dir is set). Written once, atomically: concurrent writers agree."""
+    if not blob_dir:
+        return ""
+    digest = hashlib.sha256(data).hexdigest()
+    path = Path(blob_dir) / digest[:2] / digest
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def catalog_objects(ctx, ok: list, timeout: float) -> list[tuple[int, tuple[float, float, float, float]]]:
@@ -175,49 +215,59 @@ def register(app: Celery, settings: WorkerSettings) -> None:
 
     @app.task(name=INGEST_TASK, bind=True, max_retries=settings.max_retries)
     def ingest_batch(self, job_id: str, catalog: str, items: list[dict]) -> dict:
-        headers = getattr(self.request, "headers", None) or {}
-        obs.request_id.set(getattr(self.request, "request_id", None) or headers.get("request_id") or job_id[:16])
         ctx = context(settings)
-        t0 = time.perf_counter()
-        try:
-            done, failed = process(ctx, job_id, catalog, items)
-        except INFRASTRUCTURE as exc:
-            if self.request.retries < self.max_retries:
-                delay = min(60, 2 ** self.request.retries)
-                log.warning("batch retried in %ss: %s", delay, exc, extra={"job_id": job_id})
-                # If the broker itself is down this raises, the message stays unacknowledged
-                # and is delivered again after the visibility timeout.
-                raise self.retry(exc=exc, countdown=delay) from None
-            done, failed = [], {i["item_id"]: f"gave up after {self.max_retries} retries: {exc}" for i in items}
-        except grpc.RpcError as exc:
-            # A final answer from a dependency (e.g. INVALID_ARGUMENT): retry item by
-            # item, so one bad image cannot fail its whole batch.
-            if len(items) > 1:
-                done, failed = [], {}
-                for item in items:
-                    d, f = ingest_one(ctx, job_id, catalog, item)
-                    done += d
-                    failed.update(f)
-            else:
-                done, failed = [], {items[0]["item_id"]: f"{exc.code().name}: {exc.details()}"}
-        except Exception as exc:  # noqa: BLE001 - a bug must fail the items with a reason, not loop forever
-            log.exception("batch failed", extra={"job_id": job_id})
-            done, failed = [], {i["item_id"]: f"internal error: {type(exc).__name__}: {exc}" for i in items}
-        ctx.jobs.mark_done(job_id, done)
-        ctx.jobs.mark_failed(job_id, failed)
+        done, failed = run_batch(self, ctx, job_id, items, lambda units: process(ctx, job_id, catalog, units),
+                                 lambda item: item["item_id"])
         obs.INGESTED.labels(catalog, "done").inc(len(done))
         obs.INGESTED.labels(catalog, "failed").inc(len(failed))
-        obs.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
         if done and ctx.jobs.status(job_id, max_failures=0).finished:
             # Seal the job's rows into indexed segments: Milvus Lite brute-forces
             # unflushed rows in Python, which made searches after a bulk ingest slow.
-            ctx.store.flush(catalog)
+            for gen in ctx.store.write_targets(catalog):
+                ctx.store.flush(gen)
         log.info("batch ingested", extra={"job_id": job_id, "catalog": catalog, "done": len(done),
                                           "failed": len(failed)})
         return {"done": len(done), "failed": len(failed)}
 
-    def ingest_one(ctx, job_id, catalog, item):
-        try:
-            return process(ctx, job_id, catalog, [item])
-        except grpc.RpcError as exc:
-            return [], {item["item_id"]: f"{exc.code().name}: {exc.details()}"}
+    from services.worker import generations
+
+    generations.register(app, settings)
+
+
+def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tuple[list[str], dict[str, str]]:
+    """Run fn(units) -> (done ids, failed id -> reason) for a bound Celery task and record the outcome
+    in the job. Infrastructure failures retry the whole batch with backoff; a final answer from a
+    dependency (e.g. INVALID_ARGUMENT) retries unit by unit, so one bad image cannot fail its batch;
+    a bug fails the units with its reason instead of looping."""
+    headers = getattr(task.request, "headers", None) or {}
+    obs.request_id.set(getattr(task.request, "request_id", None) or headers.get("request_id") or job_id[:16])
+    t0 = time.perf_counter()
+    try:
+        done, failed = fn(units)
+    except INFRASTRUCTURE as exc:
+        if task.request.retries < task.max_retries:
+            delay = min(60, 2 ** task.request.retries)
+            log.warning("batch retried in %ss: %s", delay, exc, extra={"job_id": job_id})
+            # If the broker itself is down this raises, the message stays unacknowledged
+            # and is delivered again after the visibility timeout.
+            raise task.retry(exc=exc, countdown=delay) from None
+        done, failed = [], {unit_id(u): f"gave up after {task.max_retries} retries: {exc}" for u in units}
+    except grpc.RpcError as exc:
+        if len(units) > 1:
+            done, failed = [], {}
+            for unit in units:
+                try:
+                    d, f = fn([unit])
+                except grpc.RpcError as one:
+                    d, f = [], {unit_id(unit): f"{one.code().name}: {one.details()}"}
+                done += d
+                failed.update(f)
+        else:
+            done, failed = [], {unit_id(units[0]): f"{exc.code().name}: {exc.details()}"}
+    except Exception as exc:  # noqa: BLE001 - a bug must fail the items with a reason, not loop forever
+        log.exception("batch failed", extra={"job_id": job_id})
+        done, failed = [], {unit_id(u): f"internal error: {type(exc).__name__}: {exc}" for u in units}
+    ctx.jobs.mark_done(job_id, done)
+    ctx.jobs.mark_failed(job_id, failed)
+    obs.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
+    return done, failed

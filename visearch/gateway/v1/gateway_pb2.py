@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from visearch.common.v1 import common_pb2 as visearch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!visearch/gateway/v1/gateway.proto\x12\x13visearch.gateway.v1\x1a\x1fvisearch/common/v1/common.proto\"\xe8\x01\n\rSearchRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12@\n\x07\x66ilters\x18\x04 \x03(\x0b\x32/.visearch.gateway.v1.SearchRequest.FiltersEntry\x12\x0e\n\x06rerank\x18\x05 \x01(\t\x12\x12\n\nfull_frame\x18\x06 \x01(\x08\x12\x12\n\nper_object\x18\x07 \x01(\x08\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\nObjectHits\x12\x32\n\tquery_box\x18\x01 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x12\x17\n\x0f\x64\x65tection_score\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\x12,\n\x04hits\x18\x04 \x03(\x0b\x32\x1e.visearch.gateway.v1.SearchHit\"\xfb\x01\n\tSearchHit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12,\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x12>\n\x08metadata\x18\x04 \x03(\x0b\x32,.visearch.gateway.v1.SearchHit.MetadataEntry\x12/\n\x06region\x18\x05 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x0eSearchResponse\x12,\n\x04hits\x18\x01 \x03(\x0b\x32\x1e.visearch.gateway.v1.SearchHit\x12\x32\n\tquery_box\x18\x02 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\x12\x0e\n\x06rerank\x18\x04 \x01(\t\x12\x30\n\x07objects\x18\x05 \x03(\x0b\x32\x1f.visearch.gateway.v1.ObjectHits\"\xb9\x01\n\nIngestItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x03 \x01(\tH\x00\x12?\n\x08metadata\x18\x04 \x03(\x0b\x32-.visearch.gateway.v1.IngestItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"e\n\x12IngestItemsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12.\n\x05items\x18\x02 \x03(\x0b\x32\x1f.visearch.gateway.v1.IngestItem\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"7\n\x13IngestItemsResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\"%\n\x13GetIngestJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"-\n\nFailedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xf7\x01\n\tIngestJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.visearch.gateway.v1.JobState\x12\x11\n\tsubmitted\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\x12\x0f\n\x07pending\x18\x07 \x01(\x03\x12\x31\n\x08\x66\x61ilures\x18\x08 \x03(\x0b\x32\x1f.visearch.gateway.v1.FailedItem\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\"C\n\x14GetIngestJobResponse\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1e.visearch.gateway.v1.IngestJob\"7\n\x12\x44\x65leteItemsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\"&\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"2\n\x0eGetItemRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"O\n\x0cStoredObject\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12,\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"\xdf\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.visearch.gateway.v1.Item.MetadataEntry\x12\x32\n\x07objects\x18\x04 \x03(\x0b\x32!.visearch.gateway.v1.StoredObject\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x0fGetItemResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.visearch.gateway.v1.Item\"\x15\n\x13ListCatalogsRequest\"V\n\x07\x43\x61talog\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07objects\x18\x02 \x01(\x03\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\"F\n\x14ListCatalogsResponse\x12.\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x1c.visearch.gateway.v1.Catalog*P\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x12\n\x0eJOB_STATE_DONE\x10\x02\x32\xc7\x04\n\x0eGatewayService\x12Q\n\x06Search\x12\".visearch.gateway.v1.SearchRequest\x1a#.visearch.gateway.v1.SearchResponse\x12`\n\x0bIngestItems\x12\'.visearch.gateway.v1.IngestItemsRequest\x1a(.visearch.gateway.v1.IngestItemsResponse\x12\x63\n\x0cGetIngestJob\x12(.visearch.gateway.v1.GetIngestJobRequest\x1a).visearch.gateway.v1.GetIngestJobResponse\x12`\n\x0b\x44\x65leteItems\x12\'.visearch.gateway.v1.DeleteItemsRequest\x1a(.visearch.gateway.v1.DeleteItemsResponse\x12T\n\x07GetItem\x12#.visearch.gateway.v1.GetItemRequest\x1a$.visearch.gateway.v1.GetItemResponse\x12\x63\n\x0cListCatalogs\x12(.visearch.gateway.v1.ListCatalogsRequest\x1a).visearch.gateway.v1.ListCatalogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!visearch/gateway/v1/gateway.proto\x12\x13visearch.gateway.v1\x1a\x1fvisearch/common/v1/common.proto\"\xe8\x01\n\rSearchRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12@\n\x07\x66ilters\x18\x04 \x03(\x0b\x32/.visearch.gateway.v1.SearchRequest.FiltersEntry\x12\x0e\n\x06rerank\x18\x05 \x01(\t\x12\x12\n\nfull_frame\x18\x06 \x01(\x08\x12\x12\n\nper_object\x18\x07 \x01(\x08\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\nObjectHits\x12\x32\n\tquery_box\x18\x01 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x12\x17\n\x0f\x64\x65tection_score\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\x12,\n\x04hits\x18\x04 \x03(\x0b\x32\x1e.visearch.gateway.v1.SearchHit\"\xfb\x01\n\tSearchHit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12,\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x12>\n\x08metadata\x18\x04 \x03(\x0b\x32,.visearch.gateway.v1.SearchHit.MetadataEntry\x12/\n\x06region\x18\x05 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x0eSearchResponse\x12,\n\x04hits\x18\x01 \x03(\x0b\x32\x1e.visearch.gateway.v1.SearchHit\x12\x32\n\tquery_box\x18\x02 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\x12\x0e\n\x06rerank\x18\x04 \x01(\t\x12\x30\n\x07objects\x18\x05 \x03(\x0b\x32\x1f.visearch.gateway.v1.ObjectHits\"\xb9\x01\n\nIngestItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x03 \x01(\tH\x00\x12?\n\x08metadata\x18\x04 \x03(\x0b\x32-.visearch.gateway.v1.IngestItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"e\n\x12IngestItemsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12.\n\x05items\x18\x02 \x03(\x0b\x32\x1f.visearch.gateway.v1.IngestItem\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"7\n\x13IngestItemsResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\"%\n\x13GetIngestJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"-\n\nFailedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa5\x02\n\tIngestJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.visearch.gateway.v1.JobState\x12\x11\n\tsubmitted\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\x12\x0f\n\x07pending\x18\x07 \x01(\x03\x12\x31\n\x08\x66\x61ilures\x18\x08 \x03(\x0b\x32\x1f.visearch.gateway.v1.FailedItem\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\r\n\x05phase\x18\x0c \x01(\t\x12\x0f\n\x07message\x18\r \x01(\t\"C\n\x14GetIngestJobResponse\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1e.visearch.gateway.v1.IngestJob\"7\n\x12\x44\x65leteItemsRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\"&\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"2\n\x0eGetItemRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"O\n\x0cStoredObject\x12\x11\n\tobject_id\x18\x01 \x01(\t\x12,\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"\xdf\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x02 \x01(\t\x12\x39\n\x08metadata\x18\x03 \x03(\x0b\x32\'.visearch.gateway.v1.Item.MetadataEntry\x12\x32\n\x07objects\x18\x04 \x03(\x0b\x32!.visearch.gateway.v1.StoredObject\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x0fGetItemResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.visearch.gateway.v1.Item\"\x15\n\x13ListCatalogsRequest\"\xd8\x01\n\x07\x43\x61talog\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07objects\x18\x02 \x01(\x03\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\x12\x12\n\ngeneration\x18\x04 \x01(\x05\x12\x1b\n\x13\x62uilding_generation\x18\x05 \x01(\x05\x12\x35\n\x0e\x62uilding_model\x18\x06 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\x12\x18\n\x10\x62uilding_objects\x18\x07 \x01(\x03\"?\n\x15ReembedCatalogRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"j\n\x16ReembedCatalogResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\"F\n\x14ListCatalogsResponse\x12.\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x1c.visearch.gateway.v1.Catalog*P\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x12\n\x0eJOB_STATE_DONE\x10\x02\x32\xb2\x05\n\x0eGatewayService\x12Q\n\x06Search\x12\".visearch.gateway.v1.SearchRequest\x1a#.visearch.gateway.v1.SearchResponse\x12`\n\x0bIngestItems\x12\'.visearch.gateway.v1.IngestItemsRequest\x1a(.visearch.gateway.v1.IngestItemsResponse\x12\x63\n\x0cGetIngestJob\x12(.visearch.gateway.v1.GetIngestJobRequest\x1a).visearch.gateway.v1.GetIngestJobResponse\x12`\n\x0b\x44\x65leteItems\x12\'.visearch.gateway.v1.DeleteItemsRequest\x1a(.visearch.gateway.v1.DeleteItemsResponse\x12T\n\x07GetItem\x12#.visearch.gateway.v1.GetItemRequest\x1a$.visearch.gateway.v1.GetItemResponse\x12\x63\n\x0cListCatalogs\x12(.visearch.gateway.v1.ListCatalogsRequest\x1a).visearch.gateway.v1.ListCatalogsResponse\x12i\n\x0eReembedCatalog\x12*.visearch.gateway.v1.ReembedCatalogRequest\x1a+.visearch.gateway.v1.ReembedCatalogResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTITEM_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ITEM_METADATAENTRY']._loaded_options = None
   _globals['_ITEM_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2414
-  _globals['_JOBSTATE']._serialized_end=2494
+  _globals['_JOBSTATE']._serialized_start=2764
+  _globals['_JOBSTATE']._serialized_end=2844
   _globals['_SEARCHREQUEST']._serialized_start=92
   _globals['_SEARCHREQUEST']._serialized_end=324
   _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_start=278
@@ -67,29 +67,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAILEDITEM']._serialized_start=1349
   _globals['_FAILEDITEM']._serialized_end=1394
   _globals['_INGESTJOB']._serialized_start=1397
-  _globals['_INGESTJOB']._serialized_end=1644
-  _globals['_GETINGESTJOBRESPONSE']._serialized_start=1646
-  _globals['_GETINGESTJOBRESPONSE']._serialized_end=1713
-  _globals['_DELETEITEMSREQUEST']._serialized_start=1715
-  _globals['_DELETEITEMSREQUEST']._serialized_end=1770
-  _globals['_DELETEITEMSRESPONSE']._serialized_start=1772
-  _globals['_DELETEITEMSRESPONSE']._serialized_end=1810
-  _globals['_GETITEMREQUEST']._serialized_start=1812
-  _globals['_GETITEMREQUEST']._serialized_end=1862
-  _globals['_STOREDOBJECT']._serialized_start=1864
-  _globals['_STOREDOBJECT']._serialized_end=1943
-  _globals['_ITEM']._serialized_start=1946
-  _globals['_ITEM']._serialized_end=2169
+  _globals['_INGESTJOB']._serialized_end=1690
+  _globals['_GETINGESTJOBRESPONSE']._serialized_start=1692
+  _globals['_GETINGESTJOBRESPONSE']._serialized_end=1759
+  _globals['_DELETEITEMSREQUEST']._serialized_start=1761
+  _globals['_DELETEITEMSREQUEST']._serialized_end=1816
+  _globals['_DELETEITEMSRESPONSE']._serialized_start=1818
+  _globals['_DELETEITEMSRESPONSE']._serialized_end=1856
+  _globals['_GETITEMREQUEST']._serialized_start=1858
+  _globals['_GETITEMREQUEST']._serialized_end=1908
+  _globals['_STOREDOBJECT']._serialized_start=1910
+  _globals['_STOREDOBJECT']._serialized_end=1989
+  _globals['_ITEM']._serialized_start=1992
+  _globals['_ITEM']._serialized_end=2215
   _globals['_ITEM_METADATAENTRY']._serialized_start=684
   _globals['_ITEM_METADATAENTRY']._serialized_end=731
-  _globals['_GETITEMRESPONSE']._serialized_start=2171
-  _globals['_GETITEMRESPONSE']._serialized_end=2229
-  _globals['_LISTCATALOGSREQUEST']._serialized_start=2231
-  _globals['_LISTCATALOGSREQUEST']._serialized_end=2252
-  _globals['_CATALOG']._serialized_start=2254
-  _globals['_CATALOG']._serialized_end=2340
-  _globals['_LISTCATALOGSRESPONSE']._serialized_start=2342
-  _globals['_LISTCATALOGSRESPONSE']._serialized_end=2412
-  _globals['_GATEWAYSERVICE']._serialized_start=2497
-  _globals['_GATEWAYSERVICE']._serialized_end=3080
+  _globals['_GETITEMRESPONSE']._serialized_start=2217
+  _globals['_GETITEMRESPONSE']._serialized_end=2275
+  _globals['_LISTCATALOGSREQUEST']._serialized_start=2277
+  _globals['_LISTCATALOGSREQUEST']._serialized_end=2298
+  _globals['_CATALOG']._serialized_start=2301
+  _globals['_CATALOG']._serialized_end=2517
+  _globals['_REEMBEDCATALOGREQUEST']._serialized_start=2519
+  _globals['_REEMBEDCATALOGREQUEST']._serialized_end=2582
+  _globals['_REEMBEDCATALOGRESPONSE']._serialized_start=2584
+  _globals['_REEMBEDCATALOGRESPONSE']._serialized_end=2690
+  _globals['_LISTCATALOGSRESPONSE']._serialized_start=2692
+  _globals['_LISTCATALOGSRESPONSE']._serialized_end=2762
+  _globals['_GATEWAYSERVICE']._serialized_start=2847
+  _globals['_GATEWAYSERVICE']._serialized_end=3537
 # @@protoc_insertion_point(module_scope)

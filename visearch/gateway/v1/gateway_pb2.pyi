@@ -141,7 +141,7 @@ class FailedItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class IngestJob(_message.Message):
-    __slots__ = ("job_id", "catalog", "state", "submitted", "done", "failed", "pending", "failures", "created_at", "updated_at")
+    __slots__ = ("job_id", "catalog", "state", "submitted", "done", "failed", "pending", "failures", "created_at", "updated_at", "kind", "phase", "message")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,9 @@ class IngestJob(_message.Message):
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     catalog: str
     state: JobState
@@ -162,7 +165,10 @@ class IngestJob(_message.Message):
     failures: _containers.RepeatedCompositeFieldContainer[FailedItem]
     created_at: float
     updated_at: float
-    def __init__(self, job_id: _Optional[str] = ..., catalog: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., submitted: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., pending: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[FailedItem, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    kind: str
+    phase: str
+    message: str
+    def __init__(self, job_id: _Optional[str] = ..., catalog: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., submitted: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., pending: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[FailedItem, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., kind: _Optional[str] = ..., phase: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetIngestJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -232,14 +238,40 @@ class ListCatalogsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Catalog(_message.Message):
-    __slots__ = ("name", "objects", "model")
+    __slots__ = ("name", "objects", "model", "generation", "building_generation", "building_model", "building_objects")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BUILDING_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BUILDING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BUILDING_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     objects: int
     model: _common_pb2.ModelInfo
-    def __init__(self, name: _Optional[str] = ..., objects: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+    generation: int
+    building_generation: int
+    building_model: _common_pb2.ModelInfo
+    building_objects: int
+    def __init__(self, name: _Optional[str] = ..., objects: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., generation: _Optional[int] = ..., building_generation: _Optional[int] = ..., building_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., building_objects: _Optional[int] = ...) -> None: ...
+
+class ReembedCatalogRequest(_message.Message):
+    __slots__ = ("catalog", "model_version")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    model_version: str
+    def __init__(self, catalog: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ReembedCatalogResponse(_message.Message):
+    __slots__ = ("job_id", "generation", "model")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    generation: int
+    model: _common_pb2.ModelInfo
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ListCatalogsResponse(_message.Message):
     __slots__ = ("catalogs",)

@@ -65,6 +65,11 @@ class GatewayServiceStub:
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListCatalogsRequest.SerializeToString,
                 response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListCatalogsResponse.FromString,
                 _registered_method=True)
+        self.ReembedCatalog = channel.unary_unary(
+                '/visearch.gateway.v1.GatewayService/ReembedCatalog',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -111,6 +116,15 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReembedCatalog(self, request, context):
+        """Re-embed a catalog with another model version, blue/green: a new generation is built in the
+        background through the ingestion queue while searches use the live one, then the catalog
+        switches to it atomically. Progress: GetIngestJob(job_id). Needs the "admin" action.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +157,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ListCatalogs,
                     request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListCatalogsRequest.FromString,
                     response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListCatalogsResponse.SerializeToString,
+            ),
+            'ReembedCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReembedCatalog,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +327,33 @@ class GatewayService:
             '/visearch.gateway.v1.GatewayService/ListCatalogs',
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListCatalogsRequest.SerializeToString,
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListCatalogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReembedCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.gateway.v1.GatewayService/ReembedCatalog',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.FromString,
             options,
             channel_credentials,
             insecure,
