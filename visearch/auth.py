@@ -132,6 +132,12 @@ def require(action: str, catalog: str | None = None) -> Principal:
     return p
 
 
+def readable(catalog: str) -> bool:
+    """Whether the current caller may read the catalog's items and jobs (GetIngestJob's rule)."""
+    p = current.get()
+    return p is not None and (p is INTERNAL or p.id == "anonymous" or p.may("read", catalog))
+
+
 def visible(catalog: str) -> bool:
     p = current.get()
     return p is not None and (p is INTERNAL or p.id == "anonymous" or p.may("read", catalog) or p.may("search", catalog))

@@ -525,6 +525,22 @@ for _name, _module, _help in (
 
 
 @main.command()
+@click.option("--port", default=8080, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.pass_context
+def console(ctx, port, host):
+    """Serve the web console for the local mesh's gateway (until Ctrl-C); prints its address with the
+    admin key in the fragment (#key=..., kept in the browser tab, never sent in a URL to the server)."""
+    from services.console.server import main as serve_console
+    from visearch.settings import ConsoleSettings
+
+    settings = ConsoleSettings(console_port=port, host=host, gateway_addr=_gateway(ctx))
+    key = _api_key(ctx)
+    click.echo(f"http://{host}:{port}/" + (f"#key={key}" if key else ""), err=True)
+    serve_console(settings)
+
+
+@main.command()
 @click.option("--catalog", default="demo", show_default=True)
 @click.option("--queries", default=0, help="Search with only this many query photos (0: all).")
 @click.option("--keep-up", is_flag=True, help="Leave the mesh running afterwards.")

@@ -1,68 +1,309 @@
-"""A small synchronous client of the gateway, used by the CLI and the tests."""
+"""The Python SDK of the visearch gateway, sync (`Client`) and asyncio (`AsyncClient`).
+
+    from visearch.client import Client
+    with Client.local() as vs:                      # or Client("gw-1:50050,gw-2:50050", api_key=...)
+        job = vs.ingest_paths({"milk-1l": "/photos/milk.jpg"}, catalog="shop")
+        vs.wait(job.job_id)
+        print([(h.item_id, h.score) for h in vs.search("/photos/query.jpg", catalog="shop").hits])
+
+Answers are the gateway's protobuf messages (`visearch.gateway.v1.gateway_pb2`, typed by its
+.pyi stubs): SearchResponse, IngestItemsResponse, IngestJob, Item, Catalog, ReembedCatalogResponse.
+
+- **Addresses**: one `host:port`, a gRPC target (`dns:///gateway:50050` resolves every address
+  of a name and spreads calls round-robin), or several addresses (a list or comma-separated):
+  the client keeps a channel to each and takes them in turn, moving to the next on UNAVAILABLE.
+- **Deadlines**: every call has one (`timeout`, per client or per call), and it covers the
+  retries too.
+- **Retries**: every gateway call is idempotent (ingestion is keyed by item id and the client
+  makes the job id, a re-embedding start returns the running job; a retried delete may report
+  0 deleted), so UNAVAILABLE is retried with exponential backoff
+  (`retries` attempts in all), on the next address first. Other codes are final and raised as
+  `grpc.RpcError` with the gateway's reason (`exc.code()`, `exc.details()`).
+- **Auth**: `api_key`, else VISEARCH_API_KEY; TLS from the VISEARCH_TLS_* settings (`security`).
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import grpc
 
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from visearch.grpcserver import client_options, sync_channel
+from visearch.grpcserver import aio_channel, client_options, sync_channel
 from visearch.settings import SecuritySettings
 
-# Reads are safe to retry; ingestion is too (idempotent per item id), deletes as well.
-_RETRY_POLICY = {
-    "methodConfig": [{
-        "name": [{"service": "visearch.gateway.v1.GatewayService"}],
-        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"]},
-    }]
-}
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+ImageArg = bytes | str | Path
 
 
-class GatewayClient:
-    """`key`: the API key sent on every call; TLS comes from VISEARCH_TLS_CA_FILE (and client cert/key for mTLS)."""
+def split_addresses(addresses: str | Sequence[str]) -> list[str]:
+    if isinstance(addresses, str):
+        addresses = addresses.split(",") if not addresses.startswith(("ipv4:", "ipv6:")) else [addresses]
+    out = [a.strip() for a in addresses if a.strip()]
+    if not out:
+        raise ValueError("no gateway address (pass one, or set VISEARCH_GATEWAY_ADDR)")
+    return out
 
-    def __init__(self, address: str, key: str = "", timeout: float = 60.0, security: SecuritySettings | None = None):
-        opts = [*client_options(), ("grpc.service_config", json.dumps(_RETRY_POLICY))]
-        self.address = address
-        self.channel = sync_channel(address, security or SecuritySettings(), key=key, options=opts)
-        self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
-        self.timeout = timeout
 
-    def search(self, image: bytes, catalog: str = "default", top_k: int = 10, filters: dict | None = None,
-               rerank: str = "", full_frame: bool = False, per_object: bool = False) -> gateway_pb2.SearchResponse:
-        req = gateway_pb2.SearchRequest(catalog=catalog, image=image, top_k=top_k, filters=filters or {},
-                                        rerank=rerank, full_frame=full_frame, per_object=per_object)
-        return self.stub.Search(req, timeout=self.timeout)
+def image_bytes(image: ImageArg) -> bytes:
+    """Encoded image bytes, or the bytes of the file at that path."""
+    return image if isinstance(image, bytes) else Path(image).read_bytes()
 
-    def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = ""
-               ) -> gateway_pb2.IngestItemsResponse:
-        req = gateway_pb2.IngestItemsRequest(catalog=catalog, items=list(items), job_id=job_id)
-        return self.stub.IngestItems(req, timeout=self.timeout)
 
-    def job(self, job_id: str) -> gateway_pb2.IngestJob:
-        return self.stub.GetIngestJob(gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout=self.timeout).job
+def _search_request(image: ImageArg, catalog: str, top_k: int, filters: Mapping[str, str] | None, rerank: str,
+                    full_frame: bool, per_object: bool) -> gateway_pb2.SearchRequest:
+    return gateway_pb2.SearchRequest(catalog=catalog, image=image_bytes(image), top_k=top_k, filters=filters or {},
+                                     rerank=rerank, full_frame=full_frame, per_object=per_object)
 
-    def delete(self, item_ids: list[str], catalog: str = "default") -> int:
-        req = gateway_pb2.DeleteItemsRequest(catalog=catalog, item_ids=item_ids)
-        return self.stub.DeleteItems(req, timeout=self.timeout).deleted
 
-    def get(self, item_id: str, catalog: str = "default") -> gateway_pb2.Item:
-        return self.stub.GetItem(gateway_pb2.GetItemRequest(catalog=catalog, item_id=item_id),
-                                 timeout=self.timeout).item
+def _ingest_request(items: Iterable[gateway_pb2.IngestItem], catalog: str, job_id: str):
+    # The job id is made here, not by the gateway, so that a retry after a lost answer adds to the
+    # same job instead of starting a second one.
+    return gateway_pb2.IngestItemsRequest(catalog=catalog, items=list(items), job_id=job_id or uuid.uuid4().hex)
 
-    def catalogs(self) -> list[gateway_pb2.Catalog]:
-        return list(self.stub.ListCatalogs(gateway_pb2.ListCatalogsRequest(), timeout=self.timeout).catalogs)
 
-    def reembed(self, catalog: str = "default", model_version: str = "") -> gateway_pb2.ReembedCatalogResponse:
+def path_items(paths: Mapping[str, str | Path], metadata: Mapping[str, Mapping[str, str]] | None = None,
+               by_path: bool = False) -> list[gateway_pb2.IngestItem]:
+    """IngestItems from {item id: image path}: the bytes are sent, or with by_path the path itself
+    (the gateway must then be allowed to read it: VISEARCH_INGEST_ROOTS)."""
+    md = metadata or {}
+    if by_path:
+        return [gateway_pb2.IngestItem(item_id=i, uri=str(Path(p).resolve()), metadata=md.get(i, {}))
+                for i, p in paths.items()]
+    return [gateway_pb2.IngestItem(item_id=i, image=Path(p).read_bytes(), metadata=md.get(i, {}))
+            for i, p in paths.items()]
+
+
+class _Base:
+    def __init__(self, addresses: str | Sequence[str] | None, api_key: str | None, timeout: float, retries: int,
+                 backoff: float, security: SecuritySettings | None, key: str | None):
+        self.addresses = split_addresses(addresses if addresses is not None else os.environ.get("VISEARCH_GATEWAY_ADDR", ""))
+        self.address = self.addresses[0]
+        self.api_key = api_key if api_key is not None else (key if key is not None else os.environ.get("VISEARCH_API_KEY", ""))
+        self.timeout, self.retries, self.backoff = timeout, max(1, retries), backoff
+        self.security = security or SecuritySettings()
+        self._turn = itertools.count()
+
+    def _plan(self, timeout: float | None) -> tuple[float, int]:
+        """(deadline, first address index) of one call."""
+        return time.monotonic() + (timeout if timeout is not None else self.timeout), next(self._turn)
+
+    def _retry_wait(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before attempt+1, or None when exc is final."""
+        if exc.code() not in RETRYABLE or attempt + 1 >= self.retries:
+            return None
+        # The next address at once; once each was tried, back off exponentially.
+        wait = 0.0 if attempt + 1 < len(self.addresses) else min(2.0, self.backoff * 2 ** attempt)
+        return wait if time.monotonic() + wait < deadline else None
+
+    @classmethod
+    def local(cls, data_dir: str | Path | None = None, **kw):
+        """A client of the local mesh that `visearch up` started (its address and admin key)."""
+        from visearch import mesh
+
+        data_dir = Path(data_dir) if data_dir else mesh.default_data_dir()
+        state = mesh.load_state(data_dir)
+        if not state:
+            raise RuntimeError(f"no mesh is up in {data_dir}: run `visearch up`")
+        kw.setdefault("api_key", os.environ.get("VISEARCH_API_KEY") or mesh.read_admin_key(data_dir) or "")
+        return cls(state["gateway"], **kw)
+
+
+class Client(_Base):
+    """Blocking client. Thread-safe; one per process is enough."""
+
+    def __init__(self, addresses: str | Sequence[str] | None = None, *, api_key: str | None = None,
+                 timeout: float = 60.0, retries: int = 4, backoff: float = 0.2,
+                 security: SecuritySettings | None = None, key: str | None = None):
+        super().__init__(addresses, api_key, timeout, retries, backoff, security, key)
+        opts = client_options()
+        self.channels = [sync_channel(a, self.security, key=self.api_key, options=opts) for a in self.addresses]
+        self.stubs = [gateway_pb2_grpc.GatewayServiceStub(ch) for ch in self.channels]
+        self.channel, self.stub = self.channels[0], self.stubs[0]
+
+    def _call(self, method: str, request, timeout: float | None = None):
+        deadline, first = self._plan(timeout)
+        for attempt in itertools.count():
+            stub = self.stubs[(first + attempt) % len(self.stubs)]
+            try:
+                return getattr(stub, method)(request, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.RpcError as exc:
+                wait = self._retry_wait(exc, attempt, deadline)
+                if wait is None:
+                    raise
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def search(self, image: ImageArg, catalog: str = "default", top_k: int = 10,
+               filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
+               per_object: bool = False, timeout: float | None = None) -> gateway_pb2.SearchResponse:
+        """Items showing the same object as the photo (bytes or a path), best first."""
+        return self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame, per_object),
+                          timeout)
+
+    def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
+               timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
+        """Queue items (at most the gateway's max_items_per_request per call; pass the job_id of the
+        first answer to add more to the same job)."""
+        return self._call("IngestItems", _ingest_request(items, catalog, job_id), timeout)
+
+    def ingest_paths(self, paths: Mapping[str, str | Path], catalog: str = "default",
+                     metadata: Mapping[str, Mapping[str, str]] | None = None, by_path: bool = False,
+                     timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
+        """Queue {item id: image path}."""
+        return self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout)
+
+    def job(self, job_id: str, timeout: float | None = None) -> gateway_pb2.IngestJob:
+        return self._call("GetIngestJob", gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout).job
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.5,
+             on_progress: Callable[[gateway_pb2.IngestJob], None] | None = None) -> gateway_pb2.IngestJob:
+        """Poll a job until it is done (an ingestion: every item stored or failed; a re-embedding:
+        switched or failed); TimeoutError after `timeout` seconds (None: no limit)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job.state == gateway_pb2.JOB_STATE_DONE:
+                return job
+            if end is not None and time.monotonic() + poll > end:
+                raise TimeoutError(f"job {job_id} not done after {timeout} s: {job.done}/{job.submitted} done")
+            time.sleep(poll)
+
+    def delete(self, item_ids: list[str], catalog: str = "default", timeout: float | None = None) -> int:
+        return self._call("DeleteItems", gateway_pb2.DeleteItemsRequest(catalog=catalog, item_ids=item_ids),
+                          timeout).deleted
+
+    def get(self, item_id: str, catalog: str = "default", timeout: float | None = None) -> gateway_pb2.Item:
+        return self._call("GetItem", gateway_pb2.GetItemRequest(catalog=catalog, item_id=item_id), timeout).item
+
+    def catalogs(self, timeout: float | None = None) -> list[gateway_pb2.Catalog]:
+        return list(self._call("ListCatalogs", gateway_pb2.ListCatalogsRequest(), timeout).catalogs)
+
+    def reembed(self, catalog: str = "default", model_version: str = "", timeout: float | None = None
+                ) -> gateway_pb2.ReembedCatalogResponse:
         req = gateway_pb2.ReembedCatalogRequest(catalog=catalog, model_version=model_version)
-        return self.stub.ReembedCatalog(req, timeout=self.timeout)
+        return self._call("ReembedCatalog", req, timeout)
+
+    def jobs(self, catalog: str = "", limit: int = 20, timeout: float | None = None) -> list[gateway_pb2.IngestJob]:
+        """The newest jobs (ingestion and re-embedding), newest first; failures via `job`."""
+        req = gateway_pb2.ListIngestJobsRequest(catalog=catalog, limit=limit)
+        return list(self._call("ListIngestJobs", req, timeout).jobs)
+
+    def item_image(self, item_id: str, catalog: str = "default", max_side: int = 0, timeout: float | None = None
+                   ) -> gateway_pb2.GetItemImageResponse:
+        """A stored item's image (scaled down to max_side when set)."""
+        req = gateway_pb2.GetItemImageRequest(catalog=catalog, item_id=item_id, max_side=max_side)
+        return self._call("GetItemImage", req, timeout)
 
     def close(self) -> None:
-        self.channel.close()
+        for ch in self.channels:
+            ch.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+class AsyncClient(_Base):
+    """The asyncio client: the same methods as `Client`, awaited. Make it inside a running loop."""
+
+    def __init__(self, addresses: str | Sequence[str] | None = None, *, api_key: str | None = None,
+                 timeout: float = 60.0, retries: int = 4, backoff: float = 0.2,
+                 security: SecuritySettings | None = None, key: str | None = None):
+        super().__init__(addresses, api_key, timeout, retries, backoff, security, key)
+        self.channels = [aio_channel(a, self.security, key=self.api_key) for a in self.addresses]
+        self.stubs = [gateway_pb2_grpc.GatewayServiceStub(ch) for ch in self.channels]
+
+    async def _call(self, method: str, request, timeout: float | None = None):
+        deadline, first = self._plan(timeout)
+        for attempt in itertools.count():
+            stub = self.stubs[(first + attempt) % len(self.stubs)]
+            try:
+                return await getattr(stub, method)(request, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.aio.AioRpcError as exc:
+                wait = self._retry_wait(exc, attempt, deadline)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def search(self, image: ImageArg, catalog: str = "default", top_k: int = 10,
+                     filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
+                     per_object: bool = False, timeout: float | None = None) -> gateway_pb2.SearchResponse:
+        return await self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame,
+                                                          per_object), timeout)
+
+    async def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
+                     timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
+        return await self._call("IngestItems", _ingest_request(items, catalog, job_id), timeout)
+
+    async def ingest_paths(self, paths: Mapping[str, str | Path], catalog: str = "default",
+                           metadata: Mapping[str, Mapping[str, str]] | None = None, by_path: bool = False,
+                           timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
+        return await self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout)
+
+    async def job(self, job_id: str, timeout: float | None = None) -> gateway_pb2.IngestJob:
+        return (await self._call("GetIngestJob", gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout)).job
+
+    async def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.5,
+                   on_progress: Callable[[gateway_pb2.IngestJob], None] | None = None) -> gateway_pb2.IngestJob:
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.job(job_id)
+            if on_progress:
+                on_progress(job)
+            if job.state == gateway_pb2.JOB_STATE_DONE:
+                return job
+            if end is not None and time.monotonic() + poll > end:
+                raise TimeoutError(f"job {job_id} not done after {timeout} s: {job.done}/{job.submitted} done")
+            await asyncio.sleep(poll)
+
+    async def delete(self, item_ids: list[str], catalog: str = "default", timeout: float | None = None) -> int:
+        return (await self._call("DeleteItems", gateway_pb2.DeleteItemsRequest(catalog=catalog, item_ids=item_ids),
+                                 timeout)).deleted
+
+    async def get(self, item_id: str, catalog: str = "default", timeout: float | None = None) -> gateway_pb2.Item:
+        return (await self._call("GetItem", gateway_pb2.GetItemRequest(catalog=catalog, item_id=item_id),
+                                 timeout)).item
+
+    async def catalogs(self, timeout: float | None = None) -> list[gateway_pb2.Catalog]:
+        return list((await self._call("ListCatalogs", gateway_pb2.ListCatalogsRequest(), timeout)).catalogs)
+
+    async def reembed(self, catalog: str = "default", model_version: str = "", timeout: float | None = None
+                      ) -> gateway_pb2.ReembedCatalogResponse:
+        req = gateway_pb2.ReembedCatalogRequest(catalog=catalog, model_version=model_version)
+        return await self._call("ReembedCatalog", req, timeout)
+
+    async def jobs(self, catalog: str = "", limit: int = 20, timeout: float | None = None
+                   ) -> list[gateway_pb2.IngestJob]:
+        req = gateway_pb2.ListIngestJobsRequest(catalog=catalog, limit=limit)
+        return list((await self._call("ListIngestJobs", req, timeout)).jobs)
+
+    async def item_image(self, item_id: str, catalog: str = "default", max_side: int = 0,
+                         timeout: float | None = None) -> gateway_pb2.GetItemImageResponse:
+        req = gateway_pb2.GetItemImageRequest(catalog=catalog, item_id=item_id, max_side=max_side)
+        return await self._call("GetItemImage", req, timeout)
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+# The name the CLI, the benchmarks and the tests have used.
+GatewayClient = Client

@@ -8,6 +8,7 @@ Per job:
   vs:job:<id>:done     set    items stored
   vs:job:<id>:failed   hash   item -> reason, for items that cannot be stored
   vs:blob:<id>:<item>  string image bytes sent inline, until the item is processed
+  vs:jobs              zset   every job id by creation time (listing; trimmed to the TTL)
 done and failed never share an item (finishing one removes it from the other), so
 submitted == done + failed + pending with pending = submitted - done - failed.
 """
@@ -23,6 +24,7 @@ import redis
 from visearch.errors import InvalidArgument, NotFound
 
 PREFIX = "vs:job:"
+INDEX = "vs:jobs"
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Jobs:
         p = self.r.pipeline(transaction=True)
         p.hsetnx(base, "catalog", catalog)
         p.hsetnx(base, "created_at", now)
+        self._index(p, job_id, now)
         p.hset(base, "updated_at", now)
         if item_ids:
             p.sadd(items, *item_ids)
@@ -100,8 +103,39 @@ class Jobs:
         p = self.r.pipeline(transaction=True)
         p.hset(base, mapping={"catalog": catalog, "created_at": now, "updated_at": now, "kind": kind, "phase": phase,
                               "message": "", "open": 1, **fields})
+        self._index(p, job_id, now)
         p.expire(base, self.ttl)
         p.execute()
+
+    def _index(self, p, job_id: str, now: float) -> None:
+        p.zadd(INDEX, {job_id: now}, nx=True)
+        p.zremrangebyscore(INDEX, "-inf", now - self.ttl)
+
+    def recent(self, limit: int, catalogs=None, scan: int = 2000) -> list[JobStatus]:
+        """The newest jobs, newest first, of the catalogs `catalogs(name) -> bool` accepts (all when None);
+        at most `scan` jobs are looked at."""
+        out: list[JobStatus] = []
+        ids = [j.decode() for j in self.r.zrevrange(INDEX, 0, scan - 1)]
+        for start in range(0, len(ids), 100):  # one round trip per 100 jobs
+            page = ids[start:start + 100]
+            p = self.r.pipeline(transaction=False)
+            for job_id in page:
+                base, items, done, failed = _keys(job_id)
+                p.hgetall(base)
+                p.scard(items)
+                p.scard(done)
+                p.hlen(failed)
+            res = p.execute()
+            for n, job_id in enumerate(page):
+                head, submitted, n_done, n_failed = res[4 * n:4 * n + 4]
+                if not head:  # expired
+                    continue
+                st = self._status(job_id, head, submitted, n_done, n_failed, {})
+                if catalogs is None or catalogs(st.catalog):
+                    out.append(st)
+                    if len(out) >= limit:
+                        return out
+        return out
 
     def set_phase(self, job_id: str, phase: str, message: str = "", close: bool = False) -> None:
         mapping = {"phase": phase, "message": message[:2000], "updated_at": time.time()}
@@ -148,10 +182,17 @@ class Jobs:
         p.scard(items)
         p.scard(done)
         p.hlen(failed)
-        p.hscan(failed, 0, count=max_failures)
-        head, submitted, n_done, n_failed, (_, failures) = p.execute()
+        if max_failures > 0:  # HSCAN ... COUNT 0 is a syntax error to Redis once the hash exists
+            p.hscan(failed, 0, count=max_failures)
+        head, submitted, n_done, n_failed, *scan = p.execute()
+        failures = scan[0][1] if scan else {}
         if not head:
             raise NotFound(f"ingest job {job_id!r} does not exist (or has expired)")
+        return self._status(job_id, head, submitted, n_done, n_failed, failures, max_failures)
+
+    @staticmethod
+    def _status(job_id: str, head: dict, submitted: int, n_done: int, n_failed: int, failures: dict,
+                max_failures: int = 0) -> JobStatus:
         return JobStatus(
             job_id=job_id,
             catalog=head[b"catalog"].decode(),

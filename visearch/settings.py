@@ -110,6 +110,10 @@ class DetectionSettings(ServerSettings, InferenceSettings):
 class StoreSettings(_Base):
     milvus_uri: str
     milvus_token: str = ""
+    # Where images sent as bytes are kept (content-addressed) so a re-embedding (workers) and the
+    # console's thumbnails (gateway) can read them again; a folder they share (a ReadWriteMany
+    # volume in production). Empty keeps nothing: such items cannot be re-embedded.
+    blob_dir: str = ""
     # HNSW graph degree and build width; search width is max(ef, top_k).
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
@@ -210,10 +214,19 @@ class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
     max_retries: int = 5
     # /metrics of pool child n on worker_metrics_port + n; 0 leaves it off.
     worker_metrics_port: int = 0
-    # Where images sent as bytes are kept (content-addressed) so a re-embedding can read them
-    # again; a folder every worker shares (a ReadWriteMany volume in production). Empty keeps
-    # nothing: such items cannot be re-embedded and fail that job with the reason.
-    blob_dir: str = ""
     # Seconds the previous generation is kept after a re-embedding switched (in-flight searches
     # finish on it, late writes are carried over), before it is dropped.
     retire_after_seconds: float = 300.0
+
+
+class ConsoleSettings(SecuritySettings):
+    """The web console (services/console): an HTTP server in front of the gateway's gRPC API."""
+
+    console_port: int
+    gateway_addr: str
+    host: str = "127.0.0.1"
+    # Largest query photo accepted from the browser.
+    max_upload_bytes: int = 16 * 1024 * 1024
+    # Longer side of the result thumbnails.
+    thumb_side: int = 320
+    rpc_timeout_seconds: float = 30.0

@@ -165,10 +165,10 @@ class VectorStore:
         if not m or m.group(1) != catalog:
             raise FailedPrecondition(f"collection {alias!r} was made by an older visearch without generations: "
                                      f"drop it (or use another catalog name) and ingest again")
-        if name in self._gens:
-            return self._gens[name]
-        gen = self._describe(catalog, int(m.group(2)), desc)
-        self._load(gen.collection)  # once per generation and process, like `generation`
+        known = name in self._gens
+        gen = self._describe(catalog, int(m.group(2)), desc)  # from this answer: never a stale model
+        if not known:
+            self._load(gen.collection)  # once per generation and process, like `generation`
         return gen
 
     def generation(self, catalog: str, number: int) -> Generation | None:

@@ -4,15 +4,17 @@ the vector store and re-ranking for search; queues ingestion for the workers."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from pathlib import Path
 
 import grpc
+from PIL import Image
 
 from visearch import imaging, regions
 from visearch import observability as obs
-from visearch.auth import require, visible
+from visearch.auth import readable, require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -60,6 +62,32 @@ def meta_of(info: common_pb2.ModelInfo) -> ModelMeta:
     return ModelMeta(name=info.name, version=info.version, input_name="", output_name="", input_size=info.input_size,
                      dim=info.dim, metric=info.metric, architecture=info.architecture, pooling=info.pooling,
                      weights_sha256=info.weights_sha256)
+
+
+def job_pb(st) -> gateway_pb2.IngestJob:
+    state = gateway_pb2.JOB_STATE_DONE if st.finished else gateway_pb2.JOB_STATE_RUNNING
+    return gateway_pb2.IngestJob(
+        job_id=st.job_id, catalog=st.catalog, state=state, submitted=st.submitted, done=st.done, failed=st.failed,
+        pending=st.pending, created_at=st.created_at, updated_at=st.updated_at, kind=st.kind, phase=st.phase,
+        message=st.message, failures=[gateway_pb2.FailedItem(item_id=k, reason=v) for k, v in sorted(st.failures.items())])
+
+
+def item_image(data: bytes, max_side: int) -> gateway_pb2.GetItemImageResponse:
+    """The bytes as stored, or scaled down to max_side as JPEG (EXIF orientation applied, as boxes are)."""
+    try:
+        img = imaging.decode_image(data, draft_size=max_side or None)
+        w, h = imaging.image_size(data)
+    except imaging.ImageError as exc:
+        raise FailedPrecondition(f"the stored image cannot be decoded: {exc}") from None
+    if not max_side:
+        kind = Image.open(io.BytesIO(data)).format or "JPEG"
+        return gateway_pb2.GetItemImageResponse(image=data, content_type=f"image/{kind.lower()}", width=w, height=h,
+                                                sent_width=w, sent_height=h)
+    img.thumbnail((max_side, max_side))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    return gateway_pb2.GetItemImageResponse(image=out.getvalue(), content_type="image/jpeg", width=w, height=h,
+                                            sent_width=img.width, sent_height=img.height)
 
 
 class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
@@ -251,13 +279,40 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument("job_id is empty")
         st = await asyncio.to_thread(self.jobs.status, request.job_id)
         require("read", st.catalog)
-        state = gateway_pb2.JOB_STATE_DONE if st.finished else gateway_pb2.JOB_STATE_RUNNING
-        job = gateway_pb2.IngestJob(
-            job_id=st.job_id, catalog=st.catalog, state=state, submitted=st.submitted, done=st.done,
-            failed=st.failed, pending=st.pending, created_at=st.created_at, updated_at=st.updated_at,
-            kind=st.kind, phase=st.phase, message=st.message,
-            failures=[gateway_pb2.FailedItem(item_id=k, reason=v) for k, v in sorted(st.failures.items())])
-        return gateway_pb2.GetIngestJobResponse(job=job)
+        return gateway_pb2.GetIngestJobResponse(job=job_pb(st))
+
+    @rpc()
+    async def ListIngestJobs(self, request, context):
+        limit = request.limit or 20
+        if not 0 < limit <= 200:
+            raise InvalidArgument(f"limit must be between 1 and 200, got {limit}")
+        if request.catalog:
+            require("read", check_catalog(request.catalog))
+        wanted = (lambda c: c == request.catalog) if request.catalog else readable
+        found = await asyncio.to_thread(self.jobs.recent, limit, wanted)
+        return gateway_pb2.ListIngestJobsResponse(jobs=[job_pb(st) for st in found])
+
+    @rpc()
+    async def GetItemImage(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        require("read", catalog)
+        if not 0 <= request.max_side <= 4096:
+            raise InvalidArgument(f"max_side must be between 0 and 4096, got {request.max_side}")
+        gen = await asyncio.to_thread(self.store.live, catalog)
+        if gen is None:
+            raise NotFound(f"catalog {catalog!r} does not exist")
+        objs = await asyncio.to_thread(self.store.get_item, gen, check_item_id(request.item_id))
+        return await asyncio.to_thread(self._item_image, request.item_id, objs[0].source, request.max_side)
+
+    def _item_image(self, item_id: str, source: str, max_side: int) -> gateway_pb2.GetItemImageResponse:
+        """Read an item's image from its source, only inside the ingest roots or the blob store."""
+        allowed = [*self.roots, *([Path(self.s.blob_dir).resolve()] if self.s.blob_dir else [])]
+        path = Path(source).resolve() if source else None
+        if path is None or not any(path.is_relative_to(r) for r in allowed) or not path.is_file():
+            raise NotFound(f"the image of item {item_id!r} is not kept where this gateway can read it")
+        if path.stat().st_size > imaging.DEFAULT_LIMITS.max_bytes:
+            raise FailedPrecondition(f"the stored image of item {item_id!r} is over {imaging.DEFAULT_LIMITS.max_bytes} bytes")
+        return item_image(path.read_bytes(), max_side)
 
     # ---- items and catalogs ---------------------------------------------------
     @rpc()

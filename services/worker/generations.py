@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 import redis
 from celery import Celery
 
 from services.worker.tasks import (
     INFRASTRUCTURE,
     Context,
+    Transient,
     context,
     embed_objects,
     group_objects,
@@ -47,7 +49,7 @@ from visearch.store import Generation
 
 log = logging.getLogger(__name__)
 SUBMIT_CHUNK = 10_000
-REPAIR_ROUNDS = 3
+REPAIR_ROUNDS = 5
 
 
 def chunks(seq: list, n: int):
@@ -85,8 +87,16 @@ def copy_items(ctx: Context, src: Generation, dst: Generation, item_ids: list[st
         emb = embed_objects(ctx, [(data, o.box) for _, objs, data in todo for o in objs], dst.model_version,
                             ctx.settings.rpc_timeout_seconds)
         ctx.store.check_model(dst, model_meta(emb.model))
+        # An ingest may have written a newer version meanwhile (embedding takes a while): keep it. What
+        # still races past this check is found by the repair rounds, which switch only when clean.
+        now = {i: objs[0].stamp for i, objs in ctx.store.item_rows(dst, [i for i, _, _ in todo]).items()}
+        newer = {i for i, objs, _ in todo if now.get(i, -1) > objs[0].stamp}
+        flat = [i for i, objs, _ in todo for _ in objs]  # the item of each embedding
+        emb_list = [e for i, e in zip(flat, emb.embeddings, strict=True) if i not in newer]
+        done += sorted(newer)
+        todo = [t for t in todo if t[0] not in newer]
         per_item, region_rows = group_objects([i for i, objs, _ in todo for _ in objs],
-                                              [o.box for _, objs, _ in todo for o in objs], emb.embeddings)
+                                              [o.box for _, objs, _ in todo for o in objs], emb_list)
         ctx.store.upsert_items(dst, [(i, per_item[i], objs[0].metadata, objs[0].source, objs[0].stamp)
                                      for i, objs, _ in todo])
         ctx.store.upsert_regions(dst, region_rows)
@@ -160,7 +170,9 @@ def finish(ctx: Context, app: Celery, job_id: str, catalog: str, number: int) ->
             ctx.jobs.set_phase(job_id, "failed", f"generation {number} is gone or already live", close=True)
             return
         ctx.jobs.set_phase(job_id, "switching", "bringing the new generation in step with the live one")
-        for _ in range(REPAIR_ROUNDS):  # items ingested or deleted while the batches ran
+        # Items ingested or deleted while the batches ran; the switch waits for a round that finds
+        # the two generations equal.
+        for _ in range(REPAIR_ROUNDS):
             changed, failed = repair(ctx, live, gen, newer_only=False)
             if failed:
                 ctx.jobs.mark_failed(job_id, failed)
@@ -169,6 +181,11 @@ def finish(ctx: Context, app: Celery, job_id: str, catalog: str, number: int) ->
                 return
             if not changed:
                 break
+        else:
+            ctx.jobs.set_phase(job_id, "failed", f"the catalog kept changing through {REPAIR_ROUNDS} repair rounds: "
+                                                 f"not switched; a new re-embedding resumes generation {number}",
+                               close=True)
+            return
         ctx.store.switch(gen)
         obs.GENERATION_SWITCHES.labels(catalog).inc()
         ctx.jobs.set_phase(job_id, "switched", f"catalog {catalog!r} answers from generation {number} "
@@ -193,8 +210,10 @@ def retire(ctx: Context, catalog: str, number: int) -> dict:
         return {"dropped": False, "reason": "live"}
     # Writes that reached only the old generation (a worker resolved the catalog before the switch).
     carried, failed = repair(ctx, old, live, newer_only=True)
-    for item_id, reason in failed.items():
-        log.error("late write not carried over: %s", reason, extra={"catalog": catalog, "item_id": item_id})
+    if failed:  # keep it: the writes it alone holds must not be lost; the task is retried
+        for item_id, reason in failed.items():
+            log.error("late write not carried over: %s", reason, extra={"catalog": catalog, "item_id": item_id})
+        raise Transient(f"{len(failed)} late writes of generation {number} not carried over")
     ctx.store.drop_generation(old)
     log.info("generation retired", extra={"catalog": catalog, "generation": number, "carried": carried})
     return {"dropped": True, "carried": carried, "failed": len(failed)}
@@ -234,7 +253,8 @@ def register(app: Celery, settings: WorkerSettings) -> None:
 
         def maybe_finish():
             st = ctx.jobs.status(job_id, max_failures=0)
-            if st.pending == 0 and st.phase == "embedding":
+            # "switching": a finish interrupted by an outage, taken up again by this retry.
+            if st.pending == 0 and st.phase in ("embedding", "switching"):
                 finish(ctx, app, job_id, catalog, number)
 
         # A retry re-runs the batch, which is cheap (its items are current now) and leads here again.
@@ -245,5 +265,5 @@ def register(app: Celery, settings: WorkerSettings) -> None:
     def retire_generation(self, catalog: str, number: int) -> dict:
         try:
             return retire(context(settings), catalog, number)
-        except INFRASTRUCTURE as exc:  # the old generation stays until a retry drops it
-            raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from None
+        except (*INFRASTRUCTURE, grpc.RpcError) as exc:  # the old generation stays until a retry drops it
+            raise self.retry(exc=exc, countdown=min(300, 10 * 2 ** self.request.retries)) from None

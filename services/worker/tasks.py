@@ -117,8 +117,9 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     # re-embedding, the one being built, each with the model version that made it. A new
     # catalog is made for the serving default.
     targets = ctx.store.write_targets(catalog) or [None]
-    stored: list[str] = []
-    for gen in targets:
+    first = {item["item_id"]: n for n, (item, _, _) in enumerate(ok)}
+
+    def write(gen):
         emb = embed_objects(ctx, [(ok[n][1], box) for n, box in objects], gen.model_version if gen else "", timeout)
         meta = model_meta(emb.model)
         if gen is None:
@@ -127,14 +128,23 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
             ctx.store.check_model(gen, meta)
         per_item, region_rows = group_objects([ok[n][0]["item_id"] for n, _ in objects],
                                               [box for _, box in objects], emb.embeddings)
-        first = {item["item_id"]: n for n, (item, _, _) in enumerate(ok)}
         rows = [(item_id, objs, ok[first[item_id]][0].get("metadata") or {}, sources[first[item_id]], stamp)
                 for item_id, objs in per_item.items()]
         # Global vectors first, then regions: a crash in between leaves the item searchable and
         # re-ranked on its global score until the redelivered task stores its regions.
         ctx.store.upsert_items(gen, rows)
         ctx.store.upsert_regions(gen, region_rows)
-        stored = [r[0] for r in rows]
+        return [r[0] for r in rows]
+
+    stored = write(targets[0])
+    for gen in targets[1:]:
+        # The generation being built: best effort. What it misses (its model undeployed, Milvus
+        # hiccup) the re-embedding's repair finds by stamp and copies before any switch.
+        try:
+            write(gen)
+        except Exception as exc:  # noqa: BLE001 - the ingest itself succeeded on the live generation
+            log.warning("not written to generation %s being built: %s", gen.number, exc,
+                        extra={"job_id": job_id, "catalog": catalog})
     return stored + already, failed
 
 

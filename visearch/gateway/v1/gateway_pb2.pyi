@@ -278,3 +278,43 @@ class ListCatalogsResponse(_message.Message):
     CATALOGS_FIELD_NUMBER: _ClassVar[int]
     catalogs: _containers.RepeatedCompositeFieldContainer[Catalog]
     def __init__(self, catalogs: _Optional[_Iterable[_Union[Catalog, _Mapping]]] = ...) -> None: ...
+
+class ListIngestJobsRequest(_message.Message):
+    __slots__ = ("catalog", "limit")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    limit: int
+    def __init__(self, catalog: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListIngestJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[IngestJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[IngestJob, _Mapping]]] = ...) -> None: ...
+
+class GetItemImageRequest(_message.Message):
+    __slots__ = ("catalog", "item_id", "max_side")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    item_id: str
+    max_side: int
+    def __init__(self, catalog: _Optional[str] = ..., item_id: _Optional[str] = ..., max_side: _Optional[int] = ...) -> None: ...
+
+class GetItemImageResponse(_message.Message):
+    __slots__ = ("image", "content_type", "width", "height", "sent_width", "sent_height")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SENT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    SENT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    content_type: str
+    width: int
+    height: int
+    sent_width: int
+    sent_height: int
+    def __init__(self, image: _Optional[bytes] = ..., content_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., sent_width: _Optional[int] = ..., sent_height: _Optional[int] = ...) -> None: ...

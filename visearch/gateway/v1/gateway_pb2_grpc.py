@@ -70,6 +70,16 @@ class GatewayServiceStub:
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.SerializeToString,
                 response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.FromString,
                 _registered_method=True)
+        self.ListIngestJobs = channel.unary_unary(
+                '/visearch.gateway.v1.GatewayService/ListIngestJobs',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListIngestJobsRequest.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListIngestJobsResponse.FromString,
+                _registered_method=True)
+        self.GetItemImage = channel.unary_unary(
+                '/visearch.gateway.v1.GatewayService/GetItemImage',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageRequest.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -125,6 +135,21 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListIngestJobs(self, request, context):
+        """The newest jobs (ingestion and re-embedding) of the catalogs the caller may read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetItemImage(self, request, context):
+        """A stored item's image, read again from where it was ingested from, optionally scaled down
+        (the web console's result grid). NOT_FOUND when the item or its image is gone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +187,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ReembedCatalog,
                     request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.FromString,
                     response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.SerializeToString,
+            ),
+            'ListIngestJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIngestJobs,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListIngestJobsRequest.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListIngestJobsResponse.SerializeToString,
+            ),
+            'GetItemImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetItemImage,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageRequest.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +389,60 @@ class GatewayService:
             '/visearch.gateway.v1.GatewayService/ReembedCatalog',
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.SerializeToString,
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIngestJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.gateway.v1.GatewayService/ListIngestJobs',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListIngestJobsRequest.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListIngestJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetItemImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.gateway.v1.GatewayService/GetItemImage',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageRequest.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

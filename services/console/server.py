@@ -1,0 +1,243 @@
+"""The web console: a small HTTP server that serves a static page (no CDN: everything it loads
+comes from here) and a JSON API the page calls, answered over gRPC by the gateway with the
+SDK. It holds no credentials of its own: the browser sends the user's API key
+(`Authorization: Bearer KEY`) and the console passes it on, so the gateway applies the same
+keys, catalogs and actions as for any other caller.
+
+  GET  /, /jobs                 the page (search; catalogs and jobs)
+  GET  /static/<file>           its script and style
+  GET  /healthz                 200 while the gateway answers health checks
+  GET  /api/catalogs            catalogs with counts, model, generations
+  GET  /api/jobs[?catalog=C]    newest jobs; /api/jobs/<id> one job with its failures
+  GET  /api/image?catalog=C&item=I[&max_side=N]   an item's image (X-Image-Width/Height: original size)
+  POST /api/search?catalog=C[&top_k=&rerank=&full_frame=1]   body: the photo's bytes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import threading
+from collections import OrderedDict
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import grpc
+
+from visearch.client import Client
+from visearch.settings import ConsoleSettings
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+         ".png": "image/png", ".svg": "image/svg+xml"}
+HTTP_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST, grpc.StatusCode.NOT_FOUND: HTTPStatus.NOT_FOUND,
+    grpc.StatusCode.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED, grpc.StatusCode.PERMISSION_DENIED: HTTPStatus.FORBIDDEN,
+    grpc.StatusCode.FAILED_PRECONDITION: HTTPStatus.CONFLICT, grpc.StatusCode.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
+    grpc.StatusCode.DEADLINE_EXCEEDED: HTTPStatus.GATEWAY_TIMEOUT, grpc.StatusCode.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+HEADERS = {
+    # Nothing but this origin: no CDN, no inline script; thumbnails arrive as blob: URLs.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+                               "script-src 'self'; object-src 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
+
+
+class HttpError(Exception):
+    def __init__(self, status: HTTPStatus, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def box(b) -> list[float]:
+    return [round(b.x1, 1), round(b.y1, 1), round(b.x2, 1), round(b.y2, 1)]
+
+
+def hit_json(h) -> dict:
+    out = {"item_id": h.item_id, "score": round(h.score, 5), "metadata": dict(h.metadata)}
+    if h.HasField("box"):
+        out["box"] = box(h.box)
+    if h.HasField("region"):
+        out["region"] = box(h.region)
+    return out
+
+
+def job_json(j) -> dict:
+    return {"job_id": j.job_id, "catalog": j.catalog, "kind": j.kind or "ingest", "phase": j.phase,
+            "message": j.message, "state": "done" if j.state == 2 else "running", "submitted": j.submitted,
+            "done": j.done, "failed": j.failed, "pending": j.pending, "created_at": j.created_at,
+            "updated_at": j.updated_at, "failures": [{"item_id": f.item_id, "reason": f.reason} for f in j.failures]}
+
+
+class Console:
+    """Routes and the gateway clients, one per API key seen (a few, least recently used dropped)."""
+
+    def __init__(self, settings: ConsoleSettings):
+        self.s = settings
+        self._clients: OrderedDict[str, Client] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def client(self, key: str) -> Client:
+        if not key:
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "UNAUTHENTICATED", "no API key: send Authorization: Bearer KEY")
+        with self._lock:
+            c = self._clients.pop(key, None) or Client(self.s.gateway_addr, api_key=key,
+                                                       timeout=self.s.rpc_timeout_seconds, security=self.s)
+            self._clients[key] = c
+            while len(self._clients) > 16:
+                # Not closed here: another request may be using it; its channels go with the last reference.
+                self._clients.popitem(last=False)
+            return c
+
+    def healthy(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from visearch.grpcserver import sync_channel
+
+        try:
+            with sync_channel(self.s.gateway_addr, self.s) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def api(self, method: str, path: str, query: dict[str, str], key: str, body: bytes | None
+            ) -> tuple[HTTPStatus, str, bytes, dict]:
+        """(status, content type, body, extra headers) of an /api/ call."""
+        vs = self.client(key)
+        if method == "GET" and path == "/api/catalogs":
+            cats = [{"name": c.name, "objects": c.objects, "model": f"{c.model.name}:{c.model.version}",
+                     "generation": c.generation,
+                     "building": ({"generation": c.building_generation, "objects": c.building_objects,
+                                   "model": f"{c.building_model.name}:{c.building_model.version}"}
+                                  if c.building_generation else None)} for c in vs.catalogs()]
+            return self._json({"catalogs": cats})
+        if method == "GET" and path == "/api/jobs":
+            return self._json({"jobs": [job_json(j) for j in vs.jobs(query.get("catalog", ""), int(query.get("limit", 20)))]})
+        if method == "GET" and path.startswith("/api/jobs/"):
+            job_id = path.rsplit("/", 1)[1]
+            if not JOB_ID_RE.match(job_id):
+                raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"job id {job_id!r} is invalid")
+            return self._json(job_json(vs.job(job_id)))
+        if method == "GET" and path == "/api/image":
+            img = vs.item_image(query.get("item", ""), catalog=query.get("catalog", "default"),
+                                max_side=int(query.get("max_side", self.s.thumb_side)))
+            return HTTPStatus.OK, img.content_type, img.image, {
+                "X-Image-Width": str(img.width), "X-Image-Height": str(img.height), "Cache-Control": "private, max-age=60"}
+        if method == "POST" and path == "/api/search":
+            if not body:
+                raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "no photo: send its bytes as the body")
+            res = vs.search(body, catalog=query.get("catalog", "default"), top_k=int(query.get("top_k", 12)),
+                            rerank=query.get("rerank", ""), full_frame=query.get("full_frame") == "1")
+            return self._json({"hits": [hit_json(h) for h in res.hits], "query_box": box(res.query_box),
+                               "model": f"{res.model.name}:{res.model.version}", "rerank": res.rerank})
+        raise HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such API: {method} {path}")
+
+    @staticmethod
+    def _json(obj) -> tuple[HTTPStatus, str, bytes, dict]:
+        return HTTPStatus.OK, "application/json", json.dumps(obj).encode(), {"Cache-Control": "no-store"}
+
+
+def make_handler(console: Console):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "visearch-console"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # structured, through logging
+            log.info("http", extra={"method": self.command, "path": self.path.split("?")[0],
+                                    "status": getattr(self, "_status", 0)})
+
+        def _send(self, status: HTTPStatus, ctype: str, body: bytes, extra: dict | None = None) -> None:
+            self._status = int(status)
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in {**HEADERS, **(extra or {})}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _error(self, status: HTTPStatus, code: str, message: str) -> None:
+            # A body we may not have read must not be parsed as the next request.
+            self.close_connection = True
+            self._send(status, "application/json", json.dumps({"error": {"code": code, "message": message}}).encode())
+
+        def _handle(self, method: str) -> None:
+            url = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            try:
+                if url.path.startswith("/api/"):
+                    body = None
+                    if method == "POST":
+                        n = int(self.headers.get("Content-Length") or 0)
+                        if n < 0:
+                            raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "negative Content-Length")
+                        if n > console.s.max_upload_bytes:
+                            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
+                                            f"photo of {n} bytes; the limit is {console.s.max_upload_bytes}")
+                        body = self.rfile.read(n)
+                    auth = self.headers.get("Authorization", "")
+                    key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+                    self._send(*console.api(method, url.path, query, key, body))
+                elif method == "GET" and url.path == "/healthz":
+                    ok = console.healthy()
+                    self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, "text/plain",
+                               b"ok" if ok else b"gateway not serving")
+                elif method == "GET" and url.path in ("/", "/jobs"):
+                    self._static("index.html")
+                elif method == "GET" and url.path.startswith("/static/"):
+                    self._static(url.path[len("/static/"):])
+                else:
+                    raise HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"nothing at {url.path}")
+            except HttpError as exc:
+                self._error(exc.status, exc.code, exc.message)
+            except grpc.RpcError as exc:
+                self._error(HTTP_OF.get(exc.code(), HTTPStatus.BAD_GATEWAY), exc.code().name, exc.details() or "")
+            except ValueError as exc:
+                self._error(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug answers 500 with its reason, the server lives on
+                log.exception("console error")
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"{type(exc).__name__}: {exc}")
+
+        def _static(self, name: str) -> None:
+            path = (STATIC / name).resolve()
+            if not path.is_relative_to(STATIC.resolve()) or not path.is_file() or path.suffix not in TYPES:
+                raise HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no static file {name!r}")
+            self._send(HTTPStatus.OK, TYPES[path.suffix], path.read_bytes(), {"Cache-Control": "no-cache"})
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self._handle("GET")
+
+        def do_HEAD(self):  # noqa: N802
+            self._handle("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._handle("POST")
+
+    return Handler
+
+
+def main(settings: ConsoleSettings) -> None:
+    console = Console(settings)
+    server = ThreadingHTTPServer((settings.host, settings.console_port), make_handler(console))
+    server.daemon_threads = True
+
+    def stop(*_):
+        log.info("stopping")
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("console serving", extra={"address": f"http://{settings.host}:{settings.console_port}",
+                                       "gateway": settings.gateway_addr})
+    server.serve_forever()
+    server.server_close()

@@ -1,0 +1,261 @@
+// visearch console: plain JavaScript, no dependencies, talks to the console's /api (which calls the gateway).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const SVG = "http://www.w3.org/2000/svg";
+let jobsTimer = null;
+let selectedJob = null;
+let lastQuery = null;  // the photo last searched: changing a setting searches it again
+
+// ---- the API key: from #key=... once (then removed from the address bar), else the form ----------
+function apiKey() {
+  const m = location.hash.match(/key=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem("visearch-key", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname);
+  }
+  return sessionStorage.getItem("visearch-key") || "";
+}
+
+function status(text, error = false) {
+  const el = $("#status");
+  el.textContent = text;
+  el.className = error ? "error" : "";
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ Authorization: "Bearer " + apiKey() }, options.headers || {});
+  const res = await fetch(path, Object.assign({}, options, { headers }));
+  if (res.status === 401 || res.status === 403) {
+    const body = await res.json().catch(() => ({}));
+    if (res.status === 401) showKeyForm();
+    throw new Error(body.error ? `${body.error.code}: ${body.error.message}` : res.statusText);
+  }
+  if (!res.ok) {
+    const body = await res.json().catch(() => ({}));
+    throw new Error(body.error ? `${body.error.code}: ${body.error.message}` : `${res.status} ${res.statusText}`);
+  }
+  return res;
+}
+
+function showKeyForm() {
+  $("#key-form").hidden = false;
+}
+
+// ---- drawing boxes over an image: an SVG in the image's own pixel coordinates ---------------------
+function drawBoxes(svg, width, height, boxes) {
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.replaceChildren();
+  for (const [cls, b] of boxes) {
+    if (!b) continue;
+    const r = document.createElementNS(SVG, "rect");
+    r.setAttribute("class", cls);
+    r.setAttribute("x", b[0]);
+    r.setAttribute("y", b[1]);
+    r.setAttribute("width", Math.max(1, b[2] - b[0]));
+    r.setAttribute("height", Math.max(1, b[3] - b[1]));
+    svg.appendChild(r);
+  }
+}
+
+// ---- search ------------------------------------------------------------------------------------------
+async function loadCatalogs() {
+  const res = await api("/api/catalogs");
+  const { catalogs } = await res.json();
+  const sel = $("#catalog");
+  const keep = sel.value || new URLSearchParams(location.search).get("catalog");
+  sel.replaceChildren(...catalogs.map((c) => new Option(`${c.name} (${c.objects})`, c.name)));
+  if (keep && catalogs.some((c) => c.name === keep)) sel.value = keep;
+  return catalogs;
+}
+
+async function search(blob) {
+  const catalog = $("#catalog").value;
+  if (!catalog) return status("No catalog to search: ingest one first.", true);
+  lastQuery = blob;
+  const url = URL.createObjectURL(blob);
+  const img = $("#query-img");
+  img.src = url;
+  await img.decode().catch(() => {});
+  $("#query").hidden = false;
+  $("#query-svg").replaceChildren();
+  $("#results").replaceChildren();
+  $("#results-title").hidden = true;
+  status("Searching…");
+  const params = new URLSearchParams({ catalog, top_k: $("#top-k").value || "12" });
+  if ($("#rerank").value) params.set("rerank", $("#rerank").value);
+  if ($("#full-frame").checked) params.set("full_frame", "1");
+  const t0 = performance.now();
+  let answer;
+  try {
+    const res = await api("/api/search?" + params, { method: "POST", body: blob,
+                                                    headers: { "Content-Type": "application/octet-stream" } });
+    answer = await res.json();
+  } catch (err) {
+    return status(err.message, true);
+  }
+  const ms = Math.round(performance.now() - t0);
+  drawBoxes($("#query-svg"), img.naturalWidth, img.naturalHeight, [["query", answer.query_box]]);
+  $("#query-info").textContent = `searched box [${answer.query_box.map(Math.round).join(", ")}], ` +
+    `model ${answer.model}, re-rank ${answer.rerank}, ${answer.hits.length} results in ${ms} ms`;
+  $("#results-title").hidden = false;
+  $("#results").replaceChildren(...answer.hits.map((h, i) => hitCard(catalog, h, i + 1)));
+  status(answer.hits.length ? "" : "No results.");
+}
+
+function hitCard(catalog, hit, rank) {
+  const card = document.createElement("article");
+  card.className = "hit";
+  card.dataset.itemId = hit.item_id;
+  card.dataset.rank = rank;
+  const frame = document.createElement("figure");
+  frame.className = "frame";
+  const img = document.createElement("img");
+  img.alt = hit.item_id;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("preserveAspectRatio", "none");
+  frame.append(img, svg);
+  const title = document.createElement("div");
+  title.innerHTML = `<span class="rank"></span> <span class="id"></span><span class="score"></span>`;
+  title.querySelector(".rank").textContent = `${rank}.`;
+  title.querySelector(".id").textContent = hit.item_id;
+  title.querySelector(".score").textContent = hit.score.toFixed(3);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  meta.textContent = Object.entries(hit.metadata || {}).map(([k, v]) => `${k}: ${v}`).join(" · ");
+  card.append(frame, title, meta);
+  // The thumbnail (fetched with the key, shown as a blob: URL); boxes in the original image's pixels.
+  api(`/api/image?${new URLSearchParams({ catalog, item: hit.item_id })}`).then(async (res) => {
+    const w = +res.headers.get("X-Image-Width"), h = +res.headers.get("X-Image-Height");
+    img.src = URL.createObjectURL(await res.blob());
+    drawBoxes(svg, w, h, [["object", hit.box], ["region", hit.region]]);
+  }).catch((err) => { meta.textContent += ` (no image: ${err.message})`; });
+  card.addEventListener("click", async () => {
+    status(`Searching with ${hit.item_id}…`);
+    try {
+      const res = await api(`/api/image?${new URLSearchParams({ catalog, item: hit.item_id, max_side: "1024" })}`);
+      await search(await res.blob());
+    } catch (err) {
+      status(err.message, true);
+    }
+  });
+  return card;
+}
+
+function setupSearch() {
+  const drop = $("#drop");
+  $("#file").addEventListener("change", (e) => {
+    const f = e.target.files[0];
+    e.target.value = "";  // choosing the same file again searches again
+    if (f) search(f);
+  });
+  for (const id of ["#catalog", "#rerank", "#full-frame", "#top-k"]) {
+    $(id).addEventListener("change", () => lastQuery && search(lastQuery));
+  }
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const f = e.dataTransfer.files[0];
+    if (f) search(f);
+  });
+  loadCatalogs().then((cats) => status(cats.length ? "" : "No catalogs yet."))
+    .catch((err) => status(err.message, true));
+}
+
+// ---- catalogs and jobs ------------------------------------------------------------------------------------
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+function progressBar(job) {
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  const total = Math.max(1, job.submitted);
+  const failed = document.createElement("span");
+  failed.className = "failed";
+  failed.style.width = `${(100 * job.failed) / total}%`;
+  const done = document.createElement("span");
+  done.style.width = `${(100 * job.done) / total}%`;
+  bar.append(failed, done);
+  const td = document.createElement("td");
+  td.append(bar, ` ${job.done + job.failed}/${job.submitted}`);
+  return td;
+}
+
+function jobState(job) {
+  if (job.kind === "reembed") return job.phase || job.state;
+  return job.state;
+}
+
+async function refreshJobs() {
+  try {
+    const [cats, jobs] = await Promise.all([api("/api/catalogs").then((r) => r.json()),
+                                            api("/api/jobs?limit=30").then((r) => r.json())]);
+    $("#catalogs-table tbody").replaceChildren(...cats.catalogs.map((c) => {
+      const tr = document.createElement("tr");
+      tr.dataset.catalog = c.name;
+      tr.append(cell(c.name), cell(c.objects), cell(c.model), cell(c.generation),
+                cell(c.building ? `generation ${c.building.generation}: ${c.building.objects} objects, ${c.building.model}` : "—"));
+      return tr;
+    }));
+    $("#jobs-table tbody").replaceChildren(...jobs.jobs.map((j) => {
+      const tr = document.createElement("tr");
+      tr.dataset.jobId = j.job_id;
+      tr.dataset.state = j.state;
+      const st = jobState(j);
+      tr.append(cell(j.job_id.slice(0, 12)), cell(j.catalog), cell(j.kind), cell(st, st === "failed" ? "state-failed" : (j.state === "done" ? "state-done" : "")),
+                progressBar(j), cell(j.failed, j.failed ? "state-failed" : ""), cell(new Date(j.created_at * 1000).toLocaleTimeString()));
+      tr.addEventListener("click", () => { selectedJob = j.job_id; refreshDetail(); });
+      return tr;
+    }));
+    if (selectedJob) await refreshDetail();
+    status(`${jobs.jobs.length} recent jobs · updated ${new Date().toLocaleTimeString()}`);
+  } catch (err) {
+    status(err.message, true);
+  }
+}
+
+async function refreshDetail() {
+  const job = await api(`/api/jobs/${selectedJob}`).then((r) => r.json());
+  $("#job-detail").hidden = false;
+  $("#job-detail-title").textContent = `Job ${job.job_id} (${job.kind}, ${job.catalog}): ${jobState(job)}, ` +
+    `${job.done} done, ${job.failed} failed, ${job.pending} pending`;
+  $("#job-detail-message").textContent = job.message || "";
+  $("#failures-table tbody").replaceChildren(...job.failures.map((f) => {
+    const tr = document.createElement("tr");
+    tr.append(cell(f.item_id), cell(f.reason));
+    return tr;
+  }));
+}
+
+// ---- start ------------------------------------------------------------------------------------------------
+function start() {
+  const onJobs = location.pathname === "/jobs";
+  $("#nav-search").classList.toggle("active", !onJobs);
+  $("#nav-jobs").classList.toggle("active", onJobs);
+  $("#key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("visearch-key", $("#key").value.trim());
+    location.reload();
+  });
+  if (!apiKey()) {
+    showKeyForm();
+    return;
+  }
+  if (onJobs) {
+    $("#view-jobs").hidden = false;
+    // The next refresh a second after the last one finished: never two at once.
+    const loop = () => refreshJobs().finally(() => { jobsTimer = setTimeout(loop, 1000); });
+    loop();
+  } else {
+    $("#view-search").hidden = false;
+    setupSearch();
+  }
+}
+
+document.addEventListener("DOMContentLoaded", start);
