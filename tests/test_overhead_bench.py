@@ -1,0 +1,23 @@
+"""bench/overhead.py end to end on a small catalog (the full run's numbers are in docs/PERFORMANCE.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.mesh
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    from bench.overhead import main
+
+    assert main(["--catalog-size", "300", "--real", "24", "--queries", "3", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["catalog_items"] == 300 and r["searches"] == 3, r
+    assert 0 < r["raw"]["detector_ms"] and 0 < r["raw"]["embedder_batch2_ms"] and r["search_p50_ms"] > 0
+    assert r["p50_over_raw"] == pytest.approx(r["search_p50_ms"] / r["raw"]["sum_p50_ms"], rel=0.02)
+    w = r["mean_ms_per_search_by_service"]
+    assert {"detection", "embedding", "rerank", "gateway", "gateway_own"} <= set(w), w
+    assert w["gateway"] >= max(w["detection"], w["embedding"]), "the gateway's time includes its calls"
+    assert "gateway Search" in (tmp_path / "result.md").read_text()
