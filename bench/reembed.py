@@ -73,9 +73,18 @@ def run(items: int, out: Path, retire_after: float, settle: float = 10.0, progre
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         repo = versioned_repo(Path(DEFAULT_MODEL_REPOSITORY), tmp / "repo")
+        # The mesh's processes take their settings from this environment: set for the start only.
+        saved = {k: os.environ.get(k) for k in ("VISEARCH_MODEL_REPOSITORY", "VISEARCH_RETIRE_AFTER_SECONDS")}
         os.environ.update(VISEARCH_MODEL_REPOSITORY=str(repo), VISEARCH_RETIRE_AFTER_SECONDS=str(retire_after))
         data = tmp / "mesh"
-        state = mesh.up(data, log=lambda m: None)
+        try:
+            state = mesh.up(data, log=lambda m: None)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         try:
             key = mesh.read_admin_key(data)
             client = GatewayClient(state["gateway"], key=key, timeout=60)
