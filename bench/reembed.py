@@ -64,7 +64,6 @@ def run(items: int, out: Path, retire_after: float, settle: float = 10.0, progre
     from visearch.client import GatewayClient
     from visearch.datasets import grocery_root, grocery_split
     from visearch.demo import item_id, write_manifest
-    from visearch.gateway.v1 import gateway_pb2
     from visearch.settings import DEFAULT_MODEL_REPOSITORY
 
     root = grocery_root()
@@ -123,8 +122,7 @@ def run(items: int, out: Path, retire_after: float, settle: float = 10.0, progre
             start = time.monotonic()
             res = client.reembed("bench")
             progress(f"re-embedding job {res.job_id} into generation {res.generation}")
-            while (job := client.job(res.job_id)).state != gateway_pb2.JOB_STATE_DONE:
-                time.sleep(0.25)
+            job = client.wait(res.job_id, poll=0.25)
             switched = time.monotonic()
             progress(f"{job.phase} after {switched - start:.1f} s: {job.message}")
             time.sleep(settle)

@@ -197,16 +197,8 @@ def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool) -> tuple[
 
 
 def wait_job(client, job_id: str, total: int, quiet: bool = False):
-    from visearch.gateway.v1 import gateway_pb2
-
     bar = None if quiet else Progress(total, "ingest")
-    while True:
-        job = client.job(job_id)
-        if bar:
-            bar.update(job.done, job.failed, force=job.pending == 0)
-        if job.state == gateway_pb2.JOB_STATE_DONE:
-            break
-        time.sleep(0.5)
+    job = client.wait(job_id, on_progress=bar and (lambda j: bar.update(j.done, j.failed, force=j.pending == 0)))
     if bar:
         bar.close()
     return job
@@ -388,8 +380,6 @@ def reembed(ctx, catalog, model_version, wait, as_json):
     generation while the new one is built through the queue, then the catalog switches at once."""
     from google.protobuf.json_format import MessageToDict
 
-    from visearch.gateway.v1 import gateway_pb2
-
     with _client(ctx) as client:
         try:
             res = client.reembed(catalog, model_version)
@@ -399,14 +389,16 @@ def reembed(ctx, catalog, model_version, wait, as_json):
                 click.echo(f"job {res.job_id}: re-embedding {catalog!r} into generation {res.generation} "
                            f"with {out['model']}", err=True)
             if wait:
-                last = None
-                while (job := client.job(res.job_id)).state != gateway_pb2.JOB_STATE_DONE:
+                last = [None]
+
+                def progress(job):  # a line when the phase or the counts change
                     now = (job.phase, job.done + job.failed, job.submitted)
-                    if now != last and not as_json:
+                    if now != last[0] and not as_json:
                         click.echo(f"  {job.phase}: {job.done + job.failed}/{job.submitted}", err=True)
-                    last = now
-                    time.sleep(0.5)
-                out["job"] = MessageToDict(job, always_print_fields_with_no_presence=True)
+                    last[0] = now
+
+                out["job"] = MessageToDict(client.wait(res.job_id, on_progress=progress),
+                                           always_print_fields_with_no_presence=True)
         except grpc.RpcError as exc:
             raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
     if as_json:

@@ -260,14 +260,15 @@ class VectorStore:
             self._region_dims.pop(name, None)
 
     def check_model(self, target: Target, meta: ModelMeta) -> None:
-        gen = self._gen(target)
+        gen = self.resolve(target)
         if gen.model_tag != meta.tag or gen.dim != meta.dim:
             raise FailedPrecondition(
                 f"catalog {gen.catalog!r} (generation {gen.number}) holds vectors of model {gen.model_tag} "
                 f"(dim {gen.dim}); the model used is {meta.tag} (dim {meta.dim}): re-embed the catalog before "
                 f"searching it with this model")
 
-    def _gen(self, target: Target) -> Generation:
+    def resolve(self, target: Target) -> Generation:
+        """A generation as given, or a catalog's live one (NOT_FOUND when the catalog does not exist)."""
         if isinstance(target, Generation):
             return target
         gen = self.live(target)
@@ -308,7 +309,7 @@ class VectorStore:
         Upsert first, delete after, so a crash between the two leaves the item
         searchable (with at worst stale extra objects), never missing.
         """
-        gen = self._gen(target)
+        gen = self.resolve(target)
         name = gen.collection
         rows, stale_candidates = [], []
         now = time.time_ns()
@@ -333,7 +334,7 @@ class VectorStore:
         return len(rows)
 
     def delete_items(self, target: Target, item_ids: list[str]) -> int:
-        gen = self._gen(target)
+        gen = self.resolve(target)
         found = self._existing_objects(gen.collection, [o for i in item_ids for o in self.object_ids(i)], ["object_id"])
         if found:
             self.client.delete(gen.collection, ids=[r["object_id"] for r in found])
@@ -342,7 +343,7 @@ class VectorStore:
 
     def item_rows(self, target: Target, item_ids: list[str]) -> dict[str, list[StoredObject]]:
         """item id -> its stored objects (with box, metadata, source, stamp), in object order."""
-        gen = self._gen(target)
+        gen = self.resolve(target)
         rows = self._existing_objects(gen.collection, [o for i in item_ids for o in self.object_ids(i)],
                                       ["object_id", "item_id", "box", "metadata", "source", "stamp"])
         out: dict[str, list[StoredObject]] = {}
@@ -353,7 +354,7 @@ class VectorStore:
     def item_stamps(self, target: Target, batch: int = 4096) -> dict[str, int]:
         """item id -> stamp of every item in a generation (a scan; an item's objects share its stamp).
         Every row, not only `#0` ones: Milvus 2.3 matches only prefixes with `like`."""
-        gen = self._gen(target)
+        gen = self.resolve(target)
         it = self.client.query_iterator(gen.collection, batch_size=batch, filter='item_id != ""',
                                         output_fields=["item_id", "stamp"])
         out: dict[str, int] = {}
@@ -380,7 +381,7 @@ class VectorStore:
         """Store each object's base regions: (object_id, features [R, d], boxes [R, 4] pixels)."""
         if not rows:
             return 0
-        gen = self._gen(target)
+        gen = self.resolve(target)
         dim = int(rows[0][1].shape[1])
         with self._create_lock:
             found = self._region_dim(gen)
@@ -404,7 +405,7 @@ class VectorStore:
 
     def get_regions(self, target: Target, object_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """object_id -> (features [n, d], boxes [n, 4]) for the objects that have regions."""
-        gen = self._gen(target)
+        gen = self.resolve(target)
         dim = self._region_dim(gen)
         if dim is None or not object_ids:
             return {}
@@ -421,7 +422,7 @@ class VectorStore:
         """object_id -> its global vector."""
         if not object_ids:
             return {}
-        rows = self.client.get(self._gen(target).collection, ids=list(object_ids), output_fields=["object_id", "vector"])
+        rows = self.client.get(self.resolve(target).collection, ids=list(object_ids), output_fields=["object_id", "vector"])
         return {r["object_id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
     def _create_regions(self, gen: Generation, dim: int) -> None:
@@ -440,7 +441,7 @@ class VectorStore:
             self.client.delete(gen.region_collection, ids=list(object_ids))
 
     def get_item(self, target: Target, item_id: str) -> list[StoredObject]:
-        gen = self._gen(target)
+        gen = self.resolve(target)
         rows = self.item_rows(gen, [item_id]).get(item_id)
         if not rows:
             raise NotFound(f"item {item_id!r} is not in catalog {gen.catalog!r}")
@@ -448,7 +449,7 @@ class VectorStore:
 
     def search(self, target: Target, vector: np.ndarray, limit: int, filters: dict[str, str] | None = None
                ) -> list[StoredObject]:
-        gen = self._gen(target)
+        gen = self.resolve(target)
         expr = " and ".join(f"metadata[{_quote(k)}] == {_quote(v)}" for k, v in sorted((filters or {}).items()))
         res = self.client.search(gen.collection, data=[np.asarray(vector, np.float32).tolist()], limit=limit,
                                  filter=expr, output_fields=["item_id", "box", "metadata"], anns_field="vector",
@@ -463,7 +464,7 @@ class VectorStore:
         return out
 
     def count(self, target: Target) -> int:
-        res = self.client.query(self._gen(target).collection, filter="", output_fields=["count(*)"])
+        res = self.client.query(self.resolve(target).collection, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
     def list_catalogs(self) -> list[CatalogInfo]:
@@ -479,7 +480,7 @@ class VectorStore:
         return out
 
     def flush(self, target: Target) -> None:
-        gen = self._gen(target)
+        gen = self.resolve(target)
         self.client.flush(gen.collection)
         if self._region_dim(gen) is not None:
             self.client.flush(gen.region_collection)

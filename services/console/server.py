@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 
 from visearch.client import Client
+from visearch.gateway.v1 import gateway_pb2
 from visearch.settings import ConsoleSettings
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def hit_json(h) -> dict:
 
 def job_json(j) -> dict:
     return {"job_id": j.job_id, "catalog": j.catalog, "kind": j.kind or "ingest", "phase": j.phase,
-            "message": j.message, "state": "done" if j.state == 2 else "running", "submitted": j.submitted,
+            "message": j.message, "state": "done" if j.state == gateway_pb2.JOB_STATE_DONE else "running",
+            "submitted": j.submitted,
             "done": j.done, "failed": j.failed, "pending": j.pending, "created_at": j.created_at,
             "updated_at": j.updated_at, "failures": [{"item_id": f.item_id, "reason": f.reason} for f in j.failures]}
 

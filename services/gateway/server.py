@@ -121,9 +121,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         # The catalog's live generation, resolved once: every read of this search (vectors,
         # regions) and the query's model version come from it, even if a re-embedding switches
         # the catalog meanwhile.
-        gen = await asyncio.to_thread(self.store.live, catalog)
-        if gen is None:
-            raise NotFound(f"catalog {catalog!r} does not exist")
+        gen = await asyncio.to_thread(self.store.resolve, catalog)
         t = self.s.rpc_timeout_seconds
 
         policy = "full" if request.full_frame else self.s.query_objects
@@ -298,9 +296,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         require("read", catalog)
         if not 0 <= request.max_side <= 4096:
             raise InvalidArgument(f"max_side must be between 0 and 4096, got {request.max_side}")
-        gen = await asyncio.to_thread(self.store.live, catalog)
-        if gen is None:
-            raise NotFound(f"catalog {catalog!r} does not exist")
+        gen = await asyncio.to_thread(self.store.resolve, catalog)
         objs = await asyncio.to_thread(self.store.get_item, gen, check_item_id(request.item_id))
         return await asyncio.to_thread(self._item_image, request.item_id, objs[0].source, request.max_side)
 
@@ -322,9 +318,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         ids = [check_item_id(i) for i in request.item_ids]
         if not ids:
             raise InvalidArgument("no item ids to delete")
-        live = await asyncio.to_thread(self.store.live, catalog)
-        if live is None:
-            raise NotFound(f"catalog {catalog!r} does not exist")
+        live = await asyncio.to_thread(self.store.resolve, catalog)
         # From every generation: the one being built must not keep it, and neither may the
         # previous one, whose late writes are carried over when it is retired.
         n = 0
@@ -337,9 +331,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetItem(self, request, context):
         catalog = check_catalog(request.catalog or "default")
         require("read", catalog)
-        gen = await asyncio.to_thread(self.store.live, catalog)
-        if gen is None:
-            raise NotFound(f"catalog {catalog!r} does not exist")
+        gen = await asyncio.to_thread(self.store.resolve, catalog)
         objs = await asyncio.to_thread(self.store.get_item, gen, check_item_id(request.item_id))
         tag = gen.model_tag
         item = gateway_pb2.Item(item_id=request.item_id, catalog=catalog,
@@ -372,9 +364,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         require("admin", catalog)
         if request.model_version and not request.model_version.isdigit():
             raise InvalidArgument(f"model_version {request.model_version!r} must be a number (empty: the default)")
-        live = await asyncio.to_thread(self.store.live, catalog)
-        if live is None:
-            raise NotFound(f"catalog {catalog!r} does not exist")
+        live = await asyncio.to_thread(self.store.resolve, catalog)
         info = (await call("embedding", self.embedding.GetModelInfo(
             embedding_pb2.GetModelInfoRequest(model_version=request.model_version),
             timeout=remaining(context, self.s.rpc_timeout_seconds)))).model
