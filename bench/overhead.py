@@ -3,7 +3,8 @@
 Side by side in one run, on the same grocery val photos:
   raw      ONNX Runtime in this process, one intra-op thread, the served detector and embedder
            on inputs prepared beforehand: the forwards a default search needs (the detector on the
-           photo, the embedder on a batch of 2: the best box and the full frame);
+           photo, the embedder on a batch of 2: the best box and the full frame), timed on each
+           photo just before its search, so both see the same load of the machine;
   search   gateway Search through a fresh local mesh (defaults: query objects "both", re-rank
            "qe") over a catalog of --catalog-size items (a few hundred real photos through the queue,
            the rest synthetic unit vectors of the real dimension written to the store), one client,
@@ -11,13 +12,15 @@ Side by side in one run, on the same grocery val photos:
   where    each service's own time per search, from their /metrics (visearch_rpc_seconds sums):
            detection, embedding, re-rank, and the gateway's remainder (decode, vector search,
            gRPC hops, Python).
+  accuracy the same searches' answers, scored against the real photos' products: recall@1 (the
+           first hit shows the query's product) and mAP@10 (average precision of the top 10, over
+           min(10, that product's items in the catalog)), so a speed-up is read beside its effect.
 Prints a markdown table; --out writes result.json and result.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -30,48 +33,63 @@ def pct(xs, q: float) -> float:
     return round(float(np.percentile(xs, q)), 1)
 
 
-def raw_forwards(repo: Path, photos: list[Path], repeats: int) -> dict:
-    """Per photo, the median time of the forwards a default search runs, ms."""
-    import onnxruntime as ort
+class RawForwards:
+    """The forwards a default search runs, in this process on inputs prepared beforehand: the
+    detector on the photo, the embedder on a batch of 2 (a crop and the full frame)."""
 
-    from services.embedding.server import prepare as embed_prepare
-    from visearch import imaging
-    from visearch.detector import prepare as detect_prepare
-    from visearch.inference import read_meta, resolve_version
+    def __init__(self, repo: Path, photos: list[Path]):
+        from bench.common import ort_session
+        from services.embedding.server import prepare as embed_prepare
+        from visearch import imaging
+        from visearch.detector import prepare as detect_prepare
 
-    def session(name: str):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        path = resolve_version(repo, name) / "model.onnx"
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), read_meta(repo, name)
+        self.det, self.det_meta = ort_session(repo, "detector")
+        self.emb, self.emb_meta = ort_session(repo, "embedder")
+        self.inputs = {}
+        for path in photos:
+            data = path.read_bytes()
+            img = imaging.decode_image(data)
+            w, h = img.size
+            box = (w * 0.25, h * 0.25, w * 0.75, h * 0.75)  # a crop and the full frame, as "both" embeds
+            size = self.emb_meta.input_size
+            self.inputs[path] = (detect_prepare(img, self.det_meta.input_size)[0][None],
+                                 np.stack([embed_prepare(data, box, size)[0], embed_prepare(data, None, size)[0]]))
+            self.time(path)  # warm-up
 
-    det, det_meta = session("detector")
-    emb, emb_meta = session("embedder")
-    det_ms, emb_ms = [], []
-    for path in photos:
-        data = path.read_bytes()
-        img = imaging.decode_image(data)
-        x_det = detect_prepare(img, det_meta.input_size)[0][None]
-        w, h = img.size
-        box = (w * 0.25, h * 0.25, w * 0.75, h * 0.75)  # a crop and the full frame, as "both" embeds
-        x_emb = np.stack([embed_prepare(data, box, emb_meta.input_size)[0], embed_prepare(data, None, emb_meta.input_size)[0]])
-        det.run(["boxes", "scores"], {det_meta.input_name: x_det})
-        emb.run([emb_meta.output_name], {emb_meta.input_name: x_emb})
-        d, e = [], []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            det.run(["boxes", "scores"], {det_meta.input_name: x_det})
-            d.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            emb.run([emb_meta.output_name], {emb_meta.input_name: x_emb})
-            e.append((time.perf_counter() - t) * 1000)
-        det_ms.append(float(np.median(d)))
-        emb_ms.append(float(np.median(e)))
-    total = [a + b for a, b in zip(det_ms, emb_ms, strict=True)]
-    return {"detector_ms": round(float(np.median(det_ms)), 1), "embedder_batch2_ms": round(float(np.median(emb_ms)), 1),
-            "sum_p50_ms": pct(total, 50), "sum_p99_ms": pct(total, 99), "detector_version": det_meta.version,
-            "embedder": emb_meta.tag, "embedder_input": emb_meta.input_size, "detector_input": det_meta.input_size}
+    def time(self, path: Path) -> tuple[float, float]:
+        """(detector ms, embedder ms) of one run on this photo's inputs."""
+        x_det, x_emb = self.inputs[path]
+        t = time.perf_counter()
+        self.det.run(["boxes", "scores"], {self.det_meta.input_name: x_det})
+        d = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        self.emb.run([self.emb_meta.output_name], {self.emb_meta.input_name: x_emb})
+        return d, (time.perf_counter() - t) * 1000
+
+    def summary(self, det_ms: list[float], emb_ms: list[float]) -> dict:
+        total = [a + b for a, b in zip(det_ms, emb_ms, strict=True)]
+        return {"detector_ms": round(float(np.median(det_ms)), 1), "embedder_batch2_ms": round(float(np.median(emb_ms)), 1),
+                "sum_p50_ms": pct(total, 50), "sum_p99_ms": pct(total, 99), "detector_version": self.det_meta.version,
+                "embedder": self.emb_meta.tag, "embedder_input": self.emb_meta.input_size,
+                "detector_input": self.det_meta.input_size}
+
+
+def accuracy(answers: list[list[str]], truth: list[int], product_of: dict[str, int]) -> dict:
+    """recall@1 and mAP@10 of each search's top 10 (item ids) against the query's product."""
+    r1, aps = [], []
+    count = {}
+    for fid in product_of.values():
+        count[fid] = count.get(fid, 0) + 1
+    for ids, fid in zip(answers, truth, strict=True):
+        rel = [product_of.get(i) == fid for i in ids[:10]]
+        r1.append(float(bool(rel) and rel[0]))
+        hits, ap = 0, 0.0
+        for rank, ok in enumerate(rel, 1):
+            if ok:
+                hits += 1
+                ap += hits / rank
+        aps.append(ap / max(1, min(10, count.get(fid, 0))))
+    return {"recall@1": round(float(np.mean(r1)), 4), "mAP@10": round(float(np.mean(aps)), 4)}
 
 
 def fill_catalog(state: dict, key: str, catalog: str, real: list, size: int, tmp: Path, progress) -> int:
@@ -101,6 +119,14 @@ def fill_catalog(state: dict, key: str, catalog: str, real: list, size: int, tmp
         progress(f"synthetic items: {start + n}/{n_synth}")
     store.flush(gen)
     total = len(store.item_stamps(gen))
+    rows = store.count(gen)
+    end = time.monotonic() + 900
+    while time.monotonic() < end:  # a server indexes sealed segments in the background: wait for it
+        info = store.client.describe_index(gen.collection, "vector")
+        if int(info.get("pending_index_rows") or 0) == 0 and int(info.get("indexed_rows") or rows) >= rows:
+            break
+        progress(f"indexing: {info.get('indexed_rows')}/{rows}")
+        time.sleep(5)
     store.close()
     return total
 
@@ -129,62 +155,78 @@ def service_seconds(state: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
-def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real: int = 400, progress=print) -> dict:
+def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real: int = 400, progress=print,
+        milvus_uri: str = "") -> dict:
+    from bench.common import mesh_up, write_result
     from visearch import mesh
     from visearch.client import Client
     from visearch.datasets import grocery_root, grocery_split
+    from visearch.demo import item_id
     from visearch.settings import DEFAULT_MODEL_REPOSITORY
 
     root = grocery_root()
     train = [p for p in grocery_split(root, "train") if p.is_product]
     n_real = min(n_real, catalog_size)
     real = train[:: max(1, len(train) // n_real)][:n_real]
-    queries = [p.path for p in grocery_split(root, "val") if p.is_product][:n_queries]
+    val = [p for p in grocery_split(root, "val") if p.is_product]
+    val = val[:: max(1, len(val) // n_queries)][:n_queries]  # spread over the products
+    queries = [p.path for p in val]
     repo = Path(os.environ.get("VISEARCH_MODEL_REPOSITORY") or DEFAULT_MODEL_REPOSITORY)
-    raw = raw_forwards(repo, queries, repeats=5)
-    progress(f"raw forwards: detector {raw['detector_ms']} ms + embedder x2 {raw['embedder_batch2_ms']} ms")
+    raw = RawForwards(repo, queries)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "mesh"
-        state = mesh.up(data, log=lambda m: None)
+        # A Milvus server instead of the mesh's own Milvus Lite when given.
+        state = mesh_up(data, {"VISEARCH_MILVUS_URI": milvus_uri} if milvus_uri else {})
         try:
             key = mesh.read_admin_key(data)
-            items = fill_catalog(state, key, "bench", real, catalog_size, tmp, progress)
+            catalog = f"bench{int(time.time())}"  # a server may keep catalogs of earlier runs
+            items = fill_catalog(state, key, catalog, real, catalog_size, tmp, progress)
+            time.sleep(11)  # past the write window: searches read as they would in steady state
             with Client(state["gateway"], api_key=key, timeout=60) as vs:
                 for q in queries[:3]:  # warm-up: sessions, caches, the index loaded
-                    vs.search(q, catalog="bench")
+                    vs.search(q, catalog=catalog)
                 before = service_seconds(state)
-                lat = []
-                for _ in range(rounds):
+                lat, answers, det_ms, emb_ms = [], [], [], []
+                for r in range(rounds):
                     for q in queries:
+                        # The raw forwards and the search, one after the other on each photo: the
+                        # same moment of this machine's load for both.
+                        d, e = raw.time(q)
+                        det_ms.append(d)
+                        emb_ms.append(e)
                         image = q.read_bytes()
                         t = time.perf_counter()
-                        vs.search(image, catalog="bench")
+                        found = vs.search(image, catalog=catalog)
                         lat.append((time.perf_counter() - t) * 1000)
+                        if r == 0:
+                            answers.append([h.item_id for h in found.hits])
                 after = service_seconds(state)
         finally:
             mesh.down(data, log=lambda m: None)
     n = len(lat)
-    where = {k: round(1000 * (after[k][0] - before.get(k, (0, 0))[0]) / max(1, after[k][1] - before.get(k, (0, 0))[1]), 1)
-             for k in after}
+    raw = raw.summary(det_ms, emb_ms)
+    # Per search (a service may be called more than once per search: the embedder twice for "both").
+    searches = max(1, after["gateway"][1] - before.get("gateway", (0, 0))[1])
+    where = {k: round(1000 * (after[k][0] - before.get(k, (0, 0))[0]) / searches, 1) for k in after}
     where["gateway_own"] = round(where.get("gateway", 0) - where.get("detection", 0) - where.get("embedding", 0)
                                  - where.get("rerank", 0), 1)
-    result = {"catalog_items": items, "queries": len(queries), "searches": n, "raw": raw,
+    result = {"store": "Milvus server " + milvus_uri if milvus_uri else "Milvus Lite",
+              "catalog_items": items, "queries": len(queries), "searches": n, "raw": raw,
               "search_p50_ms": pct(lat, 50), "search_p99_ms": pct(lat, 99),
               "p50_over_raw": round(pct(lat, 50) / raw["sum_p50_ms"], 2), "p99_over_p50": round(pct(lat, 99) / pct(lat, 50), 2),
-              "mean_ms_per_search_by_service": where}
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(result, indent=2))
-        (out / "result.md").write_text(markdown(result))
+              "mean_ms_per_search_by_service": where,
+              "accuracy": accuracy(answers, [p.fine_id for p in val], {item_id(p): p.fine_id for p in real})}
+    write_result(out, result, markdown(result))
     return result
 
 
 def markdown(r: dict) -> str:
     raw, w = r["raw"], r["mean_ms_per_search_by_service"]
     return "\n".join([
-        f"Catalog of {r['catalog_items']} items; {r['searches']} searches of {r['queries']} grocery val photos, one at a time.",
+        f"{r['store']}: catalog of {r['catalog_items']} items; "
+        f"{r['searches']} searches of {r['queries']} grocery val photos, one at a time.",
         "",
         "| | p50 ms | p99 ms | ratio |",
         "|---|---:|---:|---:|",
@@ -196,6 +238,9 @@ def markdown(r: dict) -> str:
         "Mean ms per search inside each service (server side, from /metrics): "
         + ", ".join(f"{k} {v}" for k, v in w.items()),
         "",
+        "Accuracy of the same searches (first round; the real photos' products): "
+        + ", ".join(f"{k} {v}" for k, v in r["accuracy"].items()),
+        "",
     ])
 
 
@@ -206,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--real", type=int, default=400, help="Real photos ingested through the queue (the rest synthetic).")
     ap.add_argument("--out", type=Path, default=Path("runs/overhead"))
+    ap.add_argument("--milvus-uri", default="", help="A Milvus server to use instead of the mesh's Milvus Lite "
+                    "(e.g. `.venv-milvus/bin/milvus-server --data DIR --proxy-port 19531`: http://127.0.0.1:19531).")
     args = ap.parse_args(argv)
-    result = run(args.catalog_size, args.queries, args.rounds, args.out, args.real)
+    result = run(args.catalog_size, args.queries, args.rounds, args.out, args.real, milvus_uri=args.milvus_uri)
     print(markdown(result))
     return 0
 

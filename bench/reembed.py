@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -59,6 +58,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def run(items: int, out: Path, retire_after: float, settle: float = 10.0, progress=print) -> dict:
+    from bench.common import mesh_up
     from visearch import mesh
     from visearch.cli import ingest_rows, read_manifest, wait_job
     from visearch.client import GatewayClient
@@ -73,17 +73,8 @@ def run(items: int, out: Path, retire_after: float, settle: float = 10.0, progre
         tmp = Path(tmp)
         repo = versioned_repo(Path(DEFAULT_MODEL_REPOSITORY), tmp / "repo")
         # The mesh's processes take their settings from this environment: set for the start only.
-        saved = {k: os.environ.get(k) for k in ("VISEARCH_MODEL_REPOSITORY", "VISEARCH_RETIRE_AFTER_SECONDS")}
-        os.environ.update(VISEARCH_MODEL_REPOSITORY=str(repo), VISEARCH_RETIRE_AFTER_SECONDS=str(retire_after))
         data = tmp / "mesh"
-        try:
-            state = mesh.up(data, log=lambda m: None)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        state = mesh_up(data, {"VISEARCH_MODEL_REPOSITORY": str(repo), "VISEARCH_RETIRE_AFTER_SECONDS": str(retire_after)})
         try:
             key = mesh.read_admin_key(data)
             client = GatewayClient(state["gateway"], key=key, timeout=60)

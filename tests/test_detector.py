@@ -120,6 +120,14 @@ def test_detection_service(services, grocery, model_repo):
         a, b = got.results
         assert (b.width, b.height) == (w, h)
         assert [d.box for d in a.detections] == [d.box for d in b.detections] and a.detections
+        # A large JPEG decodes at a reduced scale: sizes and boxes still in its own pixels, where
+        # the same photo at its own size puts them (x 8).
+        big = io.BytesIO()
+        img.resize((w * 8, h * 8), Image.BICUBIC).save(big, "JPEG", quality=95)
+        small, large = stub.Detect(detection_pb2.DetectRequest(images=[apples, big.getvalue()]), timeout=30).results
+        assert (large.width, large.height) == (8 * w, 8 * h) and large.detections
+        a, b = small.detections[0].box, large.detections[0].box
+        assert np.allclose([b.x1, b.y1, b.x2, b.y2], [8 * a.x1, 8 * a.y1, 8 * a.x2, 8 * a.y2], atol=0.03 * 8 * w)
         # Clear errors, and the service keeps serving.
         for request, words in ((detection_pb2.DetectRequest(images=[apples, apples[:500]]), "image 1"),
                                (detection_pb2.DetectRequest(), "no images"),

@@ -107,3 +107,29 @@ def test_crop_and_model_input():
         crop(img, (200, 5, 300, 45))
     arr = to_model_input(c, 32)
     assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8 and tuple(arr[0, 0]) == (10, 20, 30)
+
+
+def test_draft_scale_decodes_a_large_jpeg_reduced_and_each_image_once(photo, monkeypatch):
+    from services.embedding import server as emb
+    from visearch import imaging
+
+    img = Image.open(io.BytesIO(photo))
+    w, h = img.size
+    out = io.BytesIO()
+    img.resize((8 * w, 8 * h)).save(out, "JPEG", quality=90)
+    big = out.getvalue()
+    small, scale = imaging.decode_image_scaled(big, draft_scale=1 / 8)
+    assert scale == 8 and small.size == (w, h)
+    assert imaging.decode_image_scaled(big, draft_scale=0.3)[1] == 2  # never below what was asked
+    assert imaging.decode_image_scaled(big)[1] == 1
+    # Needs: twice the model size on the crop's short side, never above full resolution.
+    assert emb.needed_scale(None, 8 * w, 8 * h, 32) == pytest.approx(64 / min(8 * w, 8 * h))
+    assert emb.needed_scale((0, 0, 40, 40), 8 * w, 8 * h, 32) == 1.0
+    calls = []
+    real = imaging.decode_image_scaled
+    monkeypatch.setattr(imaging, "decode_image_scaled", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got = emb.prepare_all([(big, None), (big, (0, 0, 4 * w, 4 * h)), (photo, None)], 32)
+    assert len(calls) == 2, "one decode per distinct image"
+    assert calls[0]["draft_scale"] == pytest.approx(64 / min(4 * w, 4 * h))  # what the box needs, not the frame
+    assert got[0][1] == (0.0, 0.0, 8.0 * w, 8.0 * h) and got[1][1] == (0, 0, 4 * w, 4 * h)
+    assert all(x.shape == (32, 32, 3) for x, _ in got)

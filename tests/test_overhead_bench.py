@@ -20,4 +20,7 @@ def test_overhead_benchmark_smoke(tmp_path):
     w = r["mean_ms_per_search_by_service"]
     assert {"detection", "embedding", "rerank", "gateway", "gateway_own"} <= set(w), w
     assert w["gateway"] >= max(w["detection"], w["embedding"]), "the gateway's time includes its calls"
+    acc = r["accuracy"]
+    assert 0 <= acc["mAP@10"] <= 1 and 0 <= acc["recall@1"] <= 1, acc
+    assert r["store"] == "Milvus Lite"
     assert "gateway Search" in (tmp_path / "result.md").read_text()

@@ -49,6 +49,17 @@ def test_embedding_service(services, grocery):
         cropped = stub.Embed(embedding_pb2.EmbedRequest(items=[boxed]), timeout=30).embeddings[0].values
         assert not np.allclose(cropped, v[0], atol=1e-3)
 
+        # A large JPEG is decoded once, at the reduced scale its smallest crop still allows: its full
+        # frame and a box in its own pixels embed as the same photo at its own size does.
+        big = io.BytesIO()
+        Image.open(photos[0].path).resize((8 * w, 8 * h), Image.BICUBIC).save(big, "JPEG", quality=95)
+        pair = stub.Embed(embedding_pb2.EmbedRequest(items=[
+            embedding_pb2.EmbedItem(image=big.getvalue()),
+            embedding_pb2.EmbedItem(image=big.getvalue(), box=common_pb2.BoundingBox(x1=0, y1=0, x2=4 * w, y2=4 * h))]),
+            timeout=30).embeddings
+        assert np.dot(pair[0].values, v[0]) > 0.97 and np.dot(pair[1].values, cropped) > 0.97
+        assert np.dot(pair[1].values, v[0]) < np.dot(pair[0].values, v[0])  # the box is still the box
+
         with pytest.raises(grpc.RpcError) as err:
             stub.Embed(embedding_pb2.EmbedRequest(items=[items[0], embedding_pb2.EmbedItem(image=b"junk")]), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item 1" in err.value.details()

@@ -8,7 +8,7 @@ import pytest
 from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.settings import StoreSettings
-from visearch.store import VectorStore, check_catalog
+from visearch.store import VectorStore, WriteClock, check_catalog
 
 META = ModelMeta(name="embedder", version="1", input_name="images", output_name="embeddings", input_size=32, dim=8)
 
@@ -170,3 +170,37 @@ def test_catalogs_survive_a_milvus_lite_restart(tmp_path):
         s.close()
     finally:
         proc.stop()
+
+
+def test_reads_run_bounded_only_when_nothing_wrote_lately(store, redis_url, request):
+    """The write clock: a write makes the catalog's reads Strong (another process sees it at once);
+    once the window (above Milvus's 5 s gracefulTime) has passed, reads run Bounded and still see it."""
+    import time
+
+    import redis
+
+    cat = "t_clock_" + request.node.callspec.id.replace("-", "_")
+    clock = WriteClock(redis.Redis.from_url(redis_url), window=6.0)
+    settings = StoreSettings(milvus_uri=store.settings.milvus_uri, bounded_window_seconds=6.0)
+    writer, reader = VectorStore(settings, clock), VectorStore(settings, clock)
+    try:
+        writer.ensure_catalog(cat, META)
+        assert reader.read_level(cat) == "Bounded"  # nothing written yet
+        vec = unit(np.random.default_rng(1))[0]
+        writer.upsert_items(cat, [("a", [(vec, (0, 0, 4, 4))], {})])
+        assert reader.read_level(cat) == "Strong" and reader.read_level(reader.resolve(cat)) == "Strong"
+        assert [h.item_id for h in reader.search(cat, vec, 3)] == ["a"]  # the other process sees the write now
+        assert set(reader.get_vectors(cat, ["a#0"], "Strong")) == {"a#0"}
+        time.sleep(6.5)
+        assert reader.read_level(cat) == "Bounded"
+        assert [h.item_id for h in reader.search(cat, vec, 3)] == ["a"]
+        assert set(reader.get_vectors(cat, ["a#0"], "Bounded")) == {"a#0"}
+        assert writer.delete_items(cat, ["a"]) == 1  # a delete marks the catalog too
+        assert reader.read_level(cat) == "Strong" and reader.search(cat, vec, 3) == []
+        # Without a clock (or with the window 0) every read is Strong.
+        assert VectorStore(StoreSettings(milvus_uri=settings.milvus_uri)).read_level(cat) == "Strong"
+        off = StoreSettings(milvus_uri=settings.milvus_uri, bounded_window_seconds=0)
+        assert VectorStore(off, clock).read_level(cat) == "Strong"
+    finally:
+        writer.close()
+        reader.close()

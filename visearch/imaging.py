@@ -8,6 +8,7 @@ with an `ImageError` whose message a person can act on.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -45,9 +46,13 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, draft_siz
     return decode_image_scaled(data, limits, draft_size=draft_size)[0]
 
 
-def decode_image_scaled(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *,
-                        draft_size: int | None = None) -> tuple[Image.Image, float]:
-    """`decode_image`, plus the factor from its pixels to the original image's (1.0 unless drafted)."""
+def decode_image_scaled(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, draft_size: int | None = None,
+                        draft_scale: float | None = None) -> tuple[Image.Image, float]:
+    """`decode_image`, plus the factor from its pixels to the original image's (1.0 unless drafted).
+
+    `draft_scale` (0..1] asks for at least that fraction of the original size on both sides
+    (a JPEG decodes at 1/2, 1/4 or 1/8 when that is still enough), for callers that crop
+    a box before shrinking it."""
     if not data:
         raise ImageError("empty image: zero bytes received")
     if len(data) > limits.max_bytes:
@@ -68,6 +73,8 @@ def decode_image_scaled(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *,
                 img.seek(0)  # animated GIF/WebP/PNG: the first frame is the picture
             if draft_size and fmt == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
+            elif draft_scale and draft_scale < 1.0 and fmt == "JPEG":
+                img.draft("RGB", (math.ceil(w * draft_scale), math.ceil(h * draft_scale)))
             img.load()
             scale = w / img.size[0]
             img = ImageOps.exif_transpose(img)

@@ -25,7 +25,13 @@ Index: HNSW (M=16, efConstruction=200), search ef = max(hnsw_ef, top_k): at
 catalog sizes up to a few million it gives recall@10 > 0.98 at millisecond cost,
 and it needs no training step, so a new catalog is searchable from its first row.
 A search with another model's vectors is refused.
-Consistency level: Strong, so an acknowledged ingest is visible to the next search.
+Consistency: collections are Strong, so an acknowledged ingest is visible to the next search.
+A Strong read on a Milvus server waits for the next time tick (up to 200 ms per call,
+measured: docs/PERFORMANCE.md), which would be most of a search. With a `WriteClock` (a
+Redis key per catalog set by every writer, kept for `bounded_window_seconds`), reads of a
+catalog nothing wrote to lately run Bounded (no wait; everything older than the server's
+gracefulTime, 5 s by default, is visible) and the others stay Strong: read-your-writes
+across processes at Bounded cost. Without a clock every read is Strong.
 
 Region vectors (re-ranking, visearch.regions) live in a second collection per generation,
 `vsgr_<catalog>_<n>`, keyed by the same object ids: one row per object with its base regions
@@ -132,15 +138,43 @@ class CatalogInfo:
 
 
 Target = str | Generation  # a catalog name (its live generation) or one generation
+STRONG, BOUNDED = "Strong", "Bounded"
+
+
+class WriteClock:
+    """Which catalogs were written lately, shared by every process through Redis: a key per
+    catalog set on each write, expiring after `window` seconds (above Milvus's gracefulTime)."""
+
+    def __init__(self, redis, window: float):
+        self.r, self.window = redis, window
+
+    def wrote(self, catalog: str) -> None:
+        self.r.set(f"vs:wrote:{catalog}", 1, px=int(self.window * 1000))
+
+    def recent(self, catalog: str) -> bool:
+        return bool(self.r.exists(f"vs:wrote:{catalog}"))
 
 
 class VectorStore:
-    def __init__(self, settings: StoreSettings):
+    def __init__(self, settings: StoreSettings, clock: WriteClock | None = None):
         self.settings = settings
+        self.clock = clock if settings.bounded_window_seconds > 0 else None
         self.client = milvus_client(settings.milvus_uri, settings.milvus_token)
         self._gens: dict[str, Generation] = {}  # physical name -> generation (immutable once made)
         self._region_dims: dict[str, int] = {}
         self._create_lock = threading.Lock()
+
+    def read_level(self, target: Target) -> str:
+        """Strong unless a write clock says nothing wrote to the catalog lately (module docstring)."""
+        if self.clock is None:
+            return STRONG
+        catalog = target if isinstance(target, str) else target.catalog
+        return STRONG if self.clock.recent(catalog) else BOUNDED
+
+    def _wrote(self, gen: Generation) -> None:
+        """Called before and after each write: readers during it and for a window after it read Strong."""
+        if self.clock is not None:
+            self.clock.wrote(gen.catalog)
 
     @staticmethod
     def alias(catalog: str) -> str:
@@ -325,20 +359,24 @@ class VectorStore:
                              "vector": np.asarray(vec, np.float32).tolist(), "box": [float(b) for b in box],
                              "metadata": dict(metadata), "source": source, "stamp": int(stamp)})
             stale_candidates += self.object_ids(item_id, len(objects))
+        self._wrote(gen)
         if rows:
             self.client.upsert(name, rows)
         stale = [r["object_id"] for r in self._existing_objects(name, stale_candidates, ["object_id"])]
         if stale:
             self.client.delete(name, ids=stale)
             self._delete_regions(gen, stale)
+        self._wrote(gen)
         return len(rows)
 
     def delete_items(self, target: Target, item_ids: list[str]) -> int:
         gen = self.resolve(target)
         found = self._existing_objects(gen.collection, [o for i in item_ids for o in self.object_ids(i)], ["object_id"])
         if found:
+            self._wrote(gen)
             self.client.delete(gen.collection, ids=[r["object_id"] for r in found])
             self._delete_regions(gen, [r["object_id"] for r in found])
+            self._wrote(gen)
         return len({r["object_id"].rsplit("#", 1)[0] for r in found})
 
     def item_rows(self, target: Target, item_ids: list[str]) -> dict[str, list[StoredObject]]:
@@ -400,17 +438,21 @@ class VectorStore:
             packed[:n] = feats
             out.append({"object_id": object_id, "n": n, "features": packed.ravel().tolist(),
                         "boxes": [float(b) for b in np.asarray(boxes, np.float32).ravel()]})
+        self._wrote(gen)
         self.client.upsert(gen.region_collection, out)
+        self._wrote(gen)
         return len(out)
 
-    def get_regions(self, target: Target, object_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """object_id -> (features [n, d], boxes [n, 4]) for the objects that have regions."""
+    def get_regions(self, target: Target, object_ids: list[str], level: str = STRONG
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """object_id -> (features [n, d], boxes [n, 4]) for the objects that have regions (`level`:
+        the consistency of the search that found them)."""
         gen = self.resolve(target)
         dim = self._region_dim(gen)
         if dim is None or not object_ids:
             return {}
         rows = self.client.get(gen.region_collection, ids=list(object_ids),
-                               output_fields=["object_id", "n", "features", "boxes"])
+                               output_fields=["object_id", "n", "features", "boxes"], consistency_level=level)
         out = {}
         for r in rows:
             n = int(r["n"])
@@ -418,11 +460,12 @@ class VectorStore:
             out[r["object_id"]] = (feats, np.asarray(r["boxes"], np.float32).reshape(n, 4))
         return out
 
-    def get_vectors(self, target: Target, object_ids: list[str]) -> dict[str, np.ndarray]:
-        """object_id -> its global vector."""
+    def get_vectors(self, target: Target, object_ids: list[str], level: str = STRONG) -> dict[str, np.ndarray]:
+        """object_id -> its global vector (`level`: the consistency of the search that found them)."""
         if not object_ids:
             return {}
-        rows = self.client.get(self.resolve(target).collection, ids=list(object_ids), output_fields=["object_id", "vector"])
+        rows = self.client.get(self.resolve(target).collection, ids=list(object_ids), output_fields=["object_id", "vector"],
+                               consistency_level=level)
         return {r["object_id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
     def _create_regions(self, gen: Generation, dim: int) -> None:
@@ -449,18 +492,30 @@ class VectorStore:
 
     def search(self, target: Target, vector: np.ndarray, limit: int, filters: dict[str, str] | None = None
                ) -> list[StoredObject]:
+        return self.search_many(target, [vector], limit, filters)[0]
+
+    def search_many(self, target: Target, vectors, limit: int, filters: dict[str, str] | None = None,
+                    fields: tuple[str, ...] = ("item_id", "box", "metadata"), level: str | None = None
+                    ) -> list[list[StoredObject]]:
+        """Top `limit` objects for each query vector, in one call to Milvus (one round trip and one
+        pass over the segments for all of a query's views). `level`: the read consistency
+        (default `read_level`)."""
         gen = self.resolve(target)
+        level = level or self.read_level(gen)
         expr = " and ".join(f"metadata[{_quote(k)}] == {_quote(v)}" for k, v in sorted((filters or {}).items()))
-        res = self.client.search(gen.collection, data=[np.asarray(vector, np.float32).tolist()], limit=limit,
-                                 filter=expr, output_fields=["item_id", "box", "metadata"], anns_field="vector",
-                                 search_params={"metric_type": "IP",
-                                                "params": {"ef": max(self.settings.hnsw_ef, limit)}})
+        data = [np.asarray(v, np.float32).tolist() for v in vectors]
+        res = self.client.search(gen.collection, data=data, limit=limit, filter=expr, output_fields=list(fields),
+                                 anns_field="vector", consistency_level=level,
+                                 search_params={"metric_type": "IP", "params": {"ef": max(self.settings.hnsw_ef, limit)}})
         out = []
-        for hit in res[0]:
-            ent = hit.get("entity", {})
-            out.append(StoredObject(object_id=hit.get("object_id", hit.get("id")), item_id=ent["item_id"],
-                                    box=tuple(ent.get("box") or (0, 0, 0, 0)), metadata=ent.get("metadata") or {},
-                                    score=float(hit["distance"])))
+        for found in res:
+            rows = []
+            for hit in found:
+                ent = hit.get("entity", {})
+                rows.append(StoredObject(object_id=hit.get("object_id", hit.get("id")), item_id=ent["item_id"],
+                                         box=tuple(ent.get("box") or (0, 0, 0, 0)), metadata=ent.get("metadata") or {},
+                                         score=float(hit["distance"])))
+            out.append(rows)
         return out
 
     def count(self, target: Target) -> int:

@@ -49,7 +49,8 @@ class DetectionModel:
             log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
         return True
 
-    async def detect_images(self, images, *, min_score: float = 0.0, max_detections: int = 0) -> list[list[det.Box]]:
+    async def detect_images(self, images, *, min_score: float = 0.0, max_detections: int = 0,
+                            scales: list[float] | None = None) -> list[list[det.Box]]:
         s = self.settings
         min_score = min_score or s.detector_min_score
         limit = max_detections or s.detector_max_detections
@@ -59,23 +60,31 @@ class DetectionModel:
             raise InvalidArgument(f"max_detections {limit} is outside 1..{MAX_DETECTIONS}")
         meta = await self.detector.meta()
         batch = min(s.max_batch, int(meta.extra.get("max_batch_size") or s.max_batch))
+        scales = scales or [1.0] * len(images)
         out: list[list[det.Box]] = []
         for start in range(0, len(images), batch):
             out += await self.detector.detect(images[start:start + batch], min_score=min_score, iou=s.detector_iou,
-                                              limit=limit, per_class=s.detector_per_class)
+                                              limit=limit, per_class=s.detector_per_class,
+                                              scales=scales[start:start + batch])
         return out
 
     async def detect(self, blobs: list[bytes], *, min_score: float = 0.0, max_detections: int = 0
                      ) -> tuple[list[tuple[int, int]], list[list[det.Box]]]:
+        # A large JPEG decodes at a reduced scale (still twice the detector's input on both
+        # sides); boxes come back in pixels of the original image all the same.
+        draft = 2 * (await self.detector.meta()).input_size
+
         def decode(i: int, data: bytes):
             try:
-                return imaging.decode_image(data)
+                img, scale = imaging.decode_image_scaled(data, draft_size=draft)
+                return img, scale, (imaging.image_size(data) if scale != 1.0 else img.size)
             except imaging.ImageError as exc:
                 raise InvalidArgument(f"image {i}: {exc}") from None
 
-        images = await decode_bounded(lambda: [decode(i, d) for i, d in enumerate(blobs)], self.settings.decode_timeout_seconds)
-        found = await self.detect_images(images, min_score=min_score, max_detections=max_detections)
-        return [img.size for img in images], found
+        decoded = await decode_bounded(lambda: [decode(i, d) for i, d in enumerate(blobs)], self.settings.decode_timeout_seconds)
+        images, scales = [d[0] for d in decoded], [d[1] for d in decoded]
+        found = await self.detect_images(images, min_score=min_score, max_detections=max_detections, scales=scales)
+        return [d[2] for d in decoded], found
 
     async def tag(self) -> str:
         return (await self.detector.meta()).tag

@@ -32,17 +32,52 @@ def box_of(msg) -> tuple[float, float, float, float] | None:
     return (msg.x1, msg.y1, msg.x2, msg.y2) if msg is not None else None
 
 
-def prepare(data: bytes, box, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """The model input and the frame it shows: (x1, y1, x2, y2) in pixels of the original image."""
-    # JPEG draft decoding at about twice the model size keeps crops sharp enough
-    # while skipping most of the full-resolution decode.
-    img, scale = imaging.decode_image_scaled(data, draft_size=None if box is not None else 2 * size)
+def needed_scale(box, width: int, height: int, size: int) -> float:
+    """The fraction of the full resolution a crop needs: about twice the model size on its short
+    side keeps crops sharp while JPEG draft decoding skips most of a large photo."""
     if box is None:
-        frame = (0.0, 0.0, img.width * scale, img.height * scale)
+        bw, bh = width, height
     else:
-        x1, y1 = max(0.0, box[0]), max(0.0, box[1])
-        frame = (x1, y1, min(float(img.width), box[2]), min(float(img.height), box[3]))
-    return imaging.to_model_input(imaging.crop(img, box), size), frame
+        bw, bh = min(float(width), box[2]) - max(0.0, box[0]), min(float(height), box[3]) - max(0.0, box[1])
+    return min(1.0, 2 * size / max(1.0, min(bw, bh)))
+
+
+def cut(img, scale: float, box, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """One item from a decoded image (`scale`: original pixels per decoded pixel): the model
+    input and the frame it shows, (x1, y1, x2, y2) in pixels of the original image."""
+    width, height = img.width * scale, img.height * scale
+    if box is None:
+        return imaging.to_model_input(img, size), (0.0, 0.0, width, height)
+    frame = (max(0.0, box[0]), max(0.0, box[1]), min(width, box[2]), min(height, box[3]))
+    return imaging.to_model_input(imaging.crop(img, tuple(v / scale for v in box)), size), frame
+
+
+def prepare_all(items: list[tuple[bytes, tuple | None]], size: int) -> list[tuple[np.ndarray, tuple]]:
+    """Model inputs for (image, box) items. Each distinct image is decoded once (a search sends the
+    same photo for its box and its full frame, ingestion for each object), at the reduced JPEG
+    scale its largest need allows. An undecodable image is InvalidArgument naming its first item."""
+    groups: dict[bytes, list[int]] = {}
+    for i, (data, _) in enumerate(items):
+        groups.setdefault(data, []).append(i)
+    out: list = [None] * len(items)
+    for data, idx in groups.items():
+        try:
+            width, height = imaging.image_size(data)
+            need = max(needed_scale(items[i][1], width, height, size) for i in idx)
+            img, scale = imaging.decode_image_scaled(data, draft_scale=need)
+        except imaging.ImageError as exc:
+            raise InvalidArgument(f"item {idx[0]}: {exc}") from None
+        for i in idx:
+            try:
+                out[i] = cut(img, scale, items[i][1], size)
+            except imaging.ImageError as exc:
+                raise InvalidArgument(f"item {i}: {exc}") from None
+    return out
+
+
+def prepare(data: bytes, box, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """One item's model input and frame (`prepare_all` for one)."""
+    return prepare_all([(data, box)], size)[0]
 
 
 def region_set(region_map: np.ndarray, energy: np.ndarray, query: np.ndarray, frame) -> common_pb2.RegionSet:
@@ -98,13 +133,7 @@ class Embedder:
         if with_regions and not region_outputs:
             raise FailedPrecondition(f"model {meta.tag} has no region outputs: rebuild it (visearch models build)")
 
-        def prep(i: int, data: bytes, box):
-            try:
-                return prepare(data, box, meta.input_size)
-            except imaging.ImageError as exc:
-                raise InvalidArgument(f"item {i}: {exc}") from None
-
-        prepared = await decode_bounded(lambda: [prep(i, d, b) for i, (d, b) in enumerate(items)], self.decode_timeout)
+        prepared = await decode_bounded(lambda: prepare_all(items, meta.input_size), self.decode_timeout)
         names = [meta.output_name, *(region_outputs or [])]
         out: list[np.ndarray] = []
         sets: list[common_pb2.RegionSet] = []
@@ -133,10 +162,12 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         items = [(it.image, box_of(it.box) if it.HasField("box") else None) for it in request.items]
         vectors, sets = await self.embedder.embed_with_regions(items, request.regions, request.model_version)
         meta = await self.embedder.meta(request.model_version)
+        # Python floats fill a repeated field about 5x faster than numpy scalars (1 ms a vector).
+        rows = vectors.tolist()
         if sets is None:
-            embeddings = [embedding_pb2.Embedding(values=v) for v in vectors]
+            embeddings = [embedding_pb2.Embedding(values=v) for v in rows]
         else:
-            embeddings = [embedding_pb2.Embedding(values=v, regions=r) for v, r in zip(vectors, sets, strict=True)]
+            embeddings = [embedding_pb2.Embedding(values=v, regions=r) for v, r in zip(rows, sets, strict=True)]
         return embedding_pb2.EmbedResponse(embeddings=embeddings, model=model_info(meta))
 
     @rpc()

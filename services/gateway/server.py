@@ -26,7 +26,7 @@ from visearch.jobs import Jobs, new_job_id
 from visearch.queue import INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import GatewaySettings
-from visearch.store import VectorStore, check_catalog, check_item_id
+from visearch.store import VectorStore, WriteClock, check_catalog, check_item_id
 
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
@@ -102,8 +102,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.detection = detection_pb2_grpc.DetectionServiceStub(self.channels["detection"])
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self.channels["embedding"])
         self.rerank = rerank_pb2_grpc.RerankServiceStub(self.channels["rerank"])
-        self.store = VectorStore(settings)
         self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
+        self.store = VectorStore(settings, WriteClock(self.jobs.r, settings.bounded_window_seconds))
         self.celery = make_celery(settings)
         self.roots = [Path(r).resolve() for r in settings.ingest_roots]
         self._stats_at = 0.0
@@ -125,7 +125,19 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         t = self.s.rpc_timeout_seconds
 
         policy = "full" if request.full_frame else self.s.query_objects
+        # The query's regions cost a few ms and 20 kB: fetched only for a region method.
+        method = request.rerank or self.s.rerank_default
+        want_regions = method in regions.REGION_METHODS
+
+        def embed(items: list[embedding_pb2.EmbedItem]):
+            # Queries are embedded by the model version that made the catalog's vectors, whatever
+            # the embedding service serves by default: a model change never compares two versions.
+            return call("embedding", self.embedding.Embed(
+                embedding_pb2.EmbedRequest(items=items, regions=want_regions, model_version=gen.model_version),
+                timeout=remaining(context, t)))
+
         detections = []
+        full_task = None
         if policy == "full" and not request.per_object:
             try:
                 w, h = await asyncio.to_thread(imaging.image_size, request.image)
@@ -133,9 +145,18 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgument(f"query image: {exc}") from None
             full = (0.0, 0.0, float(w), float(h))
         else:
-            det = await call("detection", self.detection.Detect(
-                detection_pb2.DetectRequest(images=[request.image], max_detections=MAX_QUERY_OBJECTS),
-                timeout=remaining(context, t)))
+            if policy == "both":
+                # The full frame is searched whatever the detector finds: it is embedded while the
+                # detector runs (two services, two cores) instead of after it.
+                full_task = asyncio.ensure_future(embed([embedding_pb2.EmbedItem(image=request.image)]))
+            try:
+                det = await call("detection", self.detection.Detect(
+                    detection_pb2.DetectRequest(images=[request.image], max_detections=MAX_QUERY_OBJECTS),
+                    timeout=remaining(context, t)))
+            except BaseException:
+                if full_task is not None:
+                    full_task.cancel()
+                raise
             res = det.results[0]
             full = (0.0, 0.0, float(res.width), float(res.height))
             detections = list(res.detections)
@@ -143,48 +164,54 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         # The views of the query searched: the best box, the full frame, or both ("both").
         views = [best_box or full] if policy != "both" or best_box is None else [best_box, full]
         objects = [box_of(d.box) for d in detections] if request.per_object else []
-        # The query's regions cost a few ms and 20 kB: fetched only for a region method.
-        method = request.rerank or self.s.rerank_default
-        want_regions = method in regions.REGION_METHODS
+        wanted = views + objects
+        full_at = len(views) - 1 if full_task is not None else None  # "both": the full frame is the last view
         items = []
-        for box in views + objects:
+        for i, box in enumerate(wanted):
+            if i == full_at:
+                continue
             item = embedding_pb2.EmbedItem(image=request.image)
             if box != full:
                 item.box.CopyFrom(pb_box(box))
             items.append(item)
-        # Queries are embedded by the model version that made the catalog's vectors, whatever
-        # the embedding service serves by default: a model change never compares two versions.
-        emb = await call("embedding", self.embedding.Embed(
-            embedding_pb2.EmbedRequest(items=items, regions=want_regions, model_version=gen.model_version),
-            timeout=remaining(context, t)))
-        self.store.check_model(gen, meta_of(emb.model))
-        embs = list(emb.embeddings)
-        args = (gen, method, want_regions, top_k, dict(request.filters), context)
+        answers = [await full_task] if full_task is not None else []
+        if items:
+            answers.append(await embed(items))
+        for a in answers:
+            self.store.check_model(gen, meta_of(a.model))
+        model = answers[0].model
+        rest = iter(answers[-1].embeddings if items else [])
+        embs = [answers[0].embeddings[0] if i == full_at else next(rest) for i in range(len(wanted))]
+        # One read level for the whole search (Bounded unless the catalog was written lately).
+        level = await asyncio.to_thread(self.store.read_level, gen)
+        args = (gen, level, method, want_regions, top_k, dict(request.filters), context)
 
         # The view whose best match is closest leads (its vector and regions go to re-ranking);
         # every item keeps its best object over all views.
         lead, (hits, used) = await self._ranked(embs[:len(views)], *args)
-        response = gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(views[lead]), model=emb.model, rerank=used)
+        response = gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(views[lead]), model=model, rerank=used)
         per_object = await asyncio.gather(*(self._ranked([e], *args) for e in embs[len(views):]))
         for d, (_, (obj_hits, _)) in zip(detections, per_object, strict=False):
             response.objects.append(gateway_pb2.ObjectHits(query_box=d.box, detection_score=d.score, label=d.label,
                                                            hits=obj_hits))
         return response
 
-    async def _ranked(self, embs, gen, method, want_regions, top_k, filters, context):
+    async def _ranked(self, embs, gen, level, method, want_regions, top_k, filters, context):
         """Search the store with each query vector, keep each item's best object, re-rank with the
         lead vector (the one whose best match scored highest): (lead index, (hits, method used))."""
         n_candidates = max(top_k, self.s.rerank_candidates)
         # An item may be stored as several objects: ask for more rows than items wanted, and
-        # more again while the rows of fewer items than wanted fill the answer.
+        # more again only while the rows hold fewer items than the answer needs (top_k): a
+        # shorter candidate list for re-ranking costs less than a second search at 4x the rows.
         rows = min(2 * n_candidates, MAX_SEARCH_ROWS)
         while True:
-            results = [await asyncio.to_thread(self.store.search, gen, list(e.values), rows, filters) for e in embs]
+            results = await asyncio.to_thread(self.store.search_many, gen, [e.values for e in embs], rows, filters,
+                                              level=level)
             best: dict[str, object] = {}
             for obj in sorted((o for found in results for o in found), key=lambda o: -o.score):
                 best.setdefault(obj.item_id, obj)
             left = context.time_remaining()
-            if (len(best) >= n_candidates or all(len(r) < rows for r in results) or rows >= MAX_SEARCH_ROWS
+            if (len(best) >= top_k or all(len(r) < rows for r in results) or rows >= MAX_SEARCH_ROWS
                     or (left is not None and left < 1.0)):
                 break
             rows = min(4 * rows, MAX_SEARCH_ROWS)
@@ -195,7 +222,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         query_region = list(embs[lead].regions.query) if want_regions else []
         rr = await call("rerank", self.rerank.Rerank(
             rerank_pb2.RerankRequest(catalog=gen.catalog, query_embedding=list(embs[lead].values), candidates=candidates,
-                                     method=method, top_k=top_k, query_region=query_region, generation=gen.number),
+                                     method=method, top_k=top_k, query_region=query_region, generation=gen.number,
+                                     consistency=level),
             timeout=remaining(context, self.s.rpc_timeout_seconds)))
         hits = []
         for h in rr.hits:

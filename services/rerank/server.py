@@ -26,7 +26,7 @@ from visearch.errors import FailedPrecondition, InvalidArgument, Unavailable
 from visearch.grpcserver import Service, rpc, serve
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import RerankSettings
-from visearch.store import Generation, VectorStore
+from visearch.store import BOUNDED, STRONG, Generation, VectorStore
 
 log = logging.getLogger(__name__)
 METHODS = ("none", *regions.REGION_METHODS, "qe")
@@ -106,9 +106,16 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
                                      "(retired after a re-embedding): search again")
         return gen
 
+    @staticmethod
+    def _level(request) -> str:
+        level = request.consistency or STRONG
+        if level not in (STRONG, BOUNDED):
+            raise InvalidArgument(f"consistency {level!r}: expected {STRONG!r} or {BOUNDED!r}")
+        return level
+
     def _qe(self, request, cands) -> np.ndarray:
         q = np.asarray(request.query_embedding, np.float32)
-        vecs = self.store.get_vectors(self._generation(request), [c.object_id for c in cands])
+        vecs = self.store.get_vectors(self._generation(request), [c.object_id for c in cands], self._level(request))
         missing = [c.object_id for c in cands if c.object_id not in vecs]
         if missing:
             raise FailedPrecondition(f"{len(missing)} candidates are not in catalog {request.catalog!r} "
@@ -123,7 +130,7 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
         qr = np.asarray(request.query_region, np.float32)
         if qr.size == 0:
             raise InvalidArgument(f"re-rank method {method!r} needs query_region (the query's RegionSet.query)")
-        found = self.store.get_regions(self._generation(request), [c.object_id for c in cands])
+        found = self.store.get_regions(self._generation(request), [c.object_id for c in cands], self._level(request))
         scores = np.empty(len(cands), np.float32)
         boxes: dict[str, np.ndarray] = {}
         for i, c in enumerate(cands):

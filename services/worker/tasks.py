@@ -29,7 +29,7 @@ from visearch.inference import ModelMeta
 from visearch.jobs import Jobs
 from visearch.queue import INGEST_TASK
 from visearch.settings import WorkerSettings
-from visearch.store import VectorStore
+from visearch.store import VectorStore, WriteClock
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ class Context:
         self.settings = settings
         self.detection = detection_pb2_grpc.DetectionServiceStub(sync_channel(settings.detection_addr, settings))
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(sync_channel(settings.embedding_addr, settings))
-        self.store = VectorStore(settings)
         self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
+        self.store = VectorStore(settings, WriteClock(self.jobs.r, settings.bounded_window_seconds))
 
 
 _ctx: tuple[int, Context] | None = None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from visearch.common.v1 import common_pb2 as visearch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvisearch/rerank/v1/rerank.proto\x12\x12visearch.rerank.v1\x1a\x1fvisearch/common/v1/common.proto\">\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xb5\x01\n\rRerankRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x17\n\x0fquery_embedding\x18\x02 \x03(\x02\x12\x31\n\ncandidates\x18\x03 \x03(\x0b\x32\x1d.visearch.rerank.v1.Candidate\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x14\n\x0cquery_region\x18\x06 \x03(\x02\x12\x12\n\ngeneration\x18\x07 \x01(\x05\"q\n\x0bRerankedHit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12/\n\x06region\x18\x04 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"O\n\x0eRerankResponse\x12-\n\x04hits\x18\x01 \x03(\x0b\x32\x1f.visearch.rerank.v1.RerankedHit\x12\x0e\n\x06method\x18\x02 \x01(\t2`\n\rRerankService\x12O\n\x06Rerank\x12!.visearch.rerank.v1.RerankRequest\x1a\".visearch.rerank.v1.RerankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvisearch/rerank/v1/rerank.proto\x12\x12visearch.rerank.v1\x1a\x1fvisearch/common/v1/common.proto\">\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xca\x01\n\rRerankRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x17\n\x0fquery_embedding\x18\x02 \x03(\x02\x12\x31\n\ncandidates\x18\x03 \x03(\x0b\x32\x1d.visearch.rerank.v1.Candidate\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x14\n\x0cquery_region\x18\x06 \x03(\x02\x12\x12\n\ngeneration\x18\x07 \x01(\x05\x12\x13\n\x0b\x63onsistency\x18\x08 \x01(\t\"q\n\x0bRerankedHit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12/\n\x06region\x18\x04 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"O\n\x0eRerankResponse\x12-\n\x04hits\x18\x01 \x03(\x0b\x32\x1f.visearch.rerank.v1.RerankedHit\x12\x0e\n\x06method\x18\x02 \x01(\t2`\n\rRerankService\x12O\n\x06Rerank\x12!.visearch.rerank.v1.RerankRequest\x1a\".visearch.rerank.v1.RerankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANDIDATE']._serialized_start=88
   _globals['_CANDIDATE']._serialized_end=150
   _globals['_RERANKREQUEST']._serialized_start=153
-  _globals['_RERANKREQUEST']._serialized_end=334
-  _globals['_RERANKEDHIT']._serialized_start=336
-  _globals['_RERANKEDHIT']._serialized_end=449
-  _globals['_RERANKRESPONSE']._serialized_start=451
-  _globals['_RERANKRESPONSE']._serialized_end=530
-  _globals['_RERANKSERVICE']._serialized_start=532
-  _globals['_RERANKSERVICE']._serialized_end=628
+  _globals['_RERANKREQUEST']._serialized_end=355
+  _globals['_RERANKEDHIT']._serialized_start=357
+  _globals['_RERANKEDHIT']._serialized_end=470
+  _globals['_RERANKRESPONSE']._serialized_start=472
+  _globals['_RERANKRESPONSE']._serialized_end=551
+  _globals['_RERANKSERVICE']._serialized_start=553
+  _globals['_RERANKSERVICE']._serialized_end=649
 # @@protoc_insertion_point(module_scope)

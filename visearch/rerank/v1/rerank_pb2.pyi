@@ -18,7 +18,7 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., object_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("catalog", "query_embedding", "candidates", "method", "top_k", "query_region", "generation")
+    __slots__ = ("catalog", "query_embedding", "candidates", "method", "top_k", "query_region", "generation", "consistency")
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class RerankRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     QUERY_REGION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     catalog: str
     query_embedding: _containers.RepeatedScalarFieldContainer[float]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
@@ -33,7 +34,8 @@ class RerankRequest(_message.Message):
     top_k: int
     query_region: _containers.RepeatedScalarFieldContainer[float]
     generation: int
-    def __init__(self, catalog: _Optional[str] = ..., query_embedding: _Optional[_Iterable[float]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., method: _Optional[str] = ..., top_k: _Optional[int] = ..., query_region: _Optional[_Iterable[float]] = ..., generation: _Optional[int] = ...) -> None: ...
+    consistency: str
+    def __init__(self, catalog: _Optional[str] = ..., query_embedding: _Optional[_Iterable[float]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., method: _Optional[str] = ..., top_k: _Optional[int] = ..., query_region: _Optional[_Iterable[float]] = ..., generation: _Optional[int] = ..., consistency: _Optional[str] = ...) -> None: ...
 
 class RerankedHit(_message.Message):
     __slots__ = ("item_id", "object_id", "score", "region")
