@@ -27,7 +27,7 @@ import numpy as np
 
 def _raw_worker(args) -> float:
     """One process: detector over its photos and embedder over its crops; wall seconds."""
-    repo, det_inputs, emb_inputs, with_det, with_regions, det_batch, emb_batch = args
+    repo, det_inputs, emb_inputs, with_det, with_regions, det_batch, emb_batch, barrier = args
     from bench.common import ort_session
 
     def session(name: str):
@@ -40,6 +40,7 @@ def _raw_worker(args) -> float:
         det, det_meta = session("detector")
         det.run(["boxes", "scores"], {det_meta.input_name: det_inputs[:1]})
     emb.run(names, {emb_meta.input_name: emb_inputs[:1]})  # warm-up
+    barrier.wait()  # every process loaded and warm: they start together
     t = time.perf_counter()
     if with_det:
         for s in range(0, len(det_inputs), det_batch):
@@ -47,6 +48,10 @@ def _raw_worker(args) -> float:
     for s in range(0, len(emb_inputs), emb_batch):
         emb.run(names, {emb_meta.input_name: emb_inputs[s:s + emb_batch]})
     return time.perf_counter() - t
+
+
+def _raw_process(args, walls) -> None:
+    walls.append(_raw_worker(args))
 
 
 def raw_throughput(repo: Path, photos: list[Path], objects_per_image: float, procs: int, detect: bool = True,
@@ -69,11 +74,20 @@ def raw_throughput(repo: Path, photos: list[Path], objects_per_image: float, pro
     out = {}
     ctx = mp.get_context("spawn")
     for label, with_det, with_regions, x in (("same_forwards", detect, regions, crops), ("embed_only", False, False, emb_x)):
-        shares = [(str(repo), det_x[i::procs], x[i::procs], with_det, with_regions, 16, 32) for i in range(procs)]
-        with ctx.Pool(procs) as pool:
-            # Each process times its own forwards after loading and warming its sessions; they
-            # run at once, so the slowest one's time is the wall time of the whole batch.
-            wall = max(pool.map(_raw_worker, shares))
+        with ctx.Manager() as manager:
+            barrier, walls = manager.Barrier(procs), manager.list()
+            workers = [ctx.Process(target=_raw_process, args=((str(repo), det_x[i::procs], x[i::procs], with_det,
+                                                                with_regions, 16, 32, barrier), walls))
+                       for i in range(procs)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            if len(walls) != procs:
+                raise RuntimeError(f"{procs - len(walls)} raw benchmark processes failed")
+            # They start together (barrier) and each times its own forwards: the slowest one's time
+            # is the wall time of the whole batch.
+            wall = max(walls)
         out[label] = round(len(photos) / wall, 2)
     return out
 

@@ -97,7 +97,7 @@ def fill_catalog(state: dict, key: str, catalog: str, real: list, size: int, tmp
     from visearch.client import Client
     from visearch.demo import write_manifest
     from visearch.settings import StoreSettings
-    from visearch.store import VectorStore
+    from visearch.store import VectorStore, WriteClock
 
     with Client(state["gateway"], api_key=key, timeout=120) as vs:
         from visearch.cli import ingest_rows, read_manifest
@@ -105,8 +105,11 @@ def fill_catalog(state: dict, key: str, catalog: str, real: list, size: int, tmp
         job_id, _ = ingest_rows(vs, read_manifest(write_manifest(real, tmp / "real.csv")), catalog, by_path=False)
         job = vs.wait(job_id)
         progress(f"{job.done} real photos ingested ({job.failed} failed)")
+    import redis
+
     milvus = next(c["address"] for c in state["components"] if c["kind"] == "milvus")
-    store = VectorStore(StoreSettings(milvus_uri=milvus))
+    redis_url = next(c["address"] for c in state["components"] if c["kind"] == "redis")
+    store = VectorStore(StoreSettings(milvus_uri=milvus), WriteClock(redis.Redis.from_url(redis_url)))  # marks as a writer
     gen = store.live(catalog)
     rng = np.random.default_rng(0)
     n_synth = max(0, size - len(real))
@@ -123,7 +126,8 @@ def fill_catalog(state: dict, key: str, catalog: str, real: list, size: int, tmp
     end = time.monotonic() + 900
     while time.monotonic() < end:  # a server indexes sealed segments in the background: wait for it
         info = store.client.describe_index(gen.collection, "vector")
-        if int(info.get("pending_index_rows") or 0) == 0 and int(info.get("indexed_rows") or rows) >= rows:
+        indexed = info.get("indexed_rows")
+        if int(info.get("pending_index_rows") or 0) == 0 and (indexed is None or int(indexed) >= rows):
             break
         progress(f"indexing: {info.get('indexed_rows')}/{rows}")
         time.sleep(5)
@@ -162,7 +166,7 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
     from visearch.client import Client
     from visearch.datasets import grocery_root, grocery_split
     from visearch.demo import item_id
-    from visearch.settings import DEFAULT_MODEL_REPOSITORY
+    from visearch.settings import DEFAULT_MODEL_REPOSITORY, StoreSettings
 
     root = grocery_root()
     train = [p for p in grocery_split(root, "train") if p.is_product]
@@ -183,7 +187,8 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
             key = mesh.read_admin_key(data)
             catalog = f"bench{int(time.time())}"  # a server may keep catalogs of earlier runs
             items = fill_catalog(state, key, catalog, real, catalog_size, tmp, progress)
-            time.sleep(11)  # past the write window: searches read as they would in steady state
+            # Past the write window: searches read as they would on a catalog at rest.
+            time.sleep(StoreSettings.model_fields["bounded_window_seconds"].default + 1.5)
             with Client(state["gateway"], api_key=key, timeout=60) as vs:
                 for q in queries[:3]:  # warm-up: sessions, caches, the index loaded
                     vs.search(q, catalog=catalog)

@@ -21,5 +21,6 @@ def test_ingest_benchmark_smoke(tmp_path):
     assert raw["embed_only"] > raw["same_forwards"] > 0, "the detector and more crops cost more than one frame"
     assert r["mesh_over_raw"] == pytest.approx(r["mesh_images_per_s"] / raw["same_forwards"], rel=0.02)
     cpu = r["cpu_seconds_by_component"]
-    assert cpu["embedding"] > 0 and cpu["detection"] > 0 and cpu["worker"] > 0, cpu
+    assert cpu["embedding"] > 0 and cpu["detection"] > 0, cpu
+    assert sum(v for k, v in cpu.items() if k.startswith("worker")) > 0, cpu
     assert "raw: detector + embedder (with regions)" in (tmp_path / "result.md").read_text()

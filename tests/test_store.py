@@ -180,7 +180,7 @@ def test_reads_run_bounded_only_when_nothing_wrote_lately(store, redis_url, requ
     import redis
 
     cat = "t_clock_" + request.node.callspec.id.replace("-", "_")
-    clock = WriteClock(redis.Redis.from_url(redis_url), window=6.0)
+    clock = WriteClock(redis.Redis.from_url(redis_url))
     settings = StoreSettings(milvus_uri=store.settings.milvus_uri, bounded_window_seconds=6.0)
     writer, reader = VectorStore(settings, clock), VectorStore(settings, clock)
     try:
@@ -191,16 +191,21 @@ def test_reads_run_bounded_only_when_nothing_wrote_lately(store, redis_url, requ
         assert reader.read_level(cat) == "Strong" and reader.read_level(reader.resolve(cat)) == "Strong"
         assert [h.item_id for h in reader.search(cat, vec, 3)] == ["a"]  # the other process sees the write now
         assert set(reader.get_vectors(cat, ["a#0"], "Strong")) == {"a#0"}
-        time.sleep(6.5)
+        time.sleep(8.2)  # the window, plus the clock's whole second
         assert reader.read_level(cat) == "Bounded"
         assert [h.item_id for h in reader.search(cat, vec, 3)] == ["a"]
         assert set(reader.get_vectors(cat, ["a#0"], "Bounded")) == {"a#0"}
         assert writer.delete_items(cat, ["a"]) == 1  # a delete marks the catalog too
         assert reader.read_level(cat) == "Strong" and reader.search(cat, vec, 3) == []
-        # Without a clock (or with the window 0) every read is Strong.
+        # Without a clock, with the window 0, or with the clock unreadable, every read is Strong;
+        # a reader's own window decides (a writer with another window marks all the same).
         assert VectorStore(StoreSettings(milvus_uri=settings.milvus_uri)).read_level(cat) == "Strong"
         off = StoreSettings(milvus_uri=settings.milvus_uri, bounded_window_seconds=0)
         assert VectorStore(off, clock).read_level(cat) == "Strong"
+        VectorStore(off, clock).upsert_items(cat, [("b", [(vec, (0, 0, 4, 4))], {})])
+        assert reader.read_level(cat) == "Strong" and [h.item_id for h in reader.search(cat, vec, 3)] == ["b"]
+        gone = WriteClock(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
+        assert VectorStore(settings, gone).read_level(cat) == "Strong"
     finally:
         writer.close()
         reader.close()

@@ -55,25 +55,24 @@ class Frame:
     pad_y: float = 0.0
 
 
-def prepare(img: Image.Image, size: int, mode: str = "stretch", source_scale: float = 1.0) -> tuple[np.ndarray, Frame]:
+def prepare(img: Image.Image, size: int, mode: str = "stretch", source_size: tuple[int, int] | None = None
+            ) -> tuple[np.ndarray, Frame]:
     """RGB uint8 [size, size, 3] for the detector, and the frame that maps its boxes back to the
-    original image (`source_scale`: original pixels per pixel of `img`, above 1 when it was
-    decoded at a reduced JPEG scale)."""
+    original image (`source_size`: its width and height when `img` was decoded smaller)."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode {mode!r}: expected one of {', '.join(RESIZE_MODES)}")
     img = img.convert("RGB") if img.mode != "RGB" else img
     w, h = img.size
-    s = source_scale
-    ow, oh = round(w * s), round(h * s)
+    ow, oh = source_size or (w, h)
     if mode == "stretch":
         out = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0) if img.size != (size, size) else img
-        return np.asarray(out, dtype=np.uint8), Frame(size, ow, oh, size / w / s, size / h / s)
+        return np.asarray(out, dtype=np.uint8), Frame(size, ow, oh, size / ow, size / oh)
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     canvas = Image.new("RGB", (size, size), (128, 128, 128))
     px, py = (size - nw) // 2, (size - nh) // 2
     canvas.paste(img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0), (px, py))
-    return np.asarray(canvas, dtype=np.uint8), Frame(size, ow, oh, nw / w / s, nh / h / s, px, py)
+    return np.asarray(canvas, dtype=np.uint8), Frame(size, ow, oh, nw / ow, nh / oh, px, py)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -168,13 +167,13 @@ class Detector:
         return list((await self.meta()).extra.get("labels") or [])
 
     async def detect(self, images: list[Image.Image], *, min_score: float = 0.3, iou: float = 0.5, limit: int = 10,
-                     per_class: bool = False, scales: list[float] | None = None) -> list[list[Box]]:
-        """Boxes in pixels of the original images (`scales`: original pixels per pixel of each image
-        given, when they were decoded at a reduced scale)."""
+                     per_class: bool = False, sizes: list[tuple[int, int]] | None = None) -> list[list[Box]]:
+        """Boxes in pixels of the original images (`sizes`: their width and height, when the images
+        given were decoded smaller)."""
         meta = await self.meta()
         labels = list(meta.extra.get("labels") or [])
-        prepared = [prepare(img, meta.input_size, self.resize, s) for img, s in zip(images, scales or [1.0] * len(images),
-                                                                                   strict=True)]
+        prepared = [prepare(img, meta.input_size, self.resize, sz)
+                    for img, sz in zip(images, sizes or [None] * len(images), strict=True)]
         batch = np.stack([p[0] for p in prepared])
         out = await self.backend.infer(self.model, {meta.input_name: batch}, ["boxes", "scores"])
         return [postprocess(out["boxes"][i], out["scores"][i], frame, labels, min_score=min_score, iou=iou,

@@ -118,9 +118,9 @@ class StoreSettings(_Base):
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     hnsw_ef: int = 128
-    # Reads of a catalog that nothing wrote to for this long run Bounded instead of Strong (no
-    # wait for the server's time tick); above Milvus's common.gracefulTime (5 s by default).
-    # Needs Redis (the gateway's and workers' write clock); 0: every read Strong.
+    # Searches of a catalog that nothing wrote to for this long run Bounded instead of Strong (no
+    # wait for the server's time tick); keep it above Milvus's common.gracefulTime (5 s by
+    # default). Needs Redis (the write clock every writer marks); 0: every read Strong.
     bounded_window_seconds: float = 10.0
 
 

@@ -28,10 +28,11 @@ A search with another model's vectors is refused.
 Consistency: collections are Strong, so an acknowledged ingest is visible to the next search.
 A Strong read on a Milvus server waits for the next time tick (up to 200 ms per call,
 measured: docs/PERFORMANCE.md), which would be most of a search. With a `WriteClock` (a
-Redis key per catalog set by every writer, kept for `bounded_window_seconds`), reads of a
-catalog nothing wrote to lately run Bounded (no wait; everything older than the server's
+Redis key per catalog holding the time of its last write, in Redis's clock, set by every
+writer before and after each write), reads of a catalog nothing wrote to within the reader's
+`bounded_window_seconds` run Bounded (no wait; everything older than the server's
 gracefulTime, 5 s by default, is visible) and the others stay Strong: read-your-writes
-across processes at Bounded cost. Without a clock every read is Strong.
+across processes at Bounded cost. Without a clock, or with the window 0, every read is Strong.
 
 Region vectors (re-ranking, visearch.regions) live in a second collection per generation,
 `vsgr_<catalog>_<n>`, keyed by the same object ids: one row per object with its base regions
@@ -44,6 +45,7 @@ allow one vector field per collection.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -67,6 +69,7 @@ MODEL_PROP = "visearch.model"
 DIM_PROP = "visearch.dim"
 SOURCE_MAX = 2048
 GEN_RE = re.compile(r"^vsg_([A-Za-z][A-Za-z0-9_]{0,62})_(\d+)$")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -142,34 +145,56 @@ STRONG, BOUNDED = "Strong", "Bounded"
 
 
 class WriteClock:
-    """Which catalogs were written lately, shared by every process through Redis: a key per
-    catalog set on each write, expiring after `window` seconds (above Milvus's gracefulTime)."""
+    """When each catalog was last written, shared by every process through Redis, in Redis's own
+    clock (no skew between hosts): a key per catalog holding the time of its last write. Each
+    reader compares it with its own window, so writers and readers need not agree on one."""
 
-    def __init__(self, redis, window: float):
-        self.r, self.window = redis, window
+    LIFETIME = 3600  # seconds a mark is kept; far above any window
+    _MARK = "local t = redis.call('TIME') redis.call('SET', KEYS[1], t[1], 'EX', ARGV[1]) return t[1]"
+
+    def __init__(self, redis):
+        self.r = redis
+        self._mark = redis.register_script(self._MARK)
+
+    @staticmethod
+    def key(catalog: str) -> str:
+        return f"vs:wrote:{catalog}"
 
     def wrote(self, catalog: str) -> None:
-        self.r.set(f"vs:wrote:{catalog}", 1, px=int(self.window * 1000))
+        self._mark(keys=[self.key(catalog)], args=[self.LIFETIME])
 
-    def recent(self, catalog: str) -> bool:
-        return bool(self.r.exists(f"vs:wrote:{catalog}"))
+    def seconds_since(self, catalog: str) -> float | None:
+        """Seconds since the catalog's last marked write (None: none within LIFETIME)."""
+        p = self.r.pipeline(transaction=False)
+        p.get(self.key(catalog))
+        p.time()
+        last, (now, _) = p.execute()
+        return None if last is None else float(now) - float(last)
 
 
 class VectorStore:
     def __init__(self, settings: StoreSettings, clock: WriteClock | None = None):
         self.settings = settings
-        self.clock = clock if settings.bounded_window_seconds > 0 else None
+        self.clock = clock  # writers mark with it whatever their own window; readers need it to go Bounded
         self.client = milvus_client(settings.milvus_uri, settings.milvus_token)
         self._gens: dict[str, Generation] = {}  # physical name -> generation (immutable once made)
         self._region_dims: dict[str, int] = {}
         self._create_lock = threading.Lock()
 
     def read_level(self, target: Target) -> str:
-        """Strong unless a write clock says nothing wrote to the catalog lately (module docstring)."""
-        if self.clock is None:
+        """Bounded when the write clock says nothing wrote to the catalog within this reader's
+        window (1 s added for the clock's whole seconds); Strong otherwise, and whenever the clock
+        cannot be read (Redis away: slower reads, never missing ones)."""
+        window = self.settings.bounded_window_seconds
+        if self.clock is None or window <= 0:
             return STRONG
         catalog = target if isinstance(target, str) else target.catalog
-        return STRONG if self.clock.recent(catalog) else BOUNDED
+        try:
+            since = self.clock.seconds_since(catalog)
+        except Exception as exc:  # noqa: BLE001 - any failure of the clock means "not sure"
+            log.warning("write clock unreadable, reading Strong: %s", exc)
+            return STRONG
+        return BOUNDED if since is None or since > window + 1 else STRONG
 
     def _wrote(self, gen: Generation) -> None:
         """Called before and after each write: readers during it and for a window after it read Strong."""

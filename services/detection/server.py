@@ -50,7 +50,7 @@ class DetectionModel:
         return True
 
     async def detect_images(self, images, *, min_score: float = 0.0, max_detections: int = 0,
-                            scales: list[float] | None = None) -> list[list[det.Box]]:
+                            sizes: list[tuple[int, int]] | None = None) -> list[list[det.Box]]:
         s = self.settings
         min_score = min_score or s.detector_min_score
         limit = max_detections or s.detector_max_detections
@@ -60,12 +60,12 @@ class DetectionModel:
             raise InvalidArgument(f"max_detections {limit} is outside 1..{MAX_DETECTIONS}")
         meta = await self.detector.meta()
         batch = min(s.max_batch, int(meta.extra.get("max_batch_size") or s.max_batch))
-        scales = scales or [1.0] * len(images)
+        sizes = sizes or [img.size for img in images]
         out: list[list[det.Box]] = []
         for start in range(0, len(images), batch):
             out += await self.detector.detect(images[start:start + batch], min_score=min_score, iou=s.detector_iou,
                                               limit=limit, per_class=s.detector_per_class,
-                                              scales=scales[start:start + batch])
+                                              sizes=sizes[start:start + batch])
         return out
 
     async def detect(self, blobs: list[bytes], *, min_score: float = 0.0, max_detections: int = 0
@@ -77,14 +77,14 @@ class DetectionModel:
         def decode(i: int, data: bytes):
             try:
                 img, scale = imaging.decode_image_scaled(data, draft_size=draft)
-                return img, scale, (imaging.image_size(data) if scale != 1.0 else img.size)
+                return img, (imaging.image_size(data) if scale != 1.0 else img.size)
             except imaging.ImageError as exc:
                 raise InvalidArgument(f"image {i}: {exc}") from None
 
         decoded = await decode_bounded(lambda: [decode(i, d) for i, d in enumerate(blobs)], self.settings.decode_timeout_seconds)
-        images, scales = [d[0] for d in decoded], [d[1] for d in decoded]
-        found = await self.detect_images(images, min_score=min_score, max_detections=max_detections, scales=scales)
-        return [d[2] for d in decoded], found
+        images, sizes = [d[0] for d in decoded], [d[1] for d in decoded]
+        found = await self.detect_images(images, min_score=min_score, max_detections=max_detections, sizes=sizes)
+        return sizes, found
 
     async def tag(self) -> str:
         return (await self.detector.meta()).tag

@@ -42,14 +42,18 @@ def needed_scale(box, width: int, height: int, size: int) -> float:
     return min(1.0, 2 * size / max(1.0, min(bw, bh)))
 
 
-def cut(img, scale: float, box, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """One item from a decoded image (`scale`: original pixels per decoded pixel): the model
-    input and the frame it shows, (x1, y1, x2, y2) in pixels of the original image."""
-    width, height = img.width * scale, img.height * scale
+def cut(img, width: int, height: int, box, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """One item from a decoded image of a (width x height) photo, possibly decoded smaller: the
+    model input and the frame it shows, (x1, y1, x2, y2) in pixels of the photo."""
     if box is None:
-        return imaging.to_model_input(img, size), (0.0, 0.0, width, height)
-    frame = (max(0.0, box[0]), max(0.0, box[1]), min(width, box[2]), min(height, box[3]))
-    return imaging.to_model_input(imaging.crop(img, tuple(v / scale for v in box)), size), frame
+        return imaging.to_model_input(img, size), (0.0, 0.0, float(width), float(height))
+    frame = (max(0.0, box[0]), max(0.0, box[1]), min(float(width), box[2]), min(float(height), box[3]))
+    sx, sy = img.width / width, img.height / height  # per axis: a reduced decode rounds each side up
+    try:
+        crop = imaging.crop(img, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    except imaging.ImageError:
+        raise imaging.ImageError(f"crop box {tuple(box)} is empty inside a {width}x{height} image") from None
+    return imaging.to_model_input(crop, size), frame
 
 
 def prepare_all(items: list[tuple[bytes, tuple | None]], size: int) -> list[tuple[np.ndarray, tuple]]:
@@ -64,12 +68,12 @@ def prepare_all(items: list[tuple[bytes, tuple | None]], size: int) -> list[tupl
         try:
             width, height = imaging.image_size(data)
             need = max(needed_scale(items[i][1], width, height, size) for i in idx)
-            img, scale = imaging.decode_image_scaled(data, draft_scale=need)
+            img = imaging.decode_image_scaled(data, draft_scale=need)[0]
         except imaging.ImageError as exc:
             raise InvalidArgument(f"item {idx[0]}: {exc}") from None
         for i in idx:
             try:
-                out[i] = cut(img, scale, items[i][1], size)
+                out[i] = cut(img, width, height, items[i][1], size)
             except imaging.ImageError as exc:
                 raise InvalidArgument(f"item {i}: {exc}") from None
     return out

@@ -103,7 +103,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(self.channels["embedding"])
         self.rerank = rerank_pb2_grpc.RerankServiceStub(self.channels["rerank"])
         self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
-        self.store = VectorStore(settings, WriteClock(self.jobs.r, settings.bounded_window_seconds))
+        self.store = VectorStore(settings, WriteClock(self.jobs.r))
         self.celery = make_celery(settings)
         self.roots = [Path(r).resolve() for r in settings.ingest_roots]
         self._stats_at = 0.0
@@ -156,6 +156,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             except BaseException:
                 if full_task is not None:
                     full_task.cancel()
+                    if full_task.done() and not full_task.cancelled():
+                        full_task.exception()  # retrieved: the detection error is the one reported
                 raise
             res = det.results[0]
             full = (0.0, 0.0, float(res.width), float(res.height))

@@ -52,7 +52,7 @@ class Context:
         self.detection = detection_pb2_grpc.DetectionServiceStub(sync_channel(settings.detection_addr, settings))
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(sync_channel(settings.embedding_addr, settings))
         self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
-        self.store = VectorStore(settings, WriteClock(self.jobs.r, settings.bounded_window_seconds))
+        self.store = VectorStore(settings, WriteClock(self.jobs.r))
 
 
 _ctx: tuple[int, Context] | None = None
