@@ -1,0 +1,227 @@
+"""Descriptor dimension: PCA (and PCA-whitening) of the served descriptor, in the graph, with its mAP.
+
+    python -m bench.dimension [--model model_repository] [--dims 1280,512,256,128,64] [--export 128] [--out runs/dimension]
+
+1. Embeds every photo of protocols P1, P3 and TH once with the served embedder (ONNX
+   Runtime, exactly as served; cached in --out).
+2. For each --dims d and whitening power w in --powers (0: PCA rotation and projection
+   only; 0.5: square-root whitening; 1: full whitening), fits x -> diag(l^-w) V_d^T (x - mu),
+   then L2, on each protocol's own `fit` photos (train photos only, never a query) and
+   scores it. TH (a hold-out inside train, which the embedder was not trained on) is where
+   a variant is chosen; P1 and P3 are reported beside it.
+3. --export d: appends the chosen projection to the ONNX graph (MatMul + Add + L2
+   normalisation after the "embeddings" output, fitted on all train photos; the region
+   outputs are untouched), checks the graph's descriptors against the numpy projection,
+   times it beside the served model (one thread, batch 1) and scores it with the evaluation
+   harness through ONNX Runtime (as `visearch eval --model` does). The version folder
+   (model.onnx + meta.json) is written to --out/pca-<d>/.
+
+The smaller descriptor's effect on the vector store (memory, search time) is measured by
+`python -m bench.vectors --dim D`. Writes result.json and result.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def fit_pca(x: np.ndarray, dim: int, power: float, eps: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
+    """(W [C, dim], b [dim]) with x @ W + b = diag(l^(-power/2)) V_dim^T (x - mu): PCA of rows `x`, top `dim`
+    directions, each divided by its standard deviation to the power `power` (0: projection only; 1: whitened)."""
+    x = np.asarray(x, np.float64)
+    mu = x.mean(0)
+    cov = np.cov(x - mu, rowvar=False)
+    vals, vecs = np.linalg.eigh(cov)
+    top = np.argsort(vals)[::-1][:dim]
+    w = vecs[:, top] / np.power(np.maximum(vals[top], eps), power / 2)
+    return w.astype(np.float32), (-mu @ w).astype(np.float32)
+
+
+def project(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    y = x @ w + b
+    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+
+def score_variants(protocols: dict, emb: dict, dims: list[int], powers: list[float]) -> list[dict]:
+    """mAP / recall@1 of every (dim, power), each protocol's projection fitted on its own `fit` photos."""
+    from visearch.evaluation import harness
+
+    rows = [{"dim": int(next(iter(emb.values())).shape[0]), "power": None, "label": "served"}]
+    rows += [{"dim": d, "power": p, "label": f"pca {d}" + (f" w{p:g}" if p else "")} for d in dims for p in powers]
+    for name, proto in protocols.items():
+        q, db = harness.protocol_matrices(proto, emb)
+        fit = np.stack([emb[p.path] for p in proto.fit])
+        for row in rows:
+            if row["power"] is None:
+                qq, dd = q, db
+            else:
+                w, b = fit_pca(fit, row["dim"], row["power"])
+                qq, dd = project(q, w, b), project(db, w, b)
+            m = harness.evaluate_embeddings(proto, qq, dd)
+            row[name] = {"mAP": round(m["mAP"], 4), "recall@1": round(m["recall@1"], 4)}
+    return rows
+
+
+def append_projection(src: Path, dst: Path, w: np.ndarray, b: np.ndarray, output: str = "embeddings") -> Path:
+    """A copy of the ONNX model at `src` whose `output` is L2(output @ w + b); written to dst/model.onnx."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    raw = f"{output}_before_pca"
+    for node in g.node:
+        node.output[:] = [raw if o == output else o for o in node.output]
+        node.input[:] = [raw if i == output else i for i in node.input]
+    g.initializer.extend([numpy_helper.from_array(w, "pca_weight"), numpy_helper.from_array(b, "pca_bias"),
+                          numpy_helper.from_array(np.array(1e-12, np.float32), "pca_eps")])
+    g.node.extend([
+        helper.make_node("MatMul", [raw, "pca_weight"], ["pca_projected"], name="pca_matmul"),
+        helper.make_node("Add", ["pca_projected", "pca_bias"], ["pca_centred"], name="pca_add"),
+        helper.make_node("ReduceL2", ["pca_centred"], ["pca_norm"], name="pca_norm", axes=[-1], keepdims=1),
+        helper.make_node("Max", ["pca_norm", "pca_eps"], ["pca_norm_safe"], name="pca_norm_safe"),
+        helper.make_node("Div", ["pca_centred", "pca_norm_safe"], [output], name="pca_l2"),
+    ])
+    out = next(o for o in g.output if o.name == output)
+    out.CopyFrom(helper.make_tensor_value_info(output, TensorProto.FLOAT, [out.type.tensor_type.shape.dim[0].dim_param
+                                                                          or "batch", w.shape[1]]))
+    onnx.checker.check_model(model)
+    dst.mkdir(parents=True, exist_ok=True)
+    path = dst / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def time_b1(paths: dict[str, Path], x: np.ndarray, reps: int = 60) -> dict[str, float]:
+    """Median ms of a batch-1 forward (all outputs) of each model, one intra-op thread, the models
+    interleaved forward by forward so that both see the same moments of the machine."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    ms: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(reps + 2):
+        xb = x[i % len(x):i % len(x) + 1]
+        for k, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, {sess.get_inputs()[0].name: xb})
+            if i >= 2:  # two warm-up rounds
+                ms[k].append((time.perf_counter() - t) * 1000)
+    return {k: round(float(np.median(v)), 2) for k, v in ms.items()}
+
+
+def run(model: Path, dims: list[int], powers: list[float], export: int, export_power: float, out: Path,
+        limit: int = 0, progress=print) -> dict:
+    import onnxruntime as ort
+
+    from visearch.datasets import grocery_root, grocery_split
+    from visearch.evaluation import harness, runner
+    from visearch.evaluation.features import load_batch
+    from visearch.evaluation.protocols import get_protocols
+
+    src, meta = runner.onnx_model_path(model)
+    size = int(meta["input_size"])
+    root = grocery_root()
+    protocols = get_protocols(root, ["P1", "P3", "TH"])
+    if limit:
+        protocols = {n: p.limited(limit) for n, p in protocols.items()}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    sess = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    inp, outp = sess.get_inputs()[0].name, meta.get("output_name") or "embeddings"
+
+    def embed(paths: list[Path]) -> np.ndarray:
+        rows = []
+        for i in range(0, len(paths), 32):
+            rows.append(sess.run([outp], {inp: load_batch(paths[i:i + 32], size)})[0])
+            if (i // 32) % 10 == 9:
+                progress(f"  embedded {i + 32}/{len(paths)}")
+        return np.concatenate(rows)
+
+    paths = harness.distinct_paths(protocols)
+    for p in protocols.values():
+        paths += [f.path for f in p.fit if f.path not in set(paths)]
+    sha = (meta.get("model_sha256") or "")[:12]
+    emb = harness.embed_all(embed, list(dict.fromkeys(paths)), out / f"emb-{sha or 'model'}.npz", progress)
+    t = time.perf_counter()
+    rows = score_variants(protocols, emb, dims, powers)
+    progress(f"scored {len(rows)} variants on {', '.join(protocols)} in {time.perf_counter() - t:.0f} s")
+    result = {"model": str(src), "model_id": meta.get("id"), "protocols": list(protocols), "variants": rows}
+
+    if export:
+        fit = np.stack([emb[p.path] for p in protocols["P1"].fit])  # all train photos (a smoke run: a few)
+        w, b = fit_pca(fit, export, export_power)
+        dst = out / f"pca-{export}"
+        path = append_projection(src, dst, w, b, outp)
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        label = f"pca{export}" + (f"w{export_power:g}" if export_power else "")
+        new_meta = dict(meta, id=f"{meta.get('id') or 'embedder'}-{label}", dim=export, model_sha256=sha256,
+                        pca={"dim": export, "whitening_power": export_power, "in": int(w.shape[0]),
+                             "fitted_on": f"served descriptors of {len(fit)} grocery train photos",
+                             "in_graph": "MatMul + Add + L2 after the embeddings output"})
+        (dst / "meta.json").write_text(json.dumps(new_meta, indent=2))
+        val = [p.path for p in grocery_split(root, "val") if p.is_product][:16]
+        x = load_batch(val, size)
+        s2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = s2.run([outp], {inp: x})[0]
+        want = project(sess.run([outp], {inp: x})[0], w, b)
+        parity = float(np.abs(got - want).max())
+        ms = time_b1({"served": src, label: path}, x)
+        progress(f"exported {path} (parity {parity:.2e}); batch-1 ms {ms}")
+        row = runner.run_onnx(dst, {n: p for n, p in protocols.items() if n != "TH"}, None, 1, progress=lambda m: None)
+        result["export"] = {"path": str(path), "dim": export, "power": export_power, "parity_max_abs_diff": parity,
+                            "batch1_ms": ms, "as_served": {n: {k: round(v, 4) for k, v in r.items()
+                                                               if k in ("mAP", "recall@1")}
+                                                           for n, r in row.results.items()}}
+        progress(f"as served through ONNX Runtime: {result['export']['as_served']}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    (out / "result.md").write_text(markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    protos = r["protocols"]
+    lines = ["| variant | dim | bytes/vector | " + " | ".join(f"{p} mAP | {p} R@1" for p in protos) + " |",
+             "|---|---:|---:|" + "---:|" * (2 * len(protos))]
+    for v in r["variants"]:
+        lines.append(f"| {v['label']} | {v['dim']} | {4 * v['dim']} | "
+                     + " | ".join(f"{v[p]['mAP']} | {v[p]['recall@1']}" for p in protos) + " |")
+    if "export" in r:
+        e = r["export"]
+        lines += ["", f"In the graph ({e['path']}): parity {e['parity_max_abs_diff']:.1e} against numpy; batch-1 ms "
+                  + ", ".join(f"{k} {v}" for k, v in e["batch1_ms"].items()) + "; as served: "
+                  + ", ".join(f"{n} mAP {m['mAP']} R@1 {m['recall@1']}" for n, m in e["as_served"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "model_repository")
+    ap.add_argument("--dims", default="1280,512,256,128,64")
+    ap.add_argument("--powers", default="0,0.5,1", help="Whitening powers to try (0: PCA projection only).")
+    ap.add_argument("--export", type=int, default=128, help="Dimension to build into the graph (0: none).")
+    ap.add_argument("--export-power", type=float, default=0.0)
+    ap.add_argument("--limit", type=int, default=0, help="Queries per protocol (0: all): for a smoke run.")
+    ap.add_argument("--out", type=Path, default=Path("runs/dimension"))
+    args = ap.parse_args(argv)
+    r = run(args.model, [int(d) for d in args.dims.split(",")], [float(p) for p in args.powers.split(",")],
+            args.export, args.export_power, args.out, args.limit)
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
