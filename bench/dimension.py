@@ -2,10 +2,11 @@
 
     python -m bench.dimension [--model model_repository] [--dims 1280,512,256,128,64] [--export 128] [--out runs/dimension]
 
-1. Embeds every photo of protocols P1, P3 and TH once with the served embedder (ONNX
-   Runtime, exactly as served; cached in --out).
+1. Embeds every photo of protocols P1, P3 and TH once with the served embedder (its
+   full-dimension source when the served version is already a reduction; ONNX Runtime,
+   exactly as served; cached in --out).
 2. For each --dims d and whitening power w in --powers (0: PCA rotation and projection
-   only; 0.5: square-root whitening; 1: full whitening), fits x -> diag(l^-w) V_d^T (x - mu),
+   only; 0.5: square-root whitening; 1: full whitening), fits x -> diag(l^(-w/2)) V_d^T (x - mu),
    then L2, on each protocol's own `fit` photos (train photos only, never a query) and
    scores it. TH (a hold-out inside train, which the embedder was not trained on) is where
    a variant is chosen; P1 and P3 are reported beside it.
@@ -35,22 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def fit_pca(x: np.ndarray, dim: int, power: float, eps: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
-    """(W [C, dim], b [dim]) with x @ W + b = diag(l^(-power/2)) V_dim^T (x - mu): PCA of rows `x`, top `dim`
-    directions, each divided by its standard deviation to the power `power` (0: projection only; 1: whitened)."""
-    x = np.asarray(x, np.float64)
-    mu = x.mean(0)
-    cov = np.cov(x - mu, rowvar=False)
-    vals, vecs = np.linalg.eigh(cov)
-    top = np.argsort(vals)[::-1][:dim]
-    w = vecs[:, top] / np.power(np.maximum(vals[top], eps), power / 2)
-    return w.astype(np.float32), (-mu @ w).astype(np.float32)
-
-
-def project(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    y = x @ w + b
-    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+from visearch.modeling.reduce import append_projection, fit_pca, project  # noqa: E402
 
 
 def score_variants(protocols: dict, emb: dict, dims: list[int], powers: list[float]) -> list[dict]:
@@ -71,36 +57,6 @@ def score_variants(protocols: dict, emb: dict, dims: list[int], powers: list[flo
             m = harness.evaluate_embeddings(proto, qq, dd)
             row[name] = {"mAP": round(m["mAP"], 4), "recall@1": round(m["recall@1"], 4)}
     return rows
-
-
-def append_projection(src: Path, dst: Path, w: np.ndarray, b: np.ndarray, output: str = "embeddings") -> Path:
-    """A copy of the ONNX model at `src` whose `output` is L2(output @ w + b); written to dst/model.onnx."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(src))
-    g = model.graph
-    raw = f"{output}_before_pca"
-    for node in g.node:
-        node.output[:] = [raw if o == output else o for o in node.output]
-        node.input[:] = [raw if i == output else i for i in node.input]
-    g.initializer.extend([numpy_helper.from_array(w, "pca_weight"), numpy_helper.from_array(b, "pca_bias"),
-                          numpy_helper.from_array(np.array(1e-12, np.float32), "pca_eps")])
-    g.node.extend([
-        helper.make_node("MatMul", [raw, "pca_weight"], ["pca_projected"], name="pca_matmul"),
-        helper.make_node("Add", ["pca_projected", "pca_bias"], ["pca_centred"], name="pca_add"),
-        helper.make_node("ReduceL2", ["pca_centred"], ["pca_norm"], name="pca_norm", axes=[-1], keepdims=1),
-        helper.make_node("Max", ["pca_norm", "pca_eps"], ["pca_norm_safe"], name="pca_norm_safe"),
-        helper.make_node("Div", ["pca_centred", "pca_norm_safe"], [output], name="pca_l2"),
-    ])
-    out = next(o for o in g.output if o.name == output)
-    out.CopyFrom(helper.make_tensor_value_info(output, TensorProto.FLOAT, [out.type.tensor_type.shape.dim[0].dim_param
-                                                                          or "batch", w.shape[1]]))
-    onnx.checker.check_model(model)
-    dst.mkdir(parents=True, exist_ok=True)
-    path = dst / "model.onnx"
-    onnx.save(model, str(path))
-    return path
 
 
 def time_b1(paths: dict[str, Path], x: np.ndarray, reps: int = 60) -> dict[str, float]:
@@ -132,6 +88,8 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
     from visearch.evaluation.protocols import get_protocols
 
     src, meta = runner.onnx_model_path(model)
+    if "reduction" in meta:  # the served version is already reduced: start from its full-dimension source
+        src, meta = runner.onnx_model_path(src.parent.parent / str(meta["reduction"]["source_version"]))
     size = int(meta["input_size"])
     root = grocery_root()
     protocols = get_protocols(root, ["P1", "P3", "TH"])
@@ -164,7 +122,7 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
         fit = np.stack([emb[p.path] for p in protocols["P1"].fit])  # all train photos (a smoke run: a few)
         w, b = fit_pca(fit, export, export_power)
         dst = out / f"pca-{export}"
-        path = append_projection(src, dst, w, b, outp)
+        path = append_projection(src, dst / "model.onnx", w, b, outp)
         sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         label = f"pca{export}" + (f"w{export_power:g}" if export_power else "")
         new_meta = dict(meta, id=f"{meta.get('id') or 'embedder'}-{label}", dim=export, model_sha256=sha256,

@@ -8,7 +8,7 @@ import numpy as np
 
 
 def test_pca_projection_and_whitening():
-    from bench.dimension import fit_pca, project
+    from visearch.modeling.reduce import fit_pca, project
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((500, 12)) * np.linspace(5, 0.5, 12)) @ np.linalg.qr(rng.standard_normal((12, 12)))[0]
@@ -44,6 +44,9 @@ def test_dimension_benchmark_builds_the_projection_into_the_graph(tmp_path, mode
 
     # The new graph: 16-d unit descriptors, the same region outputs as the served model.
     src, served_meta = onnx_model_path(model_repo)
+    if "reduction" in served_meta:  # the bench reduces the full-dimension source of a reduced version
+        src, served_meta = onnx_model_path(model_repo / "embedder" / str(served_meta["reduction"]["source_version"]))
+    assert r["model"] == str(src)
     val = grocery_split(grocery_root(), "val")
     x = load_batch([p.path for p in val[:3]], served_meta["input_size"])
     old = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])

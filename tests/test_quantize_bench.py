@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -19,7 +20,8 @@ def test_quantize_benchmark_smoke(tmp_path, model_repo):
     assert r["size_mb"]["int8"] < 0.5 * r["size_mb"]["fp32"], r["size_mb"]
     assert set(r["accuracy"]["int8"]) == {"P1", "P3"} and all(r["speed"][k]["batch1_ms_per_image"] > 0 for k in r["speed"])
     meta = json.loads((tmp_path / "int8" / "meta.json").read_text())
-    assert meta["id"].endswith("-int8") and meta["dim"] == 1280
+    source = json.loads((Path(r["model"]).parent / "meta.json").read_text())
+    assert meta["id"] == source["id"] + "-int8" and meta["dim"] == source["dim"]
     # The int8 descriptors stay where the fp32 ones are: each photo's int8 vector is closest to its
     # own fp32 vector among photos of different products (a weak check: 8 calibration photos only).
     val = grocery_split(grocery_root(), "val")

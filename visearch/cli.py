@@ -461,7 +461,9 @@ def models():
 @click.option("--off-the-shelf", "off_the_shelf", is_flag=True,
               help="Serve the ImageNet backbone without fine-tuning (no dataset needed).")
 @click.option("--retrain", is_flag=True, help="Train the default recipe again even if runs/ holds its checkpoint.")
-def models_build(repo, checkpoint, off_the_shelf, retrain):
+@click.option("--reduce-dim", type=click.IntRange(min=0), default=128, show_default=True,
+              help="PCA dimension of the fine-tuned embedder's next version, served by default (0: none).")
+def models_build(repo, checkpoint, off_the_shelf, retrain, reduce_dim):
     """Rebuild every served ONNX model and its meta record (needs the train extra).
 
     The embedder is the fine-tuned default (configs/default.json, trained on the grocery
@@ -469,7 +471,8 @@ def models_build(repo, checkpoint, off_the_shelf, retrain):
     cores), else the off-the-shelf model when the dataset is missing or --off-the-shelf. The
     detector is the COCO SSD-MobileNetV2 converted from its frozen graph (version 1) and the
     class-agnostic detector fine-tuned on composited scenes (version 2, trained when runs/detector
-    lacks it, about 15 minutes; not with --off-the-shelf).
+    lacks it, about 15 minutes; not with --off-the-shelf). A fine-tuned embedder is followed by
+    its PCA to --reduce-dim dimensions as the next version (`visearch models reduce`).
     """
     if checkpoint and off_the_shelf:
         raise click.UsageError("--checkpoint and --off-the-shelf exclude each other")
@@ -486,8 +489,41 @@ def models_build(repo, checkpoint, off_the_shelf, retrain):
         if checkpoint is None:
             progress("serving the off-the-shelf embedder")
     for record in build_all(repo or DEFAULT_MODEL_REPOSITORY, progress=progress, checkpoint=checkpoint,
-                            off_the_shelf=off_the_shelf):
+                            off_the_shelf=off_the_shelf, reduce_dim=reduce_dim):
         click.echo(json.dumps(record))
+
+
+@models.command("reduce")
+@click.option("--repo", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Model repository (default: the project's model_repository/).")
+@click.option("--dim", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--source-version", type=click.IntRange(min=1), default=None,
+              help="Embedder version to reduce (default: the newest one that is not a reduction).")
+@click.option("--whitening-power", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="0: PCA projection only (kept the mAP here); 1: full PCA whitening.")
+@click.option("--fit-photos", type=click.IntRange(min=0), default=0,
+              help="Fit on this many grocery train photos spread over the split (0: all of them).")
+def models_reduce(repo, dim, source_version, whitening_power, fit_photos):
+    """Write the embedder's next version: PCA of its descriptor in the graph (no torch needed).
+
+    Fitted on the grocery train photos; served by default as the newest version; catalogs keep
+    the version that made them until `visearch reembed --catalog NAME` (docs/PERFORMANCE.md).
+    """
+    from visearch.modeling.reduce import reduce_embedder
+    from visearch.settings import DEFAULT_MODEL_REPOSITORY
+
+    fit = None
+    if fit_photos:
+        from visearch.datasets import grocery_root, grocery_split
+
+        train = grocery_split(grocery_root(), "train")
+        fit = [p.path for p in train[:: max(1, len(train) // fit_photos)][:fit_photos]]
+    try:
+        meta = reduce_embedder(repo or DEFAULT_MODEL_REPOSITORY, "embedder", source_version, dim, whitening_power,
+                               fit_paths=fit, progress=lambda m: click.echo(m, err=True))
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({k: meta[k] for k in ("name", "version", "id", "dim", "reduction")}))
 
 
 def _delegate(module: str, what: str):

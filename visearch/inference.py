@@ -241,6 +241,10 @@ class TritonBackend(InferenceBackend):
         else:
             inp = md["inputs"][0]
             outp = next((o for o in md["outputs"] if o["name"] == "embeddings"), md["outputs"][0])
+            if int(outp["shape"][-1]) < 1:  # declared [-1]: the versions differ in dimension
+                raise FailedPrecondition(f"triton declares {model}'s {outp['name']} dimension as variable: give the "
+                                         "model repository (VISEARCH_MODEL_REPOSITORY) so each version's meta.json "
+                                         "says its own")
             meta = ModelMeta(name=model, version=served_version, input_name=inp["name"], output_name=outp["name"],
                              input_size=int(inp["shape"][1]), dim=int(outp["shape"][-1]))
         served_in = {i["name"]: i for i in md["inputs"]}

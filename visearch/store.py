@@ -543,11 +543,14 @@ class VectorStore:
             out.append(rows)
         return out
 
-    def count(self, target: Target) -> int:
-        res = self.client.query(self.resolve(target).collection, filter="", output_fields=["count(*)"])
+    def count(self, target: Target, level: str = STRONG) -> int:
+        res = self.client.query(self.resolve(target).collection, filter="", output_fields=["count(*)"],
+                                consistency_level=level)
         return int(res[0]["count(*)"])
 
-    def list_catalogs(self) -> list[CatalogInfo]:
+    def list_catalogs(self, level: str = STRONG) -> list[CatalogInfo]:
+        """Every catalog with its live generation's object count (`level`: Bounded for figures that
+        may lag a few seconds, e.g. metrics, and need not wait for a server's time tick)."""
         names = sorted({m.group(1) for m in map(GEN_RE.match, self.client.list_collections()) if m})
         out = []
         for catalog in names:
@@ -555,8 +558,8 @@ class VectorStore:
             if live is None:  # generations without an alias: a creation that failed half-way
                 continue
             building = self.building(catalog, live)
-            out.append(CatalogInfo(catalog, live.model_tag, live.dim, self.count(live), live.number, building,
-                                   self.count(building) if building else 0))
+            out.append(CatalogInfo(catalog, live.model_tag, live.dim, self.count(live, level), live.number, building,
+                                   self.count(building, level) if building else 0))
         return out
 
     def flush(self, target: Target) -> None:

@@ -26,7 +26,7 @@ from visearch.jobs import Jobs, new_job_id
 from visearch.queue import INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import GatewaySettings
-from visearch.store import VectorStore, WriteClock, check_catalog, check_item_id
+from visearch.store import BOUNDED, VectorStore, WriteClock, check_catalog, check_item_id
 
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
@@ -470,7 +470,9 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             return
         self._stats_at = now
         obs.QUEUE_DEPTH.set(await asyncio.to_thread(self.jobs.r.llen, INGEST_QUEUE))
-        for c in await asyncio.to_thread(self.store.list_catalogs):
+        # Bounded: a gauge may lag a few seconds, and a Strong count on a Milvus server waits for
+        # its next time tick on every catalog, every 10 s, beside the searches.
+        for c in await asyncio.to_thread(self.store.list_catalogs, BOUNDED):
             obs.INDEX_OBJECTS.labels(c.name).set(c.objects)
 
     async def close(self) -> None:

@@ -357,8 +357,10 @@ def check_config(path: Path, cfg: EmbedderConfig, dim: int, regions: dict | None
         if got != (INPUT_NAME, "TYPE_UINT8", want_in):
             problems.append(f"input is name={got[0]!r} data_type={got[1]} dims={got[2]}, "
                             f"the model has name={INPUT_NAME!r} data_type=TYPE_UINT8 dims={want_in}")
-    have = sorted((e.get("name", [None])[0], e.get("data_type", [None])[0], e.get("dims", []))
-                  for e in conf.get("output", []))
+    have = [(e.get("name", [None])[0], e.get("data_type", [None])[0], e.get("dims", [])) for e in conf.get("output", [])]
+    # [-1]: the model's versions differ in dimension (a reduced version beside its source,
+    # visearch.modeling.reduce); each version's meta.json says its own.
+    have = sorted((n, t, [dim] if n == OUTPUT_NAME and d == [-1] else d) for n, t, d in have)
     want = sorted((name, "TYPE_FP32", dims) for name, dims in output_specs(dim, regions))
     if have != want:
         problems.append(f"outputs are {have}, the model has {want}")
@@ -467,7 +469,7 @@ CHECKPOINT_ENV = "VISEARCH_EMBEDDER_CHECKPOINT"
 
 def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callable[[str], None] = print,
               config: EmbedderConfig | None = None, write_config: bool = False,
-              checkpoint: Path | None = None, off_the_shelf: bool = False) -> list[dict]:
+              checkpoint: Path | None = None, off_the_shelf: bool = False, reduce_dim: int = 128) -> list[dict]:
     """Build every model of the repository (or those named); returns their meta records.
 
     The embedder is the off-the-shelf ImageNet model of `config` (reproducible from the weight
@@ -476,7 +478,9 @@ def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callabl
     (`visearch train --config configs/default.json` makes one; docs/TRAINING.md).
     `off_the_shelf` ignores both. The detector is the COCO conversion (version 1) and, unless
     `off_the_shelf`, the class-agnostic detector fine-tuned on composited scenes (version 2,
-    trained when runs/detector lacks it: `visearch.training.detector`).
+    trained when runs/detector lacks it: `visearch.training.detector`). A fine-tuned embedder is
+    followed by its PCA to `reduce_dim` dimensions as the next version, the one served by default
+    (`visearch.modeling.reduce`; 0: none).
     """
     names = list(BUILDERS) if models is None else models
     unknown = [n for n in names if n not in BUILDERS]
@@ -499,6 +503,14 @@ def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callabl
                 raise FileNotFoundError(f"training checkpoint {checkpoint} not found")
             progress(f"{n}: exporting the fine-tuned checkpoint {checkpoint}")
             out.append(export_checkpoint(Path(checkpoint), repo_dir, n, cfg.version, progress, write_config))
+            if reduce_dim and int(out[-1]["dim"]) > reduce_dim:
+                from .reduce import reduce_embedder
+
+                # The served default: the fine-tuned descriptor with PCA in the graph, as the next
+                # version (docs/PERFORMANCE.md, descriptor dimension).
+                out.append(reduce_embedder(repo_dir, n, cfg.version, reduce_dim, progress=progress))
+            elif reduce_dim:
+                progress(f"{n}: {out[-1]['dim']}-d already, not reduced to {reduce_dim}")
         else:
             out.append(BUILDERS[n](repo_dir, replace(cfg, name=n), progress, write_config))
     return out

@@ -1,0 +1,118 @@
+"""`visearch models reduce`: the served embedder with PCA in its graph as the next version, served
+beside its source by the real embedding service, each version with its own dimension."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import channel
+from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+
+
+def source_repo(model_repo, dst):
+    """A repository holding the served embedder's first plain (not reduced) version as version 1."""
+    for name in ("embedder", "detector"):
+        (dst / name).mkdir(parents=True)
+        shutil.copy(model_repo / name / "config.pbtxt", dst / name / "config.pbtxt")
+    plain = min(p for p in (model_repo / "embedder").iterdir()
+                if p.name.isdigit() and "reduction" not in json.loads((p / "meta.json").read_text()))
+    (dst / "embedder" / "1").symlink_to(plain.resolve())
+    det = max((p for p in (model_repo / "detector").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    (dst / "detector" / "1").symlink_to(det.resolve())
+    return dst
+
+
+def test_reduced_version_is_built_checked_and_served_beside_its_source(model_repo, grocery, tmp_path):
+    from visearch.modeling import build
+    from visearch.modeling.reduce import reduce_embedder
+
+    repo = source_repo(model_repo, tmp_path / "repo")
+    src_meta = json.loads((repo / "embedder" / "1" / "meta.json").read_text())
+    fit = [p.path for p in grocery["train"][::50][:40]]
+    logs = []
+    meta = reduce_embedder(repo, dim=16, fit_paths=fit, progress=logs.append)
+    v2 = repo / "embedder" / "2"
+    assert meta["version"] == 2 and meta["dim"] == 16 and meta["id"] == f"{src_meta['id']}-pca16"
+    assert meta["reduction"]["source_version"] == 1 and meta["reduction"]["source_sha256"] == src_meta["model_sha256"]
+    assert 0 < meta["reduction"]["variance_kept"] < 1 and meta["parity_max_abs_diff"] < 1e-4
+    assert json.loads((v2 / "meta.json").read_text())["model_sha256"] == build.backbones.sha256_file(v2 / "model.onnx")
+    # The config now lets versions differ in dimension, and still checks against either version.
+    config = repo / "embedder" / "config.pbtxt"
+    assert "dims: [ -1 ]" in config.read_text()
+    cfg = build.DEFAULT_CONFIG
+    build.check_config(config, build.replace(cfg, size=src_meta["input_size"]), 16, src_meta.get("regions"))
+    build.check_config(config, build.replace(cfg, size=src_meta["input_size"]), src_meta["dim"], src_meta.get("regions"))
+
+    # Idempotent: an up-to-date reduction is kept (not refitted, not rewritten).
+    stamp = (v2 / "model.onnx").stat().st_mtime_ns
+    assert reduce_embedder(repo, dim=16, fit_paths=fit, progress=logs.append) == meta
+    assert (v2 / "model.onnx").stat().st_mtime_ns == stamp and "up to date" in logs[-1]
+    # A folder holding some other model is never overwritten; a bad dimension is refused.
+    other = tmp_path / "other"
+    source_repo(model_repo, other)
+    (other / "embedder" / "2").symlink_to((repo / "embedder" / "1").resolve())
+    with pytest.raises(FileExistsError, match="not a reduction"):
+        reduce_embedder(other, source_version=1, dim=16, fit_paths=fit)
+    with pytest.raises(ValueError, match="cannot reduce"):
+        reduce_embedder(repo, source_version=1, dim=src_meta["dim"], fit_paths=fit)
+
+
+@pytest.fixture
+def reduced_repo(model_repo, grocery, tmp_path):
+    from visearch.modeling.reduce import reduce_embedder
+
+    repo = source_repo(model_repo, tmp_path / "repo")
+    reduce_embedder(repo, dim=32, fit_paths=[p.path for p in grocery["train"][::40][:64]], progress=lambda m: None)
+    return repo
+
+
+def test_embedding_service_serves_each_version_with_its_own_dimension(services, reduced_repo, grocery):
+    services.env["VISEARCH_MODEL_REPOSITORY"] = str(reduced_repo)
+    addr = services.start("embedding")
+    milk = [p for p in grocery["train"] if p.fine_name == "Arla-Standard-Milk"][:2]
+    oat = next(p for p in grocery["train"] if p.fine_name == "Oatly-Oat-Milk")
+    items = [embedding_pb2.EmbedItem(image=p.path.read_bytes()) for p in [*milk, oat]]
+    with channel(addr) as ch:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+        info = stub.GetModelInfo(embedding_pb2.GetModelInfoRequest(), timeout=10).model
+        assert (info.version, info.dim) == ("2", 32), "the reduction is the newest version: served by default"
+        new = stub.Embed(embedding_pb2.EmbedRequest(items=items), timeout=30)
+        old = stub.Embed(embedding_pb2.EmbedRequest(items=items, model_version="1"), timeout=30)
+    v2 = np.array([e.values for e in new.embeddings])
+    v1 = np.array([e.values for e in old.embeddings])
+    assert new.model.version == "2" and new.model.dim == 32 and v2.shape == (3, 32)
+    assert old.model.version == "1" and v1.shape[1] > 32
+    assert np.allclose(np.linalg.norm(v2, axis=1), 1, atol=1e-4)
+    # The reduced descriptor keeps the source's neighbourhoods: same product closer than another.
+    assert v2[0] @ v2[1] > v2[0] @ v2[2] and v1[0] @ v1[1] > v1[0] @ v1[2]
+    # Regions come from the same feature map in both versions (the projection touches only the descriptor).
+    with channel(addr) as ch:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+        r2 = stub.Embed(embedding_pb2.EmbedRequest(items=items[:1], regions=True), timeout=30).embeddings[0].regions
+        r1 = stub.Embed(embedding_pb2.EmbedRequest(items=items[:1], regions=True, model_version="1"),
+                        timeout=30).embeddings[0].regions
+    assert np.allclose(r1.query, r2.query, atol=1e-5) and len(r1.boxes) == len(r2.boxes)
+
+
+def test_models_reduce_command(model_repo, grocery, tmp_path):
+    """The CLI contract: writes the next version and prints its record; a bad request is a clear error."""
+    from click.testing import CliRunner
+
+    from visearch import cli
+
+    repo = source_repo(model_repo, tmp_path / "repo")
+    src_dim = json.loads((repo / "embedder" / "1" / "meta.json").read_text())["dim"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
+    bad = CliRunner(env=env).invoke(cli.main, ["models", "reduce", "--repo", str(repo), "--dim", str(src_dim)])
+    assert bad.exit_code != 0 and "cannot reduce" in bad.output
+    assert not (repo / "embedder" / "2").exists()
+    ok = CliRunner(env=env).invoke(cli.main, ["models", "reduce", "--repo", str(repo), "--dim", "8", "--fit-photos", "24"])
+    assert ok.exit_code == 0, ok.output
+    record = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert record["version"] == 2 and record["dim"] == 8 and record["reduction"]["fitted_on"].startswith("24 photos")
+    assert json.loads((repo / "embedder" / "2" / "meta.json").read_text())["dim"] == 8

@@ -1,0 +1,193 @@
+"""A smaller descriptor in the graph: PCA of a served embedder's output, as a new model version.
+
+    visearch models reduce [--dim 128] [--source-version N]
+
+The new version is the source graph with MatMul + Add + L2 normalisation after its
+`embeddings` output (the region outputs untouched), fitted on the source's descriptors of
+the grocery train photos (never a val photo). Measured by `python -m bench.dimension`
+(docs/PERFORMANCE.md): PCA to 128 dimensions without whitening keeps the fine-tuned
+descriptor's mAP on P1, P3 and the train hold-out (whitening lowers it), for a tenth of the
+bytes per vector in the store and in every message that carries one.
+
+A reduced version is a new version of the same model: catalogs keep the version that made
+their vectors, and `visearch reembed --catalog NAME` moves one to it (docs/GENERATIONS.md). The
+model's config.pbtxt then declares the embeddings output as [-1] (versions differ in
+dimension; meta.json of each version says which). Needs numpy, onnx and ONNX Runtime only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from visearch.checksum import sha256_file
+
+DEFAULT_DIM = 128
+PARITY_TOL = 1e-4
+
+
+def fit_pca(x: np.ndarray, dim: int, power: float = 0.0, eps: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
+    """(W [C, dim], b [dim]) with x @ W + b = diag(l^(-power/2)) V_dim^T (x - mu): PCA of rows `x`, top `dim`
+    directions, each divided by its standard deviation to the power `power` (0: projection only; 1: whitened)."""
+    x = np.asarray(x, np.float64)
+    if not 0 < dim <= x.shape[1]:
+        raise ValueError(f"PCA dimension {dim} is outside 1..{x.shape[1]}")
+    mu = x.mean(0)
+    vals, vecs = np.linalg.eigh(np.cov(x - mu, rowvar=False))
+    top = np.argsort(vals)[::-1][:dim]
+    w = vecs[:, top] / np.power(np.maximum(vals[top], eps), power / 2)
+    return w.astype(np.float32), (-mu @ w).astype(np.float32)
+
+
+def project(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """L2(x @ w + b): what the reduced graph computes from the source's descriptors."""
+    y = x @ w + b
+    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+
+def append_projection(src: Path, dst: Path, w: np.ndarray, b: np.ndarray, output: str = "embeddings") -> Path:
+    """A copy of the ONNX model `src` whose `output` is L2(output @ w + b), written to `dst` (a file)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    raw = f"{output}_before_pca"
+    for node in g.node:
+        node.output[:] = [raw if o == output else o for o in node.output]
+        node.input[:] = [raw if i == output else i for i in node.input]
+    g.initializer.extend([numpy_helper.from_array(w, "pca_weight"), numpy_helper.from_array(b, "pca_bias"),
+                          numpy_helper.from_array(np.array(1e-12, np.float32), "pca_eps")])
+    g.node.extend([
+        helper.make_node("MatMul", [raw, "pca_weight"], ["pca_projected"], name="pca_matmul"),
+        helper.make_node("Add", ["pca_projected", "pca_bias"], ["pca_centred"], name="pca_add"),
+        helper.make_node("ReduceL2", ["pca_centred"], ["pca_norm"], name="pca_norm", axes=[-1], keepdims=1),
+        helper.make_node("Max", ["pca_norm", "pca_eps"], ["pca_norm_safe"], name="pca_norm_safe"),
+        helper.make_node("Div", ["pca_centred", "pca_norm_safe"], [output], name="pca_l2"),
+    ])
+    out = next(o for o in g.output if o.name == output)
+    batch = out.type.tensor_type.shape.dim[0].dim_param or "batch"
+    out.CopyFrom(helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, int(w.shape[1])]))
+    onnx.checker.check_model(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def embed_paths(model: Path, meta: dict, paths: Sequence[Path], progress: Callable[[str], None], batch: int = 32
+                ) -> np.ndarray:
+    """The model's descriptors of image files, input prepared exactly as served."""
+    from visearch.evaluation.features import load_batch
+
+    sess = _session(model)
+    inp, out = sess.get_inputs()[0].name, meta.get("output_name") or "embeddings"
+    rows = []
+    for i in range(0, len(paths), batch):
+        rows.append(sess.run([out], {inp: load_batch(paths[i:i + batch], int(meta["input_size"]))})[0])
+        if (i // batch) % 20 == 19:
+            progress(f"  {i + batch}/{len(paths)} photos embedded")
+    return np.concatenate(rows)
+
+
+def allow_any_dim(config: Path, output: str = "embeddings") -> bool:
+    """Declare `output` as [-1] in a config.pbtxt (versions of different dimension); True if it changed."""
+    text = config.read_text(encoding="utf-8")
+    pattern = re.compile(r'(name:\s*"' + re.escape(output) + r'"\s*data_type:\s*TYPE_FP32\s*dims:\s*)\[[^\]]*\]')
+    new, n = pattern.subn(r"\1[ -1 ]", text)
+    if n != 1:
+        raise ValueError(f"{config}: no single {output!r} output entry to relax")
+    if new == text:
+        return False
+    tmp = config.with_name(f".{config.name}.tmp{os.getpid()}")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, config)
+    return True
+
+
+def reduce_embedder(repo: Path, name: str = "embedder", source_version: int | None = None, dim: int = DEFAULT_DIM,
+                    power: float = 0.0, fit_paths: Sequence[Path] | None = None,
+                    progress: Callable[[str], None] = print) -> dict:
+    """Write `<repo>/<name>/<source + 1>`: the source version with PCA to `dim` in its graph; returns its meta.
+
+    The source is `source_version`, else the highest version that is not itself a reduction. Fitted
+    on `fit_paths` (default: every grocery train photo). Idempotent: an up-to-date reduction (same
+    source model, dim and power) is kept as it is; a stale one (the source was rebuilt) is replaced;
+    a folder holding some other model is never overwritten.
+    """
+    repo = Path(repo)
+    model_dir = repo / name
+    versions = sorted(int(p.name) for p in model_dir.glob("[0-9]*") if p.name.isdigit() and (p / "model.onnx").is_file())
+    metas = {v: json.loads((model_dir / str(v) / "meta.json").read_text()) for v in versions
+             if (model_dir / str(v) / "meta.json").is_file()}
+    if source_version is None:
+        plain = [v for v in versions if "reduction" not in metas.get(v, {})]
+        if not plain:
+            raise FileNotFoundError(f"no {name} version to reduce in {model_dir}: run `visearch models build`")
+        source_version = plain[-1]
+    src_dir = model_dir / str(source_version)
+    if source_version not in metas:
+        raise FileNotFoundError(f"{src_dir} has no model.onnx and meta.json")
+    src_meta = metas[source_version]
+    src_sha = src_meta.get("model_sha256") or sha256_file(src_dir / "model.onnx")
+    if not 0 < dim < int(src_meta["dim"]):
+        raise ValueError(f"cannot reduce {name}/{source_version} ({src_meta['dim']}-d) to {dim} dimensions")
+    target = source_version + 1
+    dst_dir = model_dir / str(target)
+    want = {"source_version": source_version, "source_sha256": src_sha, "dim": dim, "whitening_power": power}
+    if dst_dir.exists():
+        have = metas.get(target, {}).get("reduction")
+        if have is None:
+            raise FileExistsError(f"{dst_dir} holds a model that is not a reduction of version {source_version}: "
+                                  "not overwritten (move it, or reduce another version)")
+        if all(have.get(k) == v for k, v in want.items()):
+            progress(f"{name}/{target}: up to date (PCA {dim} of version {source_version})")
+            allow_any_dim(model_dir / "config.pbtxt")
+            return metas[target]
+
+    if fit_paths is None:
+        from visearch.datasets import grocery_root, grocery_split
+
+        fit_paths = [p.path for p in grocery_split(grocery_root(), "train")]
+    fit_paths = list(fit_paths)
+    progress(f"{name}/{target}: PCA {dim} of version {source_version}, fitted on {len(fit_paths)} photos")
+    x = embed_paths(src_dir / "model.onnx", src_meta, fit_paths, progress)
+    w, b = fit_pca(x, dim, power)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dst_dir / f".model.onnx.tmp{os.getpid()}"
+    try:
+        append_projection(src_dir / "model.onnx", tmp, w, b, src_meta.get("output_name") or "embeddings")
+        check = x[:16]
+        got = embed_paths(tmp, src_meta, fit_paths[:16], progress)
+        diff = float(np.abs(got - project(check, w, b)).max())
+        if not diff < PARITY_TOL:
+            raise RuntimeError(f"the reduced graph differs from the numpy projection by {diff:.2e}")
+        os.replace(tmp, dst_dir / "model.onnx")
+    finally:
+        tmp.unlink(missing_ok=True)
+    # The share of the descriptors' variance the kept directions hold (meaningful without whitening).
+    proj_var = float(np.var(x @ w + b, axis=0).sum() / np.var(x, axis=0).sum()) if power == 0 else None
+    meta = dict(src_meta, version=target, id=f"{src_meta.get('id') or name}-pca{dim}" + (f"w{power:g}" if power else ""),
+                dim=dim, model_sha256=sha256_file(dst_dir / "model.onnx"), parity_max_abs_diff=diff,
+                reduction={**want, "method": "PCA" + (" whitening" if power else "") + " in the graph (MatMul + Add + L2 "
+                           "after the embeddings output)", "fitted_on": f"{len(fit_paths)} photos (grocery train unless "
+                           "given)", "variance_kept": round(proj_var, 4) if proj_var is not None else None})
+    meta_tmp = dst_dir / f".meta.json.tmp{os.getpid()}"
+    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(meta_tmp, dst_dir / "meta.json")
+    if allow_any_dim(model_dir / "config.pbtxt"):
+        progress(f"{model_dir / 'config.pbtxt'}: embeddings dims [ -1 ] (versions of different dimension)")
+    progress(f"{name}/{target}: {meta['id']}, {dim}-d, parity {diff:.1e}, variance kept {meta['reduction']['variance_kept']}")
+    return meta
