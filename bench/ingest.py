@@ -6,8 +6,8 @@ Side by side in one run, on the same grocery train photos:
            on), from the first IngestItems call to the job's last item;
   raw      ONNX Runtime alone, one intra-op thread per session, in as many processes as workers,
            on inputs decoded and resized beforehand: the forwards ingestion needs (the detector on
-           every photo in batches of 16, the embedder with its region outputs on as many crops
-           as the mesh stored objects, in batches of 32), and, for reference, the embedder alone
+           every photo, the embedder with its region outputs on as many crops as the mesh stored
+           objects, both at the services' batch sizes: --batch, else 16 and 32), and, for reference, the embedder alone
            on one full frame per photo (raw batched embedding).
 The ratios mesh / raw are the overhead of everything around the forwards (decode, queue, gRPC,
 the store). Prints a markdown table; --out writes result.json and result.md.
@@ -55,7 +55,7 @@ def _raw_process(args, walls) -> None:
 
 
 def raw_throughput(repo: Path, photos: list[Path], objects_per_image: float, procs: int, detect: bool = True,
-                   regions: bool = True) -> dict:
+                   regions: bool = True, det_batch: int = 16, emb_batch: int = 32) -> dict:
     """Images/s of the raw forwards in `procs` processes at once (each a share of the photos)."""
     from services.embedding.server import prepare as embed_prepare
     from visearch import imaging
@@ -77,7 +77,7 @@ def raw_throughput(repo: Path, photos: list[Path], objects_per_image: float, pro
         with ctx.Manager() as manager:
             barrier, walls = manager.Barrier(procs), manager.list()
             workers = [ctx.Process(target=_raw_process, args=((str(repo), det_x[i::procs], x[i::procs], with_det,
-                                                                with_regions, 16, 32, barrier), walls))
+                                                                with_regions, det_batch, emb_batch, barrier), walls))
                        for i in range(procs)]
             for w in workers:
                 w.start()
@@ -117,21 +117,27 @@ def component_cpu(state: dict) -> dict[str, float]:
 
 
 def run(n_images: int, workers: int, out: Path | None, progress=print, objects: str = "detected+full",
-        regions: bool = True) -> dict:
+        regions: bool = True, batch: int = 0) -> dict:
     from bench.common import mesh_up, write_result
     from visearch import mesh
     from visearch.client import Client
     from visearch.datasets import grocery_root, grocery_split
-    from visearch.settings import DEFAULT_MODEL_REPOSITORY, StoreSettings
+    from visearch.settings import DEFAULT_MODEL_REPOSITORY, DetectionSettings, EmbeddingSettings, StoreSettings
     from visearch.store import VectorStore
 
+    # The services' largest batch (VISEARCH_MAX_BATCH; default: their settings), and the raw forwards
+    # run at the same sizes.
+    det_batch = batch or DetectionSettings.model_fields["max_batch"].default
+    emb_batch = batch or EmbeddingSettings.model_fields["max_batch"].default
+    env = {"VISEARCH_INGEST_OBJECTS": objects, "VISEARCH_INGEST_REGIONS": str(regions).lower()}
+    if batch:
+        env["VISEARCH_MAX_BATCH"] = str(batch)
     train = grocery_split(grocery_root(), "train")
     photos = [p.path for p in train[:: max(1, len(train) // n_images)][:n_images]]
     repo = Path(os.environ.get("VISEARCH_MODEL_REPOSITORY") or DEFAULT_MODEL_REPOSITORY)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "mesh"
-        state = mesh_up(data, {"VISEARCH_INGEST_OBJECTS": objects, "VISEARCH_INGEST_REGIONS": str(regions).lower()},
-                        workers=workers)
+        state = mesh_up(data, env, workers=workers)
         try:
             key = mesh.read_admin_key(data)
             with Client(state["gateway"], api_key=key, timeout=120) as vs:
@@ -161,8 +167,10 @@ def run(n_images: int, workers: int, out: Path | None, progress=print, objects: 
     mesh_ips = round(done.done / wall, 2)
     per_image = n_objects / max(1, done.done)
     progress(f"mesh: {done.done} images, {n_objects} objects in {wall:.1f} s = {mesh_ips} images/s; CPU s {cpu}")
-    raw = raw_throughput(repo, photos, per_image, workers, detect=objects != "full", regions=regions)
+    raw = raw_throughput(repo, photos, per_image, workers, detect=objects != "full", regions=regions,
+                         det_batch=det_batch, emb_batch=emb_batch)
     result = {"policy": {"ingest_objects": objects, "ingest_regions": regions,
+                         "max_batch": {"detection": det_batch, "embedding": emb_batch},
                          "worker_concurrency": int(os.environ.get("VISEARCH_WORKER_CONCURRENCY") or 1)},
               "images": done.done, "failed": done.failed, "workers": workers, "objects": n_objects,
               "cpu_seconds_by_component": cpu, "wall_s": round(wall, 1),
@@ -179,7 +187,8 @@ def markdown(r: dict) -> str:
         " (with regions)" if pol["ingest_regions"] else "")
     return "\n".join([
         f"{r['images']} grocery photos, {r['workers']} workers (concurrency {pol['worker_concurrency']} each), "
-        f"ingest_objects={pol['ingest_objects']}, "
+        f"ingest_objects={pol['ingest_objects']}, batches of {pol['max_batch']['detection']} (detector) and "
+        f"{pol['max_batch']['embedding']} (embedder), "
         f"ingest_regions={pol['ingest_regions']}; {r['objects']} objects stored ({r['objects_per_image']} per photo).",
         "",
         "| | images/s | mesh / this |",
@@ -198,12 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=0,
+                    help="The services' largest batch (VISEARCH_MAX_BATCH) and the raw forwards' (0: the defaults).")
     ap.add_argument("--objects", default="detected+full", help="VISEARCH_INGEST_OBJECTS for the mesh: full, detected, "
                     "detected+full")
     ap.add_argument("--no-regions", action="store_true", help="VISEARCH_INGEST_REGIONS=false for the mesh")
     ap.add_argument("--out", type=Path, default=Path("runs/ingest"))
     args = ap.parse_args(argv)
-    print(markdown(run(args.images, args.workers, args.out, objects=args.objects, regions=not args.no_regions)))
+    print(markdown(run(args.images, args.workers, args.out, objects=args.objects, regions=not args.no_regions,
+                       batch=args.batch)))
     return 0
 
 

@@ -4,7 +4,8 @@
     .venv-milvus/bin/milvus-server --data /tmp/m --proxy-port 19531 &               # the real engine
     python -m bench.vectors --n 1000000 --engine server --uri http://127.0.0.1:19531
 
-Synthetic unit vectors of the served dimension (1280), clustered like descriptors are
+Synthetic unit vectors of a served dimension (--dim: 128 for embedder version 2, the served
+default; 1280 for version 1), clustered like descriptors are
 (--clusters Gaussian clusters around random centres; uniform random vectors are the
 worst case of any ANN index and say little about real catalogs), written in chunks
 through pymilvus into a collection made the way `VectorStore` makes catalogs (HNSW,
@@ -147,7 +148,7 @@ def markdown(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--engine", choices=("lite", "server"), default="lite")
     ap.add_argument("--uri", default=os.environ.get("VISEARCH_MILVUS_URI", "http://127.0.0.1:19530"))
     ap.add_argument("--queries", type=int, default=200)
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", default="", help="Search a collection an earlier run with the same --n --dim --seed "
                     "arguments kept, without writing it again.")
     args = ap.parse_args(argv)
+    # Milvus Lite runs in a process this one starts: one OpenMP thread, as the mesh runs it (docs/PERFORMANCE.md).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     r = run(args.n, args.dim, args.engine, args.uri, args.queries, [int(e) for e in args.ef.split(",")], args.clusters,
             args.spread, args.chunk, args.out, reuse=args.reuse, keep=args.keep or bool(args.reuse))
     print(markdown(r))

@@ -62,3 +62,31 @@ def test_triton_backend_unreachable_is_unavailable_quickly(model_repo):
         return time.monotonic() - t0
 
     assert asyncio.run(go()) < 10
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_onnxruntime_backend_bounds_the_forwards_run_at_once(model_repo, limit):
+    """More concurrent callers than cores queue for a forward instead of slicing the cores finer."""
+    backend = OnnxRuntimeBackend(model_repo, max_concurrent_runs=limit)
+
+    async def run():
+        meta = await backend.metadata("detector")
+        session, _ = await backend._get("detector")
+        active, peak, real = [0], [0], session.run
+
+        class Counting:  # the real session, its runs counted while they execute
+            def run(self, names, inputs):
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+                try:
+                    return real(names, inputs)
+                finally:
+                    active[0] -= 1
+
+        backend._sessions[("detector", meta.version)] = (Counting(), meta)
+        x = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
+        outs = await asyncio.gather(*(backend.infer("detector", {meta.input_name: x}) for _ in range(6)))
+        return peak[0], outs
+
+    peak, outs = asyncio.run(run())
+    assert peak == limit and len(outs) == 6

@@ -24,3 +24,15 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert 0 <= acc["mAP@10"] <= 1 and 0 <= acc["recall@1"] <= 1, acc
     assert r["store"] == "Milvus Lite"
     assert "gateway Search" in (tmp_path / "result.md").read_text()
+
+
+def test_breakdown_benchmark_smoke(tmp_path):
+    """bench/breakdown.py: every step of a search timed alone, and the Search, on a small catalog."""
+    from bench.breakdown import STEPS, main
+
+    assert main(["--catalog-size", "150", "--real", "12", "--queries", "2", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["catalog_items"] == 150 and r["dim"] > 0 and set(r["steps"]) == set(STEPS), r
+    assert all(v["p50_ms"] > 0 for v in r["steps"].values()), r["steps"]
+    path = ("detect_with_embed_full", "embed_box", "vector_search", "rerank_qe")
+    assert r["critical_path_p50_ms"] == pytest.approx(sum(r["steps"][k]["p50_ms"] for k in path), abs=0.2)

@@ -11,6 +11,7 @@ import abc
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,10 +123,14 @@ class InferenceBackend(abc.ABC):
 class OnnxRuntimeBackend(InferenceBackend):
     """The embedded default: the model files run in this process."""
 
-    def __init__(self, repo: Path, versions: dict[str, str] | None = None, intra_op_threads: int = 1):
+    def __init__(self, repo: Path, versions: dict[str, str] | None = None, intra_op_threads: int = 1,
+                 max_concurrent_runs: int = 0):
         self.repo = Path(repo)
         self.versions = versions or {}
         self.threads = intra_op_threads
+        # Forwards at once in this process (0: one per core): callers beyond it wait their turn
+        # instead of slicing the cores finer (oversubscribed forwards cost more CPU each).
+        self._runs = asyncio.Semaphore(max_concurrent_runs or max(1, (os.cpu_count() or 1) // max(1, intra_op_threads)))
         self._sessions: dict[tuple[str, str], tuple[object, ModelMeta]] = {}
         self._default: dict[str, str] = {}
         self._lock = asyncio.Lock()
@@ -166,7 +171,8 @@ class OnnxRuntimeBackend(InferenceBackend):
                     outputs: Sequence[str] | None = None, version: str = "") -> dict[str, np.ndarray]:
         session, meta = await self._get(model, version)
         names = list(outputs or [meta.output_name])
-        got = await asyncio.to_thread(session.run, names, inputs)
+        async with self._runs:
+            got = await asyncio.to_thread(session.run, names, inputs)
         return dict(zip(names, got, strict=True))
 
     async def ready(self, model: str) -> bool:
@@ -277,4 +283,5 @@ def make_backend(settings: InferenceSettings) -> InferenceBackend:
     versions = {name: v for name, v in (("embedder", settings.embedder_version), ("detector", settings.detector_version)) if v}
     if settings.backend == "triton":
         return TritonBackend(settings.triton_url, settings.model_repository, versions, settings.triton_timeout_seconds)
-    return OnnxRuntimeBackend(settings.model_repository, versions, settings.ort_intra_op_threads)
+    return OnnxRuntimeBackend(settings.model_repository, versions, settings.ort_intra_op_threads,
+                              settings.ort_max_concurrent_runs)

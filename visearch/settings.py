@@ -73,6 +73,8 @@ class InferenceSettings(_Base):
     triton_url: str = "127.0.0.1:8001"
     triton_timeout_seconds: float = 10.0
     ort_intra_op_threads: int = 1
+    # Forwards run at once by the embedded backend (0: cores / intra-op threads); more callers queue.
+    ort_max_concurrent_runs: int = 0
     max_batch: int = 32
 
     @field_validator("backend")
