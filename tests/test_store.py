@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.settings import StoreSettings
-from visearch.store import VectorStore, WriteClock, check_catalog
+from visearch.store import BOUNDED, VectorStore, WriteClock, check_catalog
 
 META = ModelMeta(name="embedder", version="1", input_name="images", output_name="embeddings", input_size=32, dim=8)
 
@@ -121,6 +123,11 @@ def test_generations_switch_atomically_by_alias(store, request):
     store.upsert_items(v2, [("a", [(new[0], (0, 0, 1, 1))], {}, "/img/a.jpg", 11)])
     info = {c.name: c for c in store.list_catalogs()}[cat]
     assert (info.generation, info.objects, info.building, info.building_objects) == (1, 2, v2, 1)
+    # Bounded (metrics): the same figures, at most a few seconds late.
+    deadline = time.monotonic() + 15
+    while (bounded := {c.name: c for c in store.list_catalogs(BOUNDED)}[cat]) != info and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert bounded == info
     assert store.search(cat, new[0], 1)[0].score < 0.99, "searches still read generation 1"
 
     store.switch(v2)
