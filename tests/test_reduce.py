@@ -60,6 +60,11 @@ def test_reduced_version_is_built_checked_and_served_beside_its_source(model_rep
         reduce_embedder(other, source_version=1, dim=16, fit_paths=fit)
     with pytest.raises(ValueError, match="cannot reduce"):
         reduce_embedder(repo, source_version=1, dim=src_meta["dim"], fit_paths=fit)
+    # A folder a failed run left empty does not block the next run.
+    empty = tmp_path / "empty"
+    source_repo(model_repo, empty)
+    (empty / "embedder" / "2").mkdir()
+    assert reduce_embedder(empty, dim=8, fit_paths=fit[:12], progress=logs.append)["version"] == 2
 
 
 @pytest.fixture

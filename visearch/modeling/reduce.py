@@ -147,7 +147,7 @@ def reduce_embedder(repo: Path, name: str = "embedder", source_version: int | No
     target = source_version + 1
     dst_dir = model_dir / str(target)
     want = {"source_version": source_version, "source_sha256": src_sha, "dim": dim, "whitening_power": power}
-    if dst_dir.exists():
+    if (dst_dir / "model.onnx").is_file():  # (a folder left empty by a failed run is free)
         have = metas.get(target, {}).get("reduction")
         if have is None:
             raise FileExistsError(f"{dst_dir} holds a model that is not a reduction of version {source_version}: "
