@@ -24,7 +24,6 @@ The smaller descriptor's effect on the vector store (memory, search time) is mea
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from visearch.modeling.reduce import append_projection, fit_pca, project  # noqa: E402
+from visearch.modeling.reduce import append_projection, cpu_session, embed_paths, fit_pca, project  # noqa: E402
 
 
 def score_variants(protocols: dict, emb: dict, dims: list[int], powers: list[float]) -> list[dict]:
@@ -62,11 +61,7 @@ def score_variants(protocols: dict, emb: dict, dims: list[int], powers: list[flo
 def time_b1(paths: dict[str, Path], x: np.ndarray, reps: int = 60) -> dict[str, float]:
     """Median ms of a batch-1 forward (all outputs) of each model, one intra-op thread, the models
     interleaved forward by forward so that both see the same moments of the machine."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    sessions = {k: cpu_session(p) for k, p in paths.items()}
     ms: dict[str, list[float]] = {k: [] for k in sessions}
     for i in range(reps + 2):
         xb = x[i % len(x):i % len(x) + 1]
@@ -80,8 +75,8 @@ def time_b1(paths: dict[str, Path], x: np.ndarray, reps: int = 60) -> dict[str, 
 
 def run(model: Path, dims: list[int], powers: list[float], export: int, export_power: float, out: Path,
         limit: int = 0, progress=print) -> dict:
-    import onnxruntime as ort
-
+    from bench.common import write_result
+    from visearch.checksum import sha256_file
     from visearch.datasets import grocery_root, grocery_split
     from visearch.evaluation import harness, runner
     from visearch.evaluation.features import load_batch
@@ -95,24 +90,11 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
     protocols = get_protocols(root, ["P1", "P3", "TH"])
     if limit:
         protocols = {n: p.limited(limit) for n, p in protocols.items()}
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    sess = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-    inp, outp = sess.get_inputs()[0].name, meta.get("output_name") or "embeddings"
-
-    def embed(paths: list[Path]) -> np.ndarray:
-        rows = []
-        for i in range(0, len(paths), 32):
-            rows.append(sess.run([outp], {inp: load_batch(paths[i:i + 32], size)})[0])
-            if (i // 32) % 10 == 9:
-                progress(f"  embedded {i + 32}/{len(paths)}")
-        return np.concatenate(rows)
-
-    paths = harness.distinct_paths(protocols)
-    for p in protocols.values():
-        paths += [f.path for f in p.fit if f.path not in set(paths)]
+    outp = meta.get("output_name") or "embeddings"
+    paths = list(dict.fromkeys([*harness.distinct_paths(protocols), *(f.path for p in protocols.values() for f in p.fit)]))
     sha = (meta.get("model_sha256") or "")[:12]
-    emb = harness.embed_all(embed, list(dict.fromkeys(paths)), out / f"emb-{sha or 'model'}.npz", progress)
+    emb = harness.embed_all(lambda ps: embed_paths(src, meta, ps, progress), paths,
+                            out / f"emb-{sha or 'model'}.npz", progress)
     t = time.perf_counter()
     rows = score_variants(protocols, emb, dims, powers)
     progress(f"scored {len(rows)} variants on {', '.join(protocols)} in {time.perf_counter() - t:.0f} s")
@@ -123,7 +105,7 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
         w, b = fit_pca(fit, export, export_power)
         dst = out / f"pca-{export}"
         path = append_projection(src, dst / "model.onnx", w, b, outp)
-        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        sha256 = sha256_file(path)
         label = f"pca{export}" + (f"w{export_power:g}" if export_power else "")
         new_meta = dict(meta, id=f"{meta.get('id') or 'embedder'}-{label}", dim=export, model_sha256=sha256,
                         pca={"dim": export, "whitening_power": export_power, "in": int(w.shape[0]),
@@ -132,10 +114,8 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
         (dst / "meta.json").write_text(json.dumps(new_meta, indent=2))
         val = [p.path for p in grocery_split(root, "val") if p.is_product][:16]
         x = load_batch(val, size)
-        s2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = s2.run([outp], {inp: x})[0]
-        want = project(sess.run([outp], {inp: x})[0], w, b)
-        parity = float(np.abs(got - want).max())
+        got = embed_paths(path, meta, val, progress)
+        parity = float(np.abs(got - project(embed_paths(src, meta, val, progress), w, b)).max())
         ms = time_b1({"served": src, label: path}, x)
         progress(f"exported {path} (parity {parity:.2e}); batch-1 ms {ms}")
         row = runner.run_onnx(dst, {n: p for n, p in protocols.items() if n != "TH"}, None, 1, progress=lambda m: None)
@@ -144,9 +124,7 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
                                                                if k in ("mAP", "recall@1")}
                                                            for n, r in row.results.items()}}
         progress(f"as served through ONNX Runtime: {result['export']['as_served']}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    (out / "result.md").write_text(markdown(result))
+    write_result(out, result, markdown(result))
     return result
 
 

@@ -79,7 +79,8 @@ def append_projection(src: Path, dst: Path, w: np.ndarray, b: np.ndarray, output
     return dst
 
 
-def _session(path: Path):
+def cpu_session(path: Path):
+    """An ONNX Runtime session on one intra-op thread, as the embedded backend runs models."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -92,7 +93,7 @@ def embed_paths(model: Path, meta: dict, paths: Sequence[Path], progress: Callab
     """The model's descriptors of image files, input prepared exactly as served."""
     from visearch.evaluation.features import load_batch
 
-    sess = _session(model)
+    sess = cpu_session(model)
     inp, out = sess.get_inputs()[0].name, meta.get("output_name") or "embeddings"
     rows = []
     for i in range(0, len(paths), batch):
