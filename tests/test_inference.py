@@ -66,27 +66,57 @@ def test_triton_backend_unreachable_is_unavailable_quickly(model_repo):
 
 @pytest.mark.parametrize("limit", [1, 2])
 def test_onnxruntime_backend_bounds_the_forwards_run_at_once(model_repo, limit):
-    """More concurrent callers than cores queue for a forward instead of slicing the cores finer."""
+    """More concurrent callers than cores queue for a forward instead of slicing the cores finer, and
+    each forward at once runs on a session of its own (at most `limit` sessions are made)."""
     backend = OnnxRuntimeBackend(model_repo, max_concurrent_runs=limit)
+    active, peak, busy, made = [0], [0], set(), []
+    load = backend._load
+
+    class Counting:  # a real session, its runs counted while they execute
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, inputs):
+            assert self not in busy, "two forwards at once on one session"
+            busy.add(self)
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            try:
+                return self.session.run(names, inputs)
+            finally:
+                active[0] -= 1
+                busy.discard(self)
+
+    def counted_load(model, version):
+        session, meta = load(model, version)
+        made.append(Counting(session))
+        return made[-1], meta
+
+    backend._load = counted_load
 
     async def run():
         meta = await backend.metadata("detector")
-        session, _ = await backend._get("detector")
-        active, peak, real = [0], [0], session.run
-
-        class Counting:  # the real session, its runs counted while they execute
-            def run(self, names, inputs):
-                active[0] += 1
-                peak[0] = max(peak[0], active[0])
-                try:
-                    return real(names, inputs)
-                finally:
-                    active[0] -= 1
-
-        backend._sessions[("detector", meta.version)] = (Counting(), meta)
         x = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
         outs = await asyncio.gather(*(backend.infer("detector", {meta.input_name: x}) for _ in range(6)))
         return peak[0], outs
 
     peak, outs = asyncio.run(run())
-    assert peak == limit and len(outs) == 6
+    assert peak == limit and len(outs) == 6 and len(made) == limit
+    assert all(np.array_equal(o[k], outs[0][k]) for o in outs for k in outs[0]), "every session gives the same answer"
+
+
+def test_warm_up_readies_a_session_for_each_forward_at_once(model_repo):
+    """The services' warm-up runs as many forwards at once as their backend allows, so no request
+    after SERVING pays for loading a session or planning its memory."""
+    from services.detection.server import DetectionModel
+    from services.embedding.server import Embedder
+    from visearch.settings import DetectionSettings
+
+    async def go():
+        backend = OnnxRuntimeBackend(model_repo, max_concurrent_runs=2)
+        assert backend.parallel_runs == 2
+        assert await Embedder(backend, max_batch=8).ready()
+        assert await DetectionModel(backend, DetectionSettings(detection_port=0)).ready()
+        return {model: len(idle) for (model, _), idle in backend._idle.items()}
+
+    assert asyncio.run(go()) == {"embedder": 2, "detector": 2}

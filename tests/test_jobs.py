@@ -19,6 +19,7 @@ def test_counts_add_up_and_repeat_is_harmless(jobs):
     st = jobs.status(job)
     assert (st.submitted, st.done, st.failed, st.pending) == (4, 0, 0, 4)
     assert jobs.blob(job, "a") == b"bytes-a"
+    assert jobs.blobs(job, ["b", "a"]) == [None, b"bytes-a"] and jobs.blobs(job, []) == []
     jobs.mark_done(job, ["a", "b"])
     jobs.mark_done(job, ["a", "b"])  # a task re-run after a worker died
     jobs.mark_failed(job, {"c": "not an image"})

@@ -167,6 +167,21 @@ def scrape(address: str) -> str:
         return r.read().decode()
 
 
+def worker_metric(comp: dict, env: dict, name: str, **labels) -> float:
+    """`metric` summed over a worker's pool children (child i serves /metrics on the worker's port + i;
+    a child that ran no task has no sample yet)."""
+    from visearch.mesh import worker_concurrency
+
+    host, port = comp["metrics"].rsplit(":", 1)
+    total = 0.0
+    for i in range(worker_concurrency(env)):
+        try:
+            total += metric(scrape(f"{host}:{int(port) + i}"), name, **labels)
+        except AssertionError:
+            pass
+    return total
+
+
 def metric(text: str, name: str, **labels) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     total, found = 0.0, False
@@ -210,8 +225,8 @@ def test_metrics_and_request_ids(mesh_env, ingested, grocery):
     metric(gw, "visearch_ingest_queue_depth")
     emb = scrape(comps["embedding"]["metrics"])
     assert metric(emb, "visearch_embed_batch_size_count") > 0 and metric(emb, "visearch_embed_batch_size_sum") >= 2640
-    worker = scrape(comps["worker"]["metrics"])
-    assert metric(worker, "visearch_ingested_items_total", catalog="grocery", outcome="done") >= len(grocery["train"])
+    done = worker_metric(comps["worker"], mesh_env, "visearch_ingested_items_total", catalog="grocery", outcome="done")
+    assert done >= len(grocery["train"])
     # The caller's request id is on the log lines of every service the search went through.
     for name in ("gateway", "detection", "embedding", "rerank"):
         assert "rid-test-4242" in Path(comps[name]["log"]).read_text(), name

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.test_mesh import cli, jsonl, metric, scrape
+from tests.test_mesh import cli, jsonl, metric, scrape, worker_metric
 from visearch import mesh
 from visearch.demo import write_manifest
 
@@ -37,8 +37,7 @@ def test_replicas_and_workers_share_the_load(tmp_path, model_repo, grocery):
 
         embeds = [calls("embedding", "Embed"), calls("embedding-2", "Embed")]
         searches = [calls("gateway", "Search"), calls("gateway-2", "Search")]
-        done = [metric(scrape(comps[w]["metrics"]), "visearch_ingested_items_total", outcome="done")
-                for w in ("worker", "worker-2")]
+        done = [worker_metric(comps[w], env, "visearch_ingested_items_total", outcome="done") for w in ("worker", "worker-2")]
         print("embed calls per replica", embeds, "searches per gateway", searches, "items per worker", done)
         assert all(e > 0 for e in embeds) and all(s > 0 for s in searches) and all(d > 0 for d in done)
         assert sum(done) == 64

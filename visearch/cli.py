@@ -15,6 +15,8 @@ import grpc
 from visearch import mesh
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# The first request of an ingest is kept small so the workers start while the rest is sent.
+FIRST_REQUEST_BYTES = 1024 * 1024
 
 
 def _data_dir(value: str | None) -> Path:
@@ -188,7 +190,7 @@ def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool) -> tuple[
                 continue
             item = gateway_pb2.IngestItem(item_id=row["item_id"], image=data, metadata=row["metadata"])
         n = item.ByteSize()
-        if batch and size + n > MAX_REQUEST_BYTES:
+        if batch and size + n > (MAX_REQUEST_BYTES if job_id else FIRST_REQUEST_BYTES):
             flush()
         batch.append(item)
         size += n

@@ -150,6 +150,10 @@ class Jobs:
     def blob(self, job_id: str, item_id: str) -> bytes | None:
         return self.r.get(blob_key(job_id, item_id))
 
+    def blobs(self, job_id: str, item_ids: list[str]) -> list[bytes | None]:
+        """`blob` of several items in one round trip."""
+        return self.r.mget([blob_key(job_id, i) for i in item_ids]) if item_ids else []
+
     def is_done(self, job_id: str, item_id: str) -> bool:
         """Whether the item is already stored for this job (its bytes are then deleted)."""
         return bool(self.r.sismember(_keys(job_id)[2], item_id))

@@ -63,6 +63,32 @@ def free_port() -> int:
     raise OSError("no free port that was not already handed out")
 
 
+def worker_concurrency(env: dict[str, str]) -> int:
+    """Pool children per worker under `env` (VISEARCH_WORKER_CONCURRENCY, else the default)."""
+    from visearch.settings import WorkerSettings
+
+    return int(env.get("VISEARCH_WORKER_CONCURRENCY") or WorkerSettings.model_fields["worker_concurrency"].default)
+
+
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports, each free now and not handed out before (a worker's pool
+    child i serves its /metrics on the first + i)."""
+    for _ in range(100):
+        base = free_port()
+        block = range(base + 1, base + n)
+        if any(p in _HANDED_OUT or p > 65535 for p in block):
+            continue
+        try:
+            for p in block:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        _HANDED_OUT.update(block)
+        return base
+    raise OSError(f"no {n} consecutive free ports")
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -247,7 +273,7 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
                 comps.append(Component(cname, pid, f"127.0.0.1:{port}", "grpc", lp, argv, f"127.0.0.1:{metrics}"))
         for n in range(max(1, workers)):
             argv = [sys.executable, "-m", "services.worker"]
-            metrics = free_port()
+            metrics = free_ports(worker_concurrency(env))
             cname = "worker" if n == 0 else f"worker-{n + 1}"
             pid, lp = _spawn(cname, argv, dict(env, VISEARCH_WORKER_METRICS_PORT=str(metrics)), data_dir)
             comps.append(Component(cname, pid, env["VISEARCH_REDIS_URL"], "worker", lp, argv, f"127.0.0.1:{metrics}"))

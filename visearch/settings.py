@@ -216,7 +216,9 @@ class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
     ingest_objects: str = "detected+full"
     # At most this many detected objects per catalog image (the best ones).
     ingest_max_objects: int = 3
-    worker_concurrency: int = 1
+    # Tasks in flight per worker (pool children): two keep the model services busy while a task
+    # is between calls (reading its images, writing the store); measured in docs/PERFORMANCE.md.
+    worker_concurrency: int = 2
     max_retries: int = 5
     # /metrics of pool child n on worker_metrics_port + n; 0 leaves it off.
     worker_metrics_port: int = 0

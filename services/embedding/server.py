@@ -121,7 +121,8 @@ class Embedder:
             names = [meta.output_name, *meta.region_outputs]
             t0 = time.perf_counter()
             blank = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
-            await self.backend.infer(MODEL, {meta.input_name: blank}, names)
+            await asyncio.gather(*(self.backend.infer(MODEL, {meta.input_name: blank}, names)
+                                   for _ in range(self.backend.parallel_runs)))
             self.warm = True
             log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
         return True

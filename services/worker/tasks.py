@@ -88,13 +88,15 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     failed: dict[str, str] = {}
     already: list[str] = []
     ok: list[tuple[dict, bytes, tuple[int, int]]] = []
+    inline = [item["item_id"] for item in items if not item.get("uri")]
+    blobs = dict(zip(inline, ctx.jobs.blobs(job_id, inline), strict=True))
     for item in items:
         item_id = item["item_id"]
         try:
             if item.get("uri"):
                 data = read_uri(item["uri"])
             else:
-                data = ctx.jobs.blob(job_id, item_id)
+                data = blobs[item_id]
                 if data is None and ctx.jobs.is_done(job_id, item_id):
                     # A redelivered batch (worker killed after storing, before the ack; or the
                     # visibility timeout passed): the item is stored and its bytes are gone by
@@ -103,8 +105,11 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
                     continue
                 if data is None:
                     raise imaging.ImageError("image bytes expired or missing before the item was processed")
-            size = imaging.decode_image(data).size
-            ok.append((item, data, size))
+            # The header is enough here (the size, for the full frame's box): the services decode
+            # every image anyway, and one whose header reads but whose pixels do not is refused
+            # there (INVALID_ARGUMENT), which makes run_batch retry the batch unit by unit so
+            # that image fails alone with the decoder's reason.
+            ok.append((item, data, imaging.image_size(data)))
         except imaging.ImageError as exc:
             failed[item_id] = str(exc)
     if not ok:
@@ -221,7 +226,11 @@ def register(app: Celery, settings: WorkerSettings) -> None:
         if settings.worker_metrics_port:
             from billiard.process import current_process
 
-            obs.serve_metrics(settings.worker_metrics_port + (getattr(current_process(), "index", 0) or 0))
+            port = settings.worker_metrics_port + (getattr(current_process(), "index", 0) or 0)
+            try:
+                obs.serve_metrics(port)
+            except OSError as exc:  # the port is taken: this child works on without a /metrics
+                log.warning("worker /metrics not served on port %s: %s", port, exc)
 
     @app.task(name=INGEST_TASK, bind=True, max_retries=settings.max_retries)
     def ingest_batch(self, job_id: str, catalog: str, items: list[dict]) -> dict:

@@ -4,7 +4,7 @@ A bank holds, for one list of images, the maps of the taps `STORE_TAPS` (s5, s7,
 head) as float32 `.npy` files (memory-mapped on reading) under
 `<cache>/maps/<arch>-<size>-<model hash>-<images hash>/`. The model hash covers
 the weights file's sha256, the architecture, input size, normalisation, the
-preprocessing (visearch.imaging's decode + plain bilinear resize, as served) and
+preprocessing (visearch.imaging's decode + plain bilinear resize, as served: `to_model_input`) and
 `CACHE_VERSION`; the images hash covers every image path. Maps are computed in
 torch exactly as `MethodEmbedder` computes them before its head, so a head run on
 cached maps gives the exported model's descriptor (up to float rounding;
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visearch.imaging import decode_image, to_model_input
+from visearch.imaging import PREPROCESSING, decode_image, to_model_input
 from visearch.modeling import backbones
 from visearch.modeling.methods import NORMALISATION, STORE_TAPS, TapBackbone
 
@@ -55,7 +55,7 @@ class FeatureStore:
         self._scale = torch.tensor(1.0 / (255.0 * np.asarray(std)), dtype=torch.float32)
         self._shift = torch.tensor(-np.asarray(mean) / np.asarray(std), dtype=torch.float32)
         wsha = backbones.sha256_file(backbones.weights_path(arch))
-        self.model_hash = _hash([CACHE_VERSION, arch, str(size), wsha, repr(mean), repr(std), "decode+bilinear"])
+        self.model_hash = _hash([CACHE_VERSION, arch, str(size), wsha, repr(mean), repr(std), PREPROCESSING])
         with torch.no_grad():
             maps = self.net(torch.zeros(1, 3, size, size))
         self.shapes = {t: tuple(int(d) for d in m.shape[1:]) for t, m in zip(STORE_TAPS, maps, strict=True)}

@@ -13,6 +13,7 @@ Methods without learned parts are scored once on every protocol.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -240,7 +241,10 @@ def run_onnx(target: Path, protocols: dict[str, Protocol], cache: Path | None = 
 
     sha = meta.get("model_sha256") or sha256_file(path)
     name = meta.get("id") or path.stem
-    cfile = (Path(cache) / "emb" / f"{name}-{sha[:12]}.npz") if cache is not None else None
+    from visearch.imaging import PREPROCESSING
+
+    tag = hashlib.sha256(f"{sha}:{PREPROCESSING}".encode()).hexdigest()[:12]  # the model and how its inputs are made
+    cfile = (Path(cache) / "emb" / f"{name}-{tag}.npz") if cache is not None else None
     row = Row(name, meta.get("architecture", "onnx") + (f"@{size}" if meta else ""))
     row.params = {"model": str(path), "input_size": size, **{k: meta[k] for k in ("pooling", "pooling_params") if k in meta}}
     score(row, protocols, harness.embed_all(embed, harness.distinct_paths(protocols), cfile, progress))
