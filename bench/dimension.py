@@ -81,6 +81,7 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
     from visearch.evaluation import harness, runner
     from visearch.evaluation.features import load_batch
     from visearch.evaluation.protocols import get_protocols
+    from visearch.imaging import preprocessing_tag
 
     src, meta = runner.onnx_model_path(model)
     if "reduction" in meta:  # the served version is already reduced: start from its full-dimension source
@@ -94,7 +95,7 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
     paths = list(dict.fromkeys([*harness.distinct_paths(protocols), *(f.path for p in protocols.values() for f in p.fit)]))
     sha = (meta.get("model_sha256") or "")[:12]
     emb = harness.embed_all(lambda ps: embed_paths(src, meta, ps, progress), paths,
-                            out / f"emb-{sha or 'model'}.npz", progress)
+                            out / f"emb-{sha or 'model'}-{preprocessing_tag()}.npz", progress)
     t = time.perf_counter()
     rows = score_variants(protocols, emb, dims, powers)
     progress(f"scored {len(rows)} variants on {', '.join(protocols)} in {time.perf_counter() - t:.0f} s")

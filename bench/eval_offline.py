@@ -61,8 +61,10 @@ def cached_embed(model_dir: Path, photos: list[datasets.Photo], cache: Path, bat
     keys = [p.key for p in photos]
     cache.mkdir(parents=True, exist_ok=True)
     # Keyed by the model file's hash: a rebuilt model is never served stale vectors.
-    # (Delete the cache after changing visearch.imaging, which the key does not cover.)
-    cfile = cache / f"{meta['id']}-{meta['model_sha256'][:12]}-{len(keys)}.npz"
+    # and by the preprocessing's name (visearch.imaging.PREPROCESSING).
+    from visearch.imaging import preprocessing_tag
+
+    cfile = cache / f"{meta['id']}-{meta['model_sha256'][:12]}-{preprocessing_tag()}-{len(keys)}.npz"
     if cfile.exists() and use_cache:
         data = np.load(cfile, allow_pickle=False)
         if list(data["keys"]) == keys:

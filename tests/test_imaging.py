@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visearch.imaging import ImageError, ImageLimits, crop, decode_image, to_model_input
+from visearch.imaging import ImageError, ImageLimits, crop, decode_image, image_size, to_model_input
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -133,3 +133,29 @@ def test_draft_scale_decodes_a_large_jpeg_reduced_and_each_image_once(photo, mon
     assert calls[0]["draft_scale"] == pytest.approx(64 / min(4 * w, 4 * h))  # what the box needs, not the frame
     assert got[0][1] == (0.0, 0.0, 8.0 * w, 8.0 * h) and got[1][1] == (0, 0, 4 * w, 4 * h)
     assert all(x.shape == (32, 32, 3) for x, _ in got)
+
+
+def test_image_size_reads_the_header_only_and_checks_the_limits_first():
+    """The worker checks each image with `image_size`: a PNG is not decoded for it (its pixels may be
+    cut off and the size still reads), and a picture over the limits is refused from its header."""
+    rng = np.random.default_rng(0)
+    png = encode(Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)), "PNG")
+    assert image_size(png[: len(png) // 2]) == (640, 480)
+    with pytest.raises(ImageError, match="could not be decoded"):
+        decode_image(png[: len(png) // 2])
+    with pytest.raises(ImageError, match="outside the accepted sizes"):
+        image_size(png, ImageLimits(max_pixels=640 * 480 - 1))
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    jpeg = encode(Image.new("RGB", (64, 32)), "JPEG", exif=rotated.tobytes())
+    assert image_size(jpeg) == (32, 64) == decode_image(jpeg).size
+
+
+def test_model_input_from_any_size_and_mode():
+    """Shrunk by whole factors first, then bilinear: any size and mode gives [S, S, 3] uint8, and a
+    flat picture stays flat (no ringing, no shift)."""
+    for size, mode in (((2000, 1500), "RGB"), ((100, 50), "L"), ((321, 9), "RGBA"), ((320, 320), "RGB"),
+                       ((961, 640), "RGB")):
+        out = to_model_input(Image.new(mode, size, 120 if mode == "L" else (120, 60, 30, 255)[:len(mode)]), 320)
+        assert out.shape == (320, 320, 3) and out.dtype == np.uint8
+        assert (out == out[0, 0]).all()

@@ -120,3 +120,55 @@ def test_warm_up_readies_a_session_for_each_forward_at_once(model_repo):
         return {model: len(idle) for (model, _), idle in backend._idle.items()}
 
     assert asyncio.run(go()) == {"embedder": 2, "detector": 2}
+
+
+def test_a_cancelled_forward_keeps_its_session_and_turn_until_it_ends(model_repo):
+    """A caller that stops waiting (deadline, disconnect) leaves its forward running in a thread:
+    neither that session nor that turn is handed out again before the forward has ended."""
+    backend = OnnxRuntimeBackend(model_repo, max_concurrent_runs=1)
+    spans, load = [], backend._load
+
+    class Slow:  # a real session whose forwards take at least 0.4 s, their spans recorded
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, inputs):
+            t0 = time.monotonic()
+            time.sleep(0.4)
+            out = self.session.run(names, inputs)
+            spans.append((t0, time.monotonic()))
+            return out
+
+    backend._load = lambda model, version: (lambda s, m: (Slow(s), m))(*load(model, version))
+
+    async def go():
+        meta = await backend.metadata("detector")
+        x = {meta.input_name: np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)}
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(backend.infer("detector", x), 0.1)
+        await backend.infer("detector", x)
+        return len(backend._idle[("detector", meta.version)])
+
+    assert asyncio.run(go()) == 1, "one session made and returned"
+    (first, second) = sorted(spans)
+    assert second[0] >= first[1], "the second forward started only after the cancelled one ended"
+
+
+def test_warm_up_runs_to_its_end_when_its_caller_gives_up():
+    from visearch.inference import WarmUp
+
+    runs = []
+
+    async def warm():
+        runs.append(1)
+        await asyncio.sleep(0.3)
+
+    async def go():
+        w = WarmUp(warm)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(w(), 0.05)  # a readiness check's timeout
+        await w()  # the next check waits for the same run
+        await w()
+        return w.done
+
+    assert asyncio.run(go()) and runs == [1]

@@ -89,3 +89,58 @@ def test_open_jobs_and_the_newest_first_listing(jobs):
     assert listed.index(second) < listed.index(first)
     only_a = jobs.recent(50, lambda c: c == "a")
     assert first in [s.job_id for s in only_a] and all(s.catalog == "a" for s in only_a)
+
+
+def test_a_refused_batch_goes_unit_by_unit_and_a_lost_dependency_retries_it(jobs):
+    """The worker's run_batch: a final answer for a batch (one image the services cannot decode)
+    retries it unit by unit, so that image fails alone with the reason; a dependency lost during
+    that pass retries the whole batch instead of leaving units neither done nor failed.
+    (The faults are stand-ins: a service refusing one image of a batch, then going away.)"""
+    from types import SimpleNamespace
+
+    import grpc
+
+    from services.worker.tasks import Transient, run_batch
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.INVALID_ARGUMENT
+
+        def details(self):
+            return "image 0: image could not be decoded (truncated or corrupt)"
+
+    class Retry(Exception):
+        pass
+
+    class Task:
+        max_retries = 3
+        request = SimpleNamespace(retries=0, headers={}, request_id=None)
+
+        def retry(self, exc, countdown):
+            return Retry(exc)
+
+    ctx = SimpleNamespace(jobs=jobs)
+    job = new_job_id()
+    jobs.submit(job, "cat", ["a", "b", "c"], {})
+
+    def refuses_b(units):
+        if len(units) > 1 or units[0] == "b":
+            raise Refused()
+        return [units[0]], {}
+
+    done, failed = run_batch(Task(), ctx, job, ["a", "b", "c"], refuses_b, lambda u: u)
+    assert done == ["a", "c"] and failed == {"b": "INVALID_ARGUMENT: image 0: image could not be decoded (truncated or corrupt)"}
+    st = jobs.status(job)
+    assert (st.done, st.failed, st.pending) == (2, 1, 0)
+
+    job2 = new_job_id()
+    jobs.submit(job2, "cat", ["a", "b"], {})
+
+    def goes_away(units):
+        if len(units) > 1:
+            raise Refused()
+        raise Transient("embedding service: UNAVAILABLE")
+
+    with pytest.raises(Retry):
+        run_batch(Task(), ctx, job2, ["a", "b"], goes_away, lambda u: u)
+    assert jobs.status(job2).pending == 2, "nothing recorded: the retried batch decides"

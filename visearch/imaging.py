@@ -24,6 +24,13 @@ ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 # never reuses descriptors computed the old way.
 PREPROCESSING = "decode+reduce+cv2-bilinear"
 
+
+def preprocessing_tag() -> str:
+    """A short name of PREPROCESSING for cache file names."""
+    import hashlib
+
+    return hashlib.sha256(PREPROCESSING.encode()).hexdigest()[:8]
+
 # One thread per resize: the services run one forward per core and size their own concurrency.
 cv2.setNumThreads(1)
 
@@ -83,9 +90,11 @@ def decode_image_scaled(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, dr
                 img.draft("RGB", (draft_size, draft_size))
             elif draft_scale and draft_scale < 1.0 and fmt == "JPEG":
                 img.draft("RGB", (math.ceil(w * draft_scale), math.ceil(h * draft_scale)))
+            header_exif = fmt != "PNG" or "exif" in img.info  # as image_size reads it
             img.load()
             scale = w / img.size[0]
-            img = ImageOps.exif_transpose(img)
+            if header_exif:
+                img = ImageOps.exif_transpose(img)
             return _to_rgb(img), scale
     except ImageError:
         raise
@@ -98,28 +107,33 @@ def decode_image_scaled(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, dr
 
 
 def image_size(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied), from the header: no pixel decode."""
+    """(width, height) as displayed (EXIF orientation applied), from the header: no pixel decode,
+    and the size limits checked before anything else is read."""
     if not data:
         raise ImageError("empty image: zero bytes received")
     if len(data) > limits.max_bytes:
         raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.format not in ALLOWED_FORMATS:
-            raise ImageError(f"image format {img.format!r} is not accepted (allowed: {', '.join(sorted(ALLOWED_FORMATS))})")
-        w, h = img.size
-        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
-            w, h = h, w
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ALLOWED_FORMATS:
+                raise ImageError(f"image format {img.format!r} is not accepted (allowed: {', '.join(sorted(ALLOWED_FORMATS))})")
+            w, h = img.size
+            if w * h > limits.max_pixels or min(w, h) < limits.min_side:
+                raise ImageError(f"image is {w}x{h}, outside the accepted sizes")
+            # A PNG's EXIF may follow its pixels, and Pillow decodes the whole picture to find it:
+            # read it only when the header has it (JPEG, WebP and TIFF keep it there).
+            if (img.format != "PNG" or "exif" in img.info) and img.getexif().get(0x0112) in (5, 6, 7, 8):
+                w, h = h, w  # transposed or rotated by 90 degrees
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError("not an image: the bytes are in no recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"image header could not be read: {exc}") from None
-    if w * h > limits.max_pixels or min(w, h) < limits.min_side:
-        raise ImageError(f"image is {w}x{h}, outside the accepted sizes")
     return w, h
 
 

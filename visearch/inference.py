@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,24 @@ class InferenceBackend(abc.ABC):
         pass
 
 
+class WarmUp:
+    """A service's warm-up, run once and to its end even when the caller waiting for it gives up
+    (a readiness check's timeout): the next check waits for the same run, a failed run is retried."""
+
+    def __init__(self, fn: Callable[[], Awaitable[None]]):
+        self.fn = fn
+        self.done = False
+        self._task: asyncio.Future | None = None
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        if self._task is None or (self._task.done() and (self._task.cancelled() or self._task.exception())):
+            self._task = asyncio.ensure_future(self.fn())
+        await asyncio.shield(self._task)
+        self.done = True
+
+
 class OnnxRuntimeBackend(InferenceBackend):
     """The embedded default: the model files run in this process."""
 
@@ -136,6 +155,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         # instead of slicing the cores finer (oversubscribed forwards cost more CPU each).
         self.parallel_runs = max_concurrent_runs or max(1, (os.cpu_count() or 1) // max(1, intra_op_threads))
         self._runs = asyncio.Semaphore(self.parallel_runs)
+        self._executor = concurrent.futures.ThreadPoolExecutor(self.parallel_runs, thread_name_prefix="ort")
         self._sessions: dict[tuple[str, str], tuple[object, ModelMeta]] = {}
         # Sessions not running a forward, per (model, version). Each forward at once gets a session
         # of its own (made on first need, so at most max_concurrent_runs per model): two forwards
@@ -182,13 +202,31 @@ class OnnxRuntimeBackend(InferenceBackend):
         _, meta = await self._get(model, version)
         key = (model, meta.version)
         names = list(outputs or [meta.output_name])
-        async with self._runs:
-            idle = self._idle[key]
+        await self._runs.acquire()
+        idle = self._idle[key]
+        try:
             session = idle.pop() if idle else (await asyncio.to_thread(self._load, model, meta.version))[0]
+        except BaseException:
+            self._runs.release()
+            raise
+        loop = asyncio.get_running_loop()
+
+        def finish() -> None:
+            idle.append(session)
+            self._runs.release()
+
+        def done(_) -> None:  # in the forward's thread, once the forward has really ended
             try:
-                got = await asyncio.to_thread(session.run, names, inputs)
-            finally:
-                idle.append(session)
+                loop.call_soon_threadsafe(finish)
+            except RuntimeError:  # the loop is closed: the process is stopping
+                pass
+
+        # The session and the turn go back when the forward ends, not when its caller stops
+        # waiting: a caller cancelled (deadline, disconnect) leaves the forward running in its
+        # thread, and neither its session nor its core may be handed out before it is done.
+        forward = self._executor.submit(session.run, names, inputs)
+        forward.add_done_callback(done)
+        got = await asyncio.wrap_future(forward)
         return dict(zip(names, got, strict=True))
 
     async def ready(self, model: str) -> bool:

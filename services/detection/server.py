@@ -21,7 +21,7 @@ from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.errors import InvalidArgument
 from visearch.grpcserver import Service, decode_bounded, rpc, serve
-from visearch.inference import InferenceBackend, make_backend
+from visearch.inference import InferenceBackend, WarmUp, make_backend
 from visearch.settings import DetectionSettings
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,21 @@ class DetectionModel:
         self.backend = backend
         self.settings = settings
         self.detector = det.Detector(backend, resize=settings.detector_resize)
-        self.warm = False
+        self._warm_up = WarmUp(self._warm)
 
     async def ready(self) -> bool:
         if not await self.backend.ready(det.MODEL):
             return False
-        if not self.warm:
-            meta = await self.detector.meta()
-            t0 = time.perf_counter()
-            blank = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
-            await asyncio.gather(*(self.backend.infer(det.MODEL, {meta.input_name: blank}, ["boxes", "scores"])
-                                   for _ in range(self.backend.parallel_runs)))
-            self.warm = True
-            log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
+        await self._warm_up()
         return True
+
+    async def _warm(self) -> None:
+        meta = await self.detector.meta()
+        t0 = time.perf_counter()
+        blank = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
+        await asyncio.gather(*(self.backend.infer(det.MODEL, {meta.input_name: blank}, ["boxes", "scores"])
+                               for _ in range(self.backend.parallel_runs)))
+        log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
 
     async def detect_images(self, images, *, min_score: float = 0.0, max_detections: int = 0,
                             sizes: list[tuple[int, int]] | None = None) -> list[list[det.Box]]:

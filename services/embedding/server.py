@@ -14,7 +14,7 @@ from visearch.common.v1 import common_pb2
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.errors import FailedPrecondition, InvalidArgument
 from visearch.grpcserver import Service, decode_bounded, rpc, serve
-from visearch.inference import InferenceBackend, ModelMeta, make_backend
+from visearch.inference import InferenceBackend, ModelMeta, WarmUp, make_backend
 from visearch.observability import EMBED_BATCH
 from visearch.settings import EmbeddingSettings
 
@@ -106,26 +106,27 @@ class Embedder:
         self.backend = backend
         self.max_batch = max_batch
         self.decode_timeout = decode_timeout
-        self.warm = False
+        self._warm_up = WarmUp(self._warm)
 
     async def meta(self, version: str = "") -> ModelMeta:
         return await self.backend.metadata(MODEL, version)
 
     async def ready(self) -> bool:
         """Model loaded and warmed up: the first forward of a session allocates its buffers
-        (hundreds of ms), so it runs once on a blank image before the service says SERVING."""
+        (hundreds of ms), so each session runs once on a blank image before the service says SERVING."""
         if not await self.backend.ready(MODEL):
             return False
-        if not self.warm:
-            meta = await self.meta()
-            names = [meta.output_name, *meta.region_outputs]
-            t0 = time.perf_counter()
-            blank = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
-            await asyncio.gather(*(self.backend.infer(MODEL, {meta.input_name: blank}, names)
-                                   for _ in range(self.backend.parallel_runs)))
-            self.warm = True
-            log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
+        await self._warm_up()
         return True
+
+    async def _warm(self) -> None:
+        meta = await self.meta()
+        names = [meta.output_name, *meta.region_outputs]
+        t0 = time.perf_counter()
+        blank = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
+        await asyncio.gather(*(self.backend.infer(MODEL, {meta.input_name: blank}, names)
+                               for _ in range(self.backend.parallel_runs)))
+        log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
 
     async def embed(self, items: list[tuple[bytes, tuple | None]]) -> np.ndarray:
         return (await self.embed_with_regions(items, False))[0]

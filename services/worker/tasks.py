@@ -261,8 +261,28 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
     headers = getattr(task.request, "headers", None) or {}
     obs.request_id.set(getattr(task.request, "request_id", None) or headers.get("request_id") or job_id[:16])
     t0 = time.perf_counter()
+
+    def one_by_one() -> tuple[list[str], dict[str, str]]:
+        done, failed = [], {}
+        for unit in units:
+            try:
+                d, f = fn([unit])
+            except grpc.RpcError as one:
+                d, f = [], {unit_id(unit): f"{one.code().name}: {one.details()}"}
+            done += d
+            failed.update(f)
+        return done, failed
+
     try:
-        done, failed = fn(units)
+        try:
+            done, failed = fn(units)
+        except grpc.RpcError:
+            if len(units) == 1:
+                raise
+            # A final answer for the batch (e.g. one image the services cannot decode): unit by
+            # unit, so it fails alone. A dependency going away meanwhile retries the whole batch
+            # below (what was stored already is stored again under the same ids: idempotent).
+            done, failed = one_by_one()
     except INFRASTRUCTURE as exc:
         if task.request.retries < task.max_retries:
             delay = min(60, 2 ** task.request.retries)
@@ -272,17 +292,7 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
             raise task.retry(exc=exc, countdown=delay) from None
         done, failed = [], {unit_id(u): f"gave up after {task.max_retries} retries: {exc}" for u in units}
     except grpc.RpcError as exc:
-        if len(units) > 1:
-            done, failed = [], {}
-            for unit in units:
-                try:
-                    d, f = fn([unit])
-                except grpc.RpcError as one:
-                    d, f = [], {unit_id(unit): f"{one.code().name}: {one.details()}"}
-                done += d
-                failed.update(f)
-        else:
-            done, failed = [], {unit_id(units[0]): f"{exc.code().name}: {exc.details()}"}
+        done, failed = [], {unit_id(units[0]): f"{exc.code().name}: {exc.details()}"}
     except Exception as exc:  # noqa: BLE001 - a bug must fail the items with a reason, not loop forever
         log.exception("batch failed", extra={"job_id": job_id})
         done, failed = [], {unit_id(u): f"internal error: {type(exc).__name__}: {exc}" for u in units}

@@ -29,7 +29,7 @@ from . import model as tmodel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / ".data" / "train-cache"
-CACHE_VERSION = 1  # bump when the unit split or the preprocessing changes
+CACHE_VERSION = 2  # bump when the unit split or the preprocessing changes (2: imaging.PREPROCESSING, OpenCV resize)
 
 # Package type of each coarse group (the FashionNet-style second attribute): what the
 # product is sold as. Fruit and vegetables are loose produce.
