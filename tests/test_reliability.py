@@ -198,7 +198,7 @@ def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault) -> None:
 def test_worker_killed_mid_ingest(rmesh, grocery, tmp_path):
     def kill_worker():
         pid = mesh.load_state(rmesh["data"])["components"][-1]["pid"]
-        os.killpg(pid, 9)  # the worker and its pool child, mid-batch
+        os.killpg(pid, 9)  # the worker and its pool children, mid-batch
         wait_until(lambda: not mesh.alive(pid), 10, "worker gone")
         mesh.restart(rmesh["data"], "worker")
 
