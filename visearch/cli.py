@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import grpc
 
-from visearch import mesh
+from visearch import files, mesh
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # The first request of an ingest is kept small so the workers start while the rest is sent.
@@ -184,9 +184,9 @@ def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool) -> tuple[
                                           metadata=row["metadata"])
         else:
             try:
-                data = Path(row["path"]).read_bytes()
-            except OSError as exc:
-                local_failed[row["item_id"]] = f"cannot read {row['path']}: {exc.strerror or exc}"
+                data = files.read_file(row["path"])
+            except files.ReadError as exc:
+                local_failed[row["item_id"]] = str(exc)
                 continue
             item = gateway_pb2.IngestItem(item_id=row["item_id"], image=data, metadata=row["metadata"])
         n = item.ByteSize()
@@ -272,10 +272,9 @@ def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters
                per_object: bool = False) -> dict:
     t0 = time.perf_counter()
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return {"query": path, "error": {"code": "INVALID_ARGUMENT", "message": f"cannot read {path}: "
-                                                                              f"{exc.strerror or exc}"}}
+        data = files.read_file(path)
+    except files.ReadError as exc:
+        return {"query": path, "error": {"code": "INVALID_ARGUMENT", "message": str(exc)}}
     try:
         resp = client.search(data, catalog=catalog, top_k=top_k, rerank=rerank, filters=filters, full_frame=full_frame,
                              per_object=per_object)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import grpc
 
+from visearch import files
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from visearch.grpcserver import aio_channel, client_options, sync_channel
 from visearch.settings import SecuritySettings
@@ -53,7 +54,7 @@ def split_addresses(addresses: str | Sequence[str]) -> list[str]:
 
 def image_bytes(image: ImageArg) -> bytes:
     """Encoded image bytes, or the bytes of the file at that path."""
-    return image if isinstance(image, bytes) else Path(image).read_bytes()
+    return image if isinstance(image, bytes) else files.read_file(image)
 
 
 def _search_request(image: ImageArg, catalog: str, top_k: int, filters: Mapping[str, str] | None, rerank: str,
@@ -76,7 +77,7 @@ def path_items(paths: Mapping[str, str | Path], metadata: Mapping[str, Mapping[s
     if by_path:
         return [gateway_pb2.IngestItem(item_id=i, uri=str(Path(p).resolve()), metadata=md.get(i, {}))
                 for i, p in paths.items()]
-    return [gateway_pb2.IngestItem(item_id=i, image=Path(p).read_bytes(), metadata=md.get(i, {}))
+    return [gateway_pb2.IngestItem(item_id=i, image=files.read_file(p), metadata=md.get(i, {}))
             for i, p in paths.items()]
 
 

@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from visearch import files
+
 # Formats a catalog photo plausibly comes in; everything else (PDF, EPS, ICNS...)
 # is refused before a decoder plugin ever sees the bytes.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
@@ -44,7 +46,7 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 32 * 1024 * 1024
+    max_bytes: int = files.MAX_BYTES
     max_pixels: int = 40_000_000
     min_side: int = 8
 

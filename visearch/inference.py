@@ -180,7 +180,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         return session, meta
 
     async def _get(self, model: str, version: str = ""):
-        if version and not version.isdigit():
+        if version and not (version.isascii() and version.isdigit() and len(version) <= 9):
             raise InvalidArgument(f"model version {version!r} is not a version number")
         if not version:  # the served default, resolved once: the pinned or the highest version folder
             if model not in self._default:
@@ -285,7 +285,7 @@ class TritonBackend(InferenceBackend):
         key = f"{model}:{version}"
         if key in self._meta:
             return self._meta[key]
-        if version and not version.isdigit():
+        if version and not (version.isascii() and version.isdigit() and len(version) <= 9):
             raise InvalidArgument(f"model version {version!r} is not a version number")
         asked = version
         version = version or self.versions.get(model, "")

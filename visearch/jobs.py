@@ -7,10 +7,19 @@ Per job:
   vs:job:<id>:items    set    every item id submitted (re-submitting one counts once)
   vs:job:<id>:done     set    items stored
   vs:job:<id>:failed   hash   item -> reason, for items that cannot be stored
+  vs:job:<id>:seq      hash   item -> how many times the job submitted it (its latest submission)
+  vs:job:<id>:w:<item> string a worker writing the item's latest submission (a short claim)
   vs:blob:<id>:<item>  string image bytes sent inline, until the item is processed
   vs:jobs              zset   every job id by creation time (listing; trimmed to the TTL)
 done and failed never share an item (finishing one removes it from the other), so
 submitted == done + failed + pending with pending = submitted - done - failed.
+
+A job may submit an item again in a later request (IngestItems with the same job_id). Each
+submission gets the next number of the item's counter, which travels with its task; only the
+outcome of the latest submission counts (an earlier one finishing later changes nothing), so an
+item is pending until its last submission is stored. A worker skips a submission that is no
+longer the latest before doing any work, and claims the item (`claim`) just before writing it:
+an older submission can then never overwrite a newer one that was stored first.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from visearch.errors import InvalidArgument, NotFound
+from visearch.errors import InvalidArgument, NotFound, ResourceExhausted
 
 PREFIX = "vs:job:"
 INDEX = "vs:jobs"
@@ -60,6 +69,65 @@ def _keys(job_id: str) -> tuple[str, str, str, str]:
     return base, base + ":items", base + ":done", base + ":failed"
 
 
+def _seq_key(job_id: str) -> str:
+    return PREFIX + job_id + ":seq"
+
+
+def _claim_key(job_id: str, item_id: str) -> str:
+    return f"{PREFIX}{job_id}:w:{item_id}"
+
+
+# Finish items whose submission number is the latest (or given as ""): done or failed, bytes released.
+# KEYS: base, done, failed, seq, then each item's blob key; ARGV: now, reason ("" = done), then item, seq pairs.
+_FINISH = """
+local n = 0
+for i = 3, #ARGV, 2 do
+  local item, seq = ARGV[i], ARGV[i + 1]
+  local latest = redis.call('HGET', KEYS[4], item)
+  if seq == '' or not latest or latest == seq then
+    if ARGV[2] == '' then
+      redis.call('SADD', KEYS[2], item)
+      redis.call('HDEL', KEYS[3], item)
+    else
+      redis.call('HSET', KEYS[3], item, ARGV[2])
+      redis.call('SREM', KEYS[2], item)
+    end
+    redis.call('DEL', KEYS[4 + (i - 1) / 2])
+    n = n + 1
+  end
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+return n
+"""
+# Claim items for writing: 1 claimed, 0 stale (a newer submission exists), -1 busy (another claim).
+# KEYS: seq, then each item's claim key; ARGV: token, ttl ms, then item, seq pairs.
+_CLAIM = """
+local out = {}
+for i = 3, #ARGV, 2 do
+  local item, seq = ARGV[i], ARGV[i + 1]
+  local latest = redis.call('HGET', KEYS[1], item)
+  local key = KEYS[1 + (i - 1) / 2]
+  if seq ~= '' and latest and latest ~= seq then
+    out[#out + 1] = 0
+  elseif redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[#out + 1] = 1
+  elseif redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = -1
+  end
+end
+return out
+"""
+_RELEASE = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
+return 0
+"""
+
+
 def blob_key(job_id: str, item_id: str) -> str:
     return f"vs:blob:{job_id}:{item_id}"
 
@@ -68,19 +136,30 @@ class Jobs:
     def __init__(self, client: redis.Redis, ttl_seconds: int):
         self.r = client
         self.ttl = ttl_seconds
+        self._finish_script = client.register_script(_FINISH)
+        self._claim_script = client.register_script(_CLAIM)
+        self._release_script = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: int) -> Jobs:
         return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2), ttl_seconds)
 
-    def submit(self, job_id: str, catalog: str, item_ids: list[str], blobs: dict[str, bytes]) -> None:
-        """Record items as pending (and stage inline bytes) before their tasks are queued."""
+    def submit(self, job_id: str, catalog: str, item_ids: list[str], blobs: dict[str, bytes],
+               kind: str = "ingest") -> dict[str, int]:
+        """Record items as pending (and stage inline bytes) before their tasks are queued; each item's
+        submission number in this job (1 the first time), which its task carries. A job takes items
+        of its own catalog and kind only (an ingest cannot add items to a re-embedding)."""
         base, items, done, failed = _keys(job_id)
-        existing = self.r.hget(base, "catalog")
+        existing, existing_kind = self.r.hmget(base, ["catalog", "kind"])
         if existing is not None and existing.decode() != catalog:
-            raise InvalidArgument(f"job {job_id} belongs to catalog {existing.decode()!r}, not {catalog!r}")
+            raise InvalidArgument(f"job {job_id} belongs to another catalog than {catalog!r}")
+        if existing is not None and (existing_kind or b"ingest").decode() != kind:
+            raise InvalidArgument(f"job {job_id} is a {(existing_kind or b'ingest').decode()} job, not an {kind} job")
         now = time.time()
         p = self.r.pipeline(transaction=True)
+        seq = _seq_key(job_id)
+        for item_id in item_ids:
+            p.hincrby(seq, item_id, 1)
         p.hsetnx(base, "catalog", catalog)
         p.hsetnx(base, "created_at", now)
         self._index(p, job_id, now)
@@ -92,9 +171,52 @@ class Jobs:
             p.hdel(failed, *item_ids)
         for item_id, data in blobs.items():
             p.set(blob_key(job_id, item_id), data, ex=self.ttl)
-        for k in (base, items, done, failed):
+        for k in (base, items, done, failed, seq):
             p.expire(k, self.ttl)
-        p.execute()
+        try:
+            res = p.execute()
+        except redis.exceptions.ResponseError as exc:
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM" in str(exc) or "maxmemory" in str(exc):
+                raise ResourceExhausted(f"the job store (Redis) is full ({exc}): retry later") from None
+            raise
+        return {item_id: int(n) for item_id, n in zip(item_ids, res, strict=False)}
+
+    def check_room(self, nbytes: int, fraction: float = 0.75) -> None:
+        """RESOURCE_EXHAUSTED unless `nbytes` more fit in Redis below `fraction` of its maxmemory
+        (checked before anything is staged; nothing to check when Redis has no cap)."""
+        info = self.r.info("memory")
+        cap, used = int(info.get("maxmemory", 0) or 0), int(info.get("used_memory", 0) or 0)
+        if cap and used + nbytes > fraction * cap:
+            raise ResourceExhausted(f"the job store (Redis) holds {used >> 20} MiB of its {cap >> 20} MiB; "
+                                    f"{nbytes >> 20} MiB more of image bytes do not fit now: retry later, or "
+                                    "ingest by path")
+
+    def latest(self, job_id: str, item_ids: list[str]) -> dict[str, int]:
+        """Each item's latest submission number in the job (items never submitted are left out)."""
+        if not item_ids:
+            return {}
+        vals = self.r.hmget(_seq_key(job_id), item_ids)
+        return {i: int(v) for i, v in zip(item_ids, vals, strict=True) if v is not None}
+
+    def claim(self, job_id: str, seqs: dict[str, int | None], token: str, ttl_ms: int = 60_000
+              ) -> tuple[list[str], list[str], list[str]]:
+        """Claim items for writing their submission `seqs[item]`: (claimed, stale, busy). Stale items
+        have a newer submission (not to be written); busy ones are being written by another claim."""
+        if not seqs:
+            return [], [], []
+        ids = list(seqs)
+        args = [token, ttl_ms]
+        for i in ids:
+            args += [i, "" if seqs[i] is None else str(seqs[i])]
+        res = self._claim_script(keys=[_seq_key(job_id), *(_claim_key(job_id, i) for i in ids)], args=args)
+        out: tuple[list[str], list[str], list[str]] = ([], [], [])
+        for i, r in zip(ids, res, strict=True):
+            out[0 if r == 1 else 1 if r == 0 else 2].append(i)
+        return out
+
+    def release(self, job_id: str, item_ids: list[str], token: str) -> None:
+        if item_ids:
+            self._release_script(keys=[_claim_key(job_id, i) for i in item_ids], args=[token])
 
     def create(self, job_id: str, catalog: str, kind: str, phase: str, **fields) -> None:
         """A job that stays open (unfinished) until `close`, whatever its counts."""
@@ -158,26 +280,21 @@ class Jobs:
         """Whether the item is already stored for this job (its bytes are then deleted)."""
         return bool(self.r.sismember(_keys(job_id)[2], item_id))
 
-    def mark_done(self, job_id: str, item_ids: list[str]) -> None:
-        if item_ids:
-            self._finish(job_id, item_ids, None)
+    def mark_done(self, job_id: str, item_ids: list[str], seqs: dict[str, int | None] | None = None) -> int:
+        """Record items stored; with `seqs`, only those whose submission is still the latest. How many counted."""
+        return self._finish(job_id, item_ids, None, seqs) if item_ids else 0
 
-    def mark_failed(self, job_id: str, reasons: dict[str, str]) -> None:
-        for item_id, reason in reasons.items():
-            self._finish(job_id, [item_id], reason)
+    def mark_failed(self, job_id: str, reasons: dict[str, str], seqs: dict[str, int | None] | None = None) -> int:
+        return sum(self._finish(job_id, [item_id], reason, seqs) for item_id, reason in reasons.items())
 
-    def _finish(self, job_id: str, item_ids: list[str], reason: str | None) -> None:
+    def _finish(self, job_id: str, item_ids: list[str], reason: str | None, seqs: dict | None) -> int:
         base, _, done, failed = _keys(job_id)
-        p = self.r.pipeline(transaction=True)
-        if reason is None:
-            p.sadd(done, *item_ids)
-            p.hdel(failed, *item_ids)
-        else:
-            p.hset(failed, mapping={i: reason[:1000] for i in item_ids})
-            p.srem(done, *item_ids)
-        p.hset(base, "updated_at", time.time())
-        p.delete(*(blob_key(job_id, i) for i in item_ids))
-        p.execute()
+        args: list = [time.time(), "" if reason is None else (reason[:1000] or "failed")]
+        for i in item_ids:
+            s = (seqs or {}).get(i)
+            args += [i, "" if s is None else str(s)]
+        keys = [base, done, failed, _seq_key(job_id), *(blob_key(job_id, i) for i in item_ids)]
+        return int(self._finish_script(keys=keys, args=args))
 
     def status(self, job_id: str, max_failures: int = 1000) -> JobStatus:
         base, items, done, failed = _keys(job_id)

@@ -233,8 +233,12 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
                                 "or set VISEARCH_REDIS_URL to a running Redis")
             port = free_port()
             (data_dir / "redis").mkdir(exist_ok=True)
+            # A memory cap that refuses writes instead of evicting keys: the queue, the unacked
+            # tasks and the job records are never dropped to make room (the gateway refuses image
+            # bytes that would fill it, RESOURCE_EXHAUSTED).
             argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),
-                    "--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
+                    "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
+                    "--maxmemory", env.get("VISEARCH_REDIS_MAXMEMORY", "1gb"), "--maxmemory-policy", "noeviction"]
             pid, lp = _spawn("redis", argv, env, data_dir)
             env["VISEARCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
             comps.append(Component("redis", pid, env["VISEARCH_REDIS_URL"], "redis", lp, argv))

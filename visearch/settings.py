@@ -138,6 +138,19 @@ class RerankSettings(ServerSettings, StoreSettings):
     qe_alpha: float = 3.0
 
 
+class RootsSettings(_Base):
+    # Folders the gateway may read when an item names a path; empty refuses paths. Workers given
+    # them also check that each file they open lies inside them (or the blob folder).
+    ingest_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    @field_validator("ingest_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v):
+        if isinstance(v, str):
+            return [p for p in v.split(":") if p]
+        return v
+
+
 class QueueSettings(_Base):
     redis_url: str
     # Seconds before an unacknowledged ingestion task is handed to another worker;
@@ -157,7 +170,7 @@ INGEST_OBJECTS = ("detected", "detected+full", "full")
 QUERY_OBJECTS = ("best", "full", "both")
 
 
-class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettings):
+class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettings, RootsSettings):
     @field_validator("query_objects")
     @classmethod
     def _known_query_policy(cls, v: str) -> str:
@@ -182,19 +195,10 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     # "both" by default: cropping wins on objects small in clutter and loses on product-centred
     # photos; "both" keeps most of each (docs/DETECTION.md, bench/detect_eval.py).
     query_objects: str = "both"
-    # Folders the gateway may read when an item names a path; empty refuses paths.
-    ingest_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_items_per_request: int = 10_000
 
-    @field_validator("ingest_roots", mode="before")
-    @classmethod
-    def _split_roots(cls, v):
-        if isinstance(v, str):
-            return [p for p in v.split(":") if p]
-        return v
 
-
-class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
+class WorkerSettings(StoreSettings, QueueSettings, ClientSettings, RootsSettings):
     @field_validator("ingest_objects")
     @classmethod
     def _known_policy(cls, v: str) -> str:
@@ -219,7 +223,9 @@ class WorkerSettings(StoreSettings, QueueSettings, ClientSettings):
     # Tasks in flight per worker (pool children): two keep the model services busy while a task
     # is between calls (reading its images, writing the store); measured in docs/PERFORMANCE.md.
     worker_concurrency: int = 2
-    max_retries: int = 5
+    # Retries of a batch whose dependency is down, with backoff 1, 2, 4 ... 60 s: about 3 minutes in
+    # all, past a Milvus server's restart (~40 s) before an item is given up.
+    max_retries: int = 8
     # /metrics of pool child n on worker_metrics_port + n; 0 leaves it off.
     worker_metrics_port: int = 0
     # Seconds the previous generation is kept after a re-embedding switched (in-flight searches
@@ -237,4 +243,7 @@ class ConsoleSettings(SecuritySettings):
     max_upload_bytes: int = 16 * 1024 * 1024
     # Longer side of the result thumbnails.
     thumb_side: int = 320
+    # A connection that sends nothing for this long is closed; at most max_connections at once.
+    idle_timeout_seconds: float = 30.0
+    max_connections: int = 64
     rpc_timeout_seconds: float = 30.0

@@ -25,6 +25,10 @@ Index: HNSW (M=16, efConstruction=200), search ef = max(hnsw_ef, top_k): at
 catalog sizes up to a few million it gives recall@10 > 0.98 at millisecond cost,
 and it needs no training step, so a new catalog is searchable from its first row.
 A search with another model's vectors is refused.
+Every value in an expression (keys, filters) is escaped by visearch.expr; rows are read and
+deleted by primary key through `pk_in`, never pymilvus's unescaped `ids=`.
+A collection Milvus reports released (a restarted server loads nothing) is loaded again and
+the call retried, on every read; one reported gone is forgotten and answers NOT_FOUND.
 Consistency: collections are Strong, so an acknowledged ingest is visible to the next search.
 A Strong read on a Milvus server waits for the next time tick (up to 200 ms per call,
 measured: docs/PERFORMANCE.md), which would be most of a search. With a `WriteClock` (a
@@ -44,7 +48,6 @@ allow one vector field per collection.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -55,6 +58,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from visearch import expr
 from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.settings import StoreSettings
@@ -69,6 +73,16 @@ MODEL_PROP = "visearch.model"
 DIM_PROP = "visearch.dim"
 SOURCE_MAX = 2048
 GEN_RE = re.compile(r"^vsg_([A-Za-z][A-Za-z0-9_]{0,62})_(\d+)$")
+# An item's metadata: bounded so one item can neither exceed Milvus's 64 KiB JSON field (which
+# fails the write) nor bloat the queue's messages.
+METADATA_MAX_KEYS = 64
+METADATA_VALUE_MAX_BYTES = 2048
+METADATA_MAX_BYTES = 16 * 1024
+MAX_FILTERS = 16
+# Milvus error codes (the same on Milvus Lite and Milvus 2.3 servers).
+COLLECTION_NOT_FOUND = 100
+COLLECTION_NOT_LOADED = 101
+PK_CHUNK = 1024  # primary keys per expression
 log = logging.getLogger(__name__)
 
 
@@ -101,9 +115,40 @@ def check_catalog(name: str) -> str:
 
 
 def check_item_id(item_id: str) -> str:
-    if not item_id or len(item_id) > ID_MAX - 8 or "#" in item_id or any(ord(c) < 32 for c in item_id):
-        raise InvalidArgument(f"item id {item_id!r} is invalid: 1-{ID_MAX - 8} printable characters, no '#'")
+    """An item id is data: any printable text up to ID_MAX - 8 bytes of UTF-8 (Milvus counts bytes;
+    "#<n>" is added per object), with no '#' (it separates the object number)."""
+    if (not item_id or len(item_id.encode()) > ID_MAX - 8 or "#" in item_id
+            or any(ord(c) < 32 for c in item_id)):
+        raise InvalidArgument(f"item id {item_id[:80]!r} is invalid: 1-{ID_MAX - 8} bytes of UTF-8, "
+                              "no '#' or control characters")
     return item_id
+
+
+def check_metadata(metadata: dict[str, str], item_id: str = "") -> dict[str, str]:
+    """An item's metadata as it will be stored and filtered on, or INVALID_ARGUMENT saying why not."""
+    who = f"item {item_id[:80]!r}: " if item_id else ""
+    if len(metadata) > METADATA_MAX_KEYS:
+        raise InvalidArgument(f"{who}{len(metadata)} metadata keys; at most {METADATA_MAX_KEYS}")
+    total = 0
+    for k, v in metadata.items():
+        expr.check_key(k)
+        n = len(v.encode())
+        if n > METADATA_VALUE_MAX_BYTES:
+            raise InvalidArgument(f"{who}metadata value of {k[:80]!r} is {n} bytes; at most {METADATA_VALUE_MAX_BYTES}")
+        total += len(k.encode()) + n
+    if total > METADATA_MAX_BYTES:
+        raise InvalidArgument(f"{who}metadata of {total} bytes; at most {METADATA_MAX_BYTES}")
+    return metadata
+
+
+def check_filters(filters: dict[str, str]) -> dict[str, str]:
+    if len(filters) > MAX_FILTERS:
+        raise InvalidArgument(f"{len(filters)} filters; at most {MAX_FILTERS}")
+    for k, v in filters.items():
+        expr.check_key(k, "filter key")
+        if len(v.encode()) > METADATA_VALUE_MAX_BYTES:
+            raise InvalidArgument(f"filter value of {k[:80]!r} is over {METADATA_VALUE_MAX_BYTES} bytes")
+    return filters
 
 
 def milvus_client(uri: str, token: str = "", timeout: float | None = None) -> MilvusClient:
@@ -112,10 +157,6 @@ def milvus_client(uri: str, token: str = "", timeout: float | None = None) -> Mi
     # Ping only while calls are in flight, and rarely.
     return MilvusClient(uri=uri, token=token, timeout=timeout,
                         grpc_options={"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False})
-
-
-def _quote(s: str) -> str:
-    return json.dumps(s)  # a JSON string literal is a valid Milvus string literal
 
 
 @dataclass
@@ -176,10 +217,24 @@ class VectorStore:
     def __init__(self, settings: StoreSettings, clock: WriteClock | None = None):
         self.settings = settings
         self.clock = clock  # writers mark with it whatever their own window; readers need it to go Bounded
-        self.client = milvus_client(settings.milvus_uri, settings.milvus_token)
+        self._client: MilvusClient | None = None
+        self._connect_lock = threading.Lock()
         self._gens: dict[str, Generation] = {}  # physical name -> generation (immutable once made)
         self._region_dims: dict[str, int] = {}
         self._create_lock = threading.Lock()
+
+    @property
+    def client(self) -> MilvusClient:
+        """The Milvus client, connected on first use: a process that starts before Milvus listens
+        (or while it restarts) reports the store unreachable (UNAVAILABLE, health NOT_SERVING) and
+        connects once it answers, instead of exiting."""
+        client = self._client
+        if client is None:
+            with self._connect_lock:
+                if self._client is None:
+                    self._client = milvus_client(self.settings.milvus_uri, self.settings.milvus_token)
+                client = self._client
+        return client
 
     def read_level(self, target: Target) -> str:
         """Bounded when the write clock says nothing wrote to the catalog within this reader's
@@ -279,6 +334,41 @@ class VectorStore:
             return
         self.client.load_collection(name)
 
+    def _forget(self, name: str) -> None:
+        self._gens.pop(name, None)
+        self._region_dims.pop(name, None)
+
+    def _read(self, name: str, fn):
+        """fn() on collection `name`, healing what a Milvus restart or a drop leaves behind: a
+        collection reported released is loaded again and fn retried once (every process notices
+        by itself, at its next read); one reported gone is forgotten and answers NOT_FOUND."""
+        try:
+            return fn()
+        except MilvusException as exc:
+            if exc.code == COLLECTION_NOT_FOUND:
+                self._forget(name)
+                raise NotFound(f"collection {name!r} no longer exists (dropped, or retired by a re-embedding): "
+                               "try again") from None
+            if exc.code != COLLECTION_NOT_LOADED:
+                raise
+        log.warning("collection %s was not loaded (Milvus restarted?): loading it again", name)
+        self.client.load_collection(name)
+        return fn()
+
+    def _query_pks(self, name: str, ids: list[str], fields: list[str], level: str = STRONG) -> list[dict]:
+        """The rows of `name` with these primary keys (escaped; in chunks so expressions stay bounded)."""
+        out: list[dict] = []
+        for start in range(0, len(ids), PK_CHUNK):
+            chunk = ids[start:start + PK_CHUNK]
+            out += self._read(name, lambda c=chunk: self.client.query(
+                name, filter=expr.pk_in("object_id", c), output_fields=fields, consistency_level=level))
+        return out
+
+    def _delete_pks(self, name: str, ids: list[str]) -> None:
+        for start in range(0, len(ids), PK_CHUNK):
+            chunk = ids[start:start + PK_CHUNK]
+            self._read(name, lambda c=chunk: self.client.delete(name, filter=expr.pk_in("object_id", c)))
+
     def ensure_catalog(self, catalog: str, meta: ModelMeta) -> Generation:
         """The catalog's live generation; a new catalog gets generation 1 made for this model."""
         with self._create_lock:
@@ -359,7 +449,7 @@ class VectorStore:
     def _existing_objects(self, name: str, candidate_ids: list[str], fields: list[str]) -> list[dict]:
         # Primary-key lookups: a filter on item_id would scan every row (Milvus Lite
         # brute-forces unflushed rows in Python), which made ingestion quadratic.
-        return self.client.get(name, ids=candidate_ids, output_fields=fields) if candidate_ids else []
+        return self._query_pks(name, candidate_ids, fields) if candidate_ids else []
 
     def upsert_items(self, target: Target, items: list[tuple]) -> int:
         """Replace each item's objects: upsert rows `<item>#0..n-1`, then drop the item's older rows `#n...`.
@@ -377,8 +467,8 @@ class VectorStore:
             stamp = rest[1] if len(rest) > 1 else now
             if not 0 < len(objects) <= MAX_OBJECTS:
                 raise InvalidArgument(f"item {item_id!r} has {len(objects)} objects; 1 to {MAX_OBJECTS} are stored")
-            if len(source) > SOURCE_MAX:
-                raise InvalidArgument(f"item {item_id!r}: source longer than {SOURCE_MAX} characters")
+            if len(source.encode()) > SOURCE_MAX:
+                raise InvalidArgument(f"item {item_id[:80]!r}: source longer than {SOURCE_MAX} bytes")
             for n, (vec, box) in enumerate(objects):
                 rows.append({"object_id": f"{item_id}#{n}", "item_id": item_id,
                              "vector": np.asarray(vec, np.float32).tolist(), "box": [float(b) for b in box],
@@ -386,10 +476,10 @@ class VectorStore:
             stale_candidates += self.object_ids(item_id, len(objects))
         self._wrote(gen)
         if rows:
-            self.client.upsert(name, rows)
+            self._upsert(name, rows)
         stale = [r["object_id"] for r in self._existing_objects(name, stale_candidates, ["object_id"])]
         if stale:
-            self.client.delete(name, ids=stale)
+            self._delete_pks(name, stale)
             self._delete_regions(gen, stale)
         self._wrote(gen)
         return len(rows)
@@ -399,7 +489,7 @@ class VectorStore:
         found = self._existing_objects(gen.collection, [o for i in item_ids for o in self.object_ids(i)], ["object_id"])
         if found:
             self._wrote(gen)
-            self.client.delete(gen.collection, ids=[r["object_id"] for r in found])
+            self._delete_pks(gen.collection, [r["object_id"] for r in found])
             self._delete_regions(gen, [r["object_id"] for r in found])
             self._wrote(gen)
         return len({r["object_id"].rsplit("#", 1)[0] for r in found})
@@ -418,8 +508,8 @@ class VectorStore:
         """item id -> stamp of every item in a generation (a scan; an item's objects share its stamp).
         Every row, not only `#0` ones: Milvus 2.3 matches only prefixes with `like`."""
         gen = self.resolve(target)
-        it = self.client.query_iterator(gen.collection, batch_size=batch, filter='item_id != ""',
-                                        output_fields=["item_id", "stamp"])
+        it = self._read(gen.collection, lambda: self.client.query_iterator(
+            gen.collection, batch_size=batch, filter='item_id != ""', output_fields=["item_id", "stamp"]))
         out: dict[str, int] = {}
         try:
             while rows := it.next():
@@ -464,9 +554,17 @@ class VectorStore:
             out.append({"object_id": object_id, "n": n, "features": packed.ravel().tolist(),
                         "boxes": [float(b) for b in np.asarray(boxes, np.float32).ravel()]})
         self._wrote(gen)
-        self.client.upsert(gen.region_collection, out)
+        self._upsert(gen.region_collection, out)
         self._wrote(gen)
         return len(out)
+
+    def _upsert(self, name: str, rows: list[dict]) -> None:
+        try:
+            self._read(name, lambda: self.client.upsert(name, rows))
+        except MilvusException as exc:
+            if exc.code == 1100:  # a value Milvus refuses (length, dimension): final, not a retry
+                raise InvalidArgument(f"the vector store refused the rows: {exc.message}") from None
+            raise
 
     def get_regions(self, target: Target, object_ids: list[str], level: str = STRONG
                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -476,8 +574,7 @@ class VectorStore:
         dim = self._region_dim(gen)
         if dim is None or not object_ids:
             return {}
-        rows = self.client.get(gen.region_collection, ids=list(object_ids),
-                               output_fields=["object_id", "n", "features", "boxes"], consistency_level=level)
+        rows = self._query_pks(gen.region_collection, list(object_ids), ["object_id", "n", "features", "boxes"], level)
         out = {}
         for r in rows:
             n = int(r["n"])
@@ -489,8 +586,7 @@ class VectorStore:
         """object_id -> its global vector (`level`: the consistency of the search that found them)."""
         if not object_ids:
             return {}
-        rows = self.client.get(self.resolve(target).collection, ids=list(object_ids), output_fields=["object_id", "vector"],
-                               consistency_level=level)
+        rows = self._query_pks(self.resolve(target).collection, list(object_ids), ["object_id", "vector"], level)
         return {r["object_id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
     def _create_regions(self, gen: Generation, dim: int) -> None:
@@ -506,7 +602,7 @@ class VectorStore:
 
     def _delete_regions(self, gen: Generation, object_ids: list[str]) -> None:
         if object_ids and self._region_dim(gen) is not None:
-            self.client.delete(gen.region_collection, ids=list(object_ids))
+            self._delete_pks(gen.region_collection, list(object_ids))
 
     def get_item(self, target: Target, item_id: str) -> list[StoredObject]:
         gen = self.resolve(target)
@@ -527,11 +623,12 @@ class VectorStore:
         (default `read_level`)."""
         gen = self.resolve(target)
         level = level or self.read_level(gen)
-        expr = " and ".join(f"metadata[{_quote(k)}] == {_quote(v)}" for k, v in sorted((filters or {}).items()))
+        where = " and ".join(expr.json_equals("metadata", k, v) for k, v in sorted(check_filters(filters or {}).items()))
         data = [np.asarray(v, np.float32).tolist() for v in vectors]
-        res = self.client.search(gen.collection, data=data, limit=limit, filter=expr, output_fields=list(fields),
-                                 anns_field="vector", consistency_level=level,
-                                 search_params={"metric_type": "IP", "params": {"ef": max(self.settings.hnsw_ef, limit)}})
+        res = self._read(gen.collection, lambda: self.client.search(
+            gen.collection, data=data, limit=limit, filter=where, output_fields=list(fields), anns_field="vector",
+            consistency_level=level, search_params={"metric_type": "IP",
+                                                    "params": {"ef": max(self.settings.hnsw_ef, limit)}}))
         out = []
         for found in res:
             rows = []
@@ -544,8 +641,9 @@ class VectorStore:
         return out
 
     def count(self, target: Target, level: str = STRONG) -> int:
-        res = self.client.query(self.resolve(target).collection, filter="", output_fields=["count(*)"],
-                                consistency_level=level)
+        name = self.resolve(target).collection
+        res = self._read(name, lambda: self.client.query(name, filter="", output_fields=["count(*)"],
+                                                         consistency_level=level))
         return int(res[0]["count(*)"])
 
     def list_catalogs(self, level: str = STRONG) -> list[CatalogInfo]:
@@ -574,4 +672,5 @@ class VectorStore:
                             metadata=r.get("metadata") or {}, source=r.get("source") or "", stamp=int(r.get("stamp") or 0))
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()

@@ -152,6 +152,9 @@ def make_handler(console: Console):
     class Handler(BaseHTTPRequestHandler):
         server_version = "visearch-console"
         protocol_version = "HTTP/1.1"
+        # A connection idle (or sending) this long is closed: idle keep-alive connections cannot
+        # hold the server's threads.
+        timeout = console.s.idle_timeout_seconds
 
         def log_message(self, fmt, *args):  # structured, through logging
             log.info("http", extra={"method": self.command, "path": self.path.split("?")[0],
@@ -180,9 +183,7 @@ def make_handler(console: Console):
                 if url.path.startswith("/api/"):
                     body = None
                     if method == "POST":
-                        n = int(self.headers.get("Content-Length") or 0)
-                        if n < 0:
-                            raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "negative Content-Length")
+                        n = self._content_length()
                         if n > console.s.max_upload_bytes:
                             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
                                             f"photo of {n} bytes; the limit is {console.s.max_upload_bytes}")
@@ -210,11 +211,29 @@ def make_handler(console: Console):
                 log.exception("console error")
                 self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"{type(exc).__name__}: {exc}")
 
+        def _content_length(self) -> int:
+            """The body's length: exactly one Content-Length, a non-negative integer, and no
+            Transfer-Encoding (two framings of one body are how requests are smuggled)."""
+            if self.headers.get_all("Transfer-Encoding"):
+                raise HttpError(HTTPStatus.NOT_IMPLEMENTED, "INVALID_ARGUMENT",
+                                "Transfer-Encoding is not accepted: send Content-Length")
+            values = self.headers.get_all("Content-Length") or ["0"]
+            if len(values) > 1:
+                raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"{len(values)} Content-Length headers")
+            if not values[0].strip().isdigit():
+                raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"Content-Length {values[0][:40]!r}")
+            return int(values[0])
+
         def _static(self, name: str) -> None:
-            path = (STATIC / name).resolve()
-            if not path.is_relative_to(STATIC.resolve()) or not path.is_file() or path.suffix not in TYPES:
-                raise HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no static file {name!r}")
-            self._send(HTTPStatus.OK, TYPES[path.suffix], path.read_bytes(), {"Cache-Control": "no-cache"})
+            try:
+                path = (STATIC / name).resolve()
+                ok = path.is_relative_to(STATIC.resolve()) and path.suffix in TYPES and path.is_file()
+                body = path.read_bytes() if ok else b""
+            except (OSError, ValueError):  # a name too long, a NUL byte
+                ok = False
+            if not ok:
+                raise HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no static file {name[:80]!r}")
+            self._send(HTTPStatus.OK, TYPES[path.suffix], body, {"Cache-Control": "no-cache"})
 
         def do_GET(self):  # noqa: N802 - http.server's naming
             self._handle("GET")
@@ -228,10 +247,41 @@ def make_handler(console: Console):
     return Handler
 
 
+class BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at once: beyond that a connection gets a
+    503 at once and is closed, instead of another thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n"
+                                b"Retry-After: 1\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def main(settings: ConsoleSettings) -> None:
     console = Console(settings)
-    server = ThreadingHTTPServer((settings.host, settings.console_port), make_handler(console))
-    server.daemon_threads = True
+    server = BoundedServer((settings.host, settings.console_port), make_handler(console), settings.max_connections)
 
     def stop(*_):
         log.info("stopping")

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import stat
 import time
 from pathlib import Path
 
 import grpc
+import redis
 from PIL import Image
 
-from visearch import imaging, regions
+from visearch import files, imaging, regions
 from visearch import observability as obs
-from visearch.auth import readable, require, visible
+from visearch.auth import PermissionDenied, readable, require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -26,7 +28,16 @@ from visearch.jobs import Jobs, new_job_id
 from visearch.queue import INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import GatewaySettings
-from visearch.store import BOUNDED, VectorStore, WriteClock, check_catalog, check_item_id
+from visearch.store import (
+    BOUNDED,
+    SOURCE_MAX,
+    VectorStore,
+    WriteClock,
+    check_catalog,
+    check_filters,
+    check_item_id,
+    check_metadata,
+)
 
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
@@ -107,6 +118,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.celery = make_celery(settings)
         self.roots = [Path(r).resolve() for r in settings.ingest_roots]
         self._stats_at = 0.0
+        self._policy_checked = False
 
     # ---- search ---------------------------------------------------------------
     @rpc()
@@ -118,6 +130,10 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
         if not request.image:
             raise InvalidArgument("no query image: the image field is empty")
+        if len(request.image) > imaging.DEFAULT_LIMITS.max_bytes:
+            raise InvalidArgument(f"query image is {len(request.image)} bytes, over the limit of "
+                                  f"{imaging.DEFAULT_LIMITS.max_bytes} bytes")
+        check_filters(dict(request.filters))
         # The catalog's live generation, resolved once: every read of this search (vectors,
         # regions) and the query's model version come from it, even if a re-embedding switches
         # the catalog meanwhile.
@@ -239,17 +255,29 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
 
     # ---- ingestion ------------------------------------------------------------
     def _check_path(self, uri: str) -> str:
+        """The resolved path of an item's file, or INVALID_ARGUMENT saying why it cannot be ingested:
+        inside the ingest roots, a regular file (not a FIFO, device or folder), within the size limit."""
+        shown = uri if len(uri) <= 200 else uri[:100] + "..." + uri[-60:]
         if "://" in uri and not uri.startswith("file://"):
-            raise InvalidArgument(f"uri {uri!r}: only local paths and file:// URIs are accepted")
+            raise InvalidArgument(f"uri {shown!r}: only local paths and file:// URIs are accepted")
         path = Path(uri.removeprefix("file://"))
         if not path.is_absolute():
-            raise InvalidArgument(f"path {uri!r} must be absolute")
-        real = path.resolve()
-        if not any(real.is_relative_to(root) for root in self.roots):
-            raise InvalidArgument(f"path {uri!r} is outside the gateway's ingest roots"
-                                  + ("" if self.roots else " (none configured: send image bytes instead)"))
-        if not real.is_file():
-            raise InvalidArgument(f"path {uri!r} is not a readable file")
+            raise InvalidArgument(f"path {shown!r} must be absolute")
+        try:
+            real = path.resolve()
+            if not any(real.is_relative_to(root) for root in self.roots):
+                raise InvalidArgument(f"path {shown!r} is outside the gateway's ingest roots"
+                                      + ("" if self.roots else " (none configured: send image bytes instead)"))
+            st = real.stat()
+        except (OSError, ValueError) as exc:  # too long, a loop of links, permission, missing, a NUL byte
+            raise InvalidArgument(f"path {shown!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"path {shown!r} is not a regular file")
+        if st.st_size > imaging.DEFAULT_LIMITS.max_bytes:
+            raise InvalidArgument(f"path {shown!r} is {st.st_size} bytes, over the limit of "
+                                  f"{imaging.DEFAULT_LIMITS.max_bytes} bytes")
+        if len(str(real).encode()) > SOURCE_MAX:
+            raise InvalidArgument(f"path {shown!r} is longer than {SOURCE_MAX} bytes")
         return str(real)
 
     @rpc()
@@ -261,24 +289,33 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if len(request.items) > self.s.max_items_per_request:
             raise InvalidArgument(f"{len(request.items)} items in one request; the limit is "
                                   f"{self.s.max_items_per_request}: send several requests with the same job_id")
+        if request.job_id and not (len(request.job_id) <= 64 and request.job_id.isascii() and request.job_id.isalnum()):
+            raise InvalidArgument(f"job id {request.job_id[:80]!r} must be 1-64 ASCII letters and digits")
         tasks, blobs, seen = [], {}, set()
+        limit = imaging.DEFAULT_LIMITS.max_bytes
         for it in request.items:
             check_item_id(it.item_id)
             if it.item_id in seen:
-                raise InvalidArgument(f"item id {it.item_id!r} appears twice in one request")
+                raise InvalidArgument(f"item id {it.item_id[:80]!r} appears twice in one request")
             seen.add(it.item_id)
-            entry = {"item_id": it.item_id, "metadata": dict(it.metadata)}
+            entry = {"item_id": it.item_id, "metadata": check_metadata(dict(it.metadata), it.item_id)}
             which = it.WhichOneof("source")
             if which == "uri":
-                entry["uri"] = self._check_path(it.uri)
+                entry["uri"] = await asyncio.to_thread(self._check_path, it.uri)
             elif which == "image" and it.image:
+                if len(it.image) > limit:
+                    raise InvalidArgument(f"item {it.item_id[:80]!r}: image of {len(it.image)} bytes, over the "
+                                          f"limit of {limit} bytes")
                 blobs[it.item_id] = it.image
             else:
-                raise InvalidArgument(f"item {it.item_id!r} has neither image bytes nor a uri")
+                raise InvalidArgument(f"item {it.item_id[:80]!r} has neither image bytes nor a uri")
             tasks.append(entry)
         job_id = request.job_id or new_job_id()
-        if request.job_id and not request.job_id.isalnum():
-            raise InvalidArgument(f"job id {request.job_id!r} must be alphanumeric")
+        # Image bytes are staged in Redis until processed: refused before anything is written when
+        # they would fill it (Redis runs with noeviction: the queue itself is never evicted).
+        staged = sum(len(b) for b in blobs.values())
+        if staged:
+            await asyncio.to_thread(self.jobs.check_room, staged)
         # The catalog exists from the first ingest request on, made for the serving model; an
         # existing catalog keeps its model version (the workers embed with it).
         if await asyncio.to_thread(self.store.live, catalog) is None:
@@ -288,14 +325,25 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model))
         # Record the items as pending before any task exists, so a fast worker can
         # never finish an item the job does not know yet.
-        await asyncio.to_thread(self.jobs.submit, job_id, catalog, [t["item_id"] for t in tasks], blobs)
+        seqs = await asyncio.to_thread(self.jobs.submit, job_id, catalog, [t["item_id"] for t in tasks], blobs)
+        for t in tasks:  # this submission's number: only the job's latest submission of an item counts
+            t["seq"] = seqs[t["item_id"]]
         batch = self.s.ingest_batch
 
         headers = {"request_id": obs.request_id.get()}
 
         def enqueue():
             for start in range(0, len(tasks), batch):
-                self.celery.send_task(INGEST_TASK, args=[job_id, catalog, tasks[start:start + batch]], headers=headers)
+                part = tasks[start:start + batch]
+                try:
+                    self.celery.send_task(INGEST_TASK, args=[job_id, catalog, part], headers=headers)
+                except Exception as exc:  # the broker refused: these items fail with the reason, never stay pending
+                    rest = tasks[start:]
+                    reason = f"could not be queued: {type(exc).__name__}: {exc}"
+                    self.jobs.mark_failed(job_id, {t["item_id"]: reason for t in rest},
+                                          {t["item_id"]: t["seq"] for t in rest})
+                    raise Unavailable(f"the queue refused {len(rest)} of {len(tasks)} items ({exc}); they are "
+                                      f"marked failed in job {job_id}: send them again") from None
 
         await asyncio.to_thread(enqueue)
         log.info("ingest queued", extra={"job_id": job_id, "catalog": catalog, "items": len(tasks)})
@@ -306,7 +354,9 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if not request.job_id:
             raise InvalidArgument("job_id is empty")
         st = await asyncio.to_thread(self.jobs.status, request.job_id)
-        require("read", st.catalog)
+        if not readable(st.catalog):
+            # Not "belongs to catalog X": a caller learns nothing of catalogs it may not read.
+            raise PermissionDenied(f"this key may not read ingest job {request.job_id[:64]!r}")
         return gateway_pb2.GetIngestJobResponse(job=job_pb(st))
 
     @rpc()
@@ -333,12 +383,17 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     def _item_image(self, item_id: str, source: str, max_side: int) -> gateway_pb2.GetItemImageResponse:
         """Read an item's image from its source, only inside the ingest roots or the blob store."""
         allowed = [*self.roots, *([Path(self.s.blob_dir).resolve()] if self.s.blob_dir else [])]
-        path = Path(source).resolve() if source else None
-        if path is None or not any(path.is_relative_to(r) for r in allowed) or not path.is_file():
+        try:
+            path = Path(source).resolve() if source else None
+        except (OSError, ValueError):
+            path = None
+        if path is None or not any(path.is_relative_to(r) for r in allowed):
             raise NotFound(f"the image of item {item_id!r} is not kept where this gateway can read it")
-        if path.stat().st_size > imaging.DEFAULT_LIMITS.max_bytes:
-            raise FailedPrecondition(f"the stored image of item {item_id!r} is over {imaging.DEFAULT_LIMITS.max_bytes} bytes")
-        return item_image(path.read_bytes(), max_side)
+        try:
+            data = files.read_file(path, within=allowed)
+        except files.ReadError as exc:
+            raise FailedPrecondition(f"the stored image of item {item_id!r} cannot be read: {exc}") from None
+        return item_image(data, max_side)
 
     # ---- items and catalogs ---------------------------------------------------
     @rpc()
@@ -348,6 +403,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         ids = [check_item_id(i) for i in request.item_ids]
         if not ids:
             raise InvalidArgument("no item ids to delete")
+        if len(ids) > self.s.max_items_per_request:
+            raise InvalidArgument(f"{len(ids)} item ids in one request; the limit is {self.s.max_items_per_request}")
         live = await asyncio.to_thread(self.store.resolve, catalog)
         # From every generation: the one being built must not keep it, and neither may the
         # previous one, whose late writes are carried over when it is retired.
@@ -392,7 +449,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     async def ReembedCatalog(self, request, context):
         catalog = check_catalog(request.catalog or "default")
         require("admin", catalog)
-        if request.model_version and not request.model_version.isdigit():
+        if request.model_version and not (request.model_version.isascii() and request.model_version.isdigit()
+                                          and len(request.model_version) <= 9):
             raise InvalidArgument(f"model_version {request.model_version!r} must be a number (empty: the default)")
         live = await asyncio.to_thread(self.store.resolve, catalog)
         info = (await call("embedding", self.embedding.GetModelInfo(
@@ -456,12 +514,25 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 return False
         try:
             await asyncio.to_thread(self.jobs.ping)
+            if not self._policy_checked:
+                await asyncio.to_thread(self._check_redis_policy)
             await asyncio.to_thread(self.store.ping)
             await self._refresh_stats()
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             log.warning("store or queue not ready: %s", exc)
             return False
         return True
+
+    def _check_redis_policy(self) -> None:
+        """Once: say so when Redis may evict keys (the queue and job records must never be evicted)."""
+        self._policy_checked = True
+        try:
+            policy = self.jobs.r.config_get("maxmemory-policy").get("maxmemory-policy", "")
+        except redis.exceptions.ResponseError:  # CONFIG disabled (managed Redis): nothing to check
+            return
+        if policy != "noeviction":
+            log.error("Redis runs with maxmemory-policy %s: it may evict queued tasks and job records; "
+                      "run it with maxmemory-policy noeviction", policy)
 
     async def _refresh_stats(self, every: float = 10.0) -> None:
         """Queue depth and index sizes for /metrics, at most every `every` seconds."""

@@ -39,6 +39,7 @@ from services.worker.tasks import (
     group_objects,
     model_meta,
     read_uri,
+    readable_roots,
     run_batch,
 )
 from visearch import imaging
@@ -80,7 +81,7 @@ def copy_items(ctx: Context, src: Generation, dst: Generation, item_ids: list[st
                                "ingest it again")
             continue
         try:
-            todo.append((item_id, objs, read_uri(objs[0].source)))
+            todo.append((item_id, objs, read_uri(objs[0].source, readable_roots(ctx.settings))))
         except imaging.ImageError as exc:
             failed[item_id] = f"its image cannot be read again: {exc}"
     if todo:
@@ -132,7 +133,7 @@ def plan(ctx: Context, app: Celery, job_id: str, catalog: str, number: int, head
         return
     ids = sorted(ctx.store.item_stamps(live))
     for part in chunks(ids, SUBMIT_CHUNK):
-        ctx.jobs.submit(job_id, catalog, part, {})
+        ctx.jobs.submit(job_id, catalog, part, {}, kind="reembed")
     ctx.jobs.set_phase(job_id, "embedding", f"{len(ids)} items from generation {live.number} ({live.model_tag}) "
                                             f"into generation {number} ({gen.model_tag})")
     log.info("re-embedding planned", extra={"job_id": job_id, "catalog": catalog, "items": len(ids)})

@@ -7,10 +7,12 @@ before acknowledging) leaves exactly the same state as one run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -19,11 +21,12 @@ import redis
 from celery import Celery
 from pymilvus.exceptions import MilvusException
 
-from visearch import imaging
+from visearch import files, imaging
 from visearch import observability as obs
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from visearch.errors import InvalidArgument
 from visearch.grpcserver import sync_channel
 from visearch.inference import ModelMeta
 from visearch.jobs import Jobs
@@ -65,12 +68,15 @@ def context(settings: WorkerSettings) -> Context:
     return _ctx[1]
 
 
-def read_uri(uri: str) -> bytes:
-    path = Path(uri.removeprefix("file://"))
+def read_uri(uri: str, within: list[Path] | None = None) -> bytes:
+    """An item's image from its path: a regular file, opened without blocking or following a final
+    symlink, size-checked before reading (imaging.read_file); with `within`, only when the file
+    opened lies inside one of those folders (a folder on the way swapped for a symlink after the
+    gateway checked the path cannot lead outside them)."""
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise imaging.ImageError(f"cannot read {uri}: {exc.strerror or exc}") from None
+        return files.read_file(Path(uri.removeprefix("file://")), within=within)
+    except files.ReadError as exc:
+        raise imaging.ImageError(str(exc)) from None
 
 
 def _call(fn, request, timeout: float, what: str):
@@ -88,13 +94,17 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     failed: dict[str, str] = {}
     already: list[str] = []
     ok: list[tuple[dict, bytes, tuple[int, int]]] = []
+    # A submission that a later request of the same job superseded is not worked on: the later
+    # one's task stores the item and counts it.
+    latest = ctx.jobs.latest(job_id, [i["item_id"] for i in items if i.get("seq") is not None])
+    items = [i for i in items if i.get("seq") is None or latest.get(i["item_id"], i["seq"]) <= i["seq"]]
     inline = [item["item_id"] for item in items if not item.get("uri")]
     blobs = dict(zip(inline, ctx.jobs.blobs(job_id, inline), strict=True))
     for item in items:
         item_id = item["item_id"]
         try:
             if item.get("uri"):
-                data = read_uri(item["uri"])
+                data = read_uri(item["uri"], readable_roots(ctx.settings))
             else:
                 data = blobs[item_id]
                 if data is None and ctx.jobs.is_done(job_id, item_id):
@@ -124,7 +134,7 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     targets = ctx.store.write_targets(catalog) or [None]
     first = {item["item_id"]: n for n, (item, _, _) in enumerate(ok)}
 
-    def write(gen):
+    def write(gen, claim: bool):
         emb = embed_objects(ctx, [(ok[n][1], box) for n, box in objects], gen.model_version if gen else "", timeout)
         meta = model_meta(emb.model)
         if gen is None:
@@ -135,22 +145,64 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
                                               [box for _, box in objects], emb.embeddings)
         rows = [(item_id, objs, ok[first[item_id]][0].get("metadata") or {}, sources[first[item_id]], stamp)
                 for item_id, objs in per_item.items()]
-        # Global vectors first, then regions: a crash in between leaves the item searchable and
-        # re-ranked on its global score until the redelivered task stores its regions.
-        ctx.store.upsert_items(gen, rows)
-        ctx.store.upsert_regions(gen, region_rows)
+        # The live generation's write holds the items' claims (visearch.jobs): a superseded submission
+        # never overwrites a newer one stored first.
+        with claimed(ctx, job_id, {i["item_id"]: i.get("seq") for i, _, _ in ok} if claim else {}) as keep:
+            if keep is not None:
+                rows = [r for r in rows if r[0] in keep]
+                region_rows = [r for r in region_rows if r[0].rsplit("#", 1)[0] in keep]
+            # Global vectors first, then regions: a crash in between leaves the item searchable and
+            # re-ranked on its global score until the redelivered task stores its regions.
+            if rows:
+                ctx.store.upsert_items(gen, rows)
+                ctx.store.upsert_regions(gen, region_rows)
         return [r[0] for r in rows]
 
-    stored = write(targets[0])
+    stored = write(targets[0], claim=True)
     for gen in targets[1:]:
         # The generation being built: best effort. What it misses (its model undeployed, Milvus
         # hiccup) the re-embedding's repair finds by stamp and copies before any switch.
         try:
-            write(gen)
+            write(gen, claim=False)
         except Exception as exc:  # noqa: BLE001 - the ingest itself succeeded on the live generation
             log.warning("not written to generation %s being built: %s", gen.number, exc,
                         extra={"job_id": job_id, "catalog": catalog})
     return stored + already, failed
+
+
+def readable_roots(settings: WorkerSettings) -> list[Path] | None:
+    """Where item paths may lead when read: the ingest roots and the blob folder (None: unchecked,
+    when no roots are configured for the worker)."""
+    if not settings.ingest_roots:
+        return None
+    return [*settings.ingest_roots, *([Path(settings.blob_dir)] if settings.blob_dir else [])]
+
+
+@contextlib.contextmanager
+def claimed(ctx: Context, job_id: str, seqs: dict[str, int | None], wait: float = 30.0):
+    """Hold the write claim of these items' submissions while writing them; yields the items to
+    write (None: no claims asked for). A submission superseded meanwhile is dropped; one whose item
+    another task is writing waits for it (a few hundred ms), or the batch is retried."""
+    if not seqs:
+        yield None
+        return
+    token = uuid.uuid4().hex
+    keep: list[str] = []
+    deadline = time.monotonic() + wait
+    todo = dict(seqs)
+    while todo:
+        got, _stale, busy = ctx.jobs.claim(job_id, todo, token)
+        keep += got
+        todo = {i: todo[i] for i in busy}
+        if todo:
+            if time.monotonic() > deadline:
+                ctx.jobs.release(job_id, keep, token)
+                raise Transient(f"{len(todo)} items are being written by another task of job {job_id}")
+            time.sleep(0.05)
+    try:
+        yield set(keep)
+    finally:
+        ctx.jobs.release(job_id, keep, token)
 
 
 def model_meta(m) -> ModelMeta:
@@ -269,6 +321,8 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
                 d, f = fn([unit])
             except grpc.RpcError as one:
                 d, f = [], {unit_id(unit): f"{one.code().name}: {one.details()}"}
+            except InvalidArgument as one:
+                d, f = [], {unit_id(unit): one.message}
             done += d
             failed.update(f)
         return done, failed
@@ -276,7 +330,7 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
     try:
         try:
             done, failed = fn(units)
-        except grpc.RpcError:
+        except (grpc.RpcError, InvalidArgument):
             if len(units) == 1:
                 raise
             # A final answer for the batch (e.g. one image the services cannot decode): unit by
@@ -293,10 +347,13 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
         done, failed = [], {unit_id(u): f"gave up after {task.max_retries} retries: {exc}" for u in units}
     except grpc.RpcError as exc:
         done, failed = [], {unit_id(units[0]): f"{exc.code().name}: {exc.details()}"}
+    except InvalidArgument as exc:
+        done, failed = [], {unit_id(units[0]): exc.message}
     except Exception as exc:  # noqa: BLE001 - a bug must fail the items with a reason, not loop forever
         log.exception("batch failed", extra={"job_id": job_id})
         done, failed = [], {unit_id(u): f"internal error: {type(exc).__name__}: {exc}" for u in units}
-    ctx.jobs.mark_done(job_id, done)
-    ctx.jobs.mark_failed(job_id, failed)
+    seqs = {unit_id(u): u.get("seq") for u in units if isinstance(u, dict)} or None
+    ctx.jobs.mark_done(job_id, done, seqs)
+    ctx.jobs.mark_failed(job_id, failed, seqs)
     obs.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
     return done, failed
