@@ -263,6 +263,54 @@ def test_small_ones(hmesh):
     admin.delete(["one"], catalog="shop")
 
 
+def test_more_of_the_same_classes(hmesh):
+    """Cases of the same kinds as the ones reported: names that end in a newline or loop, ids that
+    would address another Redis key, strings long enough to overflow a status message, bytes that
+    are not UTF-8, an unknown re-rank method, and batches whose images together exceed a message."""
+    from visearch.gateway.v1 import gateway_pb2_grpc
+    from visearch.grpcserver import sync_channel
+    from visearch.settings import SecuritySettings
+
+    admin, root, photo = hmesh["admin"], hmesh["root"], hmesh["photos"][0].read_bytes()
+    (root / "l1").symlink_to(root / "l2")
+    (root / "l2").symlink_to(root / "l1")
+    job = admin.ingest([gateway_pb2.IngestItem(item_id="x", image=photo)], catalog="shop").job_id
+    admin.wait(job, 120)
+    cases = [
+        ("catalog ending in a newline", lambda: admin.search(photo, catalog="shop\n"), "INVALID_ARGUMENT", "catalog name"),
+        ("symlink loop", lambda: admin.ingest([gateway_pb2.IngestItem(item_id="l", uri=str(root / "l1" / "x.jpg"))],
+                                              catalog="shop"), "INVALID_ARGUMENT", "cannot be read"),
+        ("job id naming another key", lambda: admin.job(job + ":items"), "INVALID_ARGUMENT", "job id"),
+        ("job id naming another key", lambda: admin.job(job + ":seq"), "INVALID_ARGUMENT", "job id"),
+        ("unicode job id", lambda: admin.ingest([gateway_pb2.IngestItem(item_id="u", image=photo)], catalog="shop",
+                                                job_id="\u0661\u0662"), "INVALID_ARGUMENT", "job id"),
+        ("20k-character catalog", lambda: admin.search(photo, catalog="é" * 20000), "INVALID_ARGUMENT", "catalog name"),
+        ("unknown re-rank method", lambda: admin.search(photo, catalog="shop", rerank="x" * 20000), "INVALID_ARGUMENT",
+         "re-rank method"),
+        ("unicode model version", lambda: admin.reembed("shop", model_version="\u00b2"), "INVALID_ARGUMENT",
+         "must be a number"),
+    ]
+    for name, fn, expected, reason in cases:
+        code, details = status_of(fn)
+        assert code == expected and reason in details and len(details) < 1100, (name, code, details[:200])
+    # A string field that is not UTF-8: field 1 (catalog) of a SearchRequest, length 2, bytes ff fe.
+    key = mesh.read_admin_key(hmesh["data"])
+    with sync_channel(hmesh["state"]["gateway"], SecuritySettings(), key=key) as ch:
+        raw = ch.unary_unary("/visearch.gateway.v1.GatewayService/Search", request_serializer=lambda b: b,
+                             response_deserializer=lambda b: b)
+        code, details = status_of(lambda: raw(b"\x0a\x02\xff\xfe", timeout=10))
+    assert code == "INVALID_ARGUMENT" and "UTF-8" in details, (code, details)
+    assert gateway_pb2_grpc  # the stubs module is the one the SDK uses
+    # Images whose bytes together exceed a gRPC message (64 MiB): each 20 MiB (valid JPEGs with
+    # padding after their end), two per batch, two objects each; and a per-object search of one.
+    big = photo + bytes(20 * 1024 * 1024)
+    job = admin.ingest([gateway_pb2.IngestItem(item_id=f"big{n}", image=big) for n in range(2)], catalog="bigs").job_id
+    st = admin.wait(job, 300)
+    assert (st.done, st.failed) == (2, 0), list(st.failures)
+    res = admin.search(big, catalog="bigs", per_object=True)
+    assert res.hits and res.hits[0].item_id in ("big0", "big1")
+
+
 def test_console_sockets_and_headers(hmesh):
     url = hmesh["console"]
     key = mesh.read_admin_key(hmesh["data"])
@@ -309,6 +357,12 @@ def test_console_sockets_and_headers(hmesh):
     chunked = (f"POST /api/search?catalog=shop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
                "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n").encode()
     assert raw(chunked).startswith(b"HTTP/1.1 501")
+    get_body = "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert raw(get_body.encode()).startswith(b"HTTP/1.1 400"), "a GET with a body is refused, never parsed on"
+    # Headers are read as Latin-1, where superscript digits pass str.isdigit() and fail int().
+    digits = (b"POST /api/search?catalog=shop HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\xb3\r\n"
+              b"Connection: close\r\n\r\n")
+    assert raw(digits).startswith(b"HTTP/1.1 400")
     one = (f"POST /api/search?catalog=shop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
     assert raw(one).startswith(b"HTTP/1.1 200")

@@ -23,6 +23,27 @@ from visearch.settings import SecuritySettings, ServerSettings
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("visearch.access")
+MAX_MESSAGE = 1000  # characters of an error message sent back
+
+
+class _Undecodable:
+    """A request that did not parse (e.g. a string field that is not UTF-8)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    if deserializer is None:  # a handler that takes the bytes as they are (e.g. the auth refusal)
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - answered INVALID_ARGUMENT by the handler
+            return _Undecodable(exc)
+
+    return parse
 
 
 def rpc(dependency_of: Callable[[BaseException], str | None] | None = None):
@@ -42,6 +63,10 @@ def rpc(dependency_of: Callable[[BaseException], str | None] | None = None):
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
                 code, message = to_status(exc, getattr(exc, "dependency", None))
+                # gRPC drops a status message over 16 KiB (percent-encoded): a message quoting a
+                # caller's string is cut to MAX_MESSAGE characters, in the answer and the log.
+                if len(message) > MAX_MESSAGE:
+                    message = message[:MAX_MESSAGE] + "..."
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("unexpected error in %s", method.__name__)
                 else:
@@ -243,6 +268,33 @@ def aio_channel(address: str, s: SecuritySettings, key: str = "", max_message_by
     return grpc.aio.insecure_channel(address, opts, interceptors=interceptors)
 
 
+# Bytes of images per request a client sends (gRPC refuses a message over max_message_bytes, 64 MiB by
+# default): a larger batch is sent as several requests.
+REQUEST_BUDGET = 48 * 1024 * 1024
+
+
+def split_by_bytes(items: list, size_of: Callable[[object], int], budget: int = REQUEST_BUDGET) -> list[list]:
+    """`items` in consecutive parts of at most `budget` bytes each (an item larger than that alone)."""
+    parts: list[list] = []
+    cur: list = []
+    n = 0
+    for it in items:
+        s = size_of(it)
+        if cur and n + s > budget:
+            parts.append(cur)
+            cur, n = [], 0
+        cur.append(it)
+        n += s
+    if cur or not parts:
+        parts.append(cur)
+    return parts
+
+
+def too_large(exc: grpc.RpcError) -> bool:
+    """Whether a RESOURCE_EXHAUSTED is gRPC refusing a message's size (final) rather than a busy server."""
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (exc.details() or "")
+
+
 def sync_channel(address: str, s: SecuritySettings, key: str = "", options=None):
     """The blocking counterpart of `aio_channel` (workers and the CLI)."""
     key = key or s.internal_token.get_secret_value()
@@ -300,6 +352,10 @@ class InFlightLimit(grpc.aio.ServerInterceptor):
 
         async def limited(request, context):
             obs.request_id.set(rid or obs.new_request_id())
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request is not a valid {method} message (strings must be UTF-8): "
+                                    f"{str(request.error)[:200]}")
             if self.in_flight >= self.limit:
                 obs.RPC_REJECTED.labels(self.service).inc()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -321,7 +377,7 @@ class InFlightLimit(grpc.aio.ServerInterceptor):
                 obs.RPC_SECONDS.labels(self.service, method, code).observe(secs)
                 access.info("rpc", extra={"method": method, "code": code, "ms": round(secs * 1000, 2)})
 
-        return grpc.unary_unary_rpc_method_handler(limited, request_deserializer=handler.request_deserializer,
+        return grpc.unary_unary_rpc_method_handler(limited, request_deserializer=_tolerant(handler.request_deserializer),
                                                    response_serializer=handler.response_serializer)
 
 

@@ -24,6 +24,7 @@ an older submission can then never overwrite a newer one that was stored first.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -64,6 +65,16 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+JOB_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}", re.ASCII)
+
+
+def check_job_id(job_id: str) -> str:
+    """A job id names Redis keys: 1-64 ASCII letters and digits, nothing else (no ':')."""
+    if not JOB_ID_RE.fullmatch(job_id or ""):
+        raise InvalidArgument(f"job id {job_id[:80]!r} is invalid: 1-64 ASCII letters and digits")
+    return job_id
+
+
 def _keys(job_id: str) -> tuple[str, str, str, str]:
     base = PREFIX + job_id
     return base, base + ":items", base + ":done", base + ":failed"
@@ -99,26 +110,43 @@ end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
 return n
 """
-# Claim items for writing: 1 claimed, 0 stale (a newer submission exists), -1 busy (another claim).
-# KEYS: seq, then each item's claim key; ARGV: token, ttl ms, then item, seq pairs.
+# Claim items for writing, all or nothing: per item 1 claimed, 0 stale (a newer submission exists),
+# -1 busy (another task's claim); when any is busy nothing is claimed (no task holds part of a batch
+# while it waits for the rest). KEYS: seq, then each item's claim key; ARGV: token, ttl ms, item, seq pairs.
 _CLAIM = """
-local out = {}
+local out, busy = {}, false
 for i = 3, #ARGV, 2 do
   local item, seq = ARGV[i], ARGV[i + 1]
   local latest = redis.call('HGET', KEYS[1], item)
-  local key = KEYS[1 + (i - 1) / 2]
+  local holder = redis.call('GET', KEYS[1 + (i - 1) / 2])
   if seq ~= '' and latest and latest ~= seq then
     out[#out + 1] = 0
-  elseif redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
-    out[#out + 1] = 1
-  elseif redis.call('GET', key) == ARGV[1] then
-    redis.call('PEXPIRE', key, ARGV[2])
-    out[#out + 1] = 1
-  else
+  elseif holder and holder ~= ARGV[1] then
     out[#out + 1] = -1
+    busy = true
+  else
+    out[#out + 1] = 1
+  end
+end
+if not busy then
+  for i = 1, #out do
+    if out[i] == 1 then redis.call('SET', KEYS[1 + i], ARGV[1], 'PX', ARGV[2]) end
   end
 end
 return out
+"""
+# Open a job (or check an open one) atomically: its catalog and kind are set once and checked after.
+# KEYS: base; ARGV: catalog, kind, now. Returns "" or the reason for refusing.
+_OPEN = """
+local c, k = unpack(redis.call('HMGET', KEYS[1], 'catalog', 'kind'))
+if not c then
+  redis.call('HSET', KEYS[1], 'catalog', ARGV[1], 'created_at', ARGV[3])
+  if ARGV[2] ~= 'ingest' then redis.call('HSET', KEYS[1], 'kind', ARGV[2]) end
+  return ''
+end
+if c ~= ARGV[1] then return 'catalog' end
+if (k or 'ingest') ~= ARGV[2] then return k or 'ingest' end
+return ''
 """
 _RELEASE = """
 for i = 1, #KEYS do
@@ -138,6 +166,7 @@ class Jobs:
         self.ttl = ttl_seconds
         self._finish_script = client.register_script(_FINISH)
         self._claim_script = client.register_script(_CLAIM)
+        self._open_script = client.register_script(_OPEN)
         self._release_script = client.register_script(_RELEASE)
 
     @classmethod
@@ -150,18 +179,19 @@ class Jobs:
         submission number in this job (1 the first time), which its task carries. A job takes items
         of its own catalog and kind only (an ingest cannot add items to a re-embedding)."""
         base, items, done, failed = _keys(job_id)
-        existing, existing_kind = self.r.hmget(base, ["catalog", "kind"])
-        if existing is not None and existing.decode() != catalog:
-            raise InvalidArgument(f"job {job_id} belongs to another catalog than {catalog!r}")
-        if existing is not None and (existing_kind or b"ingest").decode() != kind:
-            raise InvalidArgument(f"job {job_id} is a {(existing_kind or b'ingest').decode()} job, not an {kind} job")
         now = time.time()
+        try:
+            refused = self._open_script(keys=[base], args=[catalog, kind, now]).decode()
+        except redis.exceptions.WrongTypeError:
+            refused = "catalog"
+        if refused == "catalog":
+            raise InvalidArgument(f"job {job_id} belongs to another catalog than {catalog!r}")
+        if refused:
+            raise InvalidArgument(f"job {job_id} is a {refused} job, not an {kind} job")
         p = self.r.pipeline(transaction=True)
         seq = _seq_key(job_id)
         for item_id in item_ids:
             p.hincrby(seq, item_id, 1)
-        p.hsetnx(base, "catalog", catalog)
-        p.hsetnx(base, "created_at", now)
         self._index(p, job_id, now)
         p.hset(base, "updated_at", now)
         if item_ids:
@@ -182,8 +212,11 @@ class Jobs:
         return {item_id: int(n) for item_id, n in zip(item_ids, res, strict=False)}
 
     def check_room(self, nbytes: int, fraction: float = 0.75) -> None:
-        """RESOURCE_EXHAUSTED unless `nbytes` more fit in Redis below `fraction` of its maxmemory
-        (checked before anything is staged; nothing to check when Redis has no cap)."""
+        """RESOURCE_EXHAUSTED unless `nbytes` more (image bytes and queued tasks) fit in Redis below
+        `fraction` of its maxmemory, checked before anything is staged (nothing to check when Redis
+        has no cap). Concurrent requests each check on their own: the margin above `fraction` is
+        what they may overshoot by, and past maxmemory Redis refuses writes (noeviction) rather
+        than dropping any."""
         info = self.r.info("memory")
         cap, used = int(info.get("maxmemory", 0) or 0), int(info.get("used_memory", 0) or 0)
         if cap and used + nbytes > fraction * cap:
@@ -201,7 +234,8 @@ class Jobs:
     def claim(self, job_id: str, seqs: dict[str, int | None], token: str, ttl_ms: int = 60_000
               ) -> tuple[list[str], list[str], list[str]]:
         """Claim items for writing their submission `seqs[item]`: (claimed, stale, busy). Stale items
-        have a newer submission (not to be written); busy ones are being written by another claim."""
+        have a newer submission (not to be written); busy ones are being written by another task's
+        claim, and then nothing is claimed (all or nothing: ask again)."""
         if not seqs:
             return [], [], []
         ids = list(seqs)
@@ -212,6 +246,8 @@ class Jobs:
         out: tuple[list[str], list[str], list[str]] = ([], [], [])
         for i, r in zip(ids, res, strict=True):
             out[0 if r == 1 else 1 if r == 0 else 2].append(i)
+        if out[2]:
+            out[0].clear()
         return out
 
     def release(self, job_id: str, item_ids: list[str], token: str) -> None:
@@ -305,10 +341,13 @@ class Jobs:
         p.hlen(failed)
         if max_failures > 0:  # HSCAN ... COUNT 0 is a syntax error to Redis once the hash exists
             p.hscan(failed, 0, count=max_failures)
-        head, submitted, n_done, n_failed, *scan = p.execute()
+        try:
+            head, submitted, n_done, n_failed, *scan = p.execute()
+        except redis.exceptions.ResponseError:  # a key of another type: not a job
+            head = None
+        if not head or b"catalog" not in head:
+            raise NotFound(f"ingest job {job_id[:64]!r} does not exist (or has expired)")
         failures = scan[0][1] if scan else {}
-        if not head:
-            raise NotFound(f"ingest job {job_id!r} does not exist (or has expired)")
         return self._status(job_id, head, submitted, n_done, n_failed, failures, max_failures)
 
     @staticmethod

@@ -246,4 +246,6 @@ class ConsoleSettings(SecuritySettings):
     # A connection that sends nothing for this long is closed; at most max_connections at once.
     idle_timeout_seconds: float = 30.0
     max_connections: int = 64
+    # One request (headers, body and the answer, a search included) gets this long in all.
+    request_deadline_seconds: float = 120.0
     rpc_timeout_seconds: float = 30.0

@@ -63,7 +63,7 @@ from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.settings import StoreSettings
 
-CATALOG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+CATALOG_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}", re.ASCII)
 ID_MAX = 256
 # Objects stored per item (detections in one catalog image); bounded so an item's
 # rows are found by primary key, never by scanning.
@@ -72,7 +72,7 @@ MAX_REGIONS = 24
 MODEL_PROP = "visearch.model"
 DIM_PROP = "visearch.dim"
 SOURCE_MAX = 2048
-GEN_RE = re.compile(r"^vsg_([A-Za-z][A-Za-z0-9_]{0,62})_(\d+)$")
+GEN_RE = re.compile(r"vsg_([A-Za-z][A-Za-z0-9_]{0,62})_([0-9]+)", re.ASCII)
 # An item's metadata: bounded so one item can neither exceed Milvus's 64 KiB JSON field (which
 # fails the write) nor bloat the queue's messages.
 METADATA_MAX_KEYS = 64
@@ -109,8 +109,8 @@ class Generation:
 
 
 def check_catalog(name: str) -> str:
-    if not CATALOG_RE.match(name or ""):
-        raise InvalidArgument(f"catalog name {name!r} is invalid: a letter, then up to 62 letters, digits or '_'")
+    if not CATALOG_RE.fullmatch(name or ""):
+        raise InvalidArgument(f"catalog name {name[:80]!r} is invalid: a letter, then up to 62 letters, digits or '_'")
     return name
 
 
@@ -275,7 +275,7 @@ class VectorStore:
                 raise
             return None
         name = desc.get("collection_name", "")
-        m = GEN_RE.match(name)
+        m = GEN_RE.fullmatch(name)
         if not m or m.group(1) != catalog:
             raise FailedPrecondition(f"collection {alias!r} was made by an older visearch without generations: "
                                      f"drop it (or use another catalog name) and ingest again")
@@ -304,7 +304,7 @@ class VectorStore:
 
     def generations(self, catalog: str) -> list[Generation]:
         """Every generation of a catalog, oldest first (the live one, one being built, one being retired)."""
-        numbers = sorted(int(m.group(2)) for m in map(GEN_RE.match, self.client.list_collections())
+        numbers = sorted(int(m.group(2)) for m in map(GEN_RE.fullmatch, self.client.list_collections())
                          if m and m.group(1) == catalog)
         return [g for g in (self.generation(catalog, n) for n in numbers) if g is not None]
 
@@ -649,7 +649,7 @@ class VectorStore:
     def list_catalogs(self, level: str = STRONG) -> list[CatalogInfo]:
         """Every catalog with its live generation's object count (`level`: Bounded for figures that
         may lag a few seconds, e.g. metrics, and need not wait for a server's time tick)."""
-        names = sorted({m.group(1) for m in map(GEN_RE.match, self.client.list_collections()) if m})
+        names = sorted({m.group(1) for m in map(GEN_RE.fullmatch, self.client.list_collections()) if m})
         out = []
         for catalog in names:
             live = self.live(catalog)

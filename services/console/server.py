@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import threading
 from collections import OrderedDict
 from http import HTTPStatus
@@ -49,7 +50,8 @@ HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
+JOB_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}", re.ASCII)
+LENGTH_RE = re.compile(r"[0-9]{1,12}", re.ASCII)
 
 
 class HttpError(Exception):
@@ -126,7 +128,7 @@ class Console:
             return self._json({"jobs": [job_json(j) for j in vs.jobs(query.get("catalog", ""), int(query.get("limit", 20)))]})
         if method == "GET" and path.startswith("/api/jobs/"):
             job_id = path.rsplit("/", 1)[1]
-            if not JOB_ID_RE.match(job_id):
+            if not JOB_ID_RE.fullmatch(job_id):
                 raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"job id {job_id!r} is invalid")
             return self._json(job_json(vs.job(job_id)))
         if method == "GET" and path == "/api/image":
@@ -156,6 +158,23 @@ def make_handler(console: Console):
         # hold the server's threads.
         timeout = console.s.idle_timeout_seconds
 
+        def handle_one_request(self):
+            # And one request, trickled in a byte at a time, gets this long in all (headers, body,
+            # answer): then its connection is shut.
+            timer = threading.Timer(console.s.request_deadline_seconds, self._cut)
+            timer.daemon = True
+            timer.start()
+            try:
+                super().handle_one_request()
+            finally:
+                timer.cancel()
+
+        def _cut(self) -> None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
         def log_message(self, fmt, *args):  # structured, through logging
             log.info("http", extra={"method": self.command, "path": self.path.split("?")[0],
                                     "status": getattr(self, "_status", 0)})
@@ -180,14 +199,23 @@ def make_handler(console: Console):
             url = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             try:
+                n = self._content_length()
+                if n and method != "POST":  # never left unread, to be parsed as the next request
+                    raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"a {method} request has no body")
                 if url.path.startswith("/api/"):
                     body = None
                     if method == "POST":
-                        n = self._content_length()
                         if n > console.s.max_upload_bytes:
                             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
                                             f"photo of {n} bytes; the limit is {console.s.max_upload_bytes}")
-                        body = self.rfile.read(n)
+                        try:
+                            body = self.rfile.read(n)
+                        except TimeoutError:
+                            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "DEADLINE_EXCEEDED",
+                                            "the body did not arrive in time") from None
+                        if len(body) != n:
+                            raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT",
+                                            f"the body ended after {len(body)} of {n} bytes")
                     auth = self.headers.get("Authorization", "")
                     key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
                     self._send(*console.api(method, url.path, query, key, body))
@@ -220,7 +248,7 @@ def make_handler(console: Console):
             values = self.headers.get_all("Content-Length") or ["0"]
             if len(values) > 1:
                 raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"{len(values)} Content-Length headers")
-            if not values[0].strip().isdigit():
+            if not LENGTH_RE.fullmatch(values[0].strip()):
                 raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", f"Content-Length {values[0][:40]!r}")
             return int(values[0])
 

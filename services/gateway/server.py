@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import stat
 import time
@@ -22,9 +23,18 @@ from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, VisearchError, to_status
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from visearch.grpcserver import Service, aio_channel, authenticator, channel_ready, remaining, rpc, serve
+from visearch.grpcserver import (
+    Service,
+    aio_channel,
+    authenticator,
+    channel_ready,
+    remaining,
+    rpc,
+    serve,
+    split_by_bytes,
+)
 from visearch.inference import ModelMeta
-from visearch.jobs import Jobs, new_job_id
+from visearch.jobs import Jobs, check_job_id, new_job_id
 from visearch.queue import INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import GatewaySettings
@@ -43,6 +53,7 @@ log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
 MAX_QUERY_OBJECTS = 5  # objects searched on their own with per_object
 MAX_SEARCH_ROWS = 16_384  # Milvus's top-k limit
+MAX_DELETE = 1000  # item ids per DeleteItems
 
 
 class DependencyError(VisearchError):
@@ -143,14 +154,25 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         policy = "full" if request.full_frame else self.s.query_objects
         # The query's regions cost a few ms and 20 kB: fetched only for a region method.
         method = request.rerank or self.s.rerank_default
+        if method not in regions.RERANK_METHODS:  # before any work is done for it
+            raise InvalidArgument(f"re-rank method {method[:40]!r} is not available "
+                                  f"(available: {', '.join(regions.RERANK_METHODS)})")
         want_regions = method in regions.REGION_METHODS
 
-        def embed(items: list[embedding_pb2.EmbedItem]):
+        async def embed(items: list[embedding_pb2.EmbedItem]):
             # Queries are embedded by the model version that made the catalog's vectors, whatever
             # the embedding service serves by default: a model change never compares two versions.
-            return call("embedding", self.embedding.Embed(
-                embedding_pb2.EmbedRequest(items=items, regions=want_regions, model_version=gen.model_version),
-                timeout=remaining(context, t)))
+            # Each item carries the query's bytes: several objects of a large photo go as several calls.
+            parts = await asyncio.gather(*(call("embedding", self.embedding.Embed(
+                embedding_pb2.EmbedRequest(items=part, regions=want_regions, model_version=gen.model_version),
+                timeout=remaining(context, t))) for part in split_by_bytes(items, lambda it: len(it.image))))
+            if len(parts) == 1:
+                return parts[0]
+            merged = embedding_pb2.EmbedResponse()
+            merged.model.CopyFrom(parts[0].model)
+            for p in parts:
+                merged.embeddings.extend(p.embeddings)
+            return merged
 
         detections = []
         full_task = None
@@ -264,12 +286,12 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if not path.is_absolute():
             raise InvalidArgument(f"path {shown!r} must be absolute")
         try:
-            real = path.resolve()
+            real = path.resolve()  # RuntimeError: a loop of symlinks (Python 3.11)
             if not any(real.is_relative_to(root) for root in self.roots):
                 raise InvalidArgument(f"path {shown!r} is outside the gateway's ingest roots"
                                       + ("" if self.roots else " (none configured: send image bytes instead)"))
             st = real.stat()
-        except (OSError, ValueError) as exc:  # too long, a loop of links, permission, missing, a NUL byte
+        except (OSError, ValueError, RuntimeError) as exc:  # too long, a loop of links, permission, missing, NUL
             raise InvalidArgument(f"path {shown!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(f"path {shown!r} is not a regular file")
@@ -280,6 +302,27 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(f"path {shown!r} is longer than {SOURCE_MAX} bytes")
         return str(real)
 
+    def _submit(self, job_id: str, catalog: str, tasks: list[dict], blobs: dict[str, bytes], headers: dict) -> None:
+        """Record the items as pending (staging their bytes), then queue their tasks; run to its end in
+        one thread. Bytes that would fill Redis are refused before anything is written (Redis runs
+        with noeviction: the queue itself is never evicted); a batch the broker refuses fails its items."""
+        staged = sum(len(b) for b in blobs.values()) + 2 * len(json.dumps(tasks))  # bytes, and the tasks queued
+        self.jobs.check_room(staged)
+        # Recorded before any task exists, so a fast worker can never finish an item the job does not know yet.
+        seqs = self.jobs.submit(job_id, catalog, [t["item_id"] for t in tasks], blobs)
+        for t in tasks:  # this submission's number: only the job's latest submission of an item counts
+            t["seq"] = seqs[t["item_id"]]
+        batch = self.s.ingest_batch
+        for start in range(0, len(tasks), batch):
+            try:
+                self.celery.send_task(INGEST_TASK, args=[job_id, catalog, tasks[start:start + batch]], headers=headers)
+            except Exception as exc:  # the broker refused: these items fail with the reason, never stay pending
+                rest = tasks[start:]
+                reason = f"could not be queued: {type(exc).__name__}: {exc}"
+                self.jobs.mark_failed(job_id, {t["item_id"]: reason for t in rest}, {t["item_id"]: t["seq"] for t in rest})
+                raise Unavailable(f"the queue refused {len(rest)} of {len(tasks)} items ({exc}); they are marked "
+                                  f"failed in job {job_id}: send them again") from None
+
     @rpc()
     async def IngestItems(self, request, context):
         catalog = check_catalog(request.catalog or "default")
@@ -289,8 +332,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if len(request.items) > self.s.max_items_per_request:
             raise InvalidArgument(f"{len(request.items)} items in one request; the limit is "
                                   f"{self.s.max_items_per_request}: send several requests with the same job_id")
-        if request.job_id and not (len(request.job_id) <= 64 and request.job_id.isascii() and request.job_id.isalnum()):
-            raise InvalidArgument(f"job id {request.job_id[:80]!r} must be 1-64 ASCII letters and digits")
+        if request.job_id:
+            check_job_id(request.job_id)
         tasks, blobs, seen = [], {}, set()
         limit = imaging.DEFAULT_LIMITS.max_bytes
         for it in request.items:
@@ -311,11 +354,6 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgument(f"item {it.item_id[:80]!r} has neither image bytes nor a uri")
             tasks.append(entry)
         job_id = request.job_id or new_job_id()
-        # Image bytes are staged in Redis until processed: refused before anything is written when
-        # they would fill it (Redis runs with noeviction: the queue itself is never evicted).
-        staged = sum(len(b) for b in blobs.values())
-        if staged:
-            await asyncio.to_thread(self.jobs.check_room, staged)
         # The catalog exists from the first ingest request on, made for the serving model; an
         # existing catalog keeps its model version (the workers embed with it).
         if await asyncio.to_thread(self.store.live, catalog) is None:
@@ -323,36 +361,16 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
             await self.check_model(info.model)
             await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model))
-        # Record the items as pending before any task exists, so a fast worker can
-        # never finish an item the job does not know yet.
-        seqs = await asyncio.to_thread(self.jobs.submit, job_id, catalog, [t["item_id"] for t in tasks], blobs)
-        for t in tasks:  # this submission's number: only the job's latest submission of an item counts
-            t["seq"] = seqs[t["item_id"]]
-        batch = self.s.ingest_batch
-
         headers = {"request_id": obs.request_id.get()}
-
-        def enqueue():
-            for start in range(0, len(tasks), batch):
-                part = tasks[start:start + batch]
-                try:
-                    self.celery.send_task(INGEST_TASK, args=[job_id, catalog, part], headers=headers)
-                except Exception as exc:  # the broker refused: these items fail with the reason, never stay pending
-                    rest = tasks[start:]
-                    reason = f"could not be queued: {type(exc).__name__}: {exc}"
-                    self.jobs.mark_failed(job_id, {t["item_id"]: reason for t in rest},
-                                          {t["item_id"]: t["seq"] for t in rest})
-                    raise Unavailable(f"the queue refused {len(rest)} of {len(tasks)} items ({exc}); they are "
-                                      f"marked failed in job {job_id}: send them again") from None
-
-        await asyncio.to_thread(enqueue)
+        # One thread does the rest to its end even if the caller goes away meanwhile (a deadline, a
+        # cancel): items recorded as pending are always queued, or failed with the reason.
+        await asyncio.to_thread(self._submit, job_id, catalog, tasks, blobs, headers)
         log.info("ingest queued", extra={"job_id": job_id, "catalog": catalog, "items": len(tasks)})
         return gateway_pb2.IngestItemsResponse(job_id=job_id, accepted=len(tasks))
 
     @rpc()
     async def GetIngestJob(self, request, context):
-        if not request.job_id:
-            raise InvalidArgument("job_id is empty")
+        check_job_id(request.job_id)
         st = await asyncio.to_thread(self.jobs.status, request.job_id)
         if not readable(st.catalog):
             # Not "belongs to catalog X": a caller learns nothing of catalogs it may not read.
@@ -385,7 +403,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         allowed = [*self.roots, *([Path(self.s.blob_dir).resolve()] if self.s.blob_dir else [])]
         try:
             path = Path(source).resolve() if source else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RuntimeError):
             path = None
         if path is None or not any(path.is_relative_to(r) for r in allowed):
             raise NotFound(f"the image of item {item_id!r} is not kept where this gateway can read it")
@@ -403,8 +421,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         ids = [check_item_id(i) for i in request.item_ids]
         if not ids:
             raise InvalidArgument("no item ids to delete")
-        if len(ids) > self.s.max_items_per_request:
-            raise InvalidArgument(f"{len(ids)} item ids in one request; the limit is {self.s.max_items_per_request}")
+        if len(ids) > MAX_DELETE:  # each id is up to 32 primary-key lookups per generation
+            raise InvalidArgument(f"{len(ids)} item ids in one request; the limit is {MAX_DELETE}")
         live = await asyncio.to_thread(self.store.resolve, catalog)
         # From every generation: the one being built must not keep it, and neither may the
         # previous one, whose late writes are carried over when it is retired.
@@ -461,37 +479,54 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         meta = meta_of(info)
         if meta.tag == live.model_tag:
             raise FailedPrecondition(f"catalog {catalog!r} is already embedded by {meta.tag} (generation {live.number})")
+        # The rest runs to its end in one thread even if the caller goes away (a deadline, a cancel):
+        # a job recorded is always queued, never left "planning" with nothing to plan it.
+        job_id, number = await asyncio.to_thread(self._start_reembed, catalog, live, meta, obs.request_id.get())
+        return gateway_pb2.ReembedCatalogResponse(job_id=job_id, generation=number, model=info)
+
+    def _start_reembed(self, catalog: str, live, meta: ModelMeta, request_id: str) -> tuple[str, int]:
+        """(job id, generation) of the catalog's re-embedding into `meta`: the one under way, or a new one."""
         # One re-embedding per catalog at a time; a lock so two calls cannot both start one.
         lock = self.jobs.r.lock(f"vs:reembed-start:{catalog}", timeout=60, blocking_timeout=10, thread_local=False)
-        if not await asyncio.to_thread(lock.acquire):
+        if not lock.acquire():
             raise Unavailable(f"another re-embedding of catalog {catalog!r} is starting: try again")
         try:
-            building = await asyncio.to_thread(self.store.building, catalog, live)
+            building = self.store.building(catalog, live)
             if building is not None and building.model_tag != meta.tag:
                 raise FailedPrecondition(f"catalog {catalog!r} is being re-embedded into generation {building.number} "
                                          f"({building.model_tag}); it must finish (or its generation be dropped) first")
-            running = await asyncio.to_thread(self.jobs.r.get, f"vs:reembed:{catalog}")
+            running = self.jobs.r.get(f"vs:reembed:{catalog}")
             if building is not None and running:
                 try:
-                    st = await asyncio.to_thread(self.jobs.status, running.decode(), 0)
+                    st = self.jobs.status(running.decode(), 0)
                 except NotFound:  # expired
                     st = None
                 if st is not None and not st.finished:  # already under way: that job, not a second one
-                    return gateway_pb2.ReembedCatalogResponse(job_id=st.job_id, generation=building.number, model=info)
+                    if st.phase == "planning" and time.time() - st.updated_at > 60:
+                        # Recorded but never planned (a gateway that died before queueing it): queue it now;
+                        # planning twice re-embeds nothing twice (items already current are skipped).
+                        self.celery.send_task(REEMBED_PLAN_TASK, args=[st.job_id, catalog, building.number],
+                                              headers={"request_id": request_id})
+                    return st.job_id, building.number
             if building is None:  # else resume it: only what it lacks is re-embedded
-                building = await asyncio.to_thread(self.store.create_generation, catalog, meta)
+                building = self.store.create_generation(catalog, meta)
             job_id = new_job_id()
-            await asyncio.to_thread(self.jobs.create, job_id, catalog, "reembed", "planning",
-                                    generation=building.number, model=meta.tag)
-            await asyncio.to_thread(self.jobs.r.set, f"vs:reembed:{catalog}", job_id, ex=self.s.job_ttl_seconds)
+            self.jobs.create(job_id, catalog, "reembed", "planning", generation=building.number, model=meta.tag)
+            self.jobs.r.set(f"vs:reembed:{catalog}", job_id, ex=self.s.job_ttl_seconds)
+            try:
+                self.celery.send_task(REEMBED_PLAN_TASK, args=[job_id, catalog, building.number],
+                                      headers={"request_id": request_id})
+            except Exception as exc:
+                self.jobs.set_phase(job_id, "failed", f"could not be queued: {exc}", close=True)
+                raise Unavailable(f"the queue refused the re-embedding ({exc}): try again") from None
         finally:
-            await asyncio.to_thread(lock.release)
-        headers = {"request_id": obs.request_id.get()}
-        await asyncio.to_thread(self.celery.send_task, REEMBED_PLAN_TASK, args=[job_id, catalog, building.number],
-                                headers=headers)
+            try:
+                lock.release()
+            except redis.exceptions.LockError:  # expired meanwhile
+                pass
         log.info("re-embedding queued", extra={"job_id": job_id, "catalog": catalog, "generation": building.number,
                                                "model": meta.tag})
-        return gateway_pb2.ReembedCatalogResponse(job_id=job_id, generation=building.number, model=info)
+        return job_id, building.number
 
     # ---- lifecycle ------------------------------------------------------------
     async def check_model(self, info: common_pb2.ModelInfo) -> None:

@@ -29,7 +29,7 @@ from visearch.settings import RerankSettings
 from visearch.store import BOUNDED, STRONG, Generation, VectorStore
 
 log = logging.getLogger(__name__)
-METHODS = ("none", *regions.REGION_METHODS, "qe")
+METHODS = regions.RERANK_METHODS
 
 
 class LazyStore:

@@ -26,8 +26,8 @@ from visearch import observability as obs
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from visearch.errors import InvalidArgument
-from visearch.grpcserver import sync_channel
+from visearch.errors import InvalidArgument, NotFound
+from visearch.grpcserver import split_by_bytes, sync_channel, too_large
 from visearch.inference import ModelMeta
 from visearch.jobs import Jobs
 from visearch.queue import INGEST_TASK
@@ -44,7 +44,12 @@ class Transient(Exception):
     """A dependency is down or slow; the whole batch is retried later."""
 
 
-INFRASTRUCTURE = (Transient, MilvusException, redis.ConnectionError, redis.TimeoutError)
+# NotFound: a collection that went away under a batch (retired, or lost by Milvus): the retry
+# resolves the catalog's generations again.
+# A write claim lasts far longer than the write it covers (a second or so); one left by a worker killed
+# mid-write holds that item's newer submission back until it expires.
+CLAIM_TTL_MS = 5 * 60 * 1000
+INFRASTRUCTURE = (Transient, MilvusException, NotFound, redis.ConnectionError, redis.TimeoutError)
 
 
 class Context:
@@ -83,7 +88,7 @@ def _call(fn, request, timeout: float, what: str):
     try:
         return fn(request, timeout=timeout)
     except grpc.RpcError as exc:
-        if exc.code() in TRANSIENT:
+        if exc.code() in TRANSIENT and not too_large(exc):
             raise Transient(f"{what} service: {exc.code().name}: {exc.details()}") from None
         raise
 
@@ -187,18 +192,15 @@ def claimed(ctx: Context, job_id: str, seqs: dict[str, int | None], wait: float 
         yield None
         return
     token = uuid.uuid4().hex
-    keep: list[str] = []
     deadline = time.monotonic() + wait
-    todo = dict(seqs)
-    while todo:
-        got, _stale, busy = ctx.jobs.claim(job_id, todo, token)
-        keep += got
-        todo = {i: todo[i] for i in busy}
-        if todo:
-            if time.monotonic() > deadline:
-                ctx.jobs.release(job_id, keep, token)
-                raise Transient(f"{len(todo)} items are being written by another task of job {job_id}")
-            time.sleep(0.05)
+    while True:  # all or nothing, so two tasks never wait on each other's halves
+        keep, stale, busy = ctx.jobs.claim(job_id, seqs, token, ttl_ms=CLAIM_TTL_MS)
+        if not busy:
+            break
+        if time.monotonic() > deadline:
+            raise Transient(f"{len(busy)} items are being written by another task of job {job_id}")
+        seqs = {i: s for i, s in seqs.items() if i not in stale}
+        time.sleep(0.05)
     try:
         yield set(keep)
     finally:
@@ -213,8 +215,19 @@ def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple]], version: str
     """Embed (image bytes, box in pixels) pairs with one model version, regions as configured."""
     items = [embedding_pb2.EmbedItem(image=data, box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
              for data, b in objects]
-    return _call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=items, regions=ctx.settings.ingest_regions,
-                                                                 model_version=version), timeout, "embedding")
+    parts = split_by_bytes(items, lambda it: len(it.image))  # each object carries its image's bytes
+    answers = [_call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=part, regions=ctx.settings.ingest_regions,
+                                                                     model_version=version), timeout, "embedding")
+               for part in parts]
+    if len(answers) == 1:
+        return answers[0]
+    merged = embedding_pb2.EmbedResponse()
+    merged.model.CopyFrom(answers[0].model)
+    for a in answers:
+        if a.model.version != merged.model.version:
+            raise Transient("the embedding model changed between the parts of one batch")
+        merged.embeddings.extend(a.embeddings)
+    return merged
 
 
 def group_objects(item_ids: list[str], boxes: list[tuple], embeddings) -> tuple[dict[str, list], list]:
@@ -255,13 +268,16 @@ def catalog_objects(ctx, ok: list, timeout: float) -> list[tuple[int, tuple[floa
     full = [(0.0, 0.0, float(w), float(h)) for _, _, (w, h) in ok]
     if policy == "full":
         return list(enumerate(full))
-    det = _call(ctx.detection.Detect, detection_pb2.DetectRequest(images=[d for _, d, _ in ok],
-                                                                  max_detections=ctx.settings.ingest_max_objects),
-                timeout, "detection")
-    if len(det.results) != len(ok):
-        raise RuntimeError(f"detection answered {len(det.results)} results for {len(ok)} images")
+    results = []
+    for part in split_by_bytes([d for _, d, _ in ok], len):
+        det = _call(ctx.detection.Detect, detection_pb2.DetectRequest(images=part,
+                                                                      max_detections=ctx.settings.ingest_max_objects),
+                    timeout, "detection")
+        if len(det.results) != len(part):
+            raise RuntimeError(f"detection answered {len(det.results)} results for {len(part)} images")
+        results += det.results
     objects = []
-    for n, res in enumerate(det.results):
+    for n, res in enumerate(results):
         boxes = [(d.box.x1, d.box.y1, d.box.x2, d.box.y2) for d in res.detections][:ctx.settings.ingest_max_objects]
         if policy == "detected+full" or not boxes:
             boxes = [full[n], *boxes]
@@ -353,7 +369,13 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
         log.exception("batch failed", extra={"job_id": job_id})
         done, failed = [], {unit_id(u): f"internal error: {type(exc).__name__}: {exc}" for u in units}
     seqs = {unit_id(u): u.get("seq") for u in units if isinstance(u, dict)} or None
-    ctx.jobs.mark_done(job_id, done, seqs)
-    ctx.jobs.mark_failed(job_id, failed, seqs)
+    try:
+        ctx.jobs.mark_done(job_id, done, seqs)
+        ctx.jobs.mark_failed(job_id, failed, seqs)
+    except redis.RedisError as exc:  # Redis away or full: the batch runs again (idempotent) until recorded
+        if task.request.retries < task.max_retries:
+            log.warning("outcome not recorded, batch retried: %s", exc, extra={"job_id": job_id})
+            raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries)) from None
+        raise
     obs.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
     return done, failed
