@@ -5,10 +5,14 @@ Side by side in one run, on the same grocery val photos:
            on inputs prepared beforehand: the forwards a default search needs (the detector on the
            photo, the embedder on a batch of 2: the best box and the full frame), timed on each
            photo just before its search, so both see the same load of the machine;
+  verify   the raw cost of geometric verification on inputs prepared beforehand: the query's
+           local features extracted (visearch.local, as the embedding service does while its
+           model runs) and matched against the stored features of its top 20 candidates;
   search   gateway Search through a fresh local mesh (defaults: query objects "both", re-rank
-           "qe") over a catalog of --catalog-size items (a few hundred real photos through the queue,
-           the rest synthetic unit vectors of the real dimension written to the store), one client,
-           one query at a time, after a warm-up;
+           "verify") over a catalog of --catalog-size items (a few hundred real photos through the
+           queue, the rest synthetic unit vectors of the real dimension written to the store), one
+           client, one query at a time, after a warm-up; each photo also searched with each of
+           --compare (e.g. "qe", the previous default), interleaved, so the methods share the load;
   where    each service's own time per search, from their /metrics (visearch_rpc_seconds sums):
            detection, embedding, re-rank, and the gateway's remainder (decode, vector search,
            gRPC hops, Python).
@@ -65,6 +69,20 @@ class RawForwards:
         t = time.perf_counter()
         self.emb.run([self.emb_meta.output_name], {self.emb_meta.input_name: x_emb})
         return d, (time.perf_counter() - t) * 1000
+
+    def verify_time(self, path: Path, candidates: list) -> tuple[float, float]:
+        """(extract ms, match ms): the query's local features, then verified against `candidates`."""
+        from visearch import local
+        from visearch.imaging import decode_image
+
+        img = np.asarray(decode_image(path.read_bytes()))
+        t = time.perf_counter()
+        q = local.RootSift()(img)
+        e = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        for c in candidates:
+            local.verify(q, c)
+        return e, (time.perf_counter() - t) * 1000
 
     def summary(self, det_ms: list[float], emb_ms: list[float]) -> dict:
         total = [a + b for a, b in zip(det_ms, emb_ms, strict=True)]
@@ -160,7 +178,7 @@ def service_seconds(state: dict) -> dict[str, tuple[float, float]]:
 
 
 def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real: int = 400, progress=print,
-        milvus_uri: str = "") -> dict:
+        milvus_uri: str = "", compare: tuple[str, ...] = ("qe",)) -> dict:
     from bench.common import mesh_up, write_result
     from visearch import mesh
     from visearch.client import Client
@@ -177,6 +195,12 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
     queries = [p.path for p in val]
     repo = Path(os.environ.get("VISEARCH_MODEL_REPOSITORY") or DEFAULT_MODEL_REPOSITORY)
     raw = RawForwards(repo, queries)
+    from visearch import local
+    from visearch.imaging import decode_image
+
+    cap = local.capacity("rootsift", 32)
+    stored = [local.RootSift()(np.asarray(decode_image(p.path.read_bytes()))).inside((0, 0, 1e9, 1e9), cap)
+              for p in real[:20]]  # stand-ins for a query's top 20 candidates, as stored
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -193,7 +217,9 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
                 for q in queries[:3]:  # warm-up: sessions, caches, the index loaded
                     vs.search(q, catalog=catalog)
                 before = service_seconds(state)
-                lat, answers, det_ms, emb_ms = [], [], [], []
+                lat, answers, det_ms, emb_ms, ver_ms = [], [], [], [], []
+                other: dict[str, list[float]] = {m: [] for m in compare}
+                others_answers: dict[str, list] = {m: [] for m in compare}
                 for r in range(rounds):
                     for q in queries:
                         # The raw forwards and the search, one after the other on each photo: the
@@ -201,17 +227,26 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
                         d, e = raw.time(q)
                         det_ms.append(d)
                         emb_ms.append(e)
+                        ver_ms.append(raw.verify_time(q, stored))
                         image = q.read_bytes()
                         t = time.perf_counter()
                         found = vs.search(image, catalog=catalog)
                         lat.append((time.perf_counter() - t) * 1000)
                         if r == 0:
                             answers.append([h.item_id for h in found.hits])
+                        for m in compare:
+                            t = time.perf_counter()
+                            alt = vs.search(image, catalog=catalog, rerank=m)
+                            other[m].append((time.perf_counter() - t) * 1000)
+                            if r == 0:
+                                others_answers[m].append([h.item_id for h in alt.hits])
                 after = service_seconds(state)
         finally:
             mesh.down(data, log=lambda m: None)
     n = len(lat)
     raw = raw.summary(det_ms, emb_ms)
+    raw["verify_extract_ms"] = round(float(np.median([v[0] for v in ver_ms])), 1)
+    raw["verify_match_top20_ms"] = round(float(np.median([v[1] for v in ver_ms])), 1)
     # Per search (a service may be called more than once per search: the embedder twice for "both").
     searches = max(1, after["gateway"][1] - before.get("gateway", (0, 0))[1])
     where = {k: round(1000 * (after[k][0] - before.get(k, (0, 0))[0]) / searches, 1) for k in after}
@@ -222,7 +257,10 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
               "search_p50_ms": pct(lat, 50), "search_p99_ms": pct(lat, 99),
               "p50_over_raw": round(pct(lat, 50) / raw["sum_p50_ms"], 2), "p99_over_p50": round(pct(lat, 99) / pct(lat, 50), 2),
               "mean_ms_per_search_by_service": where,
-              "accuracy": accuracy(answers, [p.fine_id for p in val], {item_id(p): p.fine_id for p in real})}
+              "accuracy": accuracy(answers, [p.fine_id for p in val], {item_id(p): p.fine_id for p in real}),
+              "compare": {m: {"search_p50_ms": pct(other[m], 50), "search_p99_ms": pct(other[m], 99),
+                              "accuracy": accuracy(others_answers[m], [p.fine_id for p in val],
+                                                   {item_id(p): p.fine_id for p in real})} for m in compare}}
     write_result(out, result, markdown(result))
     return result
 
@@ -246,6 +284,13 @@ def markdown(r: dict) -> str:
         "Accuracy of the same searches (first round; the real photos' products): "
         + ", ".join(f"{k} {v}" for k, v in r["accuracy"].items()),
         "",
+        f"Raw verification on prepared inputs: the query's local features {raw.get('verify_extract_ms')} ms (extracted "
+        f"while the embedder runs), matching and verifying 20 candidates {raw.get('verify_match_top20_ms')} ms.",
+        "",
+        *[f"Searched with --rerank {m} in the same run: p50 {c['search_p50_ms']} ms, p99 {c['search_p99_ms']} ms, "
+          f"default minus it {round(r['search_p50_ms'] - c['search_p50_ms'], 1)} ms at p50; accuracy "
+          + ", ".join(f"{k} {v}" for k, v in c["accuracy"].items()) for m, c in r.get("compare", {}).items()],
+        "",
     ])
 
 
@@ -258,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/overhead"))
     ap.add_argument("--milvus-uri", default="", help="A Milvus server to use instead of the mesh's Milvus Lite "
                     "(e.g. `.venv-milvus/bin/milvus-server --data DIR --proxy-port 19531`: http://127.0.0.1:19531).")
+    ap.add_argument("--compare", default="qe", help="re-rank methods also timed per photo, comma-separated ('' none)")
     args = ap.parse_args(argv)
-    result = run(args.catalog_size, args.queries, args.rounds, args.out, args.real, milvus_uri=args.milvus_uri)
+    result = run(args.catalog_size, args.queries, args.rounds, args.out, args.real, milvus_uri=args.milvus_uri,
+                 compare=tuple(m for m in args.compare.split(",") if m))
     print(markdown(result))
     return 0
 

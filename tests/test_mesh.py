@@ -82,19 +82,49 @@ def test_same_product_ranks_first(mesh_env, ingested, grocery):
     assert report["recall@10"] > report["recall@1"]
 
 
+def test_the_mesh_scores_as_its_offline_harness(mesh_env, ingested, grocery, model_repo):
+    """The mesh's default search path over gRPC (its query policy, re-rank method and the rows Milvus
+    returns) and bench.meshpath, which runs the same decisions and models in-process on the same
+    photos, score P1 within 0.01 R@1 and mAP@20: the harness's numbers are the mesh's."""
+    import asyncio
+
+    from bench.meshpath import evaluate
+
+    queries = [p for p in grocery["val"] if p.is_product]
+    out = jsonl(cli(mesh_env, "search", *[str(q.path) for q in queries], "--catalog", "grocery", "--top-k", "100",
+                    "--json").stdout)
+    by_class: dict[int, set[str]] = {}
+    for p in grocery["train"]:
+        by_class.setdefault(p.fine_id, set()).add(item_id(p))
+    mesh = retrieval_report([[h["item_id"] for h in o["hits"]] for o in out], [by_class[q.fine_id] for q in queries])
+    # The mesh of this module stores full frames only (VISEARCH_INGEST_OBJECTS=full); the rest are defaults.
+    offline = asyncio.run(evaluate("P1", model_repo, "full", 3, "both", out[0]["rerank"], queries, grocery["train"]))
+    print("mesh", json.dumps(mesh), "offline", json.dumps(offline))
+    assert abs(mesh["recall@1"] - offline["recall@1"]) <= 0.01 + 1e-9, (mesh, offline)
+    assert abs(mesh["mAP@20"] - offline["mAP@20"]) <= 0.01, (mesh, offline)
+
+
 def test_rerank_methods_over_the_mesh(mesh_env, ingested, grocery):
     """Every re-rank method through gateway -> rerank -> Milvus; region methods say where the match is."""
     from PIL import Image
 
     size = {item_id(p): Image.open(p.path).size for p in grocery["train"]}
     queries = [p for p in grocery["val"] if p.is_product][:3]
-    for method in ("none", "qe", "regions", "qam"):
+    for method in ("none", "qe", "regions", "qam", "verify"):
         out = jsonl(cli(mesh_env, "search", *[str(q.path) for q in queries], "--catalog", "grocery", "--top-k", "5",
                         "--rerank", method, "--json").stdout)
         for o in out:
             assert o["rerank"] == method and len(o["hits"]) == 5, o
             scores = [h["score"] for h in o["hits"]]
             assert scores == sorted(scores, reverse=True)
+            assert all(isinstance(h["match"], bool) for h in o["hits"])
+            if method == "verify":
+                # Its own product's photos verify: the top hit has local features matched, and only a
+                # verified hit can be a match.
+                assert o["hits"][0].get("inliers", 0) > 0, o["hits"][0]
+                assert all(h.get("inliers", 0) > 0 for h in o["hits"] if h["match"])
+            else:
+                assert not any(h["match"] for h in o["hits"])
             if method in ("regions", "qam"):
                 for h in o["hits"]:
                     w, hh = size[h["item_id"]]
@@ -103,7 +133,7 @@ def test_rerank_methods_over_the_mesh(mesh_env, ingested, grocery):
             else:
                 assert not any("region" in h for h in o["hits"])
     default = jsonl(cli(mesh_env, "search", str(queries[0].path), "--catalog", "grocery", "--json").stdout)[0]
-    assert default["rerank"] == "qe"  # the service default when it has a store
+    assert default["rerank"] == "verify"  # the service default when it has a store
 
 
 def test_reingest_is_idempotent(mesh_env, ingested, tmp_path):

@@ -24,6 +24,8 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert 0 <= acc["mAP@10"] <= 1 and 0 <= acc["recall@1"] <= 1, acc
     assert r["store"] == "Milvus Lite"
     assert "gateway Search" in (tmp_path / "result.md").read_text()
+    assert r["raw"]["verify_extract_ms"] > 0 and r["raw"]["verify_match_top20_ms"] > 0
+    assert r["compare"]["qe"]["search_p50_ms"] > 0 and "rerank qe" in (tmp_path / "result.md").read_text()
 
 
 def test_breakdown_benchmark_smoke(tmp_path):

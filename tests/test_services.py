@@ -211,7 +211,8 @@ def test_rerank_with_regions_from_the_store(services, milvus_uri):
         stub = rerank_pb2_grpc.RerankServiceStub(ch)
         req = rerank_pb2.RerankRequest(catalog="rr", candidates=cands, query_region=query.tolist(),
                                        query_embedding=g[0].tolist())
-        assert stub.Rerank(req, timeout=10).method == "qe"  # the default method with a store
+        # The default with a store is "verify"; asked without the query's local features, "qe".
+        assert stub.Rerank(req, timeout=10).method == "qe"
         req.method = "qam"
         qam = stub.Rerank(req, timeout=10)
         assert qam.method == "qam" and qam.hits[0].item_id == "object"
@@ -229,3 +230,101 @@ def test_rerank_with_regions_from_the_store(services, milvus_uri):
         with pytest.raises(grpc.RpcError) as err:
             stub.Rerank(rerank_pb2.RerankRequest(catalog="rr", candidates=cands, method="qam"), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "query_region" in err.value.details()
+
+
+def test_embedding_service_returns_local_features(services, grocery):
+    """Local features in the same call as the descriptors: each item's inside its box, the stored
+    budget by default, more when the caller asks (a query)."""
+    from visearch import local
+
+    addr = services.start("embedding")
+    photo = grocery["val"][0].path.read_bytes()
+    w, h = Image.open(io.BytesIO(photo)).size
+    box = common_pb2.BoundingBox(x1=w / 4, y1=h / 4, x2=w * 3 / 4, y2=h)
+    with channel(addr) as ch:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+        items = [embedding_pb2.EmbedItem(image=photo), embedding_pb2.EmbedItem(image=photo, box=box)]
+        resp = stub.Embed(embedding_pb2.EmbedRequest(items=items, local_features=True), timeout=30)
+        more = stub.Embed(embedding_pb2.EmbedRequest(items=items[:1], local_features=True, local_limit=1000), timeout=30)
+        plain = stub.Embed(embedding_pb2.EmbedRequest(items=items[:1]), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Embed(embedding_pb2.EmbedRequest(items=items[:1], local_features=True, local_limit=10**6), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "local_limit" in err.value.details()
+    full, crop = (local.Features.from_bytes(e.local_features) for e in resp.embeddings)
+    assert len(resp.embeddings[0].local_features) <= local.BUDGET and len(full) == local.capacity("rootsift", 32)
+    assert 0 < len(crop) <= len(full)
+    assert (crop.xy[:, 0] >= w / 4 - 0.5).all() and (crop.xy[:, 1] >= h / 4 - 0.5).all()
+    assert (crop.xy[:, 0] <= 3 * w / 4 + 0.5).all()
+    assert len(local.Features.from_bytes(more.embeddings[0].local_features)) > len(full)
+    assert not plain.embeddings[0].local_features
+    np.testing.assert_allclose(resp.embeddings[0].values, plain.embeddings[0].values, atol=1e-5)
+
+
+def test_rerank_verifies_candidates_against_stored_local_features(services, milvus_uri, grocery, tmp_path):
+    """"verify": the candidate that shows the query's object (here the same photo, rotated and scaled)
+    is verified, moves first and is a match, with its correspondences; another product is not."""
+    import cv2
+
+    from visearch import local
+    from visearch.imaging import decode_image
+    from visearch.inference import ModelMeta
+    from visearch.settings import StoreSettings
+    from visearch.store import VectorStore
+
+    photos = {}
+    for p in grocery["train"]:
+        if p.is_product:
+            photos.setdefault(p.fine_id, p.path)
+    (pid_a, path_a), (_, path_b) = list(photos.items())[:2]
+    img_a = np.asarray(decode_image(path_a.read_bytes()))
+    hh, ww = img_a.shape[:2]
+    m = cv2.getRotationMatrix2D((ww / 2, hh / 2), 20, 0.8)
+    query = np.ascontiguousarray(cv2.warpAffine(img_a, m, (ww, hh), borderValue=(255, 255, 255)))
+    ext = local.RootSift()
+    cap = local.capacity("rootsift", 32)
+    meta = ModelMeta(name="embedder", version="1", input_name="images", output_name="embeddings", input_size=32, dim=8)
+    settings = StoreSettings(milvus_uri=milvus_uri, local_dir=str(tmp_path / "local"))
+    store = VectorStore(settings)
+    g = np.eye(8, dtype=np.float32)
+    store.ensure_catalog("vv", meta)
+    store.upsert_local("vv", {"same#0": ext(img_a).inside((0, 0, ww, hh), cap).to_bytes(),
+                              "other#0": ext(np.asarray(decode_image(path_b.read_bytes()))).inside((0, 0, 1e9, 1e9), cap)
+                              .to_bytes()})
+    store.upsert_items("vv", [("other", [(g[0], (0, 0, ww, hh))], {}), ("same", [(g[1], (0, 0, ww, hh))], {}),
+                              ("bare", [(g[2], (0, 0, ww, hh))], {})])
+    store.flush("vv")
+    store.close()
+
+    # The parameters recorded beside the catalog's model (embedder:1): its match threshold.
+    repo = tmp_path / "repo"
+    (repo / "embedder" / "1").mkdir(parents=True)
+    local.VerifyParams(threshold=0.75).write(repo / "embedder" / "1" / "verify.json")
+    services.env.update(VISEARCH_MILVUS_URI=milvus_uri, VISEARCH_LOCAL_DIR=str(tmp_path / "local"),
+                        VISEARCH_MODEL_REPOSITORY=str(repo))
+    addr = services.start("rerank")
+    box = common_pb2.BoundingBox(x1=0, y1=0, x2=ww, y2=hh)
+    cands = [rerank_pb2.Candidate(item_id=i, object_id=f"{i}#0", score=s, box=box)
+             for i, s in (("other", .9), ("bare", .8), ("same", .7))]
+    qf = ext(query).to_bytes()
+    with channel(addr) as ch:
+        stub = rerank_pb2_grpc.RerankServiceStub(ch)
+        req = rerank_pb2.RerankRequest(catalog="vv", candidates=cands, method="verify", query_embedding=g[0].tolist(),
+                                       query_local=qf, query_width=ww, query_height=hh, correspondences=True)
+        resp = stub.Rerank(req, timeout=30)
+        assert resp.method == "verify" and [h.item_id for h in resp.hits][0] == "same", resp
+        same = resp.hits[0]
+        assert same.match and same.inliers >= 12 and len(same.correspondences) == same.inliers
+        assert same.score >= 0.75
+        c = same.correspondences[0]
+        assert 0 <= c.x <= ww and 0 <= c.query_x <= ww
+        other = next(h for h in resp.hits if h.item_id == "other")
+        bare = next(h for h in resp.hits if h.item_id == "bare")
+        assert not other.match and other.inliers < 12 and not bare.match and bare.inliers == 0
+        req.correspondences = False
+        assert not stub.Rerank(req, timeout=30).hits[0].correspondences
+        for bad, reason in ((b"", "query_local"), (b"\x07", "not a local-features record")):
+            req.query_local = bad
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Rerank(req, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in err.value.details()
+    assert pid_a in photos

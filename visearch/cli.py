@@ -257,13 +257,16 @@ def job(ctx, job_id, wait):
 def _hits(resp_hits) -> list[dict]:
     hits = []
     for h in resp_hits:
-        hit = {"item_id": h.item_id, "score": round(h.score, 6)}
+        # match: the system is confident the hit shows the same object (the "verify" re-rank decides it).
+        hit = {"item_id": h.item_id, "score": round(h.score, 6), "match": bool(h.match)}
         if h.HasField("box"):  # the matched object in the catalog image, pixels
             hit["box"] = [round(v, 1) for v in (h.box.x1, h.box.y1, h.box.x2, h.box.y2)]
         if h.metadata:
             hit["metadata"] = dict(h.metadata)
         if h.HasField("region"):  # where re-ranking matched, pixels of the catalog image
             hit["region"] = [round(v, 1) for v in (h.region.x1, h.region.y1, h.region.x2, h.region.y2)]
+        if h.inliers:  # local features verified under one geometric transform
+            hit["inliers"] = h.inliers
         hits.append(hit)
     return hits
 
@@ -297,7 +300,7 @@ def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters
 @click.argument("images", nargs=-1, required=True)
 @click.option("--catalog", default="default", show_default=True)
 @click.option("--top-k", default=10, show_default=True)
-@click.option("--rerank", default="", help="none|regions|qam|qe (default: the service's).")
+@click.option("--rerank", default="", help="none|regions|qam|qe|verify (default: the service's).")
 @click.option("--filter", "filters", multiple=True, help="key=value on item metadata (repeatable).")
 @click.option("--full-frame", is_flag=True, help="Search with the whole photo, not the detected object.")
 @click.option("--per-object", is_flag=True, help="Also search with each object detected in the photo (\"objects\").")

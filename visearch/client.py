@@ -58,9 +58,10 @@ def image_bytes(image: ImageArg) -> bytes:
 
 
 def _search_request(image: ImageArg, catalog: str, top_k: int, filters: Mapping[str, str] | None, rerank: str,
-                    full_frame: bool, per_object: bool) -> gateway_pb2.SearchRequest:
+                    full_frame: bool, per_object: bool, correspondences: bool = False) -> gateway_pb2.SearchRequest:
     return gateway_pb2.SearchRequest(catalog=catalog, image=image_bytes(image), top_k=top_k, filters=filters or {},
-                                     rerank=rerank, full_frame=full_frame, per_object=per_object)
+                                     rerank=rerank, full_frame=full_frame, per_object=per_object,
+                                     correspondences=correspondences)
 
 
 def _ingest_request(items: Iterable[gateway_pb2.IngestItem], catalog: str, job_id: str):
@@ -143,10 +144,13 @@ class Client(_Base):
 
     def search(self, image: ImageArg, catalog: str = "default", top_k: int = 10,
                filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
-               per_object: bool = False, timeout: float | None = None) -> gateway_pb2.SearchResponse:
-        """Items showing the same object as the photo (bytes or a path), best first."""
-        return self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame, per_object),
-                          timeout)
+               per_object: bool = False, timeout: float | None = None, correspondences: bool = False
+               ) -> gateway_pb2.SearchResponse:
+        """Items showing the same object as the photo (bytes or a path), best first. Each hit's `match`
+        says whether the system is confident it is the same object (the "verify" re-rank);
+        `correspondences` also returns the verified local-feature correspondences of each hit."""
+        return self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame, per_object,
+                                                    correspondences), timeout)
 
     def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
                timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
@@ -240,9 +244,10 @@ class AsyncClient(_Base):
 
     async def search(self, image: ImageArg, catalog: str = "default", top_k: int = 10,
                      filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
-                     per_object: bool = False, timeout: float | None = None) -> gateway_pb2.SearchResponse:
+                     per_object: bool = False, timeout: float | None = None, correspondences: bool = False
+                     ) -> gateway_pb2.SearchResponse:
         return await self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame,
-                                                          per_object), timeout)
+                                                          per_object, correspondences), timeout)
 
     async def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
                      timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:

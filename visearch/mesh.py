@@ -224,6 +224,7 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
     env.setdefault("VISEARCH_API_KEYS_FILE", str(keys_file))
     env.setdefault("VISEARCH_INTERNAL_TOKEN", token)
     env.setdefault("VISEARCH_BLOB_DIR", str(data_dir / "blobs"))
+    env.setdefault("VISEARCH_LOCAL_DIR", str(data_dir / "local"))
     comps: list[Component] = []
     try:
         if not env.get("VISEARCH_REDIS_URL"):

@@ -29,7 +29,7 @@ EPS = 1e-12
 # Re-rank methods that match the query's region vector (RegionSet.query) against base regions.
 REGION_METHODS = ("regions", "qam")
 # Every re-rank method the re-rank service offers (services/rerank/server.py).
-RERANK_METHODS = ("none", *REGION_METHODS, "qe")
+RERANK_METHODS = ("none", *REGION_METHODS, "qe", "verify")
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,9 @@ class InferenceSettings(_Base):
 
 class EmbeddingSettings(ServerSettings, InferenceSettings):
     embedding_port: int
+    # Local features (visearch.local) are extracted from the image at most this many pixels on its
+    # longer side (docs/VERIFY.md: cost and accuracy per size).
+    local_side: int = 640
 
 
 class DetectionSettings(ServerSettings, InferenceSettings):
@@ -116,6 +119,11 @@ class StoreSettings(_Base):
     # console's thumbnails (gateway) can read them again; a folder they share (a ReadWriteMany
     # volume in production). Empty keeps nothing: such items cannot be re-embedded.
     blob_dir: str = ""
+    # Where each stored object's local features are kept (visearch.localstore: files read by key for
+    # a search's top candidates, out of the vector index's memory); empty: none are kept, and the
+    # "verify" re-rank has nothing to verify against. A folder the workers and the re-rank service
+    # share.
+    local_dir: str = ""
     # HNSW graph degree and build width; search width is max(ef, top_k).
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
@@ -128,9 +136,12 @@ class StoreSettings(_Base):
 
 class RerankSettings(ServerSettings, StoreSettings):
     rerank_port: int
-    # The method when a request names none: "none", "regions", "qam" or "qe". "qe" measured best on
-    # product-centred catalogs, "qam" on objects small in cluttered catalog images (docs/RERANK.md).
-    rerank_default: str = "qe"
+    # Where "verify" finds the parameters recorded beside each model version (verify.json).
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    # The method when a request names none: "none", "regions", "qam", "qe" or "verify". "verify"
+    # (geometric verification, docs/VERIFY.md) measured above "qe" on every protocol it was chosen
+    # on; "qam" is best on objects small in cluttered catalog images with full-frame rows only.
+    rerank_default: str = "verify"
     # Where region and global vectors are read from; empty leaves only "none".
     milvus_uri: str = ""
     # alpha-QE: the query plus its top k candidates weighted by similarity^alpha.
@@ -183,8 +194,8 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     # Candidates handed to re-ranking (at least top_k).
     rerank_candidates: int = 100
     # The re-rank method of a search that names none; the same VISEARCH_RERANK_DEFAULT the
-    # re-rank service reads, so the gateway knows whether to fetch the query's regions.
-    rerank_default: str = "qe"
+    # re-rank service reads, so the gateway knows whether to fetch the query's regions (or local features).
+    rerank_default: str = "verify"
     # Pin the embedding model this gateway was deployed with ("embedder:1"; "" = any): on a
     # mismatch it is NOT_SERVING and creating a catalog fails FAILED_PRECONDITION (existing
     # catalogs are always searched with their own model version).
@@ -195,6 +206,11 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     # "both" by default: cropping wins on objects small in clutter and loses on product-centred
     # photos; "both" keeps most of each (docs/DETECTION.md, bench/detect_eval.py).
     query_objects: str = "both"
+    # How much less a row counts when it comes from a crop of the query ("both": the best box) or is a
+    # detected object of a catalog image rather than its full frame: a crop wins an item only when it
+    # beats the full frames by this much (docs/VERIFY.md: chosen on train-only protocols).
+    query_crop_margin: float = 0.0
+    catalog_crop_margin: float = 0.05
     max_items_per_request: int = 10_000
 
 
@@ -215,6 +231,8 @@ class WorkerSettings(StoreSettings, QueueSettings, ClientSettings, RootsSettings
 
     # Store base regions of every object for re-ranking (needs a model with region outputs).
     ingest_regions: bool = True
+    # Store local features of every object for geometric verification (needs VISEARCH_LOCAL_DIR).
+    ingest_local_features: bool = True
     # What is stored per catalog image: "detected" (one object per detected box, the full frame
     # when nothing is found), "detected+full" (those and the full frame), or "full".
     ingest_objects: str = "detected+full"

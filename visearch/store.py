@@ -61,6 +61,7 @@ from pymilvus.exceptions import MilvusException
 from visearch import expr
 from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
+from visearch.localstore import LocalStore
 from visearch.settings import StoreSettings
 
 CATALOG_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}", re.ASCII)
@@ -218,6 +219,8 @@ class VectorStore:
         self.settings = settings
         self.clock = clock  # writers mark with it whatever their own window; readers need it to go Bounded
         self._client: MilvusClient | None = None
+        # Local features beside the rows (visearch.localstore), kept in step by every write and delete.
+        self.local = LocalStore(settings.local_dir) if settings.local_dir else None
         self._connect_lock = threading.Lock()
         self._gens: dict[str, Generation] = {}  # physical name -> generation (immutable once made)
         self._region_dims: dict[str, int] = {}
@@ -407,6 +410,8 @@ class VectorStore:
                 self.client.drop_collection(name)
             self._gens.pop(name, None)
             self._region_dims.pop(name, None)
+        if self.local is not None:
+            self.local.drop(gen.collection)
 
     def check_model(self, target: Target, meta: ModelMeta) -> None:
         gen = self.resolve(target)
@@ -481,6 +486,8 @@ class VectorStore:
         if stale:
             self._delete_pks(name, stale)
             self._delete_regions(gen, stale)
+            if self.local is not None:
+                self.local.delete(name, stale)
         self._wrote(gen)
         return len(rows)
 
@@ -491,6 +498,8 @@ class VectorStore:
             self._wrote(gen)
             self._delete_pks(gen.collection, [r["object_id"] for r in found])
             self._delete_regions(gen, [r["object_id"] for r in found])
+            if self.local is not None:
+                self.local.delete(gen.collection, [r["object_id"] for r in found])
             self._wrote(gen)
         return len({r["object_id"].rsplit("#", 1)[0] for r in found})
 
@@ -581,6 +590,19 @@ class VectorStore:
             feats = np.asarray(r["features"], np.float32).reshape(MAX_REGIONS, dim)[:n]
             out[r["object_id"]] = (feats, np.asarray(r["boxes"], np.float32).reshape(n, 4))
         return out
+
+    def upsert_local(self, target: Target, rows: dict[str, bytes]) -> int:
+        """Keep each object's local features (object id -> compact bytes); a no-op without a local dir."""
+        if self.local is None or not rows:
+            return 0
+        self.local.put_many(self.resolve(target).collection, rows)
+        return len(rows)
+
+    def get_local(self, target: Target, object_ids: list[str]) -> dict[str, bytes]:
+        """object id -> its local features, for the objects that have them."""
+        if self.local is None or not object_ids:
+            return {}
+        return self.local.get_many(self.resolve(target).collection, list(object_ids))
 
     def get_vectors(self, target: Target, object_ids: list[str], level: str = STRONG) -> dict[str, np.ndarray]:
         """object_id -> its global vector (`level`: the consistency of the search that found them)."""

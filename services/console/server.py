@@ -70,6 +70,11 @@ def hit_json(h) -> dict:
         out["box"] = box(h.box)
     if h.HasField("region"):
         out["region"] = box(h.region)
+    out["match"] = bool(h.match)
+    if h.inliers:
+        out["inliers"] = h.inliers
+        out["correspondences"] = [[round(c.query_x, 1), round(c.query_y, 1), round(c.x, 1), round(c.y, 1)]
+                                  for c in h.correspondences]
     return out
 
 
@@ -140,7 +145,8 @@ class Console:
             if not body:
                 raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "no photo: send its bytes as the body")
             res = vs.search(body, catalog=query.get("catalog", "default"), top_k=int(query.get("top_k", 12)),
-                            rerank=query.get("rerank", ""), full_frame=query.get("full_frame") == "1")
+                            rerank=query.get("rerank", ""), full_frame=query.get("full_frame") == "1",
+                            correspondences=True)
             return self._json({"hits": [hit_json(h) for h in res.hits], "query_box": box(res.query_box),
                                "model": f"{res.model.name}:{res.model.version}", "rerank": res.rerank})
         raise HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such API: {method} {path}")

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from visearch import imaging, regions
+from visearch import imaging, local, regions
 from visearch.common.v1 import common_pb2
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.errors import FailedPrecondition, InvalidArgument
@@ -20,6 +20,7 @@ from visearch.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 MODEL = "embedder"
+MAX_LOCAL = 4000  # local features one item may ask for
 
 
 def model_info(meta: ModelMeta) -> common_pb2.ModelInfo:
@@ -56,10 +57,12 @@ def cut(img, width: int, height: int, box, size: int) -> tuple[np.ndarray, tuple
     return imaging.to_model_input(crop, size), frame
 
 
-def prepare_all(items: list[tuple[bytes, tuple | None]], size: int) -> list[tuple[np.ndarray, tuple]]:
+def prepare_all(items: list[tuple[bytes, tuple | None]], size: int, decoded: dict | None = None
+                ) -> list[tuple[np.ndarray, tuple]]:
     """Model inputs for (image, box) items. Each distinct image is decoded once (a search sends the
     same photo for its box and its full frame, ingestion for each object), at the reduced JPEG
-    scale its largest need allows. An undecodable image is InvalidArgument naming its first item."""
+    scale its largest need allows. An undecodable image is InvalidArgument naming its first item.
+    `decoded`, when given, receives each distinct image: bytes -> (decoded image, width, height)."""
     groups: dict[bytes, list[int]] = {}
     for i, (data, _) in enumerate(items):
         groups.setdefault(data, []).append(i)
@@ -71,6 +74,8 @@ def prepare_all(items: list[tuple[bytes, tuple | None]], size: int) -> list[tupl
             img = imaging.decode_image_scaled(data, draft_scale=need)[0]
         except imaging.ImageError as exc:
             raise InvalidArgument(f"item {idx[0]}: {exc}") from None
+        if decoded is not None:
+            decoded[data] = (img, width, height)
         for i in idx:
             try:
                 out[i] = cut(img, width, height, items[i][1], size)
@@ -82,6 +87,22 @@ def prepare_all(items: list[tuple[bytes, tuple | None]], size: int) -> list[tupl
 def prepare(data: bytes, box, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """One item's model input and frame (`prepare_all` for one)."""
     return prepare_all([(data, box)], size)[0]
+
+
+def local_features(items: list[tuple[bytes, tuple | None]], decoded: dict, limit: int, max_side: int) -> list[bytes]:
+    """Each item's local features (visearch.local, compact form): extracted once per distinct image
+    (RootSIFT, at most `max_side` px on the longer side), then the strongest `limit` inside the item's box."""
+    extractor = local.RootSift(max_side=max_side)
+    per_image: dict[bytes, local.Features] = {}
+    for data, (img, width, height) in decoded.items():
+        feats = extractor(np.asarray(img))
+        feats.xy *= np.array([width / img.width, height / img.height], np.float32)  # a reduced decode's pixels
+        per_image[data] = feats
+    out = []
+    for data, box in items:
+        feats = per_image[data]
+        out.append(feats.inside(box if box is not None else (0.0, 0.0, float("inf"), float("inf")), limit).to_bytes())
+    return out
 
 
 def region_set(region_map: np.ndarray, energy: np.ndarray, query: np.ndarray, frame) -> common_pb2.RegionSet:
@@ -102,7 +123,9 @@ def region_sets(region_map: np.ndarray, energy: np.ndarray, query: np.ndarray, f
 class Embedder:
     """Batches images through the backend; the gRPC servicer and tests share it."""
 
-    def __init__(self, backend: InferenceBackend, max_batch: int, decode_timeout: float = 10.0):
+    def __init__(self, backend: InferenceBackend, max_batch: int, decode_timeout: float = 10.0,
+                 local_side: int = local.MAX_SIDE):
+        self.local_side = local_side
         self.backend = backend
         self.max_batch = max_batch
         self.decode_timeout = decode_timeout
@@ -132,14 +155,19 @@ class Embedder:
         return (await self.embed_with_regions(items, False))[0]
 
     async def embed_with_regions(self, items: list[tuple[bytes, tuple | None]], with_regions: bool = True,
-                                 version: str = "") -> tuple[np.ndarray, list[common_pb2.RegionSet] | None]:
-        """Global descriptors [N, D] and, if asked, each item's base regions (model `version`, "" = default)."""
+                                 version: str = "", local_limit: int = 0
+                                 ) -> tuple[np.ndarray, list[common_pb2.RegionSet] | None, list[bytes] | None]:
+        """Global descriptors [N, D] and, if asked, each item's base regions (model `version`, "" = default)
+        and its local features (up to `local_limit` each; 0: none), extracted while the model runs."""
         meta = await self.meta(version)
         region_outputs = meta.region_outputs if with_regions else None
         if with_regions and not region_outputs:
             raise FailedPrecondition(f"model {meta.tag} has no region outputs: rebuild it (visearch models build)")
 
-        prepared = await decode_bounded(lambda: prepare_all(items, meta.input_size), self.decode_timeout)
+        decoded: dict = {}
+        prepared = await decode_bounded(lambda: prepare_all(items, meta.input_size, decoded), self.decode_timeout)
+        local_task = (asyncio.ensure_future(asyncio.to_thread(local_features, items, decoded, local_limit,
+                                                              self.local_side)) if local_limit > 0 else None)
         names = [meta.output_name, *(region_outputs or [])]
         out: list[np.ndarray] = []
         sets: list[common_pb2.RegionSet] = []
@@ -154,7 +182,7 @@ class Embedder:
         vectors = np.concatenate(out).astype(np.float32, copy=False)
         if vectors.shape[1] != meta.dim:
             raise RuntimeError(f"model {meta.tag} returned dim {vectors.shape[1]}, meta says {meta.dim}")
-        return vectors, (sets if region_outputs else None)
+        return vectors, (sets if region_outputs else None), (await local_task if local_task is not None else None)
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -166,14 +194,20 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         if not request.items:
             raise InvalidArgument("no items to embed")
         items = [(it.image, box_of(it.box) if it.HasField("box") else None) for it in request.items]
-        vectors, sets = await self.embedder.embed_with_regions(items, request.regions, request.model_version)
+        if not 0 <= request.local_limit <= MAX_LOCAL:
+            raise InvalidArgument(f"local_limit must be between 0 and {MAX_LOCAL}, got {request.local_limit}")
+        limit = (request.local_limit or local.capacity("rootsift", 32)) if request.local_features else 0
+        vectors, sets, feats = await self.embedder.embed_with_regions(items, request.regions, request.model_version,
+                                                                      limit)
         meta = await self.embedder.meta(request.model_version)
         # Python floats fill a repeated field about 5x faster than numpy scalars (1 ms a vector).
         rows = vectors.tolist()
-        if sets is None:
-            embeddings = [embedding_pb2.Embedding(values=v) for v in rows]
-        else:
-            embeddings = [embedding_pb2.Embedding(values=v, regions=r) for v, r in zip(rows, sets, strict=True)]
+        embeddings = [embedding_pb2.Embedding(values=v) for v in rows]
+        for j, e in enumerate(embeddings):
+            if sets is not None:
+                e.regions.CopyFrom(sets[j])
+            if feats is not None:
+                e.local_features = feats[j]
         return embedding_pb2.EmbedResponse(embeddings=embeddings, model=model_info(meta))
 
     @rpc()
@@ -183,7 +217,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
 async def main(settings: EmbeddingSettings, **kw) -> None:
     backend = make_backend(settings)
-    embedder = Embedder(backend, settings.max_batch, settings.decode_timeout_seconds)
+    embedder = Embedder(backend, settings.max_batch, settings.decode_timeout_seconds, settings.local_side)
     service = Service(embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
                       embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(embedder))
     await serve([service], settings, settings.embedding_port, ready=embedder.ready,

@@ -9,13 +9,14 @@ import json
 import logging
 import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import redis
 from PIL import Image
 
-from visearch import files, imaging, regions
+from visearch import files, imaging, local, regions, search
 from visearch import observability as obs
 from visearch.auth import PermissionDenied, readable, require, visible
 from visearch.common.v1 import common_pb2
@@ -52,8 +53,17 @@ from visearch.store import (
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
 MAX_QUERY_OBJECTS = 5  # objects searched on their own with per_object
-MAX_SEARCH_ROWS = 16_384  # Milvus's top-k limit
 MAX_DELETE = 1000  # item ids per DeleteItems
+
+
+@dataclass(frozen=True)
+class QueryLocal:
+    """The query's local features for "verify", and the size of the frame they come from."""
+
+    features: bytes = b""
+    width: float = 0.0
+    height: float = 0.0
+    correspondences: bool = False
 
 
 class DependencyError(VisearchError):
@@ -158,13 +168,17 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(f"re-rank method {method[:40]!r} is not available "
                                   f"(available: {', '.join(regions.RERANK_METHODS)})")
         want_regions = method in regions.REGION_METHODS
+        # "verify" matches the query's local features (extracted by the embedding service while its
+        # model runs) against the candidates' stored ones.
+        want_local = method == "verify"
 
         async def embed(items: list[embedding_pb2.EmbedItem]):
             # Queries are embedded by the model version that made the catalog's vectors, whatever
             # the embedding service serves by default: a model change never compares two versions.
             # Each item carries the query's bytes: several objects of a large photo go as several calls.
             parts = await asyncio.gather(*(call("embedding", self.embedding.Embed(
-                embedding_pb2.EmbedRequest(items=part, regions=want_regions, model_version=gen.model_version),
+                embedding_pb2.EmbedRequest(items=part, regions=want_regions, model_version=gen.model_version,
+                                           local_features=want_local, local_limit=local.QUERY_FEATURES),
                 timeout=remaining(context, t))) for part in split_by_bytes(items, lambda it: len(it.image))))
             if len(parts) == 1:
                 return parts[0]
@@ -200,12 +214,12 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             res = det.results[0]
             full = (0.0, 0.0, float(res.width), float(res.height))
             detections = list(res.detections)
-        best_box = box_of(detections[0].box) if detections and policy != "full" else None
         # The views of the query searched: the best box, the full frame, or both ("both").
-        views = [best_box or full] if policy != "both" or best_box is None else [best_box, full]
+        views = search.query_views(policy, [box_of(d.box) for d in detections], full)
         objects = [box_of(d.box) for d in detections] if request.per_object else []
         wanted = views + objects
-        full_at = len(views) - 1 if full_task is not None else None  # "both": the full frame is the last view
+        # "both": the full frame (embedded while the detector ran) is the last view.
+        full_at = len(views) - 1 if full_task is not None and views[-1] == full else None
         items = []
         for i, box in enumerate(wanted):
             if i == full_at:
@@ -222,48 +236,54 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         model = answers[0].model
         rest = iter(answers[-1].embeddings if items else [])
         embs = [answers[0].embeddings[0] if i == full_at else next(rest) for i in range(len(wanted))]
+        # The query's local features: those of the full frame when it was embedded, else of the lead view.
+        query = QueryLocal()
+        if want_local:
+            j = full_at if full_at is not None else next((i for i, b in enumerate(wanted) if b == full), 0)
+            box = wanted[j]
+            query = QueryLocal(embs[j].local_features, box[2] - box[0], box[3] - box[1], request.correspondences)
         # One read level for the whole search (Bounded unless the catalog was written lately).
         level = await asyncio.to_thread(self.store.read_level, gen)
-        args = (gen, level, method, want_regions, top_k, dict(request.filters), context)
+        args = (gen, level, method, want_regions, top_k, dict(request.filters), query, context)
 
         # The view whose best match is closest leads (its vector and regions go to re-ranking);
         # every item keeps its best object over all views.
-        lead, (hits, used) = await self._ranked(embs[:len(views)], *args)
+        lead, (hits, used) = await self._ranked(embs[:len(views)], search.view_margins(views, full,
+                                                                                  self.s.query_crop_margin), *args)
         response = gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(views[lead]), model=model, rerank=used)
-        per_object = await asyncio.gather(*(self._ranked([e], *args) for e in embs[len(views):]))
+        per_object = await asyncio.gather(*(self._ranked([e], [0.0], *args) for e in embs[len(views):]))
         for d, (_, (obj_hits, _)) in zip(detections, per_object, strict=False):
             response.objects.append(gateway_pb2.ObjectHits(query_box=d.box, detection_score=d.score, label=d.label,
                                                            hits=obj_hits))
         return response
 
-    async def _ranked(self, embs, gen, level, method, want_regions, top_k, filters, context):
+    async def _ranked(self, embs, margins, gen, level, method, want_regions, top_k, filters, query, context):
         """Search the store with each query vector, keep each item's best object, re-rank with the
         lead vector (the one whose best match scored highest): (lead index, (hits, method used))."""
-        n_candidates = max(top_k, self.s.rerank_candidates)
         # An item may be stored as several objects: ask for more rows than items wanted, and
         # more again only while the rows hold fewer items than the answer needs (top_k): a
         # shorter candidate list for re-ranking costs less than a second search at 4x the rows.
-        rows = min(2 * n_candidates, MAX_SEARCH_ROWS)
+        rows = search.first_rows(top_k, self.s.rerank_candidates)
         while True:
             results = await asyncio.to_thread(self.store.search_many, gen, [e.values for e in embs], rows, filters,
                                               level=level)
-            best: dict[str, object] = {}
-            for obj in sorted((o for found in results for o in found), key=lambda o: -o.score):
-                best.setdefault(obj.item_id, obj)
+            best = search.best_per_item(results, margins, self.s.catalog_crop_margin)
             left = context.time_remaining()
-            if (len(best) >= top_k or all(len(r) < rows for r in results) or rows >= MAX_SEARCH_ROWS
-                    or (left is not None and left < 1.0)):
+            if search.enough_rows(best, results, rows, top_k) or (left is not None and left < 1.0):
                 break
-            rows = min(4 * rows, MAX_SEARCH_ROWS)
-        best = dict(list(best.items())[:n_candidates])
-        lead = max(range(len(embs)), key=lambda i: results[i][0].score if results[i] else -1.0)
-        candidates = [rerank_pb2.Candidate(item_id=o.item_id, object_id=o.object_id, score=o.score)
-                      for o in best.values()]
+            rows = search.more_rows(rows)
+        chosen = search.candidates(best, top_k, self.s.rerank_candidates)
+        best = {o.item_id: o for _, o in chosen}
+        lead = search.lead_view(results)
+        candidates = [rerank_pb2.Candidate(item_id=o.item_id, object_id=o.object_id, score=s, box=pb_box(o.box))
+                      for s, o in chosen]
         query_region = list(embs[lead].regions.query) if want_regions else []
         rr = await call("rerank", self.rerank.Rerank(
             rerank_pb2.RerankRequest(catalog=gen.catalog, query_embedding=list(embs[lead].values), candidates=candidates,
                                      method=method, top_k=top_k, query_region=query_region, generation=gen.number,
-                                     consistency=level),
+                                     consistency=level, query_local=query.features,
+                                     correspondences=query.correspondences, query_width=round(query.width),
+                                     query_height=round(query.height)),
             timeout=remaining(context, self.s.rpc_timeout_seconds)))
         hits = []
         for h in rr.hits:
@@ -272,6 +292,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                                         metadata={str(k): str(v) for k, v in obj.metadata.items()})
             if h.HasField("region"):
                 hit.region.CopyFrom(h.region)
+            hit.match, hit.inliers = h.match, h.inliers
+            hit.correspondences.extend(h.correspondences)
             hits.append(hit)
         return lead, (hits, rr.method)
 

@@ -96,8 +96,10 @@ def copy_items(ctx: Context, src: Generation, dst: Generation, item_ids: list[st
         emb_list = [e for i, e in zip(flat, emb.embeddings, strict=True) if i not in newer]
         done += sorted(newer)
         todo = [t for t in todo if t[0] not in newer]
+        local_rows: dict[str, bytes] = {}
         per_item, region_rows = group_objects([i for i, objs, _ in todo for _ in objs],
-                                              [o.box for _, objs, _ in todo for o in objs], emb_list)
+                                              [o.box for _, objs, _ in todo for o in objs], emb_list, local_rows)
+        ctx.store.upsert_local(dst, local_rows)
         ctx.store.upsert_items(dst, [(i, per_item[i], objs[0].metadata, objs[0].source, objs[0].stamp)
                                      for i, objs, _ in todo])
         ctx.store.upsert_regions(dst, region_rows)

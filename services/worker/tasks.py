@@ -146,8 +146,9 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
             gen = ctx.store.ensure_catalog(catalog, meta)
         else:
             ctx.store.check_model(gen, meta)
+        local_rows: dict[str, bytes] = {}
         per_item, region_rows = group_objects([ok[n][0]["item_id"] for n, _ in objects],
-                                              [box for _, box in objects], emb.embeddings)
+                                              [box for _, box in objects], emb.embeddings, local_rows)
         rows = [(item_id, objs, ok[first[item_id]][0].get("metadata") or {}, sources[first[item_id]], stamp)
                 for item_id, objs in per_item.items()]
         # The live generation's write holds the items' claims (visearch.jobs): a superseded submission
@@ -159,6 +160,9 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
             # Global vectors first, then regions: a crash in between leaves the item searchable and
             # re-ranked on its global score until the redelivered task stores its regions.
             if rows:
+                # Local features first (files, by object id): a row is never visible without them.
+                ctx.store.upsert_local(gen, {o: f for o, f in local_rows.items() if keep is None
+                                             or o.rsplit("#", 1)[0] in keep})
                 ctx.store.upsert_items(gen, rows)
                 ctx.store.upsert_regions(gen, region_rows)
         return [r[0] for r in rows]
@@ -212,12 +216,15 @@ def model_meta(m) -> ModelMeta:
 
 
 def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple]], version: str, timeout: float):
-    """Embed (image bytes, box in pixels) pairs with one model version, regions as configured."""
+    """Embed (image bytes, box in pixels) pairs with one model version, regions and local features
+    as configured."""
+    want_local = ctx.settings.ingest_local_features and ctx.store.local is not None
     items = [embedding_pb2.EmbedItem(image=data, box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
              for data, b in objects]
     parts = split_by_bytes(items, lambda it: len(it.image))  # each object carries its image's bytes
     answers = [_call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=part, regions=ctx.settings.ingest_regions,
-                                                                     model_version=version), timeout, "embedding")
+                                                                     model_version=version, local_features=want_local),
+                     timeout, "embedding")
                for part in parts]
     if len(answers) == 1:
         return answers[0]
@@ -230,12 +237,16 @@ def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple]], version: str
     return merged
 
 
-def group_objects(item_ids: list[str], boxes: list[tuple], embeddings) -> tuple[dict[str, list], list]:
-    """Per item, its objects [(vector, box)] in order; and the region rows (object id, features, boxes)."""
+def group_objects(item_ids: list[str], boxes: list[tuple], embeddings, local_rows: dict | None = None
+                  ) -> tuple[dict[str, list], list]:
+    """Per item, its objects [(vector, box)] in order; and the region rows (object id, features, boxes).
+    With `local_rows`, each object's local features are added to it (object id -> bytes)."""
     per_item: dict[str, list] = {}
     region_rows = []
     for item_id, box, vec in zip(item_ids, boxes, embeddings, strict=True):
         objs = per_item.setdefault(item_id, [])
+        if local_rows is not None and vec.local_features:
+            local_rows[f"{item_id}#{len(objs)}"] = vec.local_features
         if vec.HasField("regions") and vec.regions.boxes:
             r = vec.regions
             feats = np.asarray(r.features, np.float32).reshape(len(r.boxes), r.dim)

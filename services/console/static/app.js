@@ -43,6 +43,21 @@ function showKeyForm() {
 }
 
 // ---- drawing boxes over an image: an SVG in the image's own pixel coordinates ---------------------
+// Verified correspondences as small dots (one colour per correspondence, the same on both images).
+function drawPoints(svg, points, cls) {
+  svg.querySelectorAll("circle." + cls).forEach((c) => c.remove());
+  points.forEach(([x, y], i) => {
+    const c = document.createElementNS(SVG, "circle");
+    c.setAttribute("class", cls);
+    c.setAttribute("cx", x);
+    c.setAttribute("cy", y);
+    c.setAttribute("r", 3);
+    c.setAttribute("style", `fill: hsl(${(i * 47) % 360} 90% 50%)`);
+    c.setAttribute("vector-effect", "non-scaling-stroke");
+    svg.appendChild(c);
+  });
+}
+
 function drawBoxes(svg, width, height, boxes) {
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.replaceChildren();
@@ -100,12 +115,17 @@ async function search(blob) {
     `model ${answer.model}, re-rank ${answer.rerank}, ${answer.hits.length} results in ${ms} ms`;
   $("#results-title").hidden = false;
   $("#results").replaceChildren(...answer.hits.map((h, i) => hitCard(catalog, h, i + 1)));
+  const matched = answer.hits.filter((h) => h.match).length;
+  if (answer.rerank === "verify") $("#query-info").textContent += `, ${matched} verified match${matched === 1 ? "" : "es"}`;
+  // The best hit's correspondences on the query until another hit is pointed at.
+  const first = answer.hits.find((h) => (h.correspondences || []).length);
+  if (first) drawPoints($("#query-svg"), first.correspondences.map((p) => [p[0], p[1]]), "corr");
   status(answer.hits.length ? "" : "No results.");
 }
 
 function hitCard(catalog, hit, rank) {
   const card = document.createElement("article");
-  card.className = "hit";
+  card.className = hit.match ? "hit match" : "hit";
   card.dataset.itemId = hit.item_id;
   card.dataset.rank = rank;
   const frame = document.createElement("figure");
@@ -120,6 +140,13 @@ function hitCard(catalog, hit, rank) {
   title.querySelector(".rank").textContent = `${rank}.`;
   title.querySelector(".id").textContent = hit.item_id;
   title.querySelector(".score").textContent = hit.score.toFixed(3);
+  if (hit.match) {
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = `match · ${hit.inliers} points`;
+    badge.title = "the same object: local features verified under one geometric transform";
+    title.append(" ", badge);
+  }
   const meta = document.createElement("div");
   meta.className = "meta";
   meta.textContent = Object.entries(hit.metadata || {}).map(([k, v]) => `${k}: ${v}`).join(" · ");
@@ -129,7 +156,11 @@ function hitCard(catalog, hit, rank) {
     const w = +res.headers.get("X-Image-Width"), h = +res.headers.get("X-Image-Height");
     img.src = URL.createObjectURL(await res.blob());
     drawBoxes(svg, w, h, [["object", hit.box], ["region", hit.region]]);
+    drawPoints(svg, (hit.correspondences || []).map((p) => [p[2], p[3]]), "corr");
   }).catch((err) => { meta.textContent += ` (no image: ${err.message})`; });
+  card.addEventListener("mouseenter", () => {
+    if ((hit.correspondences || []).length) drawPoints($("#query-svg"), hit.correspondences.map((p) => [p[0], p[1]]), "corr");
+  });
   card.addEventListener("click", async () => {
     status(`Searching with ${hit.item_id}…`);
     try {

@@ -49,3 +49,15 @@ class RegionSet(_message.Message):
     boxes: _containers.RepeatedCompositeFieldContainer[BoundingBox]
     query: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, dim: _Optional[int] = ..., features: _Optional[_Iterable[float]] = ..., boxes: _Optional[_Iterable[_Union[BoundingBox, _Mapping]]] = ..., query: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Correspondence(_message.Message):
+    __slots__ = ("query_x", "query_y", "x", "y")
+    QUERY_X_FIELD_NUMBER: _ClassVar[int]
+    QUERY_Y_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    query_x: float
+    query_y: float
+    x: float
+    y: float
+    def __init__(self, query_x: _Optional[float] = ..., query_y: _Optional[float] = ..., x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...

@@ -16,22 +16,28 @@ class EmbedItem(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("items", "regions", "model_version")
+    __slots__ = ("items", "regions", "model_version", "local_features", "local_limit")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LIMIT_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EmbedItem]
     regions: bool
     model_version: str
-    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ..., regions: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+    local_features: bool
+    local_limit: int
+    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ..., regions: _Optional[bool] = ..., model_version: _Optional[str] = ..., local_features: _Optional[bool] = ..., local_limit: _Optional[int] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("values", "regions")
+    __slots__ = ("values", "regions", "local_features")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     regions: _common_pb2.RegionSet
-    def __init__(self, values: _Optional[_Iterable[float]] = ..., regions: _Optional[_Union[_common_pb2.RegionSet, _Mapping]] = ...) -> None: ...
+    local_features: bytes
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., regions: _Optional[_Union[_common_pb2.RegionSet, _Mapping]] = ..., local_features: _Optional[bytes] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "model")

@@ -18,7 +18,7 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_DONE: JobState
 
 class SearchRequest(_message.Message):
-    __slots__ = ("catalog", "image", "top_k", "filters", "rerank", "full_frame", "per_object")
+    __slots__ = ("catalog", "image", "top_k", "filters", "rerank", "full_frame", "per_object", "correspondences")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class SearchRequest(_message.Message):
     RERANK_FIELD_NUMBER: _ClassVar[int]
     FULL_FRAME_FIELD_NUMBER: _ClassVar[int]
     PER_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    CORRESPONDENCES_FIELD_NUMBER: _ClassVar[int]
     catalog: str
     image: bytes
     top_k: int
@@ -40,7 +41,8 @@ class SearchRequest(_message.Message):
     rerank: str
     full_frame: bool
     per_object: bool
-    def __init__(self, catalog: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[str] = ..., full_frame: _Optional[bool] = ..., per_object: _Optional[bool] = ...) -> None: ...
+    correspondences: bool
+    def __init__(self, catalog: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[str] = ..., full_frame: _Optional[bool] = ..., per_object: _Optional[bool] = ..., correspondences: _Optional[bool] = ...) -> None: ...
 
 class ObjectHits(_message.Message):
     __slots__ = ("query_box", "detection_score", "label", "hits")
@@ -55,7 +57,7 @@ class ObjectHits(_message.Message):
     def __init__(self, query_box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., detection_score: _Optional[float] = ..., label: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("item_id", "score", "box", "metadata", "region")
+    __slots__ = ("item_id", "score", "box", "metadata", "region", "match", "inliers", "correspondences")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -68,12 +70,18 @@ class SearchHit(_message.Message):
     BOX_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    CORRESPONDENCES_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     box: _common_pb2.BoundingBox
     metadata: _containers.ScalarMap[str, str]
     region: _common_pb2.BoundingBox
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., region: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
+    match: bool
+    inliers: int
+    correspondences: _containers.RepeatedCompositeFieldContainer[_common_pb2.Correspondence]
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., region: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., match: _Optional[bool] = ..., inliers: _Optional[int] = ..., correspondences: _Optional[_Iterable[_Union[_common_pb2.Correspondence, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "query_box", "model", "rerank", "objects")

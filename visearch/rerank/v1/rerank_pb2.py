@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from visearch.common.v1 import common_pb2 as visearch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvisearch/rerank/v1/rerank.proto\x12\x12visearch.rerank.v1\x1a\x1fvisearch/common/v1/common.proto\">\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xca\x01\n\rRerankRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x17\n\x0fquery_embedding\x18\x02 \x03(\x02\x12\x31\n\ncandidates\x18\x03 \x03(\x0b\x32\x1d.visearch.rerank.v1.Candidate\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x14\n\x0cquery_region\x18\x06 \x03(\x02\x12\x12\n\ngeneration\x18\x07 \x01(\x05\x12\x13\n\x0b\x63onsistency\x18\x08 \x01(\t\"q\n\x0bRerankedHit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12/\n\x06region\x18\x04 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"O\n\x0eRerankResponse\x12-\n\x04hits\x18\x01 \x03(\x0b\x32\x1f.visearch.rerank.v1.RerankedHit\x12\x0e\n\x06method\x18\x02 \x01(\t2`\n\rRerankService\x12O\n\x06Rerank\x12!.visearch.rerank.v1.RerankRequest\x1a\".visearch.rerank.v1.RerankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvisearch/rerank/v1/rerank.proto\x12\x12visearch.rerank.v1\x1a\x1fvisearch/common/v1/common.proto\"l\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12,\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"\xa3\x02\n\rRerankRequest\x12\x0f\n\x07\x63\x61talog\x18\x01 \x01(\t\x12\x17\n\x0fquery_embedding\x18\x02 \x03(\x02\x12\x31\n\ncandidates\x18\x03 \x03(\x0b\x32\x1d.visearch.rerank.v1.Candidate\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x14\n\x0cquery_region\x18\x06 \x03(\x02\x12\x12\n\ngeneration\x18\x07 \x01(\x05\x12\x13\n\x0b\x63onsistency\x18\x08 \x01(\t\x12\x13\n\x0bquery_local\x18\t \x01(\x0c\x12\x17\n\x0f\x63orrespondences\x18\n \x01(\x08\x12\x13\n\x0bquery_width\x18\x0b \x01(\x05\x12\x14\n\x0cquery_height\x18\x0c \x01(\x05\"\xce\x01\n\x0bRerankedHit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12/\n\x06region\x18\x04 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\x12\r\n\x05match\x18\x05 \x01(\x08\x12\x0f\n\x07inliers\x18\x06 \x01(\x05\x12;\n\x0f\x63orrespondences\x18\x07 \x03(\x0b\x32\".visearch.common.v1.Correspondence\"O\n\x0eRerankResponse\x12-\n\x04hits\x18\x01 \x03(\x0b\x32\x1f.visearch.rerank.v1.RerankedHit\x12\x0e\n\x06method\x18\x02 \x01(\t2`\n\rRerankService\x12O\n\x06Rerank\x12!.visearch.rerank.v1.RerankRequest\x1a\".visearch.rerank.v1.RerankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'visearch.rerank.v1.rerank_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CANDIDATE']._serialized_start=88
-  _globals['_CANDIDATE']._serialized_end=150
-  _globals['_RERANKREQUEST']._serialized_start=153
-  _globals['_RERANKREQUEST']._serialized_end=355
-  _globals['_RERANKEDHIT']._serialized_start=357
-  _globals['_RERANKEDHIT']._serialized_end=470
-  _globals['_RERANKRESPONSE']._serialized_start=472
-  _globals['_RERANKRESPONSE']._serialized_end=551
-  _globals['_RERANKSERVICE']._serialized_start=553
-  _globals['_RERANKSERVICE']._serialized_end=649
+  _globals['_CANDIDATE']._serialized_end=196
+  _globals['_RERANKREQUEST']._serialized_start=199
+  _globals['_RERANKREQUEST']._serialized_end=490
+  _globals['_RERANKEDHIT']._serialized_start=493
+  _globals['_RERANKEDHIT']._serialized_end=699
+  _globals['_RERANKRESPONSE']._serialized_start=701
+  _globals['_RERANKRESPONSE']._serialized_end=780
+  _globals['_RERANKSERVICE']._serialized_start=782
+  _globals['_RERANKSERVICE']._serialized_end=878
 # @@protoc_insertion_point(module_scope)

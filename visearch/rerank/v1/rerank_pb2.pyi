@@ -8,17 +8,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Candidate(_message.Message):
-    __slots__ = ("item_id", "object_id", "score")
+    __slots__ = ("item_id", "object_id", "score", "box")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     object_id: str
     score: float
-    def __init__(self, item_id: _Optional[str] = ..., object_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    box: _common_pb2.BoundingBox
+    def __init__(self, item_id: _Optional[str] = ..., object_id: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("catalog", "query_embedding", "candidates", "method", "top_k", "query_region", "generation", "consistency")
+    __slots__ = ("catalog", "query_embedding", "candidates", "method", "top_k", "query_region", "generation", "consistency", "query_local", "correspondences", "query_width", "query_height")
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     QUERY_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +29,10 @@ class RerankRequest(_message.Message):
     QUERY_REGION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    CORRESPONDENCES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    QUERY_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     catalog: str
     query_embedding: _containers.RepeatedScalarFieldContainer[float]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
@@ -35,19 +41,29 @@ class RerankRequest(_message.Message):
     query_region: _containers.RepeatedScalarFieldContainer[float]
     generation: int
     consistency: str
-    def __init__(self, catalog: _Optional[str] = ..., query_embedding: _Optional[_Iterable[float]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., method: _Optional[str] = ..., top_k: _Optional[int] = ..., query_region: _Optional[_Iterable[float]] = ..., generation: _Optional[int] = ..., consistency: _Optional[str] = ...) -> None: ...
+    query_local: bytes
+    correspondences: bool
+    query_width: int
+    query_height: int
+    def __init__(self, catalog: _Optional[str] = ..., query_embedding: _Optional[_Iterable[float]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., method: _Optional[str] = ..., top_k: _Optional[int] = ..., query_region: _Optional[_Iterable[float]] = ..., generation: _Optional[int] = ..., consistency: _Optional[str] = ..., query_local: _Optional[bytes] = ..., correspondences: _Optional[bool] = ..., query_width: _Optional[int] = ..., query_height: _Optional[int] = ...) -> None: ...
 
 class RerankedHit(_message.Message):
-    __slots__ = ("item_id", "object_id", "score", "region")
+    __slots__ = ("item_id", "object_id", "score", "region", "match", "inliers", "correspondences")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    CORRESPONDENCES_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     object_id: str
     score: float
     region: _common_pb2.BoundingBox
-    def __init__(self, item_id: _Optional[str] = ..., object_id: _Optional[str] = ..., score: _Optional[float] = ..., region: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
+    match: bool
+    inliers: int
+    correspondences: _containers.RepeatedCompositeFieldContainer[_common_pb2.Correspondence]
+    def __init__(self, item_id: _Optional[str] = ..., object_id: _Optional[str] = ..., score: _Optional[float] = ..., region: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., match: _Optional[bool] = ..., inliers: _Optional[int] = ..., correspondences: _Optional[_Iterable[_Union[_common_pb2.Correspondence, _Mapping]]] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
     __slots__ = ("hits", "method")

@@ -1,0 +1,134 @@
+"""Accuracy through the mesh, as a user gets it: catalogs ingested with `visearch ingest`, queries
+searched with `visearch search`, one row per search configuration, all in one run.
+
+    python -m bench.mesh_eval --out runs/mesh-eval [--configs default,full-frame,verify,...] [--keep DIR]
+
+Protocols: P1 (val product photos -> the 2,640 train photos), P3 (-> the 81 iconic images) and S
+(-> the iconic images pasted small into shop photos, visearch.scenes), each a catalog of its own
+ingested with the mesh's defaults (the full frame and up to 3 detected objects per image). A
+configuration is a set of `visearch search` flags ("default" is none). Prints and writes
+mAP, mAP@20, R@1, R@5, the share of top-1 hits flagged `match` and their precision, and the
+search latency p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import write_result
+from visearch import datasets
+from visearch.demo import item_id, write_manifest
+from visearch.metrics import retrieval_report
+
+CONFIGS = {
+    "default": [],
+    "full-frame": ["--full-frame"],
+    "none": ["--rerank", "none"],
+    "none-full-frame": ["--rerank", "none", "--full-frame"],
+    "qe": ["--rerank", "qe"],
+    "verify": ["--rerank", "verify"],
+    "verify-full-frame": ["--rerank", "verify", "--full-frame"],
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "visearch.cli", *args], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"visearch {' '.join(args[:3])} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r
+
+
+def protocols(root: Path, out: Path, smoke: bool) -> dict[str, tuple[list, list]]:
+    """name -> (queries, database photos); S's database are the scenes."""
+    from visearch.scenes import build_scenes
+
+    train, val = datasets.grocery_split(root, "train"), datasets.grocery_split(root, "val")
+    iconic = datasets.grocery_iconic(root)
+    queries = [p for p in val if p.is_product]
+    scenes = [s.photo for s in build_scenes(root, out / "scenes")]
+    protos = {"P1": (queries, train), "P3": (queries, iconic), "S": (queries, scenes)}
+    if smoke:
+        keep = {q.fine_id for q in queries[:3]}
+        protos = {k: (qs[:3], [p for p in db if p.fine_id in keep] + db[:5]) for k, (qs, db) in protos.items()}
+    return protos
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/mesh-eval"))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--protocols", default="P1,P3,S")
+    ap.add_argument("--keep", type=Path, help="a data dir for the mesh (left up afterwards, reused when up)")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    root = datasets.grocery_root()
+    if root is None:
+        raise SystemExit("the Grocery Store dataset is not at ../shared/data/grocery-store")
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = args.keep or Path(tempfile.mkdtemp(prefix="mesh-eval-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
+    env["VISEARCH_DATA_DIR"] = str(data)
+    protos = {k: v for k, v in protocols(root, args.out, args.smoke).items() if k in args.protocols.split(",")}
+    cli(env, "up")
+    rows, result = [], {"configs": {}, "ingest": {}}
+    try:
+        for name, (queries, database) in protos.items():
+            catalog = f"eval_{name.lower()}"
+            manifest = write_manifest(database, args.out / f"{catalog}.csv")
+            t0 = time.perf_counter()
+            res = json.loads(cli(env, "ingest", "--manifest", str(manifest), "--catalog", catalog, "--wait",
+                                 "--json").stdout)
+            result["ingest"][name] = {**res, "seconds": round(time.perf_counter() - t0, 1)}
+            log(f"{name}: ingested {res.get('ok')} of {len(database)} in {time.perf_counter() - t0:.0f} s")
+            by_class: dict[int, set[str]] = {}
+            for p in database:
+                by_class.setdefault(p.fine_id, set()).add(item_id(p))
+            for config in args.configs.split(","):
+                out = [json.loads(line) for line in cli(env, "search", *[str(q.path) for q in queries], "--catalog",
+                                                         catalog, "--top-k", "100", "--json", *CONFIGS[config])
+                       .stdout.splitlines() if line.strip()]
+                rankings = [[h["item_id"] for h in o.get("hits", [])] for o in out]
+                positives = [by_class.get(q.fine_id, set()) for q in queries]
+                rep = retrieval_report(rankings, positives)
+                tops = [(o["hits"][0].get("match", False), o["hits"][0]["item_id"] in pos)
+                        for o, pos in zip(out, positives, strict=True) if o.get("hits")]
+                flagged = [ok for m, ok in tops if m]
+                lat = sorted(o["latency_ms"] for o in out if "latency_ms" in o)
+                row = {"protocol": name, "config": config, "mAP": rep["mAP"], "mAP@20": rep["mAP@20"],
+                       "R@1": rep["recall@1"], "R@5": rep["recall@5"],
+                       "matched_top1": len(flagged) / max(1, len(tops)),
+                       "match_precision": (sum(flagged) / len(flagged)) if flagged else None,
+                       "p50_ms": lat[len(lat) // 2] if lat else None,
+                       "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+                       "errors": sum("error" in o for o in out)}
+                rows.append(row)
+                log(f"{name} {config:<18} mAP {row['mAP']:.3f} mAP@20 {row['mAP@20']:.3f} R@1 {row['R@1']:.2f} "
+                    f"matched {row['matched_top1']:.2f} prec {row['match_precision']} p50 {row['p50_ms']} ms")
+    finally:
+        if not args.keep:
+            cli(env, "down")
+    result["rows"] = rows
+    md = ["| protocol | search | mAP | mAP@20 | R@1 | R@5 | top-1 matched | match precision | p50 / p99 ms |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        prec = f"{r['match_precision']:.3f}" if r["match_precision"] is not None else "-"
+        md.append(f"| {r['protocol']} | {r['config']} | {r['mAP']:.3f} | {r['mAP@20']:.3f} | {r['R@1']:.2f} | "
+                  f"{r['R@5']:.2f} | {r['matched_top1']:.2f} | {prec} | {r['p50_ms']} / {r['p99_ms']} |")
+    write_result(args.out, result, "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
