@@ -119,7 +119,8 @@ class MeshPath:
         items = [(data, None if v == full else v) for v in views]
         want_local = self.rerank == "verify"
         vecs, _, feats = await self.embedder.embed_with_regions(items, False, "",
-                                                                local.QUERY_FEATURES if want_local else 0)
+                                                                local.QUERY_FEATURES if want_local else 0,
+                                                                local.QUERY_SIDE)
         j = next((i for i, v in enumerate(views) if v == full), 0)
         return {"views": views, "full": full, "vecs": vecs,
                 "local": local.Features.from_bytes(feats[j]) if want_local else None,

@@ -124,11 +124,12 @@ def fit_pca(raw: dict, photos: list[datasets.Photo], dim: int = 32) -> tuple[np.
 class Extractor:
     """Variant of the local features: which raw features, how many, projected how."""
 
-    def __init__(self, name: str, raw: dict, kind: str, stored: int, query: int, pca=None):
+    def __init__(self, name: str, raw: dict, kind: str, stored: int, query: int, pca=None, query_raw=None):
         self.name, self.raw, self.kind, self.stored, self.query, self.pca = name, raw, kind, stored, query, pca
+        self.query_raw = query_raw or raw  # the queries' own extraction (e.g. at a smaller side)
 
-    def features(self, path: Path, n: int) -> local.Features:
-        xy, d = self.raw[str(path)]
+    def features(self, path: Path, n: int, query: bool = False) -> local.Features:
+        xy, d = (self.query_raw if query else self.raw)[str(path)]
         if self.kind == "orb":
             return local.Features("orb", xy[:n], d[:n])
         d = d[:n].astype(np.float32)
@@ -145,7 +146,7 @@ class CnnExtractor(Extractor):
         super().__init__(name, {}, "cnn", local.capacity("cnn", dim), 100)
         self.maps, self.sizes, self.dim = maps, sizes, dim
 
-    def features(self, path: Path, n: int) -> local.Features:
+    def features(self, path: Path, n: int, query: bool = False) -> local.Features:
         w, h = self.sizes[str(path)]
         return local.cnn_features(self.maps[str(path)].astype(np.float32), w, h, self.dim, min(n, 100))
 
@@ -168,7 +169,7 @@ def checks_for(proto: Protocol, glob: dict, ext: Extractor, sizes: dict) -> dict
     t0 = time.perf_counter()
     for qi, qp in enumerate(proto.queries):
         cand = order[qi, :N_CANDIDATES]
-        fq = ext.features(qp.path, ext.query)
+        fq = ext.features(qp.path, ext.query, query=True)
         feats = {}
         for j, di in enumerate(cand[:TOP]):
             if int(di) not in cache:
@@ -250,6 +251,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="a few queries per protocol (CI)")
     ap.add_argument("--write-params", action="store_true", help="write <served version>/verify.json")
     ap.add_argument("--side", type=int, default=local.MAX_SIDE, help="RootSIFT extracted at most this many px")
+    ap.add_argument("--query-side", type=int, default=local.QUERY_SIDE,
+                    help="the queries' RootSIFT extracted at most this many px, as the gateway asks (0: as --side)")
     ap.add_argument("--extractors", default="rootsift,orb,rootsift-1000,cnn")
     args = ap.parse_args(argv)
     root = datasets.grocery_root()
@@ -279,11 +282,14 @@ def main(argv=None) -> None:
     wanted = args.extractors.split(",")
     if args.side != local.MAX_SIDE:
         sift = extract_all(paths, cache, "rootsift", args.side)
+    qpaths = sorted({p.path for pr in protos.values() for p in pr.queries}, key=str)
+    qsift = extract_all(qpaths, cache, "rootsift", args.query_side) if args.query_side else sift
+    qname = f" query@{args.query_side}" if args.query_side else ""
     orb = extract_all(paths, cache, "orb") if "orb" in wanted else {}
     sizes = {str(p): image_area(p) for p in paths}
     pca = local.load_pca()
     extractors = [e for e in (
-        Extractor(f"rootsift-pca32@{args.side}", sift, "rootsift", STORED, local.QUERY_FEATURES, pca),
+        Extractor(f"rootsift-pca32@{args.side}{qname}", sift, "rootsift", STORED, local.QUERY_FEATURES, pca, qsift),
         Extractor("orb", orb, "orb", local.capacity("orb", 32), local.QUERY_FEATURES),
         Extractor(f"rootsift-1000@{args.side} (unbudgeted)", sift, "rootsift", 1000, 1000))
         if {"rootsift-pca32": "rootsift", "rootsift-1000": "rootsift-1000"}.get(e.name.split("@")[0], e.name) in wanted]

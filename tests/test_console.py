@@ -160,6 +160,21 @@ def test_search_page_finds_the_same_product_and_draws_boxes(console_mesh, browse
     wait_for(browser, lambda d: (h := d.find_elements(By.CSS_SELECTOR, "#results .hit"))
              and h[0].get_attribute("data-item-id") == clicked, what="the clicked result to come first")
 
+    # With the default re-rank (verify) a photo verifies against itself: the page marks the hit the
+    # API flags as a match and draws its verified correspondences on both images.
+    Select(browser.find_element(By.ID, "rerank")).select_by_value("verify")
+    wait_for(browser, lambda d: (h := d.find_elements(By.CSS_SELECTOR, "#results .hit.match"))
+             and h[0].get_attribute("data-item-id") == clicked, what="the clicked result marked as a match")
+    top = browser.find_elements(By.CSS_SELECTOR, "#results .hit")[0]
+    assert "match" in top.text, "a matched hit carries its badge"
+    assert len(top.find_elements(By.CSS_SELECTOR, "circle.corr")) >= 10, "its correspondences are drawn"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#query-svg circle.corr")) >= 10
+    image = m["client"].item_image(clicked, catalog="shop", max_side=1024).image  # what the page searched
+    flagged = {h.item_id for h in m["client"].search(image, catalog="shop", top_k=len(hits)).hits if h.match}
+    shown = {h.get_attribute("data-item-id") for h in browser.find_elements(By.CSS_SELECTOR, "#results .hit.match")}
+    assert shown == flagged, "the page marks exactly the hits the API flags"
+    shot(browser, "console-search-verify.png")
+
 
 def test_jobs_page_follows_an_ingestion_to_its_end_with_failures(console_mesh, browser, grocery):
     from selenium.webdriver.common.by import By

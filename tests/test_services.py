@@ -144,6 +144,49 @@ def test_gateway_not_serving_until_dependencies_answer(services, redis_url, milv
     wait_until(lambda: health_serving(services.env["VISEARCH_GATEWAY_ADDR"]), 10, "gateway")
 
 
+def test_gateway_started_before_its_redis_and_milvus_serves_once_they_come(services, tmp_path):
+    """Start-up cannot race: a gateway and a re-rank service whose Redis and Milvus are not up yet
+    stay up, NOT_SERVING, and turn SERVING by themselves once both come (nothing restarted)."""
+    import shutil
+    import sys
+
+    import redis
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import Proc, free_port, wait_until
+
+    redis_port, milvus_port = free_port(), free_port()
+    services.env.update(VISEARCH_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                        VISEARCH_MILVUS_URI=f"http://127.0.0.1:{milvus_port}")
+    for name in ("detection", "embedding"):
+        services.start(name)
+    rerank = services.start("rerank", wait=False)
+    gateway = services.start("gateway", wait=False)
+
+    def status(addr):
+        with channel(addr) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+
+    for addr in (rerank, gateway):
+        wait_until(lambda a=addr: status(a) is not None, 60, f"{addr} listening")
+    time.sleep(3)  # several readiness rounds with both dependencies down
+    for name, addr in (("rerank", rerank), ("gateway", gateway)):
+        assert services.procs[name].p.poll() is None, f"{name} exited while its dependencies were down"
+        assert status(addr) == health_pb2.HealthCheckResponse.NOT_SERVING
+    procs = [Proc([shutil.which("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                   "--dir", str(tmp_path)], tmp_path / "redis.log"),
+             Proc([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus"), "--host",
+                   "127.0.0.1", "--port", str(milvus_port)], tmp_path / "milvus.log")]
+    try:
+        wait_until(lambda: redis.Redis(port=redis_port).ping(), 20, "redis")
+        for addr in (rerank, gateway):
+            wait_until(lambda a=addr: status(a) == health_pb2.HealthCheckResponse.SERVING, 90, f"{addr} SERVING")
+        assert all(services.procs[n].p.poll() is None for n in ("rerank", "gateway"))
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def test_service_refuses_to_start_without_required_settings(services):
     import subprocess
     import sys

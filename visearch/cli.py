@@ -28,7 +28,7 @@ def _gateway(ctx: click.Context) -> str:
         return ctx.obj["gateway"]
     state = mesh.load_state(ctx.obj["data_dir"])
     if not state or not state.get("gateway"):
-        raise click.ClickException(f"no mesh is up in {ctx.obj['data_dir']}: run `visearch up` "
+        raise Failure(f"no mesh is up in {ctx.obj['data_dir']}: run `visearch up` "
                                    "(or pass --gateway / VISEARCH_GATEWAY_ADDR)")
     return state["gateway"]
 
@@ -75,13 +75,65 @@ class Progress:
             click.echo("", err=True)
 
 
-@click.group()
+# Exit codes: 0 done, 1 an operational failure or a request refused (one line on stderr: what,
+# why, where to look), 2 a usage error, 70 an internal error (a bug: --debug shows the traceback).
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
+
+
+class Failure(click.ClickException):
+    """An operational failure, told in one line."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"visearch: {self.format_message()}", err=True)
+
+
+class InternalError(Failure):
+    exit_code = EXIT_INTERNAL
+
+
+def one_line(exc: BaseException) -> Failure:
+    """What a person reads for an exception that escaped a command."""
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if hasattr(exc, "code") else None
+        details = (exc.details() if hasattr(exc, "details") else "") or ""
+        hint = " (is the mesh up? `visearch status`)" if code == grpc.StatusCode.UNAVAILABLE else ""
+        return Failure(f"{code.name if code else 'gRPC error'}: {details.splitlines()[0][:300] if details else ''}{hint}")
+    if isinstance(exc, mesh.MeshError):
+        return Failure(str(exc).splitlines()[0][:600])
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return Failure(f"{exc.strerror or exc}{where}")
+    return InternalError(f"internal error ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "run with --debug for the traceback")
+
+
+class Commands(click.Group):
+    """Every command: an exception that escapes it becomes one line and an exit code, unless --debug."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            raise one_line(exc) from None
+
+
+@click.group(cls=Commands)
+@click.option("--debug", is_flag=True, envvar="VISEARCH_DEBUG", help="Show the traceback of a failure.")
 @click.option("--data-dir", envvar="VISEARCH_DATA_DIR", help="Where the local mesh keeps its state and data.")
 @click.option("--gateway", envvar="VISEARCH_GATEWAY_ADDR", help="Gateway address (default: the local mesh's).")
 @click.option("--timeout", default=60.0, show_default=True, help="Deadline of each call, in seconds.")
 @click.pass_context
-def main(ctx, data_dir, gateway, timeout):
-    """visearch: visual instance search."""
+def main(ctx, debug, data_dir, gateway, timeout):
+    """visearch: visual instance search.
+
+    Exit status: 0 done, 1 an operational failure or a refused request (one line: what, why, which
+    log), 2 a usage error, 70 an internal error (--debug shows its traceback)."""
     ctx.obj = {"data_dir": _data_dir(data_dir), "gateway": gateway, "timeout": timeout}
 
 
@@ -107,7 +159,7 @@ def up(ctx, roots, wait, replicas, workers):
         state = mesh.up(data_dir, ingest_roots=list(roots), timeout=wait, log=lambda m: click.echo(m, err=True),
                         replicas=counts, workers=workers)
     except mesh.MeshError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failure(str(exc)) from None
     click.echo(f"gateway: {state['gateway']}")
 
 
@@ -126,7 +178,7 @@ def restart(ctx, component):
     try:
         c = mesh.restart(ctx.obj["data_dir"], component)
     except mesh.MeshError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failure(str(exc)) from None
     click.echo(f"{component} restarted: pid {c['pid']}, {c['address']}")
 
 
@@ -156,7 +208,7 @@ def read_manifest(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"item_id", "path"} <= set(reader.fieldnames):
-            raise click.ClickException(f"{path}: the header must contain item_id,path (got {reader.fieldnames})")
+            raise Failure(f"{path}: the header must contain item_id,path (got {reader.fieldnames})")
         rows = []
         for row in reader:
             p = Path(row["path"])
@@ -220,7 +272,7 @@ def ingest(ctx, manifest, catalog, wait, by_path, as_json):
         try:
             job_id, local_failed = ingest_rows(client, rows, catalog, by_path)
         except grpc.RpcError as exc:
-            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
         out = {"job_id": job_id, "catalog": catalog, "submitted": len(rows)}
         if wait and job_id:
             job = wait_job(client, job_id, len(rows) - len(local_failed), quiet=as_json)
@@ -250,7 +302,7 @@ def job(ctx, job_id, wait):
         try:
             j = wait_job(client, job_id, client.job(job_id).submitted, quiet=True) if wait else client.job(job_id)
         except grpc.RpcError as exc:
-            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
     click.echo(json.dumps(MessageToDict(j, always_print_fields_with_no_presence=True)))
 
 
@@ -339,7 +391,7 @@ def delete(ctx, item_ids, catalog):
         try:
             n = client.delete(list(item_ids), catalog=catalog)
         except grpc.RpcError as exc:
-            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
     click.echo(json.dumps({"deleted": n}))
 
 
@@ -355,7 +407,7 @@ def get(ctx, item_id, catalog):
         try:
             item = client.get(item_id, catalog=catalog)
         except grpc.RpcError as exc:
-            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
     click.echo(json.dumps(MessageToDict(item)))
 
 
@@ -404,7 +456,7 @@ def reembed(ctx, catalog, model_version, wait, as_json):
                 out["job"] = MessageToDict(client.wait(res.job_id, on_progress=progress),
                                            always_print_fields_with_no_presence=True)
         except grpc.RpcError as exc:
-            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
     if as_json:
         click.echo(json.dumps(out))
     elif "job" in out:
@@ -484,7 +536,7 @@ def models_build(repo, checkpoint, off_the_shelf, retrain, reduce_dim):
         from visearch.modeling.build import build_all
         from visearch.training.default import default_checkpoint
     except ImportError as exc:
-        raise click.ClickException(f"building models needs the train extra (torch): {exc}") from None
+        raise Failure(f"building models needs the train extra (torch): {exc}") from None
     from visearch.settings import DEFAULT_MODEL_REPOSITORY
 
     progress = lambda m: click.echo(m, err=True)  # noqa: E731
@@ -526,7 +578,7 @@ def models_reduce(repo, dim, source_version, whitening_power, fit_photos):
         meta = reduce_embedder(repo or DEFAULT_MODEL_REPOSITORY, "embedder", source_version, dim, whitening_power,
                                fit_paths=fit, progress=lambda m: click.echo(m, err=True))
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failure(str(exc)) from None
     click.echo(json.dumps({k: meta[k] for k in ("name", "version", "id", "dim", "reduction")}))
 
 
@@ -540,7 +592,7 @@ def _delegate(module: str, what: str):
         try:
             mod = importlib.import_module(module)
         except ImportError as exc:
-            raise click.ClickException(f"{what} needs the train extra (torch): {exc}") from None
+            raise Failure(f"{what} needs the train extra (torch): {exc}") from None
         sys.exit(mod.main(list(args)))
 
     return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -49,14 +50,35 @@ def default_data_dir() -> Path:
 _HANDED_OUT: set[int] = set()
 
 
+def _listen_range() -> range:
+    """Ports to listen on: below the kernel's ephemeral range, which it never hands to an outgoing
+    connection or to bind(0) (a port found free with bind(0) can be taken by another process's
+    connection before the component it was meant for binds it)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10_000, low) if low > 12_000 else range(0)
+
+
+_RNG = random.Random()
+
+
 def free_port() -> int:
-    """A port free now and not handed out before by this process: the kernel may offer a port
-    again while the process it was given to has not bound it yet (every component of `up` gets
-    its port before any of them starts)."""
-    for _ in range(100):
+    """A port free now, outside the ephemeral range, and not handed out before by this process
+    (every component of `up` gets its port before any of them starts)."""
+    ports = _listen_range()
+    for _ in range(200):
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            if ports:
+                port = _RNG.choice(ports)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            else:  # no room below the ephemeral range: whatever the kernel gives
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
@@ -76,7 +98,8 @@ def free_ports(n: int) -> int:
     for _ in range(100):
         base = free_port()
         block = range(base + 1, base + n)
-        if any(p in _HANDED_OUT or p > 65535 for p in block):
+        top = _listen_range().stop or 65536
+        if any(p in _HANDED_OUT or p >= top for p in block):
             continue
         try:
             for p in block:
@@ -87,6 +110,16 @@ def free_ports(n: int) -> int:
         _HANDED_OUT.update(block)
         return base
     raise OSError(f"no {n} consecutive free ports")
+
+
+def last_line(log_path: str) -> str:
+    """The last meaningful line of a component's log (its error, usually), cut to 300 characters."""
+    try:
+        lines = Path(log_path).read_text(errors="replace")[-8000:].splitlines()
+    except OSError:
+        return "no log"
+    lines = [ln.strip() for ln in lines if ln.strip() and not ln.startswith((" ", "Traceback", "During handling"))]
+    return lines[-1][:300] if lines else "nothing logged"
 
 
 def alive(pid: int) -> bool:
@@ -294,9 +327,8 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
     while pending:
         for c in list(pending):
             if c["pid"] and not alive(c["pid"]):
-                tail = Path(c["log"]).read_text(errors="replace")[-2000:] if c["log"] else ""
                 down(data_dir, log=lambda *_: None)
-                raise MeshError(f"{c['name']} exited during start-up; end of {c['log']}:\n{tail}")
+                raise MeshError(f"{c['name']} exited during start-up: {last_line(c['log'])} (log: {c['log']})")
             if check_health(c):
                 log(f"  {c['name']:<10} healthy  {c['address']}")
                 pending.remove(c)

@@ -155,7 +155,7 @@ class Embedder:
         return (await self.embed_with_regions(items, False))[0]
 
     async def embed_with_regions(self, items: list[tuple[bytes, tuple | None]], with_regions: bool = True,
-                                 version: str = "", local_limit: int = 0
+                                 version: str = "", local_limit: int = 0, local_side: int = 0
                                  ) -> tuple[np.ndarray, list[common_pb2.RegionSet] | None, list[bytes] | None]:
         """Global descriptors [N, D] and, if asked, each item's base regions (model `version`, "" = default)
         and its local features (up to `local_limit` each; 0: none), extracted while the model runs."""
@@ -167,7 +167,8 @@ class Embedder:
         decoded: dict = {}
         prepared = await decode_bounded(lambda: prepare_all(items, meta.input_size, decoded), self.decode_timeout)
         local_task = (asyncio.ensure_future(asyncio.to_thread(local_features, items, decoded, local_limit,
-                                                              self.local_side)) if local_limit > 0 else None)
+                                                              local_side or self.local_side))
+                      if local_limit > 0 else None)
         names = [meta.output_name, *(region_outputs or [])]
         out: list[np.ndarray] = []
         sets: list[common_pb2.RegionSet] = []
@@ -196,9 +197,12 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         items = [(it.image, box_of(it.box) if it.HasField("box") else None) for it in request.items]
         if not 0 <= request.local_limit <= MAX_LOCAL:
             raise InvalidArgument(f"local_limit must be between 0 and {MAX_LOCAL}, got {request.local_limit}")
+        if not (request.local_max_side == 0 or local.MIN_SIDE <= request.local_max_side <= local.MAX_SIDE):
+            raise InvalidArgument(f"local_max_side must be 0 or between {local.MIN_SIDE} and {local.MAX_SIDE}, "
+                                  f"got {request.local_max_side}")
         limit = (request.local_limit or local.capacity("rootsift", 32)) if request.local_features else 0
         vectors, sets, feats = await self.embedder.embed_with_regions(items, request.regions, request.model_version,
-                                                                      limit)
+                                                                      limit, request.local_max_side)
         meta = await self.embedder.meta(request.model_version)
         # Python floats fill a repeated field about 5x faster than numpy scalars (1 ms a vector).
         rows = vectors.tolist()

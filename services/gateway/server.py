@@ -172,13 +172,14 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         # model runs) against the candidates' stored ones.
         want_local = method == "verify"
 
-        async def embed(items: list[embedding_pb2.EmbedItem]):
+        async def embed(items: list[embedding_pb2.EmbedItem], local_wanted: bool):
             # Queries are embedded by the model version that made the catalog's vectors, whatever
             # the embedding service serves by default: a model change never compares two versions.
             # Each item carries the query's bytes: several objects of a large photo go as several calls.
             parts = await asyncio.gather(*(call("embedding", self.embedding.Embed(
                 embedding_pb2.EmbedRequest(items=part, regions=want_regions, model_version=gen.model_version,
-                                           local_features=want_local, local_limit=local.QUERY_FEATURES),
+                                           local_features=local_wanted, local_limit=local.QUERY_FEATURES,
+                                           local_max_side=local.QUERY_SIDE),
                 timeout=remaining(context, t))) for part in split_by_bytes(items, lambda it: len(it.image))))
             if len(parts) == 1:
                 return parts[0]
@@ -200,7 +201,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             if policy == "both":
                 # The full frame is searched whatever the detector finds: it is embedded while the
                 # detector runs (two services, two cores) instead of after it.
-                full_task = asyncio.ensure_future(embed([embedding_pb2.EmbedItem(image=request.image)]))
+                full_task = asyncio.ensure_future(embed([embedding_pb2.EmbedItem(image=request.image)], want_local))
             try:
                 det = await call("detection", self.detection.Detect(
                     detection_pb2.DetectRequest(images=[request.image], max_detections=MAX_QUERY_OBJECTS),
@@ -229,8 +230,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 item.box.CopyFrom(pb_box(box))
             items.append(item)
         answers = [await full_task] if full_task is not None else []
-        if items:
-            answers.append(await embed(items))
+        if items:  # local features only from the full frame (already extracted when it was embedded)
+            answers.append(await embed(items, want_local and full_at is None))
         for a in answers:
             self.store.check_model(gen, meta_of(a.model))
         model = answers[0].model

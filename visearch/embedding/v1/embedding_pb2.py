@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from visearch.common.v1 import common_pb2 as visearch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%visearch/embedding/v1/embedding.proto\x12\x15visearch.embedding.v1\x1a\x1fvisearch/common/v1/common.proto\"H\n\tEmbedItem\x12\r\n\x05image\x18\x01 \x01(\x0c\x12,\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"\x94\x01\n\x0c\x45mbedRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.EmbedItem\x12\x0f\n\x07regions\x18\x02 \x01(\x08\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0elocal_features\x18\x04 \x01(\x08\x12\x13\n\x0blocal_limit\x18\x05 \x01(\x05\"c\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12.\n\x07regions\x18\x02 \x01(\x0b\x32\x1d.visearch.common.v1.RegionSet\x12\x16\n\x0elocal_features\x18\x03 \x01(\x0c\"s\n\rEmbedResponse\x12\x34\n\nembeddings\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.Embedding\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\",\n\x13GetModelInfoRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"D\n\x14GetModelInfoResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo2\xcf\x01\n\x10\x45mbeddingService\x12R\n\x05\x45mbed\x12#.visearch.embedding.v1.EmbedRequest\x1a$.visearch.embedding.v1.EmbedResponse\x12g\n\x0cGetModelInfo\x12*.visearch.embedding.v1.GetModelInfoRequest\x1a+.visearch.embedding.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%visearch/embedding/v1/embedding.proto\x12\x15visearch.embedding.v1\x1a\x1fvisearch/common/v1/common.proto\"H\n\tEmbedItem\x12\r\n\x05image\x18\x01 \x01(\x0c\x12,\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"\xac\x01\n\x0c\x45mbedRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.EmbedItem\x12\x0f\n\x07regions\x18\x02 \x01(\x08\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0elocal_features\x18\x04 \x01(\x08\x12\x13\n\x0blocal_limit\x18\x05 \x01(\x05\x12\x16\n\x0elocal_max_side\x18\x06 \x01(\x05\"c\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12.\n\x07regions\x18\x02 \x01(\x0b\x32\x1d.visearch.common.v1.RegionSet\x12\x16\n\x0elocal_features\x18\x03 \x01(\x0c\"s\n\rEmbedResponse\x12\x34\n\nembeddings\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.Embedding\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\",\n\x13GetModelInfoRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"D\n\x14GetModelInfoResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo2\xcf\x01\n\x10\x45mbeddingService\x12R\n\x05\x45mbed\x12#.visearch.embedding.v1.EmbedRequest\x1a$.visearch.embedding.v1.EmbedResponse\x12g\n\x0cGetModelInfo\x12*.visearch.embedding.v1.GetModelInfoRequest\x1a+.visearch.embedding.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDITEM']._serialized_start=97
   _globals['_EMBEDITEM']._serialized_end=169
   _globals['_EMBEDREQUEST']._serialized_start=172
-  _globals['_EMBEDREQUEST']._serialized_end=320
-  _globals['_EMBEDDING']._serialized_start=322
-  _globals['_EMBEDDING']._serialized_end=421
-  _globals['_EMBEDRESPONSE']._serialized_start=423
-  _globals['_EMBEDRESPONSE']._serialized_end=538
-  _globals['_GETMODELINFOREQUEST']._serialized_start=540
-  _globals['_GETMODELINFOREQUEST']._serialized_end=584
-  _globals['_GETMODELINFORESPONSE']._serialized_start=586
-  _globals['_GETMODELINFORESPONSE']._serialized_end=654
-  _globals['_EMBEDDINGSERVICE']._serialized_start=657
-  _globals['_EMBEDDINGSERVICE']._serialized_end=864
+  _globals['_EMBEDREQUEST']._serialized_end=344
+  _globals['_EMBEDDING']._serialized_start=346
+  _globals['_EMBEDDING']._serialized_end=445
+  _globals['_EMBEDRESPONSE']._serialized_start=447
+  _globals['_EMBEDRESPONSE']._serialized_end=562
+  _globals['_GETMODELINFOREQUEST']._serialized_start=564
+  _globals['_GETMODELINFOREQUEST']._serialized_end=608
+  _globals['_GETMODELINFORESPONSE']._serialized_start=610
+  _globals['_GETMODELINFORESPONSE']._serialized_end=678
+  _globals['_EMBEDDINGSERVICE']._serialized_start=681
+  _globals['_EMBEDDINGSERVICE']._serialized_end=888
 # @@protoc_insertion_point(module_scope)

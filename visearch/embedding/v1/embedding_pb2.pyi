@@ -16,18 +16,20 @@ class EmbedItem(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("items", "regions", "model_version", "local_features", "local_limit")
+    __slots__ = ("items", "regions", "model_version", "local_features", "local_limit", "local_max_side")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EmbedItem]
     regions: bool
     model_version: str
     local_features: bool
     local_limit: int
-    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ..., regions: _Optional[bool] = ..., model_version: _Optional[str] = ..., local_features: _Optional[bool] = ..., local_limit: _Optional[int] = ...) -> None: ...
+    local_max_side: int
+    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ..., regions: _Optional[bool] = ..., model_version: _Optional[str] = ..., local_features: _Optional[bool] = ..., local_limit: _Optional[int] = ..., local_max_side: _Optional[int] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values", "regions", "local_features")
