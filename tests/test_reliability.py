@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -262,3 +264,48 @@ def test_overload_gets_resource_exhausted_and_memory_stays_flat(rmesh, grocery):
     assert set(report["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}, report["codes"]
     assert report["codes"].get("RESOURCE_EXHAUSTED", 0) > 0 and report["codes"].get("OK", 0) > 0
     assert after - before < 50 * 1024, "gateway memory must not grow with the overload"
+
+
+def test_every_component_killed_comes_back_by_itself(rmesh, grocery, tmp_path):
+    """kill -9 each component of the running mesh in turn, during an ingest: the supervisor starts
+    each again (same address and data), the services reconnect by themselves, searches answer
+    again after each, and the ingest ends with every item stored once. Last in this module: it
+    replaces every process of the mesh."""
+    from visearch.store import milvus_client
+
+    order = ["redis", "milvus", "detection", "embedding", "rerank", "gateway", "worker"]
+    photo = grocery["val"][3].path.read_bytes()
+    killed: dict[str, int] = {}
+
+    def current(name: str) -> dict:
+        return next(c for c in mesh.load_state(rmesh["data"])["components"] if c["name"] == name)
+
+    def search_ok() -> bool:
+        c = GatewayClient(rmesh["state"]["gateway"], key=mesh.read_admin_key(rmesh["data"]), timeout=10)
+        try:
+            return bool(c.search(photo, catalog="base", top_k=3).hits)
+        finally:
+            c.close()
+
+    def kill_each():
+        for name in order:
+            old = current(name)["pid"]
+            os.killpg(old, signal.SIGKILL)
+            killed[name] = old
+            wait_until(lambda n=name, o=old: current(n)["pid"] != o and mesh.check_health(current(n)), 180,
+                       f"{name} restarted by the supervisor")
+            wait_until(search_ok, 120, f"searches answer after {name} was killed")
+
+    ingest_under_fault(rmesh, grocery, tmp_path, "killall", kill_each)
+    st = json.loads(cli(rmesh["env"], "status", "--json").stdout)
+    rows = {c["name"]: c for c in st["components"]}
+    for name in order:
+        assert rows[name]["health"] == "SERVING", rows[name]
+        assert rows[name]["restarts"] >= 1 and rows[name]["last_exit"] == -9, rows[name]
+        assert rows[name]["pid"] != killed[name] and Path(rows[name]["log"]).is_file()
+    assert st["supervisor"]["running"]
+    assert search_ok()
+    client = milvus_client(rows["milvus"]["address"])
+    assert client.list_collections(), "the catalogs survived Milvus's restart"
+    client.close()
+    rmesh["comps"] = {c["name"]: c for c in mesh.load_state(rmesh["data"])["components"]}

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from visearch import local
+
 
 def test_verify_eval_smoke(tmp_path, model_repo, grocery):
     from bench.verify_eval import main
@@ -17,7 +19,7 @@ def test_verify_eval_smoke(tmp_path, model_repo, grocery):
     for ext in ("rootsift-pca32", "orb"):
         for proto in ("TH", "P1", "P3", "S"):
             assert {(ext, proto, m) for m in ("global", "qe", "verify")} <= got, (ext, proto)
-    params = r["params"]["rootsift-pca32@640"]
+    params = r["params"][f"rootsift-pca32@640 query@{local.QUERY_SIDE}"]  # queries as the gateway extracts them
     assert params["selected_on"].startswith("TH") and params["min_inliers"] > 0
     assert all(0 <= row["mAP@20"] <= 1 for row in r["rows"])
     assert (tmp_path / "curve-P1.png").stat().st_size > 0 and "| rootsift" in (tmp_path / "results.md").read_text()

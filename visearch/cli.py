@@ -186,19 +186,28 @@ def restart(ctx, component):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def status(ctx, as_json):
-    """Each component with its pid, address and health."""
+    """Each component with its pid, address, health, restarts, last exit and log."""
     comps = mesh.status(ctx.obj["data_dir"])
     rows = [{"name": c["name"], "pid": c["pid"], "address": c["address"], "kind": c["kind"],
              "health": "SERVING" if c["healthy"] else ("NOT_SERVING" if c["running"] else "STOPPED"),
+             # running | restarting (exited, the supervisor starts it again) | failed (it kept exiting)
+             "state": c.get("state", "running"), "restarts": c.get("restarts", 0), "last_exit": c.get("last_exit"),
+             "log": c.get("log", ""),
              **({"metrics": f"http://{c['metrics']}/metrics"} if c.get("metrics") else {})}
             for c in comps]
+    sup = mesh.supervisor_status(ctx.obj["data_dir"])
     if as_json:
-        click.echo(json.dumps({"data_dir": str(ctx.obj["data_dir"]), "components": rows}, indent=2))
+        click.echo(json.dumps({"data_dir": str(ctx.obj["data_dir"]), "components": rows,
+                               **({"supervisor": sup} if sup else {})}, indent=2))
     elif not rows:
         click.echo("mesh is not up")
     else:
         for r in rows:
-            click.echo(f"{r['name']:<10} {r['health']:<12} pid {r['pid']:<8} {r['address']}")
+            extra = f"  {r['restarts']} restarts, last exit {r['last_exit']}" if r["restarts"] or r["state"] != "running" else ""
+            click.echo(f"{r['name']:<10} {r['health']:<12} pid {r['pid']:<8} {r['address']}{extra}"
+                       + (f"  {r['state'].upper()}: see {r['log']}" if r["state"] == "failed" else ""))
+        if sup and not sup["running"]:
+            click.echo(f"supervisor not running: nothing restarts a component that exits (log: {sup['log']})")
     if rows and not all(r["health"] == "SERVING" for r in rows):
         sys.exit(1)
 

@@ -3,11 +3,13 @@
 `up` starts Redis (unless VISEARCH_REDIS_URL names one), a Milvus Lite server on
 a folder of the data dir (unless VISEARCH_MILVUS_URI names a Milvus), the four
 gRPC services and one Celery worker, each in its own process group, logging to
-`<data-dir>/logs/<name>.log`, and records them in `<data-dir>/mesh.json`.
+`<data-dir>/logs/<name>.log`, and records them in `<data-dir>/mesh.json`. The processes are
+started by the mesh's supervisor (`visearch.supervise`), which restarts one that exits.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -21,6 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STATE = "mesh.json"
+LOCK = "mesh.lock"
+LAUNCH_ERROR = "launch.error"
+# Popen of every process this process started, by pid: kept so that its exit status is ours to
+# read (a dropped Popen is reaped by the subprocess module behind our back).
+CHILDREN: dict[int, subprocess.Popen] = {}
 SERVICES = ("detection", "embedding", "rerank", "gateway")
 
 
@@ -178,7 +185,52 @@ def _spawn(name: str, argv: list[str], env: dict, data_dir: Path) -> tuple[int, 
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, cwd=str(data_dir))
+    CHILDREN[proc.pid] = proc
     return proc.pid, str(log_path)
+
+
+def update_state(data_dir: Path, change) -> dict:
+    """Read, change (change(state) in place) and write the mesh record under its lock, atomically:
+    the supervisor and `visearch restart` both write it."""
+    data_dir = Path(data_dir)
+    with open(data_dir / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = load_state(data_dir)
+        if state is None:
+            raise FileNotFoundError(data_dir / STATE)
+        change(state)
+        write_state(data_dir, state)
+        return state
+
+
+def write_state(data_dir: Path, state: dict) -> None:
+    tmp = Path(data_dir) / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, Path(data_dir) / STATE)
+
+
+def held(data_dir: Path, name: str) -> bool:
+    """Is a component held (being restarted by hand): the supervisor leaves it alone."""
+    return (Path(data_dir) / "run" / f"hold-{name}").exists()
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def respawn(data_dir: Path, state: dict, comp: dict) -> tuple[int, str]:
+    """Start component `comp` again as `up` started it: same argv, settings, address, ports, data."""
+    env = component_env(data_dir, comp["name"], state)
+    if comp["kind"] == "grpc":
+        service = comp["name"].split("-")[0]
+        env[f"VISEARCH_{service.upper()}_PORT"] = comp["address"].rsplit(":", 1)[1]
+    if comp.get("metrics"):
+        var = "VISEARCH_WORKER_METRICS_PORT" if comp["kind"] == "worker" else "VISEARCH_METRICS_PORT"
+        env[var] = comp["metrics"].rsplit(":", 1)[1]
+    return _spawn(comp["name"], comp["argv"], env, Path(data_dir))
 
 
 def check_health(c: dict, timeout: float = 1.0) -> bool:
@@ -229,6 +281,14 @@ def status(data_dir: Path) -> list[dict]:
     return out
 
 
+def supervisor_status(data_dir: Path) -> dict | None:
+    state = load_state(data_dir)
+    sup = (state or {}).get("supervisor") or {}
+    if not sup.get("pid"):
+        return None
+    return {"pid": sup["pid"], "running": alive(sup["pid"]), "log": sup.get("log", "")}
+
+
 def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 180.0, log=print,
        replicas: dict[str, int] | None = None, workers: int = 1) -> dict:
     """Start everything, wait until all are healthy, return the state record.
@@ -243,7 +303,37 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
         return state
     if state:
         down(data_dir, log=lambda *_: None)
+    (data_dir / LAUNCH_ERROR).unlink(missing_ok=True)
+    # The supervisor starts every component (so it is their parent and knows how each one ends)
+    # and keeps them alive; this process waits for their health.
+    spec = {"ingest_roots": [str(r) for r in ingest_roots or []], "replicas": replicas or {}, "workers": workers}
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "supervisor.log", "ab") as out:
+        sup = subprocess.Popen([sys.executable, "-m", "visearch.supervise", str(data_dir)], stdin=subprocess.PIPE,
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(data_dir))
+    sup.stdin.write(json.dumps(spec).encode())
+    sup.stdin.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        state = load_state(data_dir)
+        if state and state.get("supervisor", {}).get("pid") == sup.pid:
+            break
+        if sup.poll() is not None:
+            err = data_dir / LAUNCH_ERROR
+            raise MeshError(err.read_text().strip() if err.is_file() else
+                            f"the supervisor exited while starting the mesh: {last_line(str(logs / 'supervisor.log'))} "
+                            f"(log: {logs / 'supervisor.log'})")
+        if time.monotonic() > deadline:
+            sup.terminate()
+            raise MeshError(f"the mesh was not started within {timeout:.0f}s (log: {logs / 'supervisor.log'})")
+        time.sleep(0.1)
+    return _wait_healthy(data_dir, state, deadline, log)
 
+
+def launch(data_dir: Path, ingest_roots: list[str], replicas: dict[str, int], workers: int,
+           supervisor: dict | None = None) -> dict:
+    """Start every component (in the supervisor's process) and write the mesh record."""
     # Every VISEARCH_* setting passes through to the processes; addresses and ports are the mesh's own.
     env = {k: v for k, v in os.environ.items() if not (k.endswith("_ADDR") or k.endswith("_PORT"))}
     env["PYTHONUNBUFFERED"] = "1"
@@ -271,7 +361,8 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
             # tasks and the job records are never dropped to make room (the gateway refuses image
             # bytes that would fill it, RESOURCE_EXHAUSTED).
             argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),
-                    "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
+                    # Every write on disk before Redis answers it: a kill -9 loses no job record or task.
+                    "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes",
                     "--maxmemory", env.get("VISEARCH_REDIS_MAXMEMORY", "1gb"), "--maxmemory-policy", "noeviction"]
             pid, lp = _spawn("redis", argv, env, data_dir)
             env["VISEARCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
@@ -318,32 +409,42 @@ def up(data_dir: Path, ingest_roots: list[str] | None = None, timeout: float = 1
     finally:
         # The settings the processes got, so one can be restarted alike (the token stays in secrets/).
         settings = {k: v for k, v in env.items() if k.startswith("VISEARCH_") and k != "VISEARCH_INTERNAL_TOKEN"}
+        now = time.time()
         state = {"data_dir": str(data_dir), "gateway": env.get("VISEARCH_GATEWAY_ADDR", ""),
-                 "components": [asdict(c) for c in comps], "started_at": time.time(), "settings": settings}
-        (data_dir / STATE).write_text(json.dumps(state, indent=2))
+                 "components": [dict(asdict(c), restarts=0, last_exit=None, state="running", started=now)
+                                for c in comps],
+                 "started_at": now, "settings": settings, "supervisor": supervisor or {}}
+        write_state(data_dir, state)
+    return state
 
-    deadline = time.monotonic() + timeout
-    pending = list(state["components"])
+
+def _wait_healthy(data_dir: Path, state: dict, deadline: float, log) -> dict:
+    """Until every component answers; one the supervisor gave up on (it kept exiting) ends the wait."""
+    timeout = max(0.0, deadline - time.monotonic())
+    pending = {c["name"] for c in state["components"]}
     while pending:
-        for c in list(pending):
-            if c["pid"] and not alive(c["pid"]):
+        state = load_state(data_dir) or state
+        for c in state["components"]:
+            if c["name"] not in pending:
+                continue
+            if c.get("state") == "failed":
                 down(data_dir, log=lambda *_: None)
                 raise MeshError(f"{c['name']} exited during start-up: {last_line(c['log'])} (log: {c['log']})")
             if check_health(c):
                 log(f"  {c['name']:<10} healthy  {c['address']}")
-                pending.remove(c)
+                pending.discard(c["name"])
         if pending and time.monotonic() > deadline:
-            names = ", ".join(c["name"] for c in pending)
             down(data_dir, log=lambda *_: None)
-            raise MeshError(f"not healthy after {timeout:.0f}s: {names} (logs in {data_dir / 'logs'})")
+            raise MeshError(f"not healthy after {timeout:.0f}s: {', '.join(sorted(pending))} "
+                            f"(logs in {data_dir / 'logs'})")
         if pending:
             time.sleep(0.3)
     return state
 
 
-def component_env(data_dir: Path, name: str) -> dict[str, str]:
+def component_env(data_dir: Path, name: str, state: dict | None = None) -> dict[str, str]:
     """The environment `up` gave component `name` (services, worker), secrets included."""
-    state = load_state(data_dir)
+    state = state or load_state(data_dir)
     if not state:
         raise MeshError(f"no mesh is up in {data_dir}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
@@ -374,24 +475,46 @@ def _stop_pid(pid: int, grace: float) -> None:
 
 
 def restart(data_dir: Path, name: str, grace: float = 15.0, wait: float = 120.0) -> dict:
-    """Stop one component `up` started (if running) and start it again: same argv, settings, address, data."""
+    """Stop one component `up` started (if running) and start it again: same argv, settings, address,
+    data. The supervisor leaves it alone meanwhile (a hold file), and supervises the new process after."""
     data_dir = Path(data_dir).resolve()
     state = load_state(data_dir)
     comps = {c["name"]: c for c in (state or {}).get("components", [])}
     comp = comps.get(name)
     if not comp or not comp.get("argv"):
         raise MeshError(f"{name!r} is not a component this mesh started in {data_dir}")
-    if comp["pid"] and alive(comp["pid"]):
-        _stop_pid(comp["pid"], grace)
-    env = component_env(data_dir, name)
-    if comp["kind"] == "grpc":
-        service = name.split("-")[0]
-        env[f"VISEARCH_{service.upper()}_PORT"] = comp["address"].rsplit(":", 1)[1]
-    if comp.get("metrics"):
-        var = "VISEARCH_WORKER_METRICS_PORT" if comp["kind"] == "worker" else "VISEARCH_METRICS_PORT"
-        env[var] = comp["metrics"].rsplit(":", 1)[1]
-    comp["pid"], comp["log"] = _spawn(name, comp["argv"], env, data_dir)
-    (data_dir / STATE).write_text(json.dumps(state, indent=2))
+    (data_dir / "run").mkdir(exist_ok=True)
+    sup = supervisor_status(data_dir)
+    if sup and sup["running"]:
+        # The supervisor restarts it (so the new process is its child, supervised like the rest).
+        req = data_dir / "run" / f"restart-{name}"
+        req.write_text(str(grace))
+        deadline = time.monotonic() + grace + wait
+        while req.exists():
+            if time.monotonic() > deadline or not alive(sup["pid"]):
+                req.unlink(missing_ok=True)
+                raise MeshError(f"the supervisor did not restart {name} (log: {sup['log']})")
+            time.sleep(0.1)
+        comp = next(c for c in load_state(data_dir)["components"] if c["name"] == name)
+        while not check_health(comp):
+            if not alive(comp["pid"]) or time.monotonic() > deadline:
+                raise MeshError(f"{name} did not come back healthy (log: {comp['log']})")
+            time.sleep(0.2)
+        return comp
+    hold = data_dir / "run" / f"hold-{name}"
+    hold.touch()
+    try:
+        def again(st: dict) -> None:
+            c = next(c for c in st["components"] if c["name"] == name)
+            if c["pid"] and alive(c["pid"]):
+                _stop_pid(c["pid"], grace)
+            c["pid"], c["log"] = respawn(data_dir, st, c)
+            c.update(state="running", started=time.time())
+            comp.update(c)
+
+        update_state(data_dir, again)
+    finally:
+        hold.unlink(missing_ok=True)
     deadline = time.monotonic() + wait
     while not check_health(comp):
         if not alive(comp["pid"]) or time.monotonic() > deadline:
@@ -400,12 +523,22 @@ def restart(data_dir: Path, name: str, grace: float = 15.0, wait: float = 120.0)
     return comp
 
 
+def stop_supervisor(data_dir: Path, state: dict | None, grace: float = 10.0) -> None:
+    """Stop the mesh's supervisor (it leaves the components running: each is in a process group of
+    its own), so nothing restarts what stops next."""
+    pid = ((state or {}).get("supervisor") or {}).get("pid")
+    if pid and alive(pid):
+        _stop_pid(pid, grace)
+
+
 def down(data_dir: Path, grace: float = 15.0, log=print) -> None:
     """Stop what `up` started: SIGTERM (services drain), then SIGKILL after `grace`."""
     state = load_state(data_dir)
     if not state:
         log("mesh is not up")
         return
+    stop_supervisor(data_dir, state)
+    state = load_state(data_dir) or state  # the pids it started last
     # Stop in reverse start order: callers before their dependencies.
     comps = [c for c in reversed(state["components"]) if c["pid"]]
     for c in comps:

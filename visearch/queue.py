@@ -34,6 +34,9 @@ def make_celery(settings: QueueSettings) -> Celery:
             # kombu restores unacked messages of dead workers only every ~100 s by default.
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,
+            # The restore's lock in Redis: one left behind by a Redis killed mid-restore (the
+            # append-only file keeps it) would hold every restore back for kombu's 5 minutes.
+            "unacked_mutex_expire": 30,
         },
         task_default_queue=INGEST_QUEUE,
         task_routes={name: {"queue": INGEST_QUEUE}

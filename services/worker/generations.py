@@ -40,6 +40,7 @@ from services.worker.tasks import (
     model_meta,
     read_uri,
     readable_roots,
+    retry_later,
     run_batch,
 )
 from visearch import imaging
@@ -235,7 +236,7 @@ def register(app: Celery, settings: WorkerSettings) -> None:
             if task.request.retries < task.max_retries:
                 delay = min(60, 2 ** task.request.retries)
                 log.warning("%s retried in %ss: %s", what, delay, exc, extra={"job_id": job_id})
-                raise task.retry(exc=exc, countdown=delay) from None
+                retry_later(task, exc, delay)
             ctx.jobs.set_phase(job_id, "failed", f"{what} gave up after {task.max_retries} retries: {exc}", close=True)
         except Exception as exc:  # noqa: BLE001 - a bug ends the job with its reason, not a redelivery loop
             log.exception("%s failed", what, extra={"job_id": job_id})
@@ -269,4 +270,4 @@ def register(app: Celery, settings: WorkerSettings) -> None:
         try:
             return retire(context(settings), catalog, number)
         except (*INFRASTRUCTURE, grpc.RpcError) as exc:  # the old generation stays until a retry drops it
-            raise self.retry(exc=exc, countdown=min(300, 10 * 2 ** self.request.retries)) from None
+            retry_later(self, exc, min(300, 10 * 2 ** self.request.retries))

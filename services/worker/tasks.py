@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import redis
 from celery import Celery
+from celery.exceptions import Reject
 from pymilvus.exceptions import MilvusException
 
 from visearch import files, imaging
@@ -332,6 +333,20 @@ def register(app: Celery, settings: WorkerSettings) -> None:
     generations.register(app, settings)
 
 
+def retry_later(task, exc: BaseException, countdown: float):
+    """Retry the task in `countdown` s. Celery publishes the retry as a new message and, when it
+    cannot (the broker is down or just restarted), rejects the running one *without* requeueing it:
+    that batch would be lost. Then the message is rejected with requeue instead: put back on its
+    queue, or, if the broker cannot take even that, left unacknowledged and delivered again after
+    the visibility timeout."""
+    try:
+        task.retry(exc=exc, countdown=countdown)  # raises Retry once the retry is published
+    except Reject as rej:
+        log.warning("retry not published (%s): the batch goes back to its queue", rej.reason)
+        raise Reject(rej.reason, requeue=True) from None
+    raise AssertionError("Task.retry returned")  # pragma: no cover - it always raises
+
+
 def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tuple[list[str], dict[str, str]]:
     """Run fn(units) -> (done ids, failed id -> reason) for a bound Celery task and record the outcome
     in the job. Infrastructure failures retry the whole batch with backoff; a final answer from a
@@ -368,9 +383,7 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
         if task.request.retries < task.max_retries:
             delay = min(60, 2 ** task.request.retries)
             log.warning("batch retried in %ss: %s", delay, exc, extra={"job_id": job_id})
-            # If the broker itself is down this raises, the message stays unacknowledged
-            # and is delivered again after the visibility timeout.
-            raise task.retry(exc=exc, countdown=delay) from None
+            retry_later(task, exc, delay)
         done, failed = [], {unit_id(u): f"gave up after {task.max_retries} retries: {exc}" for u in units}
     except grpc.RpcError as exc:
         done, failed = [], {unit_id(units[0]): f"{exc.code().name}: {exc.details()}"}
@@ -386,7 +399,7 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
     except redis.RedisError as exc:  # Redis away or full: the batch runs again (idempotent) until recorded
         if task.request.retries < task.max_retries:
             log.warning("outcome not recorded, batch retried: %s", exc, extra={"job_id": job_id})
-            raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries)) from None
+            retry_later(task, exc, min(60, 2 ** task.request.retries))
         raise
     obs.INGEST_BATCH_SECONDS.observe(time.perf_counter() - t0)
     return done, failed
