@@ -291,14 +291,14 @@ def summarize(per_round: list[dict], workers: int, concurrency: int, detect: boo
     cpu: dict[str, float] = {}
     for r in per_round:
         for k, v in r["mesh"]["cpu_s"].items():
-            cpu[k] = round(cpu.get(k, 0.0) + v, 1)
+            cpu[k] = cpu.get(k, 0.0) + v  # rounded once, at the end (not per round)
     n_objects = sum(r["mesh"]["objects"] for r in per_round)
     return {"policy": {"ingest_objects": objects, "ingest_regions": regions, "detect": detect,
                        "max_batch": {"detection": det_batch, "embedding": emb_batch},
                        "worker_concurrency": concurrency},
             "images": images, "failed": sum(r["mesh"]["failed"] for r in per_round), "workers": workers,
             "rounds": per_round, "objects": n_objects, "objects_per_image": round(n_objects / max(1, images), 2),
-            "cpu_seconds_by_component": {k: v for k, v in cpu.items() if v >= 0.05}, "wall_s": round(mesh_wall, 1),
+            "cpu_seconds_by_component": {k: round(v, 2) for k, v in cpu.items() if v >= 0.005}, "wall_s": round(mesh_wall, 1),
             "mesh_images_per_s": mesh_ips, "raw_images_per_s": raw,
             "mesh_over_raw": round(mesh_ips / raw["same_forwards"], 3),
             "mesh_over_raw_embedding_only": round(mesh_ips / raw["embed_only"], 3),

@@ -175,6 +175,31 @@ def index_items(rmesh, catalog: str) -> list[tuple[str, str]]:
     return []
 
 
+def diagnosis(rmesh, jobs: Jobs, job_id: str) -> str:
+    """One line on where a job's items are when it does not finish: its counts, the queue and the
+    broker's unacknowledged messages, every component's state, and the worker's last warnings."""
+    import redis
+
+    st = jobs.status(job_id)
+    parts = [f"job done {st.done} failed {st.failed} pending {st.pending} of {st.submitted}"]
+    try:
+        r = redis.Redis.from_url(mesh.load_state(rmesh["data"])["settings"]["VISEARCH_REDIS_URL"], socket_timeout=5)
+        parts.append(f"queue {r.llen('visearch.ingest')} unacked {r.hlen('unacked')} "
+                     f"unacked_index {r.zcard('unacked_index')} keys {sorted(k.decode() for k in r.keys('unacked*'))}")
+    except Exception as e:  # noqa: BLE001 - a diagnosis, best effort
+        parts.append(f"redis: {e}")
+    for c in mesh.status(rmesh["data"]):
+        parts.append(f"{c['name']} pid {c['pid']} running {c['running']} healthy {c['healthy']}")
+    sup = mesh.supervisor_status(rmesh["data"]) or {}
+    parts.append(f"supervisor {sup.get('running')}: "
+                 + " / ".join(Path(sup["log"]).read_text(errors="replace").splitlines()[-4:]) if sup.get("log") else "")
+    worker_log = next(c["log"] for c in mesh.load_state(rmesh["data"])["components"] if c["name"] == "worker")
+    warned = [ln[:300] for ln in Path(worker_log).read_text(errors="replace").splitlines()
+              if '"WARNING"' in ln or '"ERROR"' in ln]
+    parts.append("worker: " + " / ".join(warned[-3:]))
+    return "; ".join(parts)
+
+
 def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault) -> None:
     photos = grocery["train"][:500]
     manifest = write_manifest(photos, tmp_path / f"{catalog}.csv")
@@ -183,7 +208,10 @@ def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault) -> None:
     jobs = Jobs.from_url(rmesh["comps"]["redis"]["address"], 60)
     wait_until(lambda: jobs.status(job_id).done >= 100, 300, "first items stored")
     fault()
-    wait_until(lambda: jobs.status(job_id).finished, 600, "job finished after the fault")
+    try:
+        wait_until(lambda: jobs.status(job_id).finished, 600, "job finished after the fault")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: {diagnosis(rmesh, jobs, job_id)}") from None
     st = jobs.status(job_id)
     assert (st.submitted, st.done, st.failed, st.pending) == (500, 500, 0, 0), st
     rows = index_items(rmesh, catalog)

@@ -340,11 +340,11 @@ def retry_later(task, exc: BaseException, countdown: float):
     queue, or, if the broker cannot take even that, left unacknowledged and delivered again after
     the visibility timeout."""
     try:
-        task.retry(exc=exc, countdown=countdown)  # raises Retry once the retry is published
+        # Celery's idiom: retry raises Retry once published (or returns it when told not to throw).
+        raise task.retry(exc=exc, countdown=countdown)
     except Reject as rej:
         log.warning("retry not published (%s): the batch goes back to its queue", rej.reason)
         raise Reject(rej.reason, requeue=True) from None
-    raise AssertionError("Task.retry returned")  # pragma: no cover - it always raises
 
 
 def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tuple[list[str], dict[str, str]]:
