@@ -81,15 +81,30 @@ def protocols(root: Path, out: Path, smoke: bool) -> dict[str, tuple[list, list]
         th_q, products = th_q[::60][:4], products[:4]
     train_bg = [p for p in train if not p.is_product]
     val_bg = [p for p in val if not p.is_product]
-    return {
-        "TH-mesh": (th_q, th.database if not smoke else th.database[::40]),
+    protos = {
+        "TH-mesh": (th_q, th.database),
         "ST": (th_q, scenes),
         "OT": (pasted(th_q, train_bg, out / "OT", 11), iconic),
-        "P1": (products, train if not smoke else train[::40]),
+        "P1": (products, train),
         "P3": (products, iconic),
         "S": (products, scenes),
         "O": (pasted(products, val_bg, out / "O", 7), iconic),
     }
+    if smoke:  # each catalog: its queries' products and a few others (every code path, a fraction of the images)
+        protos = {k: (q, smoke_catalog(q, db)) for k, (q, db) in protos.items()}
+    return protos
+
+
+def smoke_catalog(queries: list, database: list, per_class: int = 3, others: int = 8) -> list:
+    wanted = {q.fine_id for q in queries}
+    seen: dict[int, int] = {}
+    keep = []
+    for p in database:
+        if p.fine_id in wanted and seen.get(p.fine_id, 0) < per_class:
+            seen[p.fine_id] = seen.get(p.fine_id, 0) + 1
+            keep.append(p)
+    rest = [p for p in database if p.fine_id not in wanted]
+    return keep + rest[:: max(1, len(rest) // others)][:others]
 
 
 def metrics(rankings: list[list[str]], queries: list, database: list) -> dict:

@@ -186,7 +186,15 @@ def test_claims_order_the_writes_of_one_item(jobs):
     assert jobs.claim(job, {"a": 1}, "t3") == ([], ["a"], []), "submission 1 of a is superseded"
     jobs.release(job, ["a"], "t-other")  # someone else's release frees nothing
     assert jobs.claim(job, {"b": 1}, "t4") == (["b"], [], [])
-    assert jobs.claim(job, {"b": 1}, "t5") == ([], [], ["b"])
+    # A copy of the same submission (redelivered, or sent again by the ledger, its first holder
+    # perhaps killed mid-write) takes the claim over: both write the same rows. Only the new holder's
+    # release frees it; an unnumbered claim still waits.
+    assert jobs.claim(job, {"b": 1}, "t5") == (["b"], [], [])
+    jobs.release(job, ["b"], "t4")
+    assert jobs.claim(job, {"b": None}, "t6") == ([], [], ["b"])
+    jobs.release(job, ["b"], "t5")
+    assert jobs.claim(job, {"b": None}, "t6") == (["b"], [], [])
+    assert jobs.claim(job, {"b": 1}, "t7") == ([], [], ["b"]), "an unnumbered holder is not taken over"
 
 
 def test_a_superseded_submission_is_not_worked_on(jobs):

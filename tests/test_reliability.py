@@ -200,20 +200,22 @@ def diagnosis(rmesh, jobs: Jobs, job_id: str) -> str:
     return "; ".join(parts)
 
 
-def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault) -> None:
-    photos = grocery["train"][:500]
+def ingest_under_fault(rmesh, grocery, tmp_path, catalog: str, fault, n: int = 500, fault_at: int = 100) -> None:
+    """Ingest `n` train photos, run `fault` once `fault_at` are stored, and check every item is
+    stored exactly once when the job ends."""
+    photos = grocery["train"][:n]
     manifest = write_manifest(photos, tmp_path / f"{catalog}.csv")
     job_id = json.loads(cli(rmesh["env"], "ingest", "--manifest", str(manifest), "--catalog", catalog,
                             "--json").stdout)["job_id"]
     jobs = Jobs.from_url(rmesh["comps"]["redis"]["address"], 60)
-    wait_until(lambda: jobs.status(job_id).done >= 100, 300, "first items stored")
+    wait_until(lambda: jobs.status(job_id).done >= fault_at, 300, "first items stored")
     fault()
     try:
         wait_until(lambda: jobs.status(job_id).finished, 600, "job finished after the fault")
     except TimeoutError as e:
         raise AssertionError(f"{e}: {diagnosis(rmesh, jobs, job_id)}") from None
     st = jobs.status(job_id)
-    assert (st.submitted, st.done, st.failed, st.pending) == (500, 500, 0, 0), st
+    assert (st.submitted, st.done, st.failed, st.pending) == (n, n, 0, 0), st
     rows = index_items(rmesh, catalog)
     assert {item for item, _ in rows} == {p.path.stem for p in photos}, "every submitted item stored"
     # An item is stored as its objects <item>#0..#k-1 (full frame and detected boxes): each once.
@@ -232,11 +234,12 @@ def test_worker_killed_mid_ingest(rmesh, grocery, tmp_path):
         wait_until(lambda: not mesh.alive(pid), 10, "worker gone")
         mesh.restart(rmesh["data"], "worker")
 
-    ingest_under_fault(rmesh, grocery, tmp_path, "killed", kill_worker)
+    ingest_under_fault(rmesh, grocery, tmp_path, "killed", kill_worker, n=240, fault_at=60)
 
 
 def test_redis_restarted_mid_ingest(rmesh, grocery, tmp_path):
-    ingest_under_fault(rmesh, grocery, tmp_path, "redisrestart", lambda: mesh.restart(rmesh["data"], "redis"))
+    ingest_under_fault(rmesh, grocery, tmp_path, "redisrestart", lambda: mesh.restart(rmesh["data"], "redis"),
+                       n=240, fault_at=60)
 
 
 def test_embedding_outage_while_searching(rmesh, grocery):

@@ -112,16 +112,20 @@ return n
 """
 # Claim items for writing, all or nothing: per item 1 claimed, 0 stale (a newer submission exists),
 # -1 busy (another task's claim); when any is busy nothing is claimed (no task holds part of a batch
-# while it waits for the rest). KEYS: seq, then each item's claim key; ARGV: token, ttl ms, item, seq pairs.
+# while it waits for the rest). A claim is "token|seq": one held for the *same* numbered submission
+# (a copy of this batch: redelivered, or sent again by the ledger, whose holder may be a worker
+# killed mid-write) is taken over, since both write the same rows; only another submission waits.
+# KEYS: seq, then each item's claim key; ARGV: token, ttl ms, item, seq pairs.
 _CLAIM = """
 local out, busy = {}, false
 for i = 3, #ARGV, 2 do
   local item, seq = ARGV[i], ARGV[i + 1]
   local latest = redis.call('HGET', KEYS[1], item)
   local holder = redis.call('GET', KEYS[1 + (i - 1) / 2])
+  local held_seq = holder and string.match(holder, '|([^|]*)$')
   if seq ~= '' and latest and latest ~= seq then
     out[#out + 1] = 0
-  elseif holder and holder ~= ARGV[1] then
+  elseif holder and holder ~= (ARGV[1] .. '|' .. seq) and not (seq ~= '' and held_seq == seq) then
     out[#out + 1] = -1
     busy = true
   else
@@ -130,7 +134,7 @@ for i = 3, #ARGV, 2 do
 end
 if not busy then
   for i = 1, #out do
-    if out[i] == 1 then redis.call('SET', KEYS[1 + i], ARGV[1], 'PX', ARGV[2]) end
+    if out[i] == 1 then redis.call('SET', KEYS[1 + i], ARGV[1] .. '|' .. ARGV[2 + 2 * i], 'PX', ARGV[2]) end
   end
 end
 return out
@@ -149,8 +153,10 @@ if (k or 'ingest') ~= ARGV[2] then return k or 'ingest' end
 return ''
 """
 _RELEASE = """
+local mine = ARGV[1] .. '|'
 for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+  local v = redis.call('GET', KEYS[i])
+  if v and string.sub(v, 1, #mine) == mine then redis.call('DEL', KEYS[i]) end
 end
 return 0
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from visearch import ledger
 from visearch.settings import QueueSettings
 
 INGEST_TASK = "visearch.ingest_batch"
@@ -46,4 +47,7 @@ def make_celery(settings: QueueSettings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
+    # Every task this process publishes, starts or finishes is kept in the ledger, so a message the
+    # broker loses is sent again (visearch/ledger.py).
+    ledger.track(settings.redis_url, (INGEST_TASK, REEMBED_PLAN_TASK, REEMBED_BATCH_TASK, RETIRE_TASK))
     return app

@@ -169,6 +169,10 @@ class QueueSettings(_Base):
     visibility_timeout: int = 900
     job_ttl_seconds: int = 7 * 24 * 3600
     ingest_batch: int = 16
+    # A task recorded in the ledger and not seen alive for this long is looked for in the queue and
+    # among the unacknowledged messages, and sent again when it is in neither (visearch/ledger.py).
+    lost_task_after_seconds: float = 60.0
+    ledger_every_seconds: float = 10.0
 
 
 class ClientSettings(SecuritySettings):

@@ -22,7 +22,7 @@ from celery import Celery
 from celery.exceptions import Reject
 from pymilvus.exceptions import MilvusException
 
-from visearch import files, imaging
+from visearch import files, imaging, ledger
 from visearch import observability as obs
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
@@ -298,7 +298,13 @@ def catalog_objects(ctx, ok: list, timeout: float) -> list[tuple[int, tuple[floa
 
 
 def register(app: Celery, settings: WorkerSettings) -> None:
-    from celery.signals import worker_process_init
+    from celery.signals import worker_process_init, worker_ready
+
+    @worker_ready.connect(weak=False)
+    def _reconciler(**_):
+        # In the worker's main process: tasks the broker lost are sent again (visearch/ledger.py).
+        ledger.start_reconciler(settings.redis_url, app, settings.lost_task_after_seconds,
+                                settings.job_ttl_seconds, settings.ledger_every_seconds)
 
     @worker_process_init.connect(weak=False)
     def _metrics(**_):
