@@ -209,7 +209,7 @@ def test_files_are_read_bounded_and_typed(hmesh):
     for n in names:
         shutil.copy(photo, (root / "sub" if n == "via_dir" else root) / f"{n}.jpg")
     worker = next(c for c in mesh.load_state(hmesh["data"])["components"] if c["name"] == "worker")
-    mesh._stop_pid(worker["pid"], 15)
+    mesh.stop_pid(worker["pid"], 15)
     try:
         items = [gateway_pb2.IngestItem(item_id=n, uri=str((root / "sub" if n == "via_dir" else root) / f"{n}.jpg"))
                  for n in names]

@@ -261,7 +261,7 @@ def test_embedding_outage_while_searching(rmesh, grocery):
         time.sleep(2)
         emb = next(c for c in mesh.load_state(rmesh["data"])["components"] if c["name"] == "embedding")
         down_at = time.monotonic()
-        mesh._stop_pid(emb["pid"], 10)
+        mesh.stop_pid(emb["pid"], 10)
         time.sleep(3)
         up_at = time.monotonic()
         mesh.restart(rmesh["data"], "embedding")

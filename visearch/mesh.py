@@ -102,10 +102,10 @@ def worker_concurrency(env: dict[str, str]) -> int:
 def free_ports(n: int) -> int:
     """The first of n consecutive ports, each free now and not handed out before (a worker's pool
     child i serves its /metrics on the first + i)."""
+    top = _listen_range().stop or 65536
     for _ in range(100):
         base = free_port()
         block = range(base + 1, base + n)
-        top = _listen_range().stop or 65536
         if any(p in _HANDED_OUT or p >= top for p in block):
             continue
         try:
@@ -455,7 +455,8 @@ def component_env(data_dir: Path, name: str, state: dict | None = None) -> dict[
     return env
 
 
-def _stop_pid(pid: int, grace: float) -> None:
+def stop_pid(pid: int, grace: float) -> None:
+    """SIGTERM a process group, then SIGKILL it after `grace` s (reaping it when it is a child)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -496,18 +497,14 @@ def restart(data_dir: Path, name: str, grace: float = 15.0, wait: float = 120.0)
                 raise MeshError(f"the supervisor did not restart {name} (log: {sup['log']})")
             time.sleep(0.1)
         comp = next(c for c in load_state(data_dir)["components"] if c["name"] == name)
-        while not check_health(comp):
-            if not alive(comp["pid"]) or time.monotonic() > deadline:
-                raise MeshError(f"{name} did not come back healthy (log: {comp['log']})")
-            time.sleep(0.2)
-        return comp
+        return _wait_back(comp, name, deadline)
     hold = data_dir / "run" / f"hold-{name}"
     hold.touch()
     try:
         def again(st: dict) -> None:
             c = next(c for c in st["components"] if c["name"] == name)
             if c["pid"] and alive(c["pid"]):
-                _stop_pid(c["pid"], grace)
+                stop_pid(c["pid"], grace)
             c["pid"], c["log"] = respawn(data_dir, st, c)
             c.update(state="running", started=time.time())
             comp.update(c)
@@ -515,7 +512,10 @@ def restart(data_dir: Path, name: str, grace: float = 15.0, wait: float = 120.0)
         update_state(data_dir, again)
     finally:
         hold.unlink(missing_ok=True)
-    deadline = time.monotonic() + wait
+    return _wait_back(comp, name, time.monotonic() + wait)
+
+
+def _wait_back(comp: dict, name: str, deadline: float) -> dict:
     while not check_health(comp):
         if not alive(comp["pid"]) or time.monotonic() > deadline:
             raise MeshError(f"{name} did not come back healthy (log: {comp['log']})")
@@ -528,7 +528,7 @@ def stop_supervisor(data_dir: Path, state: dict | None, grace: float = 10.0) -> 
     its own), so nothing restarts what stops next."""
     pid = ((state or {}).get("supervisor") or {}).get("pid")
     if pid and alive(pid):
-        _stop_pid(pid, grace)
+        stop_pid(pid, grace)
 
 
 def down(data_dir: Path, grace: float = 15.0, log=print) -> None:

@@ -114,7 +114,7 @@ def serve_requests(data_dir: Path) -> list[str]:
         comp = next((c for c in state.get("components", []) if c["name"] == name and c.get("argv")), None)
         if comp is not None:
             if comp["pid"] and mesh.alive(comp["pid"]):
-                mesh._stop_pid(comp["pid"], grace)
+                mesh.stop_pid(comp["pid"], grace)
             proc = mesh.CHILDREN.pop(comp["pid"], None)
             if proc is not None:  # reap it (a stopped process is not a crash: no exit recorded)
                 try:
