@@ -321,15 +321,31 @@ def register(app: Celery, settings: WorkerSettings) -> None:
     @app.task(name=INGEST_TASK, bind=True, max_retries=settings.max_retries)
     def ingest_batch(self, job_id: str, catalog: str, items: list[dict]) -> dict:
         ctx = context(settings)
-        done, failed = run_batch(self, ctx, job_id, items, lambda units: process(ctx, job_id, catalog, units),
-                                 lambda item: item["item_id"])
-        obs.INGESTED.labels(catalog, "done").inc(len(done))
-        obs.INGESTED.labels(catalog, "failed").inc(len(failed))
-        if done and ctx.jobs.status(job_id, max_failures=0).finished:
-            # Seal the job's rows into indexed segments: Milvus Lite brute-forces
-            # unflushed rows in Python, which made searches after a bulk ingest slow.
+        sealed = []
+
+        def seal() -> None:
+            # Seal the job's rows into indexed segments: Milvus Lite brute-forces unflushed rows
+            # in Python, which made searches after a bulk ingest slow.
             for gen in ctx.store.write_targets(catalog):
                 ctx.store.flush(gen)
+            sealed.append(True)
+
+        def seal_if_last(done: list, failed: dict) -> None:
+            # The batch that completes its job seals *before* its items are recorded, so a client
+            # waiting for the job (`ingest --wait`) searches sealed segments instead of competing
+            # with the flush (a 1,320-photo job: the first searches took 0.5-1.3 s, then 0.2 s).
+            if done and ctx.jobs.status(job_id, max_failures=0).pending <= len(done) + len(failed):
+                try:
+                    seal()
+                except Exception as exc:  # noqa: BLE001 - sealed after recording instead (below)
+                    log.warning("not sealed before the job's last items: %s", exc, extra={"job_id": job_id})
+
+        done, failed = run_batch(self, ctx, job_id, items, lambda units: process(ctx, job_id, catalog, units),
+                                 lambda item: item["item_id"], before_record=seal_if_last)
+        obs.INGESTED.labels(catalog, "done").inc(len(done))
+        obs.INGESTED.labels(catalog, "failed").inc(len(failed))
+        if done and not sealed and ctx.jobs.status(job_id, max_failures=0).finished:
+            seal()  # two last batches recorded at once, neither seeing itself last: seal now
         log.info("batch ingested", extra={"job_id": job_id, "catalog": catalog, "done": len(done),
                                           "failed": len(failed)})
         return {"done": len(done), "failed": len(failed)}
@@ -353,11 +369,13 @@ def retry_later(task, exc: BaseException, countdown: float):
         raise Reject(rej.reason, requeue=True) from None
 
 
-def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tuple[list[str], dict[str, str]]:
+def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id, before_record=None
+              ) -> tuple[list[str], dict[str, str]]:
     """Run fn(units) -> (done ids, failed id -> reason) for a bound Celery task and record the outcome
-    in the job. Infrastructure failures retry the whole batch with backoff; a final answer from a
-    dependency (e.g. INVALID_ARGUMENT) retries unit by unit, so one bad image cannot fail its batch;
-    a bug fails the units with its reason instead of looping."""
+    in the job (`before_record(done, failed)` runs just before). Infrastructure failures retry the
+    whole batch with backoff; a final answer from a dependency (e.g. INVALID_ARGUMENT) retries unit
+    by unit, so one bad image cannot fail its batch; a bug fails the units with its reason instead
+    of looping."""
     headers = getattr(task.request, "headers", None) or {}
     obs.request_id.set(getattr(task.request, "request_id", None) or headers.get("request_id") or job_id[:16])
     t0 = time.perf_counter()
@@ -399,6 +417,8 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id) -> tupl
         log.exception("batch failed", extra={"job_id": job_id})
         done, failed = [], {unit_id(u): f"internal error: {type(exc).__name__}: {exc}" for u in units}
     seqs = {unit_id(u): u.get("seq") for u in units if isinstance(u, dict)} or None
+    if before_record is not None:
+        before_record(done, failed)
     try:
         ctx.jobs.mark_done(job_id, done, seqs)
         ctx.jobs.mark_failed(job_id, failed, seqs)
