@@ -141,6 +141,31 @@ def test_smoke_run_writes_checkpoint_history_and_curve(smoke_run):
 
 
 @needs_grocery
+def test_smoke_run_on_made_up_views(smoke_run, tmp_path):
+    """Made-up views (`aug<i>`) are cached beside the photo and drawn per photo in the batches."""
+    _, cache = smoke_run
+    cfg = train.TrainConfig.from_dict({**SMOKE, "name": "aug", "views": ["id", "aug0"], "view_mix": "sample"})
+    run = train.train(cfg, tmp_path / "aug", progress=lambda m: None, smoke=True, cache_root=cache)
+    assert run.best.is_file() and run.meta["config"]["views"] == ["id", "aug0"]
+    cache_dir = next(p for p in cache.iterdir() if p.is_dir())
+    aug = {p.name.split("-")[0] for p in cache_dir.glob("*-aug0.npy")}
+    assert aug and aug <= {p.name.split("-")[0] for p in cache_dir.glob("*-id.npy")}
+
+
+@needs_grocery
+def test_made_up_views_are_seeded_by_the_image():
+    path = datasets.grocery_split(GROCERY, "train")[0].path
+    a, b, ident = data.load_input(path, 96, "aug0"), data.load_input(path, 96, "aug0"), data.load_input(path, 96, "id")
+    assert a.shape == ident.shape == (96, 96, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, ident)
+    assert not np.array_equal(a, data.load_input(path, 96, "aug1"))
+    with pytest.raises(ValueError, match="unknown view"):
+        data.load_input(path, 96, "augx")
+    with pytest.raises(ValueError, match="view_mix"):
+        train.TrainConfig.from_dict({**SMOKE, "view_mix": "pixel"})
+
+
+@needs_grocery
 def test_smoke_training_lowers_the_loss(smoke_run):
     """The loss on one fixed batch of the training photos (no augmentation) drops over the run."""
     out, _ = smoke_run
@@ -231,3 +256,51 @@ def test_default_checkpoint_is_reused_only_for_the_same_recipe(smoke_run, tmp_pa
     said = []
     assert default.default_checkpoint(cfg_path, runs, progress=said.append) == runs / "smoke" / "best.pt"
     assert said and said[0].startswith("reusing")
+
+
+# --------------------------------------------------------------------------- weight-space ensembles (WiSE-FT)
+
+
+@needs_grocery
+def test_wise_interpolates_between_the_pretrained_model_and_the_fine_tuned_one(smoke_run, tmp_path):
+    from visearch.training import wise
+
+    out, cache = smoke_run
+    ckpt = out / "best.pt"
+    ft, meta = train.load_checkpoint(ckpt)
+    mcfg = tmodel.ModelConfig.from_dict(meta["config"]["model"])
+    photos = datasets.grocery_split(GROCERY, "train")[:6]
+    maps = torch.from_numpy(data.FeatureCache(mcfg, cache).maps(photos)).float()
+
+    def emb(model):
+        with torch.no_grad():
+            return tmodel.embed_from(model, maps, mcfg.cut).numpy()
+
+    one, m1 = wise.interpolate(ckpt, 1.0)
+    assert np.allclose(emb(one), emb(ft), atol=1e-6) and m1["wise"]["alpha"] == 1.0
+    # alpha 0: the off-the-shelf descriptor, in the projection's shape (64 of the 1280 dims here: its first rows)
+    zero, _ = wise.interpolate(ckpt, 0.0)
+    plain = tmodel.make_model(tmodel.ModelConfig.from_dict({**meta["config"]["model"], "dim": 0}))
+    with torch.no_grad():
+        v = tmodel.pool_features(plain, tmodel.run_units(plain, maps, mcfg.cut))[:, :64]
+    v = (v / v.norm(dim=1, keepdim=True)).numpy()
+    assert np.allclose(emb(zero), v, atol=1e-5)
+    half, _ = wise.interpolate(ckpt, 0.5)
+    assert not np.allclose(emb(half), emb(ft), atol=1e-3) and not np.allclose(emb(half), emb(zero), atol=1e-3)
+    with pytest.raises(ValueError, match="outside"):
+        wise.interpolate(ckpt, 1.5)
+    # the CLI writes an ordinary checkpoint that exports
+    assert wise.main([str(ckpt), "--out", str(tmp_path / "w"), "--alpha", "0.5"]) == 0
+    meta_w = export.export_checkpoint(tmp_path / "w" / "best.pt", tmp_path / "repo", version=1, progress=lambda m: None,
+                                      write_config=True)
+    assert meta_w["parity_max_abs_diff"] < build.PARITY_TOL
+
+
+def test_wise_rule_keeps_generality_then_the_best_hold_out():
+    from visearch.training import wise
+
+    rows = [{"alpha": a, "GS": {"mAP": g}, "TH": {"mAP": t}}
+            for a, g, t in ((0.0, 0.96, 0.5), (0.35, 0.958, 0.8), (0.5, 0.951, 0.93), (1.0, 0.92, 0.98))]
+    assert wise.choose(rows)["alpha"] == 0.5  # GS 0.951 >= 0.96 - 0.01, the best TH of those
+    assert wise.choose(rows, tolerance=0.005)["alpha"] == 0.35
+    assert wise.choose(rows, tolerance=0.05)["alpha"] == 1.0

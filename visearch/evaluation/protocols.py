@@ -7,6 +7,9 @@
   fruit/vegetable classes); queries = val photos of products 44..58; database =
   all train photos except those of products 28..43 (the unseen products plus the
   fruit/vegetable distractors).
+- G / GR: generic instance search on registry photos (visearch/evaluation/generic.py), a held-out
+  check that a model fine-tuned on grocery products still finds other kinds of instances; GS, its
+  twin on other photos (OpenCV's samples), to select on.
 - TH / TH-CD: a held-out split of TRAIN (never val) to select hyper-parameters on:
   per product class the last ~20% of its train photos (file order; consecutive
   photos are near-duplicates, so a tail block is a fairer hold-out than every 5th)
@@ -31,7 +34,8 @@ from visearch.datasets import PRODUCT_FINE_IDS, Photo, grocery_iconic, grocery_s
 
 CD_TRAIN_IDS = range(28, 44)
 CD_TEST_IDS = range(44, 59)
-PROTOCOL_NAMES = ("P1", "P3", "CD", "TH", "TH-CD")
+PROTOCOL_NAMES = ("P1", "P3", "CD", "TH", "TH-CD", "G", "GR", "GS")
+GENERIC_CACHE = Path(__file__).resolve().parents[2] / ".data" / "generic"
 HOLDOUT_FRACTION = 0.2
 
 
@@ -141,6 +145,10 @@ def get_protocols(root: Path, names: Sequence[str] = ("P1", "P3", "CD")) -> dict
             out[n] = train_holdout(root)
         elif n == "TH-CD":
             out[n] = train_holdout(root, query_ids=CD_TRAIN_IDS, exclude_ids=CD_TEST_IDS, name="TH-CD")
+        elif n in ("G", "GR", "GS"):
+            from .generic import generic_protocols
+
+            out.update(generic_protocols(GENERIC_CACHE, train, [n]))
     return out
 
 

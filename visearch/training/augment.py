@@ -6,27 +6,13 @@ sees exactly the preprocessing of `visearch.imaging.to_model_input` plus the ran
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
 from visearch.imaging import decode_image, to_model_input
-
-
-def random_resized_crop(img: Image.Image, rng: np.random.Generator, scale=(0.35, 1.0), ratio=(0.75, 4 / 3)) -> Image.Image:
-    """A crop covering `scale` of the area with aspect ratio in `ratio` (Inception-style); whole image as fallback."""
-    w, h = img.size
-    area = w * h
-    for _ in range(10):
-        a = area * rng.uniform(*scale)
-        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
-        if 0 < cw <= w and 0 < ch <= h:
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return img.crop((x0, y0, x0 + cw, y0 + ch))
-    return img
+from visearch.views import random_resized_crop
 
 
 def jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:

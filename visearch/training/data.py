@@ -24,6 +24,7 @@ from torch import nn
 from visearch.datasets import Photo
 from visearch.imaging import decode_image, to_model_input
 from visearch.modeling import backbones, build
+from visearch.views import TRAIN_VIEWS, made_up_view, seed_of
 
 from . import model as tmodel
 
@@ -96,12 +97,18 @@ def image_sha1(path: Path) -> str:
 
 
 def load_input(path: Path, size: int, view: str = "id") -> np.ndarray:
-    """The model input of one photo (as served: decode + plain resize), optionally mirrored."""
-    x = to_model_input(decode_image(path.read_bytes()), size)
+    """The model input of one photo (as served: decode + plain resize), as a view of it:
+    `id` the photo, `hflip` its mirror, `aug<i>` (i = 0, 1, ...) the i-th made-up view
+    (visearch.views.made_up_view, seeded by the image's bytes and i, so every machine caches the same)."""
+    data = path.read_bytes()
+    if view.startswith("aug") and view[3:].isdigit():
+        img = made_up_view(decode_image(data), seed_of(hashlib.sha1(data).hexdigest(), view), TRAIN_VIEWS)
+        return to_model_input(img, size)
+    x = to_model_input(decode_image(data), size)
     if view == "hflip":
         x = np.ascontiguousarray(x[:, ::-1])
     elif view != "id":
-        raise ValueError(f"unknown view {view!r}: 'id' or 'hflip'")
+        raise ValueError(f"unknown view {view!r}: 'id', 'hflip' or 'aug<i>'")
     return x
 
 

@@ -64,7 +64,8 @@ class TrainConfig:
     warmup_steps: int = 10
     crop: int = 0  # random crop of cached maps (cells); 0 = off
     flip: bool = True  # random mirror of cached maps
-    views: list = field(default_factory=lambda: ["id"])  # cached input views: "id", "hflip"
+    views: list = field(default_factory=lambda: ["id"])  # cached input views: "id", "hflip", "aug0", "aug1", ...
+    view_mix: str = "batch"  # "batch": one view drawn per batch; "sample": one per photo
     cache: bool = True  # False: full images each step (the GPU recipe)
     image_augment: dict = field(default_factory=dict)  # image mode: {"scale": [0.5, 1], "jitter": 0.3, "flip": true}
     batch_workers: int = 4
@@ -80,6 +81,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
         d["model"] = tmodel.ModelConfig.from_dict(d.get("model", {}))
+        if d.get("view_mix", "batch") not in ("batch", "sample"):
+            raise ValueError(f"view_mix {d['view_mix']!r}: 'batch' or 'sample'")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -133,11 +136,13 @@ class _Source:
 
     def batch(self, idx: np.ndarray, rng: torch.Generator, npr: np.random.Generator, train: bool) -> torch.Tensor:
         if self.cfg.cache:
-            if train and len(self.cfg.views) > 1:
-                view = self.cfg.views[int(npr.integers(len(self.cfg.views)))]
-            else:
-                view = self.cfg.views[0]
-            x = self.maps[view][torch.from_numpy(idx)].float()
+            views = self.cfg.views
+            if train and len(views) > 1 and self.cfg.view_mix == "sample":  # a view drawn per photo
+                pick = npr.integers(len(views), size=len(idx))
+                x = torch.stack([self.maps[views[v]][int(i)] for v, i in zip(pick, idx, strict=True)]).float()
+            else:  # one view drawn per batch (the first when not training)
+                view = views[int(npr.integers(len(views)))] if train and len(views) > 1 else views[0]
+                x = self.maps[view][torch.from_numpy(idx)].float()
             if train:
                 x = data.augment_maps(x, rng, self.cfg.crop, self.cfg.flip)
             return x
