@@ -20,7 +20,7 @@ from visearch.settings import QueueSettings
 @pytest.fixture()
 def env(redis_url):
     r = redis.Redis.from_url(redis_url)
-    keys = (ledger.LEDGER, ledger.SEEN, ledger.KOMBU_UNACKED, INGEST_QUEUE)
+    keys = (ledger.LEDGER, ledger.FIRST, ledger.SEEN, ledger.KOMBU_UNACKED, INGEST_QUEUE)
     r.delete(*keys)
     app = make_celery(QueueSettings(redis_url=redis_url))
     yield r, app
@@ -50,7 +50,9 @@ def test_a_lost_task_is_sent_again_and_only_that_one(env):
 
     assert ledger.reconcile(r, app, lost_after=60, ttl=3600) == [], "nothing is stale yet"
     later = time.time() + 61
+    first = r.hget(ledger.FIRST, lost)
     assert ledger.reconcile(r, app, lost_after=60, ttl=3600, now=later) == [lost]
+    assert r.hget(ledger.FIRST, lost) == first, "a copy sent again keeps the first publication's time"
     again = queued(r)
     assert set(again) == {waiting, lost}
     assert again[lost]["headers"]["task"] == INGEST_TASK
@@ -69,4 +71,5 @@ def test_entries_older_than_the_jobs_ttl_are_dropped(env):
     r.delete(INGEST_QUEUE)
     assert ledger.reconcile(r, app, lost_after=60, ttl=30, now=time.time() + 61) == []
     assert not r.hexists(ledger.LEDGER, tid) and r.zscore(ledger.SEEN, tid) is None
+    assert not r.hexists(ledger.FIRST, tid)
     assert r.llen(INGEST_QUEUE) == 0

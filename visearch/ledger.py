@@ -33,7 +33,8 @@ import redis
 
 log = logging.getLogger(__name__)
 
-LEDGER = "vs:ledger"  # hash: task id -> JSON {"name", "args", "kwargs", "queue", "first"}
+LEDGER = "vs:ledger"  # hash: task id -> JSON {"name", "args", "kwargs", "queue"}
+FIRST = "vs:ledger:first"  # hash: task id -> when it was first published (a copy sent again keeps it)
 SEEN = "vs:ledger:seen"  # sorted set: task id -> the last time it was known alive (published, started, found)
 LOCK = "vs:ledger:lock"
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> [message, exchange, routing key]
@@ -54,11 +55,10 @@ def _client() -> redis.Redis | None:
 
 def record(r: redis.Redis, task_id: str, name: str, args, kwargs, queue: str, now: float | None = None) -> None:
     now = time.time() if now is None else now
-    old = r.hget(LEDGER, task_id)
-    first = json.loads(old)["first"] if old else now
-    entry = json.dumps({"name": name, "args": args, "kwargs": kwargs or {}, "queue": queue, "first": first})
-    p = r.pipeline(transaction=True)
+    entry = json.dumps({"name": name, "args": args, "kwargs": kwargs or {}, "queue": queue})
+    p = r.pipeline(transaction=True)  # one round trip: the first publication's time is kept by HSETNX
     p.hset(LEDGER, task_id, entry)
+    p.hsetnx(FIRST, task_id, repr(now))
     p.zadd(SEEN, {task_id: now})
     p.execute()
 
@@ -66,6 +66,7 @@ def record(r: redis.Redis, task_id: str, name: str, args, kwargs, queue: str, no
 def forget(r: redis.Redis, task_id: str) -> None:
     p = r.pipeline(transaction=True)
     p.hdel(LEDGER, task_id)
+    p.hdel(FIRST, task_id)
     p.zrem(SEEN, task_id)
     p.execute()
 
@@ -146,6 +147,7 @@ def reconcile(r: redis.Redis, app, lost_after: float, ttl: float, now: float | N
     if not stale:
         return []
     entries = dict(zip(stale, r.hmget(LEDGER, stale), strict=True))
+    firsts = dict(zip(stale, r.hmget(FIRST, stale), strict=True))
     queues = {json.loads(e)["queue"] for e in entries.values() if e} or {app.conf.task_default_queue}
     flying = in_flight(r, queues)
     if flying:  # every recorded task found is alive now: the next snapshot waits `lost_after` again
@@ -156,7 +158,8 @@ def reconcile(r: redis.Redis, app, lost_after: float, ttl: float, now: float | N
             r.zrem(SEEN, task_id)
             continue
         entry = json.loads(raw)
-        if now - entry["first"] > ttl:
+        first = entry.get("first") or float(firsts[task_id] or now)  # "first" in the entry: recorded before FIRST
+        if now - first > ttl:
             forget(r, task_id)
             log.warning("task %s dropped from the ledger: older than the jobs' TTL", task_id)
             continue
