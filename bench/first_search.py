@@ -8,7 +8,6 @@ searches timed one by one, then the other half into the same catalog and 16 more
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -17,10 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(photos: int, searches: int, idle: float, model: Path | None, progress=print) -> dict:
+    from bench.common import mesh_up
     from visearch import datasets, mesh
     from visearch.client import Client
     from visearch.demo import write_manifest
@@ -40,10 +42,9 @@ def run(photos: int, searches: int, idle: float, model: Path | None, progress=pr
         subprocess.run([sys.executable, "-m", "visearch.cli", *args], env=env, check=True, cwd=ROOT,
                        stdout=subprocess.DEVNULL)
 
-    cli("up")
+    state = mesh_up(data, {"VISEARCH_MODEL_REPOSITORY": str(model)} if model else {})
     rounds = []
     try:
-        state = mesh.load_state(data)
         with Client(state["gateway"], api_key=mesh.read_admin_key(data), timeout=120) as c:
             for n, half in enumerate((train[0::2], train[1::2])):
                 cli("ingest", "--manifest", str(write_manifest(half, data / f"half{n}.csv")), "--catalog", "shop",
@@ -59,7 +60,7 @@ def run(photos: int, searches: int, idle: float, model: Path | None, progress=pr
                                "ms": ms, "median_ms": med, "max_over_median": round(max(ms) / med, 2)})
                 progress(f"after {len(half)} photos: {ms} (max/median {rounds[-1]['max_over_median']})")
     finally:
-        cli("down")
+        mesh.down(data, log=lambda m: None)
     return {"photos": len(train), "idle_s": idle, "rounds": rounds}
 
 
@@ -72,8 +73,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model repository (default: the project's)")
     args = ap.parse_args(argv)
     r = run(args.photos, args.searches, args.idle, args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "result.json").write_text(json.dumps(r, indent=2) + "\n")
+    rows = "\n".join(f"| {x['ingested']} | {x['catalog']} | {x['median_ms']:g} | {max(x['ms'])} | {x['max_over_median']} |"
+                     for x in r["rounds"])
+    write_result(args.out, r, "| ingested | catalog | median ms | max ms | max / median |\n|---|---|---|---|---|\n"
+                 + rows + "\n")
     return 0
 
 

@@ -556,8 +556,40 @@ def models_build(repo, checkpoint, off_the_shelf, retrain, reduce_dim):
         if checkpoint is None:
             progress("serving the off-the-shelf embedder")
     for record in build_all(repo or DEFAULT_MODEL_REPOSITORY, progress=progress, checkpoint=checkpoint,
-                            off_the_shelf=off_the_shelf, reduce_dim=reduce_dim):
+                            off_the_shelf=off_the_shelf, reduce_dim=reduce_dim, retrain=retrain):
         click.echo(json.dumps(record))
+
+
+@models.command("pack")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of the packs and their SHA256SUMS (default: the project's params/).")
+def models_pack(out):
+    """Pack the trained parameters of the default recipes for the repository (needs the train extra).
+
+    Writes embedder.npz from runs/<default>/best.pt and detector.npz from runs/detector/best.pt:
+    only what training changed, int8 per output channel (visearch.training.params), with their
+    sha256 in SHA256SUMS. A first `visearch models build` unpacks them instead of training;
+    `visearch models build --retrain && visearch models pack` makes them again.
+    """
+    try:
+        from visearch.training import default, detector
+        from visearch.training.params import PARAMS_DIR
+        from visearch.training.train import load_config
+    except ImportError as exc:
+        raise Failure(f"packing models needs the train extra (torch): {exc}") from None
+    out = out or PARAMS_DIR
+    cfg = load_config(default.DEFAULT_CONFIG)
+    sources = [(default.pack, default.DEFAULT_RUNS / cfg.name / "best.pt", out / default.PACK),
+               (detector.pack, default.DEFAULT_RUNS / "detector" / "best.pt", out / detector.PACK)]
+    for _, checkpoint, _ in sources:
+        if not checkpoint.is_file():
+            raise Failure(f"no checkpoint {checkpoint}: run `visearch models build` (or --retrain) first")
+    if not default.reusable(sources[0][1], cfg):
+        raise Failure(f"{sources[0][1]} was not trained by {default.DEFAULT_CONFIG}: run `visearch models build --retrain`")
+    for pack, checkpoint, dest in sources:
+        digest, n = pack(checkpoint, dest)
+        click.echo(json.dumps({"pack": str(dest), "from": str(checkpoint), "tensors": n,
+                               "bytes": dest.stat().st_size, "sha256": digest}))
 
 
 @models.command("reduce")

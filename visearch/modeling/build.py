@@ -469,7 +469,8 @@ CHECKPOINT_ENV = "VISEARCH_EMBEDDER_CHECKPOINT"
 
 def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callable[[str], None] = print,
               config: EmbedderConfig | None = None, write_config: bool = False,
-              checkpoint: Path | None = None, off_the_shelf: bool = False, reduce_dim: int = 128) -> list[dict]:
+              checkpoint: Path | None = None, off_the_shelf: bool = False, reduce_dim: int = 128,
+              retrain: bool = False) -> list[dict]:
     """Build every model of the repository (or those named); returns their meta records.
 
     The embedder is the off-the-shelf ImageNet model of `config` (reproducible from the weight
@@ -480,7 +481,8 @@ def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callabl
     `off_the_shelf`, the class-agnostic detector fine-tuned on composited scenes (version 2,
     trained when runs/detector lacks it: `visearch.training.detector`). A fine-tuned embedder is
     followed by its PCA to `reduce_dim` dimensions as the next version, the one served by default
-    (`visearch.modeling.reduce`; 0: none).
+    (`visearch.modeling.reduce`; 0: none). `retrain`: the detector is trained again even when runs/
+    or params/ hold its parameters.
     """
     names = list(BUILDERS) if models is None else models
     unknown = [n for n in names if n not in BUILDERS]
@@ -495,7 +497,7 @@ def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callabl
     out = []
     for n in names:
         if n == "detector":
-            out += build_detectors(repo_dir, progress, write_config, fine_tune=not off_the_shelf)
+            out += build_detectors(repo_dir, progress, write_config, fine_tune=not off_the_shelf, retrain=retrain)
         elif n == "embedder" and checkpoint is not None:
             from visearch.training.export import export_checkpoint
 

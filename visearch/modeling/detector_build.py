@@ -114,8 +114,9 @@ def reference_parity(onnx_path: Path, paths: list[Path]) -> dict:
     from visearch.modeling.build import ort_session
 
     pb = ssd.frozen_graph_path()
-    net = cv2.dnn.readNetFromTensorflow(str(pb), str(pb.parent / "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"),
-                                        cv2.dnn.ENGINE_CLASSIC)
+    # 4.10-4.13 choose the dnn engine (the classic one reads this graph); 4.14 has only that one.
+    engine = (cv2.dnn.ENGINE_CLASSIC,) if hasattr(cv2.dnn, "ENGINE_CLASSIC") else ()
+    net = cv2.dnn.readNetFromTensorflow(str(pb), str(pb.parent / "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"), *engine)
     sess = ort_session(onnx_path)
     ious, diffs, refs, unmatched = [], [], 0, []
     for path in paths:

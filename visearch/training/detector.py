@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from visearch import composites, datasets
 from visearch import detector as det
 from visearch.modeling import ssd
 
+from . import params as packs
 from .data import REPO_ROOT
 
 LABELS = ["background", "object"]
@@ -205,9 +207,16 @@ def train(out: Path, n_train: int = 2500, n_val: int = 300, epochs: int = 40, ba
 
 
 DEFAULT_RECIPE = {"n_train": 2500, "n_val": 300, "epochs": 40, "batch": 32, "lr": 1e-3, "seed": 0}
+PACK = "detector.npz"  # under params/: the default recipe's trained heads (`visearch models pack`)
 
 
-def default_checkpoint(progress=print, retrain: bool = False, runs: Path | None = None) -> Path | None:
+def default_recipe(meta: dict) -> bool:
+    """Whether a checkpoint's (or pack's) meta record is of DEFAULT_RECIPE."""
+    return all(meta.get(k) == v for k, v in DEFAULT_RECIPE.items())
+
+
+def default_checkpoint(progress=print, retrain: bool = False, runs: Path | None = None,
+                       params: Path | None = None) -> Path | None:
     """runs/detector/best.pt of the default recipe, trained when missing or made by another recipe.
 
     None when the grocery dataset is missing (nothing to compose scenes from): the COCO
@@ -220,13 +229,47 @@ def default_checkpoint(progress=print, retrain: bool = False, runs: Path | None 
     best = out / "best.pt"
     if best.is_file() and not retrain:
         meta = torch.load(best, map_location="cpu", weights_only=False).get("meta", {})
-        if all(meta.get(k) == v for k, v in DEFAULT_RECIPE.items()):
+        if default_recipe(meta):
             progress(f"detector: reusing {best} (val box AP@0.5 {meta.get('val_ap50', float('nan')):.3f})")
             return best
+    if not retrain:
+        pack_path = (params or packs.PARAMS_DIR) / PACK
+        try:
+            unpack(pack_path, best)
+            progress(f"detector: wrote {best} from the trained parameters {pack_path} (to train them again: "
+                     "visearch models build --retrain)")
+            return best
+        except packs.PackError as exc:
+            progress(f"detector: not using the packed parameters: {exc}")
     r = DEFAULT_RECIPE
     progress(f"detector: fine-tuning on composited scenes into {out} (about 15 min on 2 cores)")
     train(out, r["n_train"], r["n_val"], r["epochs"], r["batch"], r["lr"], r["seed"], log=progress)
     return best
+
+
+def _bases() -> tuple[dict[str, torch.Tensor], set[str]]:
+    return packs.bases(lambda: new_heads(ssd.SSDMobileNetV2.from_frozen_graph()))
+
+
+def pack(checkpoint: Path, out: Path) -> tuple[str, int]:
+    """Pack the detector's training checkpoint (runs/detector/best.pt) as `out`; returns (sha256, tensors packed)."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    arrays = packs.pack_state(ckpt["model"], *_bases())
+    return packs.write_pack(out, arrays, dict(ckpt.get("meta", {}), labels=list(ckpt["labels"]))), packs.tensors(arrays)
+
+
+def unpack(pack_path: Path, dest: Path) -> Path:
+    """Writes the detector checkpoint `dest` from a pack of DEFAULT_RECIPE; PackError if it is not one."""
+    arrays, meta = packs.read_pack(pack_path)
+    if not default_recipe(meta):
+        raise packs.PackError(f"{pack_path} was trained by another detector recipe")
+    state = packs.unpack_state(arrays, _bases()[0])
+    labels = meta.pop("labels")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"model": state, "labels": labels, "meta": dict(meta, unpacked_from=packs.provenance(pack_path))}, tmp)
+    os.replace(tmp, dest)
+    return dest
 
 
 def _curve(history: list[dict], baseline: float, path: Path) -> None:
