@@ -37,7 +37,9 @@ install: system-deps $(BIN)/python
 # a first build writes its checkpoints from the trained parameters in params/ (sha256-checked), later
 # builds reuse runs/; `visearch models build --retrain` trains them again (about 35 min on 2 cores).
 models: install
-	$(BIN)/visearch models build
+	@mkdir -p runs
+	$(BIN)/visearch models build > runs/models-build.jsonl
+	@echo "models built; their meta records: runs/models-build.jsonl"
 
 # Train both models again from the photos and rewrite params/ (their packed parameters and sha256).
 retrain: install

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,7 +66,10 @@ class Served(nn.Module):
 def export_onnx(model: ssd.SSDMobileNetV2, path: Path) -> None:
     served = Served(model).eval()  # eval on the wrapper: export restores the wrapper's mode on the whole tree
     dummy = torch.zeros(2, ssd.INPUT_SIZE, ssd.INPUT_SIZE, 3, dtype=torch.uint8)
-    with torch.no_grad():
+    # The SAME padding is computed from the feature maps' static sizes, constants of the fixed
+    # 300x300 input: the tracer's warnings about it are expected, not shown to whoever builds.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(served, (dummy,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUTS),
                           dynamic_axes={INPUT_NAME: {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
