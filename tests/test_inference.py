@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -71,6 +72,10 @@ def test_onnxruntime_backend_bounds_the_forwards_run_at_once(model_repo, limit):
     backend = OnnxRuntimeBackend(model_repo, max_concurrent_runs=limit)
     active, peak, busy, made = [0], [0], set(), []
     load = backend._load
+    # Forwards start in groups of `limit`: whether two overlap does not depend on how long a session
+    # takes to load against a forward (on a loaded machine one session could serve every forward
+    # while the second loads). A backend that ran fewer at once would break the barrier.
+    together = threading.Barrier(limit, timeout=60)
 
     class Counting:  # a real session, its runs counted while they execute
         def __init__(self, session):
@@ -82,6 +87,7 @@ def test_onnxruntime_backend_bounds_the_forwards_run_at_once(model_repo, limit):
             active[0] += 1
             peak[0] = max(peak[0], active[0])
             try:
+                together.wait()
                 return self.session.run(names, inputs)
             finally:
                 active[0] -= 1
