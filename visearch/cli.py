@@ -573,7 +573,7 @@ def models_pack(out):
     """
     try:
         from visearch.training import default, detector
-        from visearch.training.params import PARAMS_DIR
+        from visearch.training.params import PARAMS_DIR, checkpoint_meta
         from visearch.training.train import load_config
     except ImportError as exc:
         raise Failure(f"packing models needs the train extra (torch): {exc}") from None
@@ -586,6 +586,10 @@ def models_pack(out):
             raise Failure(f"no checkpoint {checkpoint}: run `visearch models build` (or --retrain) first")
     if not default.reusable(sources[0][1], cfg):
         raise Failure(f"{sources[0][1]} was not trained by {default.DEFAULT_CONFIG}: run `visearch models build --retrain`")
+    for _, checkpoint, _ in sources:
+        if "unpacked_from" in checkpoint_meta(checkpoint):
+            raise Failure(f"{checkpoint} was written from a pack, not trained: run `visearch models build --retrain` "
+                          "to train it before packing")
     for pack, checkpoint, dest in sources:
         digest, n = pack(checkpoint, dest)
         click.echo(json.dumps({"pack": str(dest), "from": str(checkpoint), "tensors": n,

@@ -138,6 +138,11 @@ def bases(make: Callable[[], torch.nn.Module]) -> tuple[dict[str, torch.Tensor],
     return a, {k for k in a if torch.equal(a[k], b[k])}
 
 
+def checkpoint_meta(path: Path) -> dict:
+    """The meta record of a training checkpoint (the embedder's or the detector's)."""
+    return torch.load(path, map_location="cpu", weights_only=False).get("meta", {})
+
+
 def tensors(arrays: dict[str, np.ndarray]) -> int:
     """How many tensors a pack holds."""
     return len({k.rsplit("|", 1)[0] for k in arrays})
