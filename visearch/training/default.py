@@ -98,7 +98,9 @@ def unpack(pack_path: Path, cfg: TrainConfig, dest: Path) -> Path:
     if not trained_by(meta, cfg):
         raise PackError(f"{pack_path} was trained by another recipe than {cfg.name}'s or from other backbone weights")
     model = tmodel.make_model(tmodel.ModelConfig.from_dict(meta["config"]["model"]))
-    model.load_state_dict(packs.unpack_state(arrays, _bases(meta["config"]["model"])[0]), strict=True)
+    # The model's own start is the base: every tensor whose start differs between builds is in the pack.
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(packs.unpack_state(arrays, start), strict=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(dest, model.eval(), dict(meta, packed_id=meta.get("id"), unpacked_from=packs.provenance(pack_path)))
     load_checkpoint(dest)  # strict: what was written loads back

@@ -263,7 +263,8 @@ def unpack(pack_path: Path, dest: Path) -> Path:
     arrays, meta = packs.read_pack(pack_path)
     if not default_recipe(meta):
         raise packs.PackError(f"{pack_path} was trained by another detector recipe")
-    state = packs.unpack_state(arrays, _bases()[0])
+    # One build's start is the base: every tensor whose start differs between builds is in the pack.
+    state = packs.unpack_state(arrays, new_heads(ssd.SSDMobileNetV2.from_frozen_graph()).state_dict())
     labels = meta.pop("labels")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(f".tmp{os.getpid()}")

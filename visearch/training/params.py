@@ -20,7 +20,6 @@ int8 rounding moves (descriptors, the protocols' scores) is measured in docs/TRA
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from visearch.checksum import sha256_file as sha256
 
 from .data import REPO_ROOT
 
@@ -88,10 +89,6 @@ def unpack_state(arrays: dict[str, np.ndarray], base: dict[str, torch.Tensor]) -
             delta = _dequantise(arr, arrays[f"{key}|ds"])
             state[key] = (base[key].float() + torch.from_numpy(delta)).to(base[key].dtype)
     return state
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_pack(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> str:
