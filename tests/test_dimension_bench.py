@@ -59,3 +59,30 @@ def test_dimension_benchmark_builds_the_projection_into_the_graph(tmp_path, mode
     assert not np.allclose(b["embeddings"], a["embeddings"][:, :16])
     for name in names[1:]:
         assert np.array_equal(a[name], b[name]), name
+
+
+def test_pca_fit_benchmark_scores_each_fit_set(tmp_path, model_repo):
+    """bench/pca_fit.py smoke run: each fit set's PCA scored on the selection and reported protocols.
+    The stamps folder here is scikit-image's photos as transparent PNGs (the bench flattens them)."""
+    import skimage.data
+    from PIL import Image
+
+    from bench.pca_fit import main
+
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "tiny"):
+        img = np.zeros((8, 40, 3), np.uint8) if name == "tiny" else getattr(skimage.data, name)()
+        rgba = Image.fromarray(img).convert("RGBA")
+        rgba.putalpha(Image.new("L", rgba.size, 200))
+        rgba.save(stamps / f"{name}.png")
+    out = tmp_path / "out"
+    assert main(["--model", str(model_repo), "--dim", "8", "--limit", "3", "--stamps", str(stamps), "--out", str(out)]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["stamps"] == 4, "the 8 px high stamp is left out"
+    rows = {v["fit"]: v for v in r["variants"]}
+    assert set(rows) == {"none", "grocery", "grocery+stamps"} and rows["grocery"]["dim"] == 8
+    assert rows["grocery+stamps"]["fit_photos"] == rows["grocery"]["fit_photos"] + 4
+    assert all(0 <= v[p]["mAP"] <= 1 for v in r["variants"] for p in ("TH", "GS", "P1", "P3", "G"))
+    assert "| grocery+stamps | 8 |" in (out / "result.md").read_text()
+    assert main(["--model", str(model_repo), "--stamps", str(tmp_path / "none"), "--out", str(out)]) == 1

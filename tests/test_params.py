@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from visearch.checksum import sha256_file
 from visearch.modeling import backbones
 from visearch.training import default, detector
 from visearch.training import params as packs
@@ -85,7 +86,7 @@ def test_the_embedder_checkpoint_comes_back_from_its_pack_and_only_for_its_recip
     save_checkpoint(ckpt, model, meta)
     digest, n = default.pack(ckpt, tmp_path / "params" / default.PACK)
     assert n < 10, "only the moved block and the projection are stored"
-    assert digest == packs.sha256(tmp_path / "params" / default.PACK)
+    assert digest == sha256_file(tmp_path / "params" / default.PACK)
 
     best = default.default_checkpoint(runs=tmp_path / "runs", params=tmp_path / "params", progress=lambda m: None)
     assert best == tmp_path / "runs" / cfg.name / "best.pt"
@@ -110,6 +111,13 @@ def test_the_committed_packs_belong_to_the_served_recipes():
     arrays, dmeta = packs.read_pack(packs.PARAMS_DIR / detector.PACK)
     assert detector.default_recipe(dmeta) and dmeta["labels"] == list(detector.LABELS)
     assert arrays and all(k.startswith("heads.") for k in arrays)  # the frozen backbone comes from its wheel
+    # The served PCA basis: fitted on the model a first build exports from embedder.npz (its sha256
+    # is checked at build time, tests/test_reduce.py), to the served dimension.
+    from visearch.modeling.reduce import DEFAULT_DIM, pack_name
+
+    basis, pmeta = packs.read_pack(packs.PARAMS_DIR / pack_name("embedder", DEFAULT_DIM))
+    assert basis["weight"].shape == (meta["dim"], DEFAULT_DIM) and basis["bias"].shape == (DEFAULT_DIM,)
+    assert pmeta["dim"] == DEFAULT_DIM and pmeta["whitening_power"] == 0 and len(pmeta["source_sha256"]) == 64
 
 
 def test_the_detector_heads_come_back_from_their_pack(tmp_path):

@@ -121,3 +121,35 @@ def test_models_reduce_command(model_repo, grocery, tmp_path):
     record = json.loads(ok.stdout.strip().splitlines()[-1])
     assert record["version"] == 2 and record["dim"] == 8 and record["reduction"]["fitted_on"].startswith("24 photos")
     assert json.loads((repo / "embedder" / "2" / "meta.json").read_text())["dim"] == 8
+
+
+def test_a_packed_basis_rebuilds_the_same_graph_and_only_for_its_own_source(model_repo, grocery, tmp_path):
+    """A first build takes the served PCA from params/ instead of embedding every train photo: the
+    reduced graph it writes is the fitted one byte for byte; a basis packed for another source model
+    (or altered) is not used."""
+    from visearch import packs
+    from visearch.modeling.reduce import pack_name, pack_reduction, packed_basis, reduce_embedder
+
+    repo = source_repo(model_repo, tmp_path / "repo")
+    fitted = reduce_embedder(repo, dim=16, fit_paths=[p.path for p in grocery["train"][::50][:40]],
+                             progress=lambda m: None)
+    params = tmp_path / "params"
+    pack = params / pack_name("embedder", 16)
+    digest = pack_reduction(repo / "embedder" / "2", pack)
+    assert (params / packs.SUMS).read_text() == f"{digest}  {pack.name}\n"
+
+    again = source_repo(model_repo, tmp_path / "again")
+    logs = []
+    meta = reduce_embedder(again, dim=16, progress=logs.append, params=params)
+    assert meta["model_sha256"] == fitted["model_sha256"], "the same basis in the same graph: the same file"
+    assert meta["reduction"]["fitted_on"] == fitted["reduction"]["fitted_on"]
+    assert meta["reduction"]["basis_from"] == packs.provenance(pack) and any("from " + pack.name in m for m in logs)
+    assert not any("embedded" in m for m in logs), "no fit photos embedded beyond the parity check"
+
+    with pytest.raises(packs.PackError, match="fitted on the model"):
+        packed_basis(pack, "0" * 64, 16)
+    with pytest.raises(packs.PackError, match="PCA 16"):
+        packed_basis(pack, fitted["reduction"]["source_sha256"], 32)
+    pack.write_bytes(pack.read_bytes() + b"\0")
+    with pytest.raises(packs.PackError, match="SHA256SUMS records"):
+        packed_basis(pack, fitted["reduction"]["source_sha256"], 16)

@@ -568,8 +568,10 @@ def models_pack(out):
 
     Writes embedder.npz from runs/<default>/best.pt and detector.npz from runs/detector/best.pt:
     only what training changed, int8 per output channel (visearch.training.params), with their
-    sha256 in SHA256SUMS. A first `visearch models build` unpacks them instead of training;
-    `visearch models build --retrain && visearch models pack` makes them again.
+    sha256 in SHA256SUMS; then embedder-pca128.npz, the served PCA basis fitted on the model
+    exported from that embedder.npz (a few minutes: it embeds every fit photo). A first
+    `visearch models build` unpacks them instead of training and fitting; `visearch models build
+    --retrain && visearch models pack` makes them again.
     """
     try:
         from visearch.training import default, detector
@@ -594,6 +596,10 @@ def models_pack(out):
         digest, n = pack(checkpoint, dest)
         click.echo(json.dumps({"pack": str(dest), "from": str(checkpoint), "tensors": n,
                                "bytes": dest.stat().st_size, "sha256": digest}))
+    # The served PCA basis, fitted on the model a first build exports from the pack just written.
+    dest, digest = default.pack_pca(out / default.PACK, cfg, out, progress=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({"pack": str(dest), "from": f"the PCA of the model exported from {out / default.PACK}",
+                           "bytes": dest.stat().st_size, "sha256": digest}))
 
 
 @models.command("reduce")

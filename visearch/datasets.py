@@ -104,3 +104,47 @@ def grocery_iconic(root: Path) -> list[Photo]:
         Photo(root / "dataset" / c.iconic, fine_id, c.coarse_id, c.fine_name, c.coarse_name)
         for fine_id, c in sorted(_classes(root).items())
     ]
+
+
+STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
+STAMPS_HINT = "apt-get install tuxpaint-stamps-default (or `make stamps`)"
+STAMPS_BACKGROUND = (128, 128, 128)
+STAMPS_MAX_SIDE = 640
+STAMPS_MIN_SIDE = 32  # a few stamps are thin rules or dots, not pictures of things
+
+
+def stamp_photos(cache: Path, stamps: Path = STAMPS_DIR) -> list[Path]:
+    """Tux Paint's stamps (Debian's `tuxpaint-stamps-default`: animals, food, vehicles, buildings,
+    household things) as RGB JPEG files under `cache`, each flattened onto grey and at most
+    STAMPS_MAX_SIDE px: pictures of things that are not groceries, in none of the protocols.
+
+    Written once (the file name is a hash of the stamp's path and size), in sorted order; stamps
+    under STAMPS_MIN_SIDE px on a side are left out."""
+    import hashlib
+    import os
+
+    from PIL import Image
+
+    if not stamps.is_dir():
+        raise FileNotFoundError(f"no Tux Paint stamps in {stamps}: {STAMPS_HINT}")
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sorted(stamps.rglob("*.png")):
+        if "_mirror" in src.stem or src.stem.endswith("_back"):
+            continue  # a stamp's mirrored or back variant is the same picture
+        key = hashlib.sha256(f"{src.relative_to(stamps)}:{src.stat().st_size}".encode()).hexdigest()[:16]
+        dst = cache / f"{key}.jpg"
+        if not dst.is_file():
+            with Image.open(src) as im:
+                if min(im.size) < STAMPS_MIN_SIDE:
+                    continue
+                rgba = im.convert("RGBA")
+            rgba.thumbnail((STAMPS_MAX_SIDE, STAMPS_MAX_SIDE))
+            flat = Image.new("RGB", rgba.size, STAMPS_BACKGROUND)
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            tmp = dst.with_suffix(f".tmp{os.getpid()}.jpg")
+            flat.save(tmp, "JPEG", quality=92)
+            os.replace(tmp, dst)
+        out.append(dst)
+    return out

@@ -506,11 +506,14 @@ def build_all(repo_dir: Path, models: list[str] | None = None, progress: Callabl
             progress(f"{n}: exporting the fine-tuned checkpoint {checkpoint}")
             out.append(export_checkpoint(Path(checkpoint), repo_dir, n, cfg.version, progress, write_config))
             if reduce_dim and int(out[-1]["dim"]) > reduce_dim:
+                from visearch.packs import PARAMS_DIR
+
                 from .reduce import reduce_embedder
 
                 # The served default: the fine-tuned descriptor with PCA in the graph, as the next
-                # version (docs/PERFORMANCE.md, descriptor dimension).
-                out.append(reduce_embedder(repo_dir, n, cfg.version, reduce_dim, progress=progress))
+                # version (docs/PERFORMANCE.md, descriptor dimension); its basis from params/ when
+                # one was packed for this very model, else fitted.
+                out.append(reduce_embedder(repo_dir, n, cfg.version, reduce_dim, progress=progress, params=PARAMS_DIR))
             elif reduce_dim:
                 progress(f"{n}: {out[-1]['dim']}-d already, not reduced to {reduce_dim}")
         else:

@@ -26,9 +26,53 @@ from pathlib import Path
 import numpy as np
 
 from visearch.checksum import sha256_file
+from visearch.packs import PackError, provenance, read_pack, write_pack
 
 DEFAULT_DIM = 128
 PARITY_TOL = 1e-4
+PARITY_PHOTOS = 16
+
+
+def pack_name(name: str, dim: int, power: float = 0.0) -> str:
+    """The file under params/ of a fitted PCA basis (`visearch models pack` writes it)."""
+    return f"{name}-pca{dim}" + (f"w{power:g}" if power else "") + ".npz"
+
+
+def packed_basis(pack: Path, source_sha256: str, dim: int, power: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(W, b, its reduction record) of a packed basis fitted on the model whose ONNX file has
+    `source_sha256`; PackError when the pack is missing, altered or fitted on another model."""
+    arrays, meta = read_pack(pack)
+    if meta.get("source_sha256") != source_sha256:
+        raise PackError(f"{pack} was fitted on the model {str(meta.get('source_sha256'))[:12]}..., "
+                        f"not on {source_sha256[:12]}...")
+    if int(meta.get("dim", -1)) != dim or float(meta.get("whitening_power", -1)) != power:
+        raise PackError(f"{pack} is PCA {meta.get('dim')} (power {meta.get('whitening_power')}), not {dim} ({power})")
+    w, b = arrays["weight"], arrays["bias"]
+    if w.shape[1] != dim or b.shape != (dim,):
+        raise PackError(f"{pack} holds a {w.shape} basis, not one to {dim} dimensions")
+    return w, b, meta
+
+
+def pack_reduction(version_dir: Path, out: Path) -> str:
+    """Pack the PCA basis of a reduced version (its graph's pca_weight and pca_bias, exactly, with
+    its reduction record) as `out`; returns the pack's sha256."""
+    import onnx
+    from onnx import numpy_helper
+
+    version_dir = Path(version_dir)
+    meta = json.loads((version_dir / "meta.json").read_text())
+    if "reduction" not in meta:
+        raise ValueError(f"{version_dir} is not a reduced version")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(version_dir / "model.onnx")).graph.initializer
+             if i.name in ("pca_weight", "pca_bias")}
+    return write_pack(out, {"weight": inits["pca_weight"], "bias": inits["pca_bias"]}, dict(meta["reduction"]))
+
+
+def default_fit_paths() -> list[Path]:
+    """What the served PCA is fitted on by default: every grocery train photo (never a val photo)."""
+    from visearch.datasets import grocery_root, grocery_split
+
+    return [p.path for p in grocery_split(grocery_root(), "train")]
 
 
 def fit_pca(x: np.ndarray, dim: int, power: float = 0.0, eps: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
@@ -120,13 +164,15 @@ def allow_any_dim(config: Path, output: str = "embeddings") -> bool:
 
 def reduce_embedder(repo: Path, name: str = "embedder", source_version: int | None = None, dim: int = DEFAULT_DIM,
                     power: float = 0.0, fit_paths: Sequence[Path] | None = None,
-                    progress: Callable[[str], None] = print) -> dict:
+                    progress: Callable[[str], None] = print, params: Path | None = None) -> dict:
     """Write `<repo>/<name>/<source + 1>`: the source version with PCA to `dim` in its graph; returns its meta.
 
     The source is `source_version`, else the highest version that is not itself a reduction. Fitted
     on `fit_paths` (default: every grocery train photo). Idempotent: an up-to-date reduction (same
     source model, dim and power) is kept as it is; a stale one (the source was rebuilt) is replaced;
-    a folder holding some other model is never overwritten.
+    a folder holding some other model is never overwritten. `params`: a folder of packed bases
+    (`pack_name`); with the default fit, a basis packed there for this very source model (its ONNX
+    file's sha256) is used instead of fitting it again (which embeds every fit photo).
     """
     repo = Path(repo)
     model_dir = repo / name
@@ -158,33 +204,44 @@ def reduce_embedder(repo: Path, name: str = "embedder", source_version: int | No
             allow_any_dim(model_dir / "config.pbtxt")
             return metas[target]
 
-    if fit_paths is None:
-        from visearch.datasets import grocery_root, grocery_split
-
-        fit_paths = [p.path for p in grocery_split(grocery_root(), "train")]
-    fit_paths = list(fit_paths)
-    progress(f"{name}/{target}: PCA {dim} of version {source_version}, fitted on {len(fit_paths)} photos")
-    x = embed_paths(src_dir / "model.onnx", src_meta, fit_paths, progress)
-    w, b = fit_pca(x, dim, power)
+    basis = None
+    if fit_paths is None and params is not None:
+        pack = Path(params) / pack_name(name, dim, power)
+        try:
+            basis = packed_basis(pack, src_sha, dim, power)
+        except PackError as exc:
+            progress(f"{name}/{target}: fitting the PCA ({exc})")
+    default_fit = fit_paths is None
+    fit_paths = list(default_fit_paths() if fit_paths is None else fit_paths)
+    if basis is not None:
+        w, b, packed = basis
+        fitted_on, proj_var = packed.get("fitted_on"), packed.get("variance_kept")
+        progress(f"{name}/{target}: PCA {dim} of version {source_version} from {provenance(pack)}")
+        check = embed_paths(src_dir / "model.onnx", src_meta, fit_paths[:PARITY_PHOTOS], progress)
+    else:
+        progress(f"{name}/{target}: PCA {dim} of version {source_version}, fitted on {len(fit_paths)} photos")
+        x = embed_paths(src_dir / "model.onnx", src_meta, fit_paths, progress)
+        w, b = fit_pca(x, dim, power)
+        check = x[:PARITY_PHOTOS]
+        fitted_on = f"{len(fit_paths)} photos" + (" (the grocery train photos)" if default_fit else " (given)")
+        # The share of the descriptors' variance the kept directions hold (meaningful without whitening).
+        proj_var = round(float(np.var(x @ w + b, axis=0).sum() / np.var(x, axis=0).sum()), 4) if power == 0 else None
     dst_dir.mkdir(parents=True, exist_ok=True)
     tmp = dst_dir / f".model.onnx.tmp{os.getpid()}"
     try:
         append_projection(src_dir / "model.onnx", tmp, w, b, src_meta.get("output_name") or "embeddings")
-        check = x[:16]
-        got = embed_paths(tmp, src_meta, fit_paths[:16], progress)
+        got = embed_paths(tmp, src_meta, fit_paths[:PARITY_PHOTOS], progress)
         diff = float(np.abs(got - project(check, w, b)).max())
         if not diff < PARITY_TOL:
             raise RuntimeError(f"the reduced graph differs from the numpy projection by {diff:.2e}")
         os.replace(tmp, dst_dir / "model.onnx")
     finally:
         tmp.unlink(missing_ok=True)
-    # The share of the descriptors' variance the kept directions hold (meaningful without whitening).
-    proj_var = float(np.var(x @ w + b, axis=0).sum() / np.var(x, axis=0).sum()) if power == 0 else None
     meta = dict(src_meta, version=target, id=f"{src_meta.get('id') or name}-pca{dim}" + (f"w{power:g}" if power else ""),
                 dim=dim, model_sha256=sha256_file(dst_dir / "model.onnx"), parity_max_abs_diff=diff,
                 reduction={**want, "method": "PCA" + (" whitening" if power else "") + " in the graph (MatMul + Add + L2 "
-                           "after the embeddings output)", "fitted_on": f"{len(fit_paths)} photos (grocery train unless "
-                           "given)", "variance_kept": round(proj_var, 4) if proj_var is not None else None})
+                           "after the embeddings output)", "fitted_on": fitted_on, "variance_kept": proj_var,
+                           **({"basis_from": provenance(pack)} if basis is not None else {})})
     meta_tmp = dst_dir / f".meta.json.tmp{os.getpid()}"
     meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(meta_tmp, dst_dir / "meta.json")

