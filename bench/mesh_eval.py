@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.common import write_result
 from visearch import datasets
 from visearch.demo import item_id, write_manifest
-from visearch.metrics import retrieval_report
+from visearch.metrics import match_report, retrieval_report
 
 CONFIGS = {
     "default": [],
@@ -102,14 +102,11 @@ def main(argv=None) -> None:
                 rankings = [[h["item_id"] for h in o.get("hits", [])] for o in out]
                 positives = [by_class.get(q.fine_id, set()) for q in queries]
                 rep = retrieval_report(rankings, positives)
-                tops = [(o["hits"][0].get("match", False), o["hits"][0]["item_id"] in pos)
-                        for o, pos in zip(out, positives, strict=True) if o.get("hits")]
-                flagged = [ok for m, ok in tops if m]
+                matches = match_report([o.get("hits", []) for o in out], positives)
                 lat = sorted(o["latency_ms"] for o in out if "latency_ms" in o)
                 row = {"protocol": name, "config": config, "mAP": rep["mAP"], "mAP@20": rep["mAP@20"],
                        "R@1": rep["recall@1"], "R@5": rep["recall@5"],
-                       "matched_top1": len(flagged) / max(1, len(tops)),
-                       "match_precision": (sum(flagged) / len(flagged)) if flagged else None,
+                       **matches,
                        "p50_ms": lat[len(lat) // 2] if lat else None,
                        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
                        "errors": sum("error" in o for o in out)}

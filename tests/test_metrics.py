@@ -62,3 +62,18 @@ def test_retrieval_report_default_keys_and_errors():
         retrieval_report([["a"]], [set()])
     with pytest.raises(ValueError):
         retrieval_report([["a"]], [])
+
+
+def test_match_report_counts_flagged_top_hits_and_their_precision():
+    from visearch.metrics import match_report
+
+    hits = [[{"item_id": "a1", "match": True}, {"item_id": "b1", "match": False}],  # flagged, right
+            [{"item_id": "b2", "match": True}],  # flagged, wrong
+            [{"item_id": "a2", "match": False}, {"item_id": "a3", "match": True}],  # top not flagged
+            [{"item_id": "a4"}],  # no flag at all (a re-rank that does not verify)
+            []]  # a query that failed: left out
+    positives = [{"a1", "a2", "a3", "a4"}] * 5
+    assert match_report(hits, positives) == {"matched_top1": 0.5, "match_precision": 0.5}
+    assert match_report([[{"item_id": "x", "match": False}]], [{"x"}]) == {"matched_top1": 0.0, "match_precision": None}
+    with pytest.raises(ValueError, match="positive sets"):
+        match_report([[]], [])

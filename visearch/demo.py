@@ -16,7 +16,7 @@ import click
 
 from visearch import mesh
 from visearch.datasets import Photo, grocery_root, grocery_split
-from visearch.metrics import retrieval_report
+from visearch.metrics import match_report, retrieval_report
 
 
 def item_id(photo: Photo) -> str:
@@ -42,15 +42,17 @@ def evaluate(client, queries: list[Photo], database: list[Photo], catalog: str, 
     for p in database:
         by_class.setdefault(p.fine_id, set()).add(item_id(p))
     names = {item_id(p): p.fine_name for p in database}
-    rankings, positives, latencies, errors = [], [], [], 0
+    rankings, hits, positives, latencies, errors = [], [], [], [], 0
     for n, q in enumerate(queries):
         out = search_one(client, str(q.path), catalog, top_k, "", {})
         if "error" in out:
             errors += 1
             echo(f"  {q.path.name}: {out['error']['code']}: {out['error']['message']}")
             rankings.append([])
+            hits.append([])
         else:
             rankings.append([h["item_id"] for h in out["hits"]])
+            hits.append(out["hits"])
             latencies.append(out["latency_ms"])
         positives.append(by_class.get(q.fine_id, set()))
         if n < show and "error" not in out:
@@ -59,6 +61,7 @@ def evaluate(client, queries: list[Photo], database: list[Photo], catalog: str, 
                 mark = "=" if h["item_id"] in positives[-1] else " "
                 echo(f"  {rank}. {mark} {names.get(h['item_id'], '?'):<28} {h['item_id']:<34} {h['score']:.3f}")
     report = retrieval_report(rankings, positives)
+    report.update(match_report(hits, positives))
     lat = sorted(latencies)
     if lat:
         report["latency_ms_p50"] = lat[len(lat) // 2]
@@ -99,12 +102,13 @@ def run_demo(data_dir: Path, catalog: str = "demo", n_queries: int = 0, keep_up:
             report = evaluate(client, queries, database, catalog)
         click.echo("\nphoto -> photo retrieval (queries: val photos of packaged products; "
                    "positives: train photos of the same product)")
-        for k in ("n_queries", "recall@1", "recall@5", "recall@10", "mAP@20", "mAP", "latency_ms_p50",
-                  "latency_ms_p99", "errors"):
-            if k in report:
+        for k in ("n_queries", "recall@1", "recall@5", "recall@10", "mAP@20", "mAP", "matched_top1",
+                  "match_precision", "latency_ms_p50", "latency_ms_p99", "errors"):
+            if report.get(k) is not None:
                 v = report[k]
                 click.echo(f"  {k:<16} {v:.3f}" if isinstance(v, float) else f"  {k:<16} {v}")
-        click.echo("  (mAP over each query's top 100 hits)")
+        click.echo("  (mAP over each query's top 100 hits; matched_top1: the share of queries whose top hit is flagged\n"
+                   "   match, match_precision: the share of those that are the right product)")
         return report
     finally:
         if not (keep_up or was_up):

@@ -51,3 +51,15 @@ def retrieval_report(rankings: list[list[str]], positives: list[set[str]], ks: S
     report = {"n_queries": n, "mAP": sum(aps) / n, f"mAP@{map_at}": sum(aps_k) / n}
     report.update({f"recall@{k}": hits[k] / n for k in ks})
     return report
+
+
+def match_report(hits: list[list[dict]], positives: list[set[str]]) -> dict:
+    """How the `match` flag of each query's top hit fares: `matched_top1`, the share of queries (with
+    any hit) whose top hit is flagged, and `match_precision`, the share of those that are right
+    (None when none is flagged). `hits[q]` is query q's hits (dicts with item_id and match)."""
+    if len(hits) != len(positives):
+        raise ValueError(f"{len(hits)} hit lists but {len(positives)} positive sets")
+    tops = [(h[0].get("match", False), h[0]["item_id"] in pos) for h, pos in zip(hits, positives, strict=True) if h]
+    flagged = [right for matched, right in tops if matched]
+    return {"matched_top1": len(flagged) / max(1, len(tops)),
+            "match_precision": sum(flagged) / len(flagged) if flagged else None}
