@@ -145,6 +145,9 @@ def test_a_packed_basis_rebuilds_the_same_graph_and_only_for_its_own_source(mode
     assert meta["reduction"]["fitted_on"] == fitted["reduction"]["fitted_on"]
     assert meta["reduction"]["basis_from"] == packs.provenance(pack) and any("from " + pack.name in m for m in logs)
     assert not any("embedded" in m for m in logs), "no fit photos embedded beyond the parity check"
+    # Packing a version that was itself built from a pack gives the same pack back.
+    assert pack_reduction(again / "embedder" / "2", tmp_path / "again.npz") and \
+        packs.read_pack(tmp_path / "again.npz")[1] == packs.read_pack(pack)[1]
 
     with pytest.raises(packs.PackError, match="fitted on the model"):
         packed_basis(pack, "0" * 64, 16)

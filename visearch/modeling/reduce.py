@@ -65,7 +65,8 @@ def pack_reduction(version_dir: Path, out: Path) -> str:
         raise ValueError(f"{version_dir} is not a reduced version")
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(version_dir / "model.onnx")).graph.initializer
              if i.name in ("pca_weight", "pca_bias")}
-    return write_pack(out, {"weight": inits["pca_weight"], "bias": inits["pca_bias"]}, dict(meta["reduction"]))
+    record = {k: v for k, v in meta["reduction"].items() if k != "basis_from"}  # what it was fitted on, not copied from
+    return write_pack(out, {"weight": inits["pca_weight"], "bias": inits["pca_bias"]}, record)
 
 
 def default_fit_paths() -> list[Path]:
