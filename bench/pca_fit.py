@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from visearch.datasets import STAMPS_DIR, STAMPS_HINT, stamp_photos
-from visearch.modeling.reduce import embed_paths, fit_pca, project
+from visearch.modeling.reduce import default_fit_paths, embed_paths, fit_pca, project
 
 SELECT = ("TH", "GS")
 REPORT = ("P1", "P3", "G")
@@ -36,7 +36,7 @@ REPORT = ("P1", "P3", "G")
 
 def run(model: Path, dim: int, out: Path, limit: int = 0, stamps_dir: Path = STAMPS_DIR, progress=print) -> dict:
     from bench.common import write_result
-    from visearch.datasets import grocery_root, grocery_split
+    from visearch.datasets import grocery_root
     from visearch.evaluation import harness, runner
     from visearch.evaluation.protocols import get_protocols
     from visearch.imaging import preprocessing_tag
@@ -48,7 +48,7 @@ def run(model: Path, dim: int, out: Path, limit: int = 0, stamps_dir: Path = STA
     protocols = get_protocols(root, [*SELECT, *REPORT])
     if limit:
         protocols = {n: p.limited(limit) for n, p in protocols.items()}
-    train = [p.path for p in grocery_split(root, "train")]
+    train = default_fit_paths()
     stamps = stamp_photos(out / "stamps", stamps_dir)
     if limit:
         train, stamps = train[::max(1, len(train) // (4 * limit))], stamps[::max(1, len(stamps) // (2 * limit))]

@@ -618,15 +618,13 @@ def models_reduce(repo, dim, source_version, whitening_power, fit_photos):
     Fitted on the grocery train photos; served by default as the newest version; catalogs keep
     the version that made them until `visearch reembed --catalog NAME` (docs/PERFORMANCE.md).
     """
-    from visearch.modeling.reduce import reduce_embedder
+    from visearch.modeling.reduce import default_fit_paths, reduce_embedder
     from visearch.settings import DEFAULT_MODEL_REPOSITORY
 
     fit = None
     if fit_photos:
-        from visearch.datasets import grocery_root, grocery_split
-
-        train = grocery_split(grocery_root(), "train")
-        fit = [p.path for p in train[:: max(1, len(train) // fit_photos)][:fit_photos]]
+        train = default_fit_paths()
+        fit = train[:: max(1, len(train) // fit_photos)][:fit_photos]
     try:
         meta = reduce_embedder(repo or DEFAULT_MODEL_REPOSITORY, "embedder", source_version, dim, whitening_power,
                                fit_paths=fit, progress=lambda m: click.echo(m, err=True))

@@ -107,7 +107,7 @@ def grocery_iconic(root: Path) -> list[Photo]:
 
 
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
-STAMPS_HINT = "apt-get install tuxpaint-stamps-default (or `make stamps`)"
+STAMPS_HINT = "apt-get install tuxpaint-stamps-default"
 STAMPS_BACKGROUND = (128, 128, 128)
 STAMPS_MAX_SIDE = 640
 STAMPS_MIN_SIDE = 32  # a few stamps are thin rules or dots, not pictures of things
