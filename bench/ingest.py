@@ -193,7 +193,8 @@ def run(n_images: int, workers: int, out: Path | None, progress=print, objects: 
     # its largest batch): the raw side runs forwards of those same sizes. (Per image, a forward of
     # 32 costs this CPU about 12 % more than one of 16: docs/PERFORMANCE.md, the batching curve.)
     task = int(os.environ.get("VISEARCH_INGEST_BATCH") or QueueSettings.model_fields["ingest_batch"].default)
-    env = {"VISEARCH_INGEST_OBJECTS": objects, "VISEARCH_INGEST_REGIONS": str(regions).lower()}
+    env = {"VISEARCH_INGEST_OBJECTS": objects, "VISEARCH_INGEST_REGIONS": str(regions).lower(),
+           "VISEARCH_CATALOG_REGIONS": "float" if regions else "off"}
     if batch:
         env["VISEARCH_MAX_BATCH"] = str(batch)
     detect = objects != "full"

@@ -67,7 +67,7 @@ def console_mesh(tmp_path_factory, model_repo, grocery):
         chosen = sorted(by_product)[::3][:8]
         photos = [p for f in chosen for p in by_product[f][:12]]
         res = cli(env, "ingest", "--manifest", str(write_manifest(photos, data / "shop.csv")), "--catalog", "shop",
-                  "--wait", "--json")
+                  "--regions", "float", "--wait", "--json")
         assert '"failed": 0' in res.stdout, res.stdout
         client = Client(state["gateway"], api_key=key, timeout=60)
         yield {"env": env, "url": url, "key": key, "client": client, "products": set(chosen), "data": data}

@@ -75,7 +75,8 @@ def hmesh(tmp_path_factory, model_repo, grocery):
     photos = list(firsts.values())[:28] + [p.path for p in grocery["train"] if p.is_product][:12]
     admin = Client(state["gateway"], api_key=mesh.read_admin_key(data), timeout=120)
     shop = {f"shop{n}": p for n, p in enumerate(photos[:8])}
-    admin.wait(admin.ingest_paths(shop, catalog="shop", metadata={i: {"brand": "base"} for i in shop}).job_id, 300)
+    admin.wait(admin.ingest_paths(shop, catalog="shop", metadata={i: {"brand": "base"} for i in shop},
+                                  regions="float").job_id, 300)
     port = free_port()
     log = open(data / "console.log", "wb")
     console = subprocess.Popen([sys.executable, "-m", "visearch.cli", "console", "--port", str(port)], cwd=ROOT,

@@ -56,7 +56,9 @@ def catalog(grocery) -> list:
 @pytest.fixture(scope="module")
 def ingested(mesh_env, catalog, tmp_path_factory):
     manifest = write_manifest(catalog, tmp_path_factory.mktemp("manifest") / "train.csv")
-    r = cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "grocery", "--wait", "--json")
+    # Made with regions, which the region re-rank methods below need (new catalogs store none by default).
+    r = cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "grocery", "--regions", "float", "--wait",
+            "--json")
     return {"manifest": manifest, "result": json.loads(r.stdout)}
 
 
@@ -156,6 +158,34 @@ def test_reingest_is_idempotent(mesh_env, ingested, tmp_path):
     assert res["ok"] == 40
     after = {c["name"]: c["objects"] for c in jsonl(cli(mesh_env, "catalogs").stdout)}["grocery"]
     assert after == before
+
+
+def test_catalog_storage_is_chosen_when_made_and_priced(mesh_env, ingested, grocery, model_repo, tmp_path):
+    """A catalog made with the defaults stores no base regions: `catalogs --json` prices it at its
+    vector, index links and fields in memory (local features besides), the region re-rank methods say
+    why they cannot run on it, and it keeps its storage; the grocery catalog, made with
+    `--regions float`, pays their 24 x 256 float32 per object."""
+    photos = grocery["val"][:4]
+    manifest = write_manifest(photos, tmp_path / "lean.csv")
+    res = json.loads(cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "lean", "--wait",
+                         "--json").stdout)
+    assert res["ok"] == len(photos)
+    cats = {c["name"]: c for c in jsonl(cli(mesh_env, "catalogs", "--json").stdout)}
+    lean, rich = cats["lean"], cats["grocery"]
+    assert lean["regions"] == "off" and rich["regions"] == "float" and lean["objects"] == len(photos)
+    vector = lean["dim"] * 4
+    assert vector < lean["memory_bytes_per_object"] <= vector + 512, lean  # + HNSW links and fields
+    assert lean["memory_bytes_per_object"] + 1000 < lean["bytes_per_object"] <= lean["memory_bytes_per_object"] + 8192
+    assert rich["memory_bytes_per_object"] >= lean["memory_bytes_per_object"] + 24 * 256 * 4, (rich, lean)
+    q = str(photos[0].path)
+    for method in ("qam", "regions"):
+        out = jsonl(cli(mesh_env, "search", q, "--catalog", "lean", "--rerank", method, "--json", check=False).stdout)
+        assert out[0]["error"]["code"] == "FAILED_PRECONDITION" and "--regions float" in out[0]["error"]["message"]
+    hits = jsonl(cli(mesh_env, "search", q, "--catalog", "lean", "--json").stdout)[0]["hits"]
+    assert hits[0]["item_id"] == item_id(photos[0]) and hits[0]["match"]
+    r = cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "lean", "--regions", "float", check=False)
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "regions off" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_ingest_by_path_inside_roots_only(mesh_env, grocery, tmp_path):

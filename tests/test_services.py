@@ -237,7 +237,7 @@ def test_rerank_with_regions_from_the_store(services, milvus_uri):
     meta = ModelMeta(name="embedder", version="1", input_name="images", output_name="embeddings", input_size=32, dim=8)
     store = VectorStore(StoreSettings(milvus_uri=milvus_uri))
     g = np.eye(8, dtype=np.float32)
-    store.ensure_catalog("rr", meta)
+    store.ensure_catalog("rr", meta, "float")
     store.upsert_items("rr", [(i, [(g[n], (0, 0, 100, 100))], {}) for n, i in enumerate(("clutter", "object", "bare"))])
     boxes = np.array([[0, 0, 100, 100], [0, 0, 50, 50], [40, 40, 60, 70], [60, 40, 80, 70], [50, 50, 100, 100]], np.float32)
     clutter = np.abs(rng.normal(size=(5, d))).astype(np.float32)

@@ -71,7 +71,7 @@ def test_regions_are_stored_per_object_and_follow_their_item(store, request):
 
     cat = "t_" + request.node.name[:40]
     rng = np.random.default_rng(1)
-    store.ensure_catalog(cat, META)
+    assert store.ensure_catalog(cat, META, "float").regions == "float"
     vecs = unit(rng, 3)
     store.upsert_items(cat, [("a", [(vecs[0], (0, 0, 10, 10)), (vecs[1], (5, 5, 9, 9))], {}),
                              ("b", [(vecs[2], (0, 0, 4, 4))], {})])
@@ -162,7 +162,7 @@ def test_catalogs_survive_a_milvus_lite_restart(tmp_path):
     rng = np.random.default_rng(2)
     vecs = unit(rng, 2)
     s = VectorStore(StoreSettings(milvus_uri=uri))
-    s.ensure_catalog("kept", META)
+    s.ensure_catalog("kept", META, "float")
     s.upsert_items("kept", [("a", [(vecs[0], (0, 0, 1, 1))], {}), ("b", [(vecs[1], (0, 0, 1, 1))], {})])
     s.upsert_regions("kept", [("a#0", np.ones((3, 4), np.float32), np.zeros((3, 4), np.float32))])
     s.flush("kept")
@@ -172,7 +172,7 @@ def test_catalogs_survive_a_milvus_lite_restart(tmp_path):
     try:
         s = VectorStore(StoreSettings(milvus_uri=uri))
         assert s.count("kept") == 2 and s.search("kept", vecs[1], 1)[0].item_id == "b"
-        assert list(s.get_regions("kept", ["a#0"])) == ["a#0"]
+        assert list(s.get_regions("kept", ["a#0"])) == ["a#0"] and s.live("kept").regions == "float"
         s.ensure_catalog("kept", META)  # same model: accepted, nothing recreated
         s.close()
     finally:
@@ -216,3 +216,55 @@ def test_reads_run_bounded_only_when_nothing_wrote_lately(store, redis_url, requ
     finally:
         writer.close()
         reader.close()
+
+
+def test_storage_is_chosen_per_catalog_and_priced_per_object(store, request, tmp_path):
+    """Bytes per object with the served shape (a 128-d vector, a detected object's box, a path, a full
+    budget of local features): the defaults fit issue 21's budget (<= 1,024 bytes in memory, <= 10,240
+    in all); regions cost their 24 x 256 float32 in memory. A catalog keeps its storage: a
+    re-embedding's generation inherits it, and asking for another is refused."""
+    from visearch import local
+    from visearch.store import MAX_REGIONS
+
+    s = VectorStore(StoreSettings(milvus_uri=store.settings.milvus_uri, local_dir=str(tmp_path / "local")))
+    meta = ModelMeta(name="embedder", version="2", input_name="images", output_name="embeddings", input_size=320,
+                     dim=128)
+    rng = np.random.default_rng(3)
+    budget = local.BUDGET  # the most bytes of local features an object keeps
+    source = "/home/someone/catalogs/grocery-store/dataset/train/Packages/Milk/Arla-Standard-Milk/IMG_0001.jpg"
+    try:
+        for mode in ("off", "float"):
+            cat = f"t_price_{mode}_" + request.node.callspec.id.replace("-", "_")
+            gen = s.ensure_catalog(cat, meta, mode)
+            assert gen.regions == mode and s.live(cat).regions == mode
+            vecs = rng.standard_normal((40, 128)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            items = [(f"item-{n:05d}", [(vecs[2 * n], (0.0, 0.0, 348.0, 348.0)), (vecs[2 * n + 1], (12.5, 40.0, 200.0, 300.0))],
+                      {"brand": "Arla"}, source, 1) for n in range(20)]
+            s.upsert_local(cat, {f"item-{n:05d}#{k}": bytes(budget) for n in range(20) for k in range(2)})
+            s.upsert_items(cat, items)
+            if mode == "float":
+                feats = rng.random((MAX_REGIONS, 256)).astype(np.float32)
+                s.upsert_regions(cat, [(f"item-{n:05d}#{k}", feats, np.tile([0, 0, 10, 10], (MAX_REGIONS, 1)))
+                                       for n in range(20) for k in range(2)])
+            else:
+                with pytest.raises(FailedPrecondition, match="regions off"):
+                    s.upsert_regions(cat, [("item-00000#0", np.zeros((1, 256), np.float32), np.zeros((1, 4)))])
+            info = {c.name: c for c in s.list_catalogs(footprint=True)}[cat]
+            fp = info.footprint
+            assert info.objects == 40 and info.regions == mode and fp.sampled == 40
+            if mode == "off":
+                assert 128 * 4 < fp.memory <= 1024, fp
+                assert fp.memory + budget <= fp.total <= 10_240, fp
+                lean = fp
+            else:
+                assert fp.memory >= lean.memory + MAX_REGIONS * 256 * 4, (fp, lean)
+                assert fp.total - fp.memory == lean.total - lean.memory  # the same side data
+            with pytest.raises(FailedPrecondition, match=f"made with regions {mode}"):
+                s.ensure_catalog(cat, meta, "float" if mode == "off" else "off")
+            nxt = s.create_generation(cat, ModelMeta(name="embedder", version="3", input_name="images",
+                                                     output_name="embeddings", input_size=320, dim=128))
+            assert nxt.regions == mode and s.generation(cat, nxt.number).regions == mode
+            s.drop_generation(nxt)
+    finally:
+        s.close()

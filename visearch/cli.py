@@ -226,8 +226,10 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool) -> tuple[str, dict[str, str]]:
-    """Send rows in requests of bounded size under one job id; returns (job id, local failures)."""
+def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool, regions: str = ""
+                ) -> tuple[str, dict[str, str]]:
+    """Send rows in requests of bounded size under one job id; returns (job id, local failures).
+    `regions`: how a catalog the first request makes stores base regions ("": the default)."""
     from visearch.gateway.v1 import gateway_pb2
 
     job_id, local_failed = "", {}
@@ -236,7 +238,7 @@ def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool) -> tuple[
     def flush():
         nonlocal job_id, batch, size
         if batch:
-            job_id = client.ingest(batch, catalog=catalog, job_id=job_id).job_id
+            job_id = client.ingest(batch, catalog=catalog, job_id=job_id, regions=regions).job_id
         batch, size = [], 0
 
     for row in rows:
@@ -272,14 +274,17 @@ def wait_job(client, job_id: str, total: int, quiet: bool = False):
 @click.option("--catalog", default="default", show_default=True)
 @click.option("--wait", is_flag=True, help="Return when the job is done and print the counts.")
 @click.option("--by-path", is_flag=True, help="Send paths (inside the gateway's ingest roots), not bytes.")
+@click.option("--regions", type=click.Choice(["off", "float"]), default=None,
+              help="When this ingest makes the catalog: store each object's base regions (for --rerank "
+                   "regions|qam; 24.6 KB an object in memory) or not (default: the gateway's, off).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def ingest(ctx, manifest, catalog, wait, by_path, as_json):
+def ingest(ctx, manifest, catalog, wait, by_path, regions, as_json):
     """Queue the images of a CSV manifest (item_id,path) for ingestion."""
     rows = read_manifest(manifest)
     with _client(ctx) as client:
         try:
-            job_id, local_failed = ingest_rows(client, rows, catalog, by_path)
+            job_id, local_failed = ingest_rows(client, rows, catalog, by_path, regions or "")
         except grpc.RpcError as exc:
             raise Failure(f"{exc.code().name}: {exc.details()}") from None
         out = {"job_id": job_id, "catalog": catalog, "submitted": len(rows)}
@@ -423,13 +428,17 @@ def get(ctx, item_id, catalog):
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per catalog (the only output form).")
 @click.pass_context
-def catalogs(ctx):
-    """Catalogs with their object counts, model and generation (and one being built, if any)."""
+def catalogs(ctx, as_json):
+    """Catalogs with their object counts, model, generation (and one being built, if any), storage
+    and bytes per object (memory_bytes_per_object: what the vector store holds in memory to search
+    it; bytes_per_object: everything stored per object, local features included)."""
     with _client(ctx) as client:
         for c in client.catalogs():
             row = {"name": c.name, "objects": c.objects, "model": f"{c.model.name}:{c.model.version}",
-                   "dim": c.model.dim, "generation": c.generation}
+                   "dim": c.model.dim, "generation": c.generation, "regions": c.storage.regions,
+                   "memory_bytes_per_object": c.memory_bytes_per_object, "bytes_per_object": c.bytes_per_object}
             if c.building_generation:
                 row["building"] = {"generation": c.building_generation, "objects": c.building_objects,
                                    "model": f"{c.building_model.name}:{c.building_model.version}"}

@@ -64,10 +64,11 @@ def _search_request(image: ImageArg, catalog: str, top_k: int, filters: Mapping[
                                      correspondences=correspondences)
 
 
-def _ingest_request(items: Iterable[gateway_pb2.IngestItem], catalog: str, job_id: str):
+def _ingest_request(items: Iterable[gateway_pb2.IngestItem], catalog: str, job_id: str, regions: str = ""):
     # The job id is made here, not by the gateway, so that a retry after a lost answer adds to the
     # same job instead of starting a second one.
-    return gateway_pb2.IngestItemsRequest(catalog=catalog, items=list(items), job_id=job_id or uuid.uuid4().hex)
+    return gateway_pb2.IngestItemsRequest(catalog=catalog, items=list(items), job_id=job_id or uuid.uuid4().hex,
+                                          storage=gateway_pb2.CatalogStorage(regions=regions))
 
 
 def path_items(paths: Mapping[str, str | Path], metadata: Mapping[str, Mapping[str, str]] | None = None,
@@ -153,16 +154,17 @@ class Client(_Base):
                                                     correspondences), timeout)
 
     def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
-               timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
+               timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
         """Queue items (at most the gateway's max_items_per_request per call; pass the job_id of the
-        first answer to add more to the same job)."""
-        return self._call("IngestItems", _ingest_request(items, catalog, job_id), timeout)
+        first answer to add more to the same job). `regions` ("off" or "float"; "": the gateway's
+        default) is how a catalog this call makes stores its objects' base regions."""
+        return self._call("IngestItems", _ingest_request(items, catalog, job_id, regions), timeout)
 
     def ingest_paths(self, paths: Mapping[str, str | Path], catalog: str = "default",
                      metadata: Mapping[str, Mapping[str, str]] | None = None, by_path: bool = False,
-                     timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
+                     timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
         """Queue {item id: image path}."""
-        return self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout)
+        return self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout, regions=regions)
 
     def job(self, job_id: str, timeout: float | None = None) -> gateway_pb2.IngestJob:
         return self._call("GetIngestJob", gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout).job
@@ -250,13 +252,13 @@ class AsyncClient(_Base):
                                                           per_object, correspondences), timeout)
 
     async def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
-                     timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
-        return await self._call("IngestItems", _ingest_request(items, catalog, job_id), timeout)
+                     timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
+        return await self._call("IngestItems", _ingest_request(items, catalog, job_id, regions), timeout)
 
     async def ingest_paths(self, paths: Mapping[str, str | Path], catalog: str = "default",
                            metadata: Mapping[str, Mapping[str, str]] | None = None, by_path: bool = False,
-                           timeout: float | None = None) -> gateway_pb2.IngestItemsResponse:
-        return await self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout)
+                           timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
+        return await self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout, regions=regions)
 
     async def job(self, job_id: str, timeout: float | None = None) -> gateway_pb2.IngestJob:
         return (await self._call("GetIngestJob", gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout)).job

@@ -99,6 +99,11 @@ def run_demo(data_dir: Path, catalog: str = "demo", n_queries: int = 0, keep_up:
             secs = time.monotonic() - t0
             click.echo(f"ingested {job.done} photos into catalog {catalog!r} in {secs:.0f}s "
                        f"({job.done / max(secs, 1e-6):.1f}/s), {job.failed + len(local_failed)} failed")
+            cat = next((c for c in client.catalogs() if c.name == catalog), None)
+            if cat is not None:
+                click.echo(f"catalog {catalog!r}: {cat.objects} objects, {cat.memory_bytes_per_object} bytes each "
+                           f"in the vector store's memory, {cat.bytes_per_object} stored in all (regions "
+                           f"{cat.storage.regions or 'off'})")
             report = evaluate(client, queries, database, catalog)
         click.echo("\nphoto -> photo retrieval (queries: val photos of packaged products; "
                    "positives: train photos of the same product)")

@@ -57,6 +57,16 @@ class LocalStore:
     def count(self, collection: str) -> int:
         return sum(1 for _ in (self.root / collection).glob("*/*")) if (self.root / collection).is_dir() else 0
 
+    def sizes(self, collection: str, object_ids: list[str]) -> list[int]:
+        """The stored size in bytes of each object's features (0: none stored)."""
+        out = []
+        for object_id in object_ids:
+            try:
+                out.append(self.path(collection, object_id).stat().st_size)
+            except OSError:
+                out.append(0)
+        return out
+
     def bytes_used(self, collection: str) -> int:
         d = self.root / collection
         return sum(p.stat().st_size for p in d.glob("*/*")) if d.is_dir() else 0

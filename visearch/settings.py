@@ -132,6 +132,17 @@ class StoreSettings(_Base):
     # wait for the server's time tick); keep it above Milvus's common.gracefulTime (5 s by
     # default). Needs Redis (the write clock every writer marks); 0: every read Strong.
     bounded_window_seconds: float = 10.0
+    # Whether a new catalog stores its objects' base regions (re-rank "regions" and "qam"): "off"
+    # or "float" (24.6 KB an object in the vector store's memory); a request may choose per catalog
+    # (`visearch ingest --regions`). Existing catalogs keep what they were made with.
+    catalog_regions: str = "off"
+
+    @field_validator("catalog_regions")
+    @classmethod
+    def _region_mode(cls, v: str) -> str:
+        if v not in ("off", "float"):
+            raise ValueError(f"catalog_regions {v!r}: expected off or float")
+        return v
 
 
 class RerankSettings(ServerSettings, StoreSettings):

@@ -48,6 +48,7 @@ allow one vector field per collection.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -72,6 +73,14 @@ MAX_OBJECTS = 32
 MAX_REGIONS = 24
 MODEL_PROP = "visearch.model"
 DIM_PROP = "visearch.dim"
+# Per-catalog storage, chosen when the catalog is made and kept by every generation of it:
+# whether each object's base regions (re-rank "regions" and "qam") are stored. "off" (the default
+# for new catalogs) keeps the in-memory cost per object at its vector, index and fields (about
+# 1 KB); "float" adds MAX_REGIONS x region dim float32 (24.6 KB at 24 x 256), held in memory by a
+# FLAT collection. A generation made before the property existed stores them ("float").
+REGIONS_PROP = "visearch.regions"
+REGION_MODES = ("off", "float")
+LEGACY_REGIONS = "float"
 SOURCE_MAX = 2048
 GEN_RE = re.compile(r"vsg_([A-Za-z][A-Za-z0-9_]{0,62})_([0-9]+)", re.ASCII)
 # An item's metadata: bounded so one item can neither exceed Milvus's 64 KiB JSON field (which
@@ -84,6 +93,7 @@ MAX_FILTERS = 16
 COLLECTION_NOT_FOUND = 100
 COLLECTION_NOT_LOADED = 101
 PK_CHUNK = 1024  # primary keys per expression
+FOOTPRINT_SAMPLE = 256  # rows read to estimate a catalog's bytes per object
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +105,7 @@ class Generation:
     number: int
     model_tag: str
     dim: int
+    regions: str = LEGACY_REGIONS  # REGION_MODES: whether objects' base regions are stored
 
     @property
     def collection(self) -> str:
@@ -113,6 +124,12 @@ def check_catalog(name: str) -> str:
     if not CATALOG_RE.fullmatch(name or ""):
         raise InvalidArgument(f"catalog name {name[:80]!r} is invalid: a letter, then up to 62 letters, digits or '_'")
     return name
+
+
+def check_regions(mode: str) -> str:
+    if mode not in REGION_MODES:
+        raise InvalidArgument(f"regions {mode[:40]!r}: expected one of {', '.join(REGION_MODES)}")
+    return mode
 
 
 def check_item_id(item_id: str) -> str:
@@ -180,6 +197,20 @@ class CatalogInfo:
     generation: int = 0
     building: Generation | None = None
     building_objects: int = 0
+    regions: str = LEGACY_REGIONS
+    footprint: Footprint | None = None
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes per stored object of one generation: `memory` is what the vector store holds in memory
+    to search it (the vector, its HNSW links, the loaded scalar fields, the region collection when
+    regions are stored); `total` adds the side data read by key (local features). Estimated from the
+    schema and a sample of rows (`sampled`); source images kept for re-embedding are not counted."""
+
+    memory: int
+    total: int
+    sampled: int
 
 
 Target = str | Generation  # a catalog name (its live generation) or one generation
@@ -301,7 +332,8 @@ class VectorStore:
 
     def _describe(self, catalog: str, number: int, desc: dict) -> Generation:
         props = desc.get("properties", {})
-        gen = Generation(catalog, number, props.get(MODEL_PROP, ""), int(props.get(DIM_PROP, 0)))
+        gen = Generation(catalog, number, props.get(MODEL_PROP, ""), int(props.get(DIM_PROP, 0)),
+                         props.get(REGIONS_PROP, LEGACY_REGIONS))
         self._gens[gen.collection] = gen
         return gen
 
@@ -372,12 +404,14 @@ class VectorStore:
             chunk = ids[start:start + PK_CHUNK]
             self._read(name, lambda c=chunk: self.client.delete(name, filter=expr.pk_in("object_id", c)))
 
-    def ensure_catalog(self, catalog: str, meta: ModelMeta) -> Generation:
-        """The catalog's live generation; a new catalog gets generation 1 made for this model."""
+    def ensure_catalog(self, catalog: str, meta: ModelMeta, regions: str = "") -> Generation:
+        """The catalog's live generation; a new catalog gets generation 1 made for this model, storing
+        regions as asked (`regions`; "": the settings' `catalog_regions`). An existing catalog keeps
+        what it was made with: asking for another mode is FAILED_PRECONDITION."""
         with self._create_lock:
             gen = self.live(catalog)
             if gen is None:
-                gen = self.create_generation(catalog, meta)
+                gen = self.create_generation(catalog, meta, regions or self.settings.catalog_regions)
                 try:
                     self.client.create_alias(gen.collection, self.alias(catalog))
                 except MilvusException:
@@ -385,13 +419,22 @@ class VectorStore:
                     if self.live(catalog) is None:
                         raise
                 gen = self.live(catalog)
+        if regions and gen.regions != regions:
+            raise FailedPrecondition(f"catalog {catalog!r} was made with regions {gen.regions}, not {regions}: "
+                                     "a catalog's storage is chosen when it is made (use a new catalog name)")
         self.check_model(gen, meta)
         return gen
 
-    def create_generation(self, catalog: str, meta: ModelMeta) -> Generation:
-        """A new, empty generation numbered after every existing one (not live until `switch`)."""
+    def create_generation(self, catalog: str, meta: ModelMeta, regions: str = "") -> Generation:
+        """A new, empty generation numbered after every existing one (not live until `switch`). It
+        stores regions as `regions` says; "": as the catalog's live generation does (a re-embedding
+        keeps the catalog's storage), or the settings' default for a new catalog."""
         numbers = [g.number for g in self.generations(catalog)]
-        gen = Generation(check_catalog(catalog), max(numbers, default=0) + 1, meta.tag, meta.dim)
+        if not regions:
+            live = self.live(catalog)
+            regions = live.regions if live is not None else self.settings.catalog_regions
+        gen = Generation(check_catalog(catalog), max(numbers, default=0) + 1, meta.tag, meta.dim,
+                         check_regions(regions))
         self._create(gen)
         self._gens[gen.collection] = gen
         return gen
@@ -444,7 +487,8 @@ class VectorStore:
                         params={"M": self.settings.hnsw_m, "efConstruction": self.settings.hnsw_ef_construction})
         self.client.create_collection(gen.collection, schema=schema, index_params=index,
                                       consistency_level="Strong",
-                                      properties={MODEL_PROP: gen.model_tag, DIM_PROP: str(gen.dim)})
+                                      properties={MODEL_PROP: gen.model_tag, DIM_PROP: str(gen.dim),
+                                                  REGIONS_PROP: gen.regions})
 
     # ---- items ------------------------------------------------------------------
     @staticmethod
@@ -544,6 +588,8 @@ class VectorStore:
         if not rows:
             return 0
         gen = self.resolve(target)
+        if gen.regions == "off":
+            raise FailedPrecondition(f"catalog {gen.catalog!r} was made with regions off: it stores none")
         dim = int(rows[0][1].shape[1])
         with self._create_lock:
             found = self._region_dim(gen)
@@ -668,9 +714,10 @@ class VectorStore:
                                                          consistency_level=level))
         return int(res[0]["count(*)"])
 
-    def list_catalogs(self, level: str = STRONG) -> list[CatalogInfo]:
+    def list_catalogs(self, level: str = STRONG, footprint: bool = False) -> list[CatalogInfo]:
         """Every catalog with its live generation's object count (`level`: Bounded for figures that
-        may lag a few seconds, e.g. metrics, and need not wait for a server's time tick)."""
+        may lag a few seconds, e.g. metrics, and need not wait for a server's time tick), and with
+        `footprint` its bytes per object."""
         names = sorted({m.group(1) for m in map(GEN_RE.fullmatch, self.client.list_collections()) if m})
         out = []
         for catalog in names:
@@ -678,9 +725,43 @@ class VectorStore:
             if live is None:  # generations without an alias: a creation that failed half-way
                 continue
             building = self.building(catalog, live)
-            out.append(CatalogInfo(catalog, live.model_tag, live.dim, self.count(live, level), live.number, building,
-                                   self.count(building, level) if building else 0))
+            objects = self.count(live, level)
+            out.append(CatalogInfo(catalog, live.model_tag, live.dim, objects, live.number, building,
+                                   self.count(building, level) if building else 0, live.regions,
+                                   self.footprint(live, objects, level) if footprint else None))
         return out
+
+    def footprint(self, target: Target, objects: int | None = None, level: str = STRONG,
+                  sample: int = FOOTPRINT_SAMPLE) -> Footprint:
+        """Bytes per object the generation takes (Footprint), from up to `sample` of its rows."""
+        gen = self.resolve(target)
+        objects = self.count(gen, level) if objects is None else objects
+        rows = self._read(gen.collection, lambda: self.client.query(
+            gen.collection, filter='object_id != ""', limit=sample, consistency_level=level,
+            output_fields=["object_id", "item_id", "box", "metadata", "source", "stamp"])) if objects else []
+
+        def text(v) -> int:  # a variable-length field: its UTF-8 bytes and a 4-byte offset
+            return len(str(v or "").encode()) + 4
+
+        fields = (sum(text(r["object_id"]) + text(r["item_id"]) + 4 * len(r.get("box") or ()) + 4
+                      + text(json.dumps(r.get("metadata") or {}, separators=(",", ":"))) + text(r.get("source"))
+                      + 8 for r in rows) / len(rows)) if rows else 0.0
+        m = self.settings.hnsw_m
+        # hnswlib's layout (Milvus's HNSW): 2M neighbour ids and a count at level 0, its label, and
+        # on average 1/(M-1) upper levels of M ids and a count; the index holds the vector itself.
+        index = 2 * m * 4 + 4 + 8 + (m * 4 + 4) / (m - 1)
+        memory = gen.dim * 4 + index + fields
+        rdim = self._region_dim(gen)
+        if rdim and objects:
+            name = gen.region_collection
+            with_regions = int(self._read(name, lambda: self.client.query(
+                name, filter="", output_fields=["count(*)"], consistency_level=level))[0]["count(*)"])
+            mean_id = sum(text(r["object_id"]) for r in rows) / len(rows) if rows else 0
+            memory += with_regions / objects * (MAX_REGIONS * rdim * 4 + MAX_REGIONS * 4 * 4 + 4 + 8 + mean_id)
+        local = 0.0
+        if self.local is not None and rows:
+            local = sum(self.local.sizes(gen.collection, [r["object_id"] for r in rows])) / len(rows)
+        return Footprint(round(memory), round(memory + local), len(rows))
 
     def flush(self, target: Target) -> None:
         gen = self.resolve(target)

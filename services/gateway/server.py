@@ -48,6 +48,7 @@ from visearch.store import (
     check_filters,
     check_item_id,
     check_metadata,
+    check_regions,
 )
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,10 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(f"re-rank method {method[:40]!r} is not available "
                                   f"(available: {', '.join(regions.RERANK_METHODS)})")
         want_regions = method in regions.REGION_METHODS
+        if want_regions and gen.regions == "off":
+            raise FailedPrecondition(f"catalog {catalog!r} stores no regions (made with regions off): re-rank "
+                                     f"{method!r} needs them; make the catalog with `visearch ingest --regions "
+                                     "float`, or use another method")
         # "verify" matches the query's local features (extracted by the embedding service while its
         # model runs) against the candidates' stored ones.
         want_local = method == "verify"
@@ -377,13 +382,19 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgument(f"item {it.item_id[:80]!r} has neither image bytes nor a uri")
             tasks.append(entry)
         job_id = request.job_id or new_job_id()
-        # The catalog exists from the first ingest request on, made for the serving model; an
-        # existing catalog keeps its model version (the workers embed with it).
-        if await asyncio.to_thread(self.store.live, catalog) is None:
+        region_mode = check_regions(request.storage.regions) if request.storage.regions else ""
+        # The catalog exists from the first ingest request on, made for the serving model and the
+        # storage asked for; an existing catalog keeps its model version (the workers embed with it)
+        # and its storage.
+        live = await asyncio.to_thread(self.store.live, catalog)
+        if live is None:
             info = await call("embedding", self.embedding.GetModelInfo(
                 embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
             await self.check_model(info.model)
-            await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model))
+            await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model), region_mode)
+        elif region_mode and live.regions != region_mode:
+            raise FailedPrecondition(f"catalog {catalog!r} was made with regions {live.regions}, not {region_mode}: "
+                                     "a catalog's storage is chosen when it is made (use a new catalog name)")
         headers = {"request_id": obs.request_id.get()}
         # One thread does the rest to its end even if the caller goes away meanwhile (a deadline, a
         # cancel): items recorded as pending are always queued, or failed with the reason.
@@ -470,14 +481,17 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
 
     @rpc()
     async def ListCatalogs(self, request, context):
-        cats = await asyncio.to_thread(self.store.list_catalogs)
+        cats = await asyncio.to_thread(self.store.list_catalogs, footprint=True)
         out = []
         for c in cats:
             if not visible(c.name):
                 continue
             name, _, version = c.model_tag.partition(":")
             cat = gateway_pb2.Catalog(name=c.name, objects=c.objects, generation=c.generation,
-                                      model=common_pb2.ModelInfo(name=name, version=version, dim=c.dim))
+                                      model=common_pb2.ModelInfo(name=name, version=version, dim=c.dim),
+                                      storage=gateway_pb2.CatalogStorage(regions=c.regions),
+                                      memory_bytes_per_object=c.footprint.memory,
+                                      bytes_per_object=c.footprint.total)
             if c.building:
                 bname, _, bversion = c.building.model_tag.partition(":")
                 cat.building_generation = c.building.number

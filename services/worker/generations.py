@@ -87,7 +87,7 @@ def copy_items(ctx: Context, src: Generation, dst: Generation, item_ids: list[st
             failed[item_id] = f"its image cannot be read again: {exc}"
     if todo:
         emb = embed_objects(ctx, [(data, o.box) for _, objs, data in todo for o in objs], dst.model_version,
-                            ctx.settings.rpc_timeout_seconds)
+                            ctx.settings.rpc_timeout_seconds, regions=dst.regions != "off")
         ctx.store.check_model(dst, model_meta(emb.model))
         # An ingest may have written a newer version meanwhile (embedding takes a while): keep it. What
         # still races past this check is found by the repair rounds, which switch only when clean.

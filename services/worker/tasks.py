@@ -141,7 +141,9 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     first = {item["item_id"]: n for n, (item, _, _) in enumerate(ok)}
 
     def write(gen, claim: bool):
-        emb = embed_objects(ctx, [(ok[n][1], box) for n, box in objects], gen.model_version if gen else "", timeout)
+        mode = gen.regions if gen else ctx.store.settings.catalog_regions
+        emb = embed_objects(ctx, [(ok[n][1], box) for n, box in objects], gen.model_version if gen else "", timeout,
+                            regions=mode != "off")
         meta = model_meta(emb.model)
         if gen is None:
             gen = ctx.store.ensure_catalog(catalog, meta)
@@ -216,14 +218,15 @@ def model_meta(m) -> ModelMeta:
     return ModelMeta(name=m.name, version=m.version, input_name="", output_name="", input_size=m.input_size, dim=m.dim)
 
 
-def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple]], version: str, timeout: float):
-    """Embed (image bytes, box in pixels) pairs with one model version, regions and local features
-    as configured."""
+def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple]], version: str, timeout: float,
+                  regions: bool = True):
+    """Embed (image bytes, box in pixels) pairs with one model version, local features as configured
+    and regions when the catalog stores them (`regions`) and the worker's settings allow."""
     want_local = ctx.settings.ingest_local_features and ctx.store.local is not None
     items = [embedding_pb2.EmbedItem(image=data, box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
              for data, b in objects]
     parts = split_by_bytes(items, lambda it: len(it.image))  # each object carries its image's bytes
-    answers = [_call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=part, regions=ctx.settings.ingest_regions,
+    answers = [_call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=part, regions=regions and ctx.settings.ingest_regions,
                                                                      model_version=version, local_features=want_local),
                      timeout, "embedding")
                for part in parts]

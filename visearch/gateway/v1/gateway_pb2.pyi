@@ -117,14 +117,22 @@ class IngestItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class IngestItemsRequest(_message.Message):
-    __slots__ = ("catalog", "items", "job_id")
+    __slots__ = ("catalog", "items", "job_id", "storage")
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
     catalog: str
     items: _containers.RepeatedCompositeFieldContainer[IngestItem]
     job_id: str
-    def __init__(self, catalog: _Optional[str] = ..., items: _Optional[_Iterable[_Union[IngestItem, _Mapping]]] = ..., job_id: _Optional[str] = ...) -> None: ...
+    storage: CatalogStorage
+    def __init__(self, catalog: _Optional[str] = ..., items: _Optional[_Iterable[_Union[IngestItem, _Mapping]]] = ..., job_id: _Optional[str] = ..., storage: _Optional[_Union[CatalogStorage, _Mapping]] = ...) -> None: ...
+
+class CatalogStorage(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: str
+    def __init__(self, regions: _Optional[str] = ...) -> None: ...
 
 class IngestItemsResponse(_message.Message):
     __slots__ = ("job_id", "accepted")
@@ -246,7 +254,7 @@ class ListCatalogsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Catalog(_message.Message):
-    __slots__ = ("name", "objects", "model", "generation", "building_generation", "building_model", "building_objects")
+    __slots__ = ("name", "objects", "model", "generation", "building_generation", "building_model", "building_objects", "storage", "memory_bytes_per_object", "bytes_per_object")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +262,9 @@ class Catalog(_message.Message):
     BUILDING_GENERATION_FIELD_NUMBER: _ClassVar[int]
     BUILDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     BUILDING_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_PER_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_OBJECT_FIELD_NUMBER: _ClassVar[int]
     name: str
     objects: int
     model: _common_pb2.ModelInfo
@@ -261,7 +272,10 @@ class Catalog(_message.Message):
     building_generation: int
     building_model: _common_pb2.ModelInfo
     building_objects: int
-    def __init__(self, name: _Optional[str] = ..., objects: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., generation: _Optional[int] = ..., building_generation: _Optional[int] = ..., building_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., building_objects: _Optional[int] = ...) -> None: ...
+    storage: CatalogStorage
+    memory_bytes_per_object: int
+    bytes_per_object: int
+    def __init__(self, name: _Optional[str] = ..., objects: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., generation: _Optional[int] = ..., building_generation: _Optional[int] = ..., building_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., building_objects: _Optional[int] = ..., storage: _Optional[_Union[CatalogStorage, _Mapping]] = ..., memory_bytes_per_object: _Optional[int] = ..., bytes_per_object: _Optional[int] = ...) -> None: ...
 
 class ReembedCatalogRequest(_message.Message):
     __slots__ = ("catalog", "model_version")
