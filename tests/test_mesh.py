@@ -188,6 +188,37 @@ def test_catalog_storage_is_chosen_when_made_and_priced(mesh_env, ingested, groc
     assert "Traceback" not in r.stderr
 
 
+def test_similar_searches_with_a_stored_item(mesh_env, ingested, catalog):
+    """"More like this": a catalog item is the query by its id. Its stored vector and local features
+    find the other photos of its product; the item itself is never a hit; nothing is embedded again
+    (the embedding service's RPC count does not move); an unknown item or an impossible request says why."""
+    from visearch.mesh import load_state
+
+    comps = {c["name"]: c for c in load_state(Path(mesh_env["VISEARCH_DATA_DIR"]))["components"]}
+    product = {item_id(p): p.fine_id for p in catalog}
+    items = [item_id(p) for p in catalog[::97][:6]]
+    before = metric(scrape(comps["embedding"]["metrics"]), "visearch_rpc_seconds_count", method="Embed")
+    right = 0
+    for it in items:
+        out = json.loads(cli(mesh_env, "similar", it, "--catalog", "grocery", "--top-k", "5", "--json").stdout)
+        assert out["item_id"] == it and len(out["hits"]) == 5 and out["rerank"] == "verify", out
+        ids = [h["item_id"] for h in out["hits"]]
+        assert it not in ids and len(set(ids)) == 5
+        right += product[ids[0]] == product[it]
+        # Its stored local features are the query's: the near duplicates among the hits verify.
+        assert any(h.get("inliers", 0) >= 8 for h in out["hits"]), out
+    assert right >= len(items) - 1, right  # train photos of one product are near duplicates
+    after = metric(scrape(comps["embedding"]["metrics"]), "visearch_rpc_seconds_count", method="Embed")
+    assert after == before, "a search by item embeds nothing"
+    plain = json.loads(cli(mesh_env, "similar", items[0], "--catalog", "grocery", "--rerank", "none",
+                           "--json").stdout)
+    assert items[0] not in [h["item_id"] for h in plain["hits"]] and plain["rerank"] == "none"
+    r = cli(mesh_env, "similar", "no-such-item", "--catalog", "grocery", check=False)
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "no-such-item" in r.stderr and "Traceback" not in r.stderr
+    r = cli(mesh_env, "similar", items[0], "--catalog", "grocery", "--rerank", "qam", check=False)
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "query photo" in r.stderr
+
+
 def test_ingest_by_path_inside_roots_only(mesh_env, grocery, tmp_path):
     photo = grocery["val"][0].path
     ok = tmp_path / "ok.csv"

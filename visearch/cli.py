@@ -398,6 +398,36 @@ def search(ctx, images, catalog, top_k, rerank, filters, full_frame, per_object,
 
 
 @main.command()
+@click.argument("item_id")
+@click.option("--catalog", default="default", show_default=True)
+@click.option("--top-k", default=10, show_default=True)
+@click.option("--rerank", default="", help="none|qe|verify (default: the service's).")
+@click.option("--filter", "filters", multiple=True, help="key=value on item metadata (repeatable).")
+@click.option("--full-frame", is_flag=True, help="Search with the item's full frame only, not its detected object.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def similar(ctx, item_id, catalog, top_k, rerank, filters, full_frame, as_json):
+    """Items like one already in the catalog ("more like this"): its stored vectors and local features
+    are the query, nothing is uploaded or embedded again, and the item itself is left out."""
+    flt = dict(f.split("=", 1) for f in filters)
+    with _client(ctx) as client:
+        t0 = time.perf_counter()
+        try:
+            resp = client.similar(item_id, catalog=catalog, top_k=top_k, rerank=rerank, filters=flt,
+                                  full_frame=full_frame)
+        except grpc.RpcError as exc:
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
+    out = {"item_id": item_id, "hits": _hits(resp.hits), "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+           "model": f"{resp.model.name}:{resp.model.version}", "rerank": resp.rerank}
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"like {item_id} ({out['latency_ms']:.0f} ms)")
+        for rank, h in enumerate(out["hits"], 1):
+            click.echo(f"  {rank:>3}. {h['item_id']}  {h['score']:.4f}" + ("  match" if h["match"] else ""))
+
+
+@main.command()
 @click.argument("item_ids", nargs=-1, required=True)
 @click.option("--catalog", default="default", show_default=True)
 @click.pass_context

@@ -64,6 +64,12 @@ def _search_request(image: ImageArg, catalog: str, top_k: int, filters: Mapping[
                                      correspondences=correspondences)
 
 
+def _similar_request(item_id: str, catalog: str, top_k: int, filters: Mapping[str, str] | None, rerank: str,
+                     full_frame: bool, correspondences: bool) -> gateway_pb2.SearchRequest:
+    return gateway_pb2.SearchRequest(catalog=catalog, item_id=item_id, top_k=top_k, filters=filters or {},
+                                     rerank=rerank, full_frame=full_frame, correspondences=correspondences)
+
+
 def _ingest_request(items: Iterable[gateway_pb2.IngestItem], catalog: str, job_id: str, regions: str = ""):
     # The job id is made here, not by the gateway, so that a retry after a lost answer adds to the
     # same job instead of starting a second one.
@@ -152,6 +158,14 @@ class Client(_Base):
         `correspondences` also returns the verified local-feature correspondences of each hit."""
         return self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame, per_object,
                                                     correspondences), timeout)
+
+    def similar(self, item_id: str, catalog: str = "default", top_k: int = 10,
+                filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
+                timeout: float | None = None, correspondences: bool = False) -> gateway_pb2.SearchResponse:
+        """"More like this": items like one already in the catalog, found with its stored vectors and
+        local features (nothing uploaded or embedded again), the item itself left out."""
+        return self._call("Search", _similar_request(item_id, catalog, top_k, filters, rerank, full_frame,
+                                                     correspondences), timeout)
 
     def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
                timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
@@ -250,6 +264,12 @@ class AsyncClient(_Base):
                      ) -> gateway_pb2.SearchResponse:
         return await self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame,
                                                           per_object, correspondences), timeout)
+
+    async def similar(self, item_id: str, catalog: str = "default", top_k: int = 10,
+                      filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
+                      timeout: float | None = None, correspondences: bool = False) -> gateway_pb2.SearchResponse:
+        return await self._call("Search", _similar_request(item_id, catalog, top_k, filters, rerank, full_frame,
+                                                           correspondences), timeout)
 
     async def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
                      timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:

@@ -150,7 +150,13 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         top_k = request.top_k or 10
         if not 0 < top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
-        if not request.image:
+        if request.item_id:
+            if request.image:
+                raise InvalidArgument("a search is by image or by item_id, not both")
+            check_item_id(request.item_id)
+            if request.per_object:
+                raise InvalidArgument("per_object needs a query image: a search by item_id has no detections")
+        elif not request.image:
             raise InvalidArgument("no query image: the image field is empty")
         if len(request.image) > imaging.DEFAULT_LIMITS.max_bytes:
             raise InvalidArgument(f"query image is {len(request.image)} bytes, over the limit of "
@@ -169,6 +175,9 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(f"re-rank method {method[:40]!r} is not available "
                                   f"(available: {', '.join(regions.RERANK_METHODS)})")
         want_regions = method in regions.REGION_METHODS
+        if want_regions and request.item_id:
+            raise FailedPrecondition(f"re-rank {method!r} needs a query photo's regions, which a search by "
+                                     "item_id does not have: use verify, qe or none")
         if want_regions and gen.regions == "off":
             raise FailedPrecondition(f"catalog {catalog!r} stores no regions (made with regions off): re-rank "
                                      f"{method!r} needs them; make the catalog with `visearch ingest --regions "
@@ -193,6 +202,9 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             for p in parts:
                 merged.embeddings.extend(p.embeddings)
             return merged
+
+        if request.item_id:
+            return await self._similar(request, gen, policy, method, want_local, top_k, context)
 
         detections = []
         full_task = None
@@ -263,19 +275,53 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                                                            hits=obj_hits))
         return response
 
-    async def _ranked(self, embs, margins, gen, level, method, want_regions, top_k, filters, query, context):
+    async def _similar(self, request, gen, policy: str, method: str, want_local: bool, top_k: int, context):
+        """A search with a stored item as the query ("more like this"): its stored vectors as the views
+        a query photo would give (its largest object, the full frame under the default ingest policy,
+        and by the query policy its best detected object), its stored local features for "verify",
+        the item itself left out."""
+        level = await asyncio.to_thread(self.store.read_level, gen)
+        objs = await asyncio.to_thread(self.store.get_item, gen, request.item_id)
+
+        def area(o) -> float:
+            return (o.box[2] - o.box[0]) * (o.box[3] - o.box[1])
+
+        full = max(objs, key=area)
+        by_box = {o.box: o for o in reversed(objs)}  # a box stored twice: its first object
+        views = search.query_views(policy, [o.box for o in objs if o is not full], full.box)
+        ids = [by_box[v].object_id for v in views]
+        vectors = await asyncio.to_thread(self.store.get_vectors, gen, ids, level)
+        if len(vectors) < len(set(ids)):
+            raise NotFound(f"item {request.item_id!r} changed while it was read: try again")
+        embs = [embedding_pb2.Embedding(values=vectors[i].tolist()) for i in ids]
+        query = QueryLocal()
+        if want_local:
+            stored = await asyncio.to_thread(self.store.get_local, gen, [full.object_id])
+            w, h = full.box[2] - full.box[0], full.box[3] - full.box[1]
+            query = QueryLocal(stored.get(full.object_id, b""), w, h, request.correspondences)
+        args = (gen, level, method, False, top_k, dict(request.filters), query, context)
+        lead, (hits, used) = await self._ranked(embs, search.view_margins(views, full.box, self.s.query_crop_margin),
+                                                *args, exclude=request.item_id)
+        name, _, version = gen.model_tag.partition(":")
+        return gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(views[lead]), rerank=used,
+                                          model=common_pb2.ModelInfo(name=name, version=version, dim=gen.dim))
+
+    async def _ranked(self, embs, margins, gen, level, method, want_regions, top_k, filters, query, context,
+                      exclude: str = ""):
         """Search the store with each query vector, keep each item's best object, re-rank with the
-        lead vector (the one whose best match scored highest): (lead index, (hits, method used))."""
+        lead vector (the one whose best match scored highest): (lead index, (hits, method used)).
+        `exclude`: an item left out (the query itself, in a search by item)."""
         # An item may be stored as several objects: ask for more rows than items wanted, and
         # more again only while the rows hold fewer items than the answer needs (top_k): a
         # shorter candidate list for re-ranking costs less than a second search at 4x the rows.
         rows = search.first_rows(top_k, self.s.rerank_candidates)
         while True:
-            results = await asyncio.to_thread(self.store.search_many, gen, [e.values for e in embs], rows, filters,
-                                              level=level)
+            found = await asyncio.to_thread(self.store.search_many, gen, [e.values for e in embs], rows, filters,
+                                            level=level)
+            results = [[r for r in view if r.item_id != exclude] for view in found] if exclude else found
             best = search.best_per_item(results, margins, self.s.catalog_crop_margin)
             left = context.time_remaining()
-            if search.enough_rows(best, results, rows, top_k) or (left is not None and left < 1.0):
+            if search.enough_rows(best, found, rows, top_k) or (left is not None and left < 1.0):
                 break
             rows = search.more_rows(rows)
         chosen = search.candidates(best, top_k, self.s.rerank_candidates)

@@ -18,7 +18,7 @@ JOB_STATE_RUNNING: JobState
 JOB_STATE_DONE: JobState
 
 class SearchRequest(_message.Message):
-    __slots__ = ("catalog", "image", "top_k", "filters", "rerank", "full_frame", "per_object", "correspondences")
+    __slots__ = ("catalog", "image", "top_k", "filters", "rerank", "full_frame", "per_object", "correspondences", "item_id")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class SearchRequest(_message.Message):
     FULL_FRAME_FIELD_NUMBER: _ClassVar[int]
     PER_OBJECT_FIELD_NUMBER: _ClassVar[int]
     CORRESPONDENCES_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     catalog: str
     image: bytes
     top_k: int
@@ -42,7 +43,8 @@ class SearchRequest(_message.Message):
     full_frame: bool
     per_object: bool
     correspondences: bool
-    def __init__(self, catalog: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[str] = ..., full_frame: _Optional[bool] = ..., per_object: _Optional[bool] = ..., correspondences: _Optional[bool] = ...) -> None: ...
+    item_id: str
+    def __init__(self, catalog: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[str] = ..., full_frame: _Optional[bool] = ..., per_object: _Optional[bool] = ..., correspondences: _Optional[bool] = ..., item_id: _Optional[str] = ...) -> None: ...
 
 class ObjectHits(_message.Message):
     __slots__ = ("query_box", "detection_score", "label", "hits")
