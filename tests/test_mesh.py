@@ -186,6 +186,17 @@ def test_catalog_storage_is_chosen_when_made_and_priced(mesh_env, ingested, groc
     r = cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "lean", "--regions", "float", check=False)
     assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "regions off" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    # int8 regions: read by key from files, so the memory per object stays the lean catalog's.
+    res = json.loads(cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "compact", "--regions", "int8",
+                         "--wait", "--json").stdout)
+    assert res["ok"] == len(photos)
+    compact = {c["name"]: c for c in jsonl(cli(mesh_env, "catalogs", "--json").stdout)}["compact"]
+    assert compact["regions"] == "int8"
+    assert abs(compact["memory_bytes_per_object"] - lean["memory_bytes_per_object"]) < 64, (compact, lean)
+    assert compact["bytes_per_object"] > lean["bytes_per_object"] + 2000, (compact, lean)
+    for method in ("qam", "regions"):
+        hits = jsonl(cli(mesh_env, "search", q, "--catalog", "compact", "--rerank", method, "--json").stdout)[0]["hits"]
+        assert hits[0]["item_id"] == item_id(photos[0]) and "region" in hits[0], (method, hits[0])
 
 
 def test_similar_searches_with_a_stored_item(mesh_env, ingested, catalog):

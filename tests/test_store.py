@@ -268,3 +268,46 @@ def test_storage_is_chosen_per_catalog_and_priced_per_object(store, request, tmp
             s.drop_generation(nxt)
     finally:
         s.close()
+
+
+def test_int8_regions_live_in_files_and_match_as_float_ones(store, request, tmp_path):
+    """Regions "int8": one file per object beside the local features (none of it in the vector store's
+    memory), int8 with a scale per region; QAM and single-region matching over them find the same
+    region with nearly the same score as over the float32 ones, and they follow their items."""
+    from visearch import regions
+    from visearch.store import MAX_REGIONS, pack_regions, unpack_regions
+
+    rng = np.random.default_rng(7)
+    feats = np.abs(rng.normal(size=(MAX_REGIONS, 256))).astype(np.float32) * 40  # sums of cells: not unit
+    boxes = rng.uniform(0, 300, size=(MAX_REGIONS, 4)).astype(np.float32)
+    boxes[:, 2:] = boxes[:, :2] + 20
+    back, bb = unpack_regions(pack_regions(feats, boxes))
+    np.testing.assert_array_equal(bb, boxes)
+    assert np.abs(back - feats).max() <= np.abs(feats).max(axis=1).max() / 254 + 1e-4
+    assert len(pack_regions(feats, boxes)) == 8 + MAX_REGIONS * (4 + 256 + 16)  # 6,632 bytes
+
+    s = VectorStore(StoreSettings(milvus_uri=store.settings.milvus_uri, local_dir=str(tmp_path / "local")))
+    try:
+        cat = "t_int8_" + request.node.callspec.id.replace("-", "_")
+        assert s.ensure_catalog(cat, META, "int8").regions == "int8"
+        vecs = unit(rng, 2)
+        s.upsert_items(cat, [("a", [(vecs[0], (0, 0, 10, 10))], {}), ("b", [(vecs[1], (0, 0, 10, 10))], {})])
+        s.upsert_regions(cat, [("a#0", feats, boxes), ("b#0", feats[:3], boxes[:3])])
+        got = s.get_regions(cat, ["a#0", "b#0", "nope#0"])
+        assert set(got) == {"a#0", "b#0"} and got["b#0"][0].shape == (3, 256)
+        q = feats[2] + feats[5]
+        q /= np.linalg.norm(q)
+        for method in ("qam", "regions"):
+            s_f, box_f = regions.match(method, q, feats, boxes)
+            s_q, box_q = regions.match(method, q, *got["a#0"])
+            assert s_q == pytest.approx(s_f, abs=5e-3) and np.allclose(box_q, box_f), method
+        assert not s.client.has_collection(s.live(cat).region_collection), "nothing in Milvus"
+        info = {c.name: c for c in s.list_catalogs(footprint=True)}[cat]
+        assert info.footprint.total - info.footprint.memory >= 6_632 / 2  # one of the two has 3 regions
+        s.delete_items(cat, ["a"])
+        s.upsert_items(cat, [("b", [(vecs[1], (0, 0, 10, 10))], {})])
+        assert set(s.get_regions(cat, ["a#0", "b#0"])) == {"b#0"}
+        with pytest.raises(FailedPrecondition, match="local dir"):
+            store.ensure_catalog(cat + "_nodir", META, "int8")
+    finally:
+        s.close()

@@ -274,9 +274,10 @@ def wait_job(client, job_id: str, total: int, quiet: bool = False):
 @click.option("--catalog", default="default", show_default=True)
 @click.option("--wait", is_flag=True, help="Return when the job is done and print the counts.")
 @click.option("--by-path", is_flag=True, help="Send paths (inside the gateway's ingest roots), not bytes.")
-@click.option("--regions", type=click.Choice(["off", "float"]), default=None,
-              help="When this ingest makes the catalog: store each object's base regions (for --rerank "
-                   "regions|qam; 24.6 KB an object in memory) or not (default: the gateway's, off).")
+@click.option("--regions", type=click.Choice(["off", "float", "int8"]), default=None,
+              help="When this ingest makes the catalog: store each object's base regions for --rerank "
+                   "regions|qam, as float32 in the vector store (24.6 KB an object in memory) or as int8 files "
+                   "read by key (6.6 KB an object on disk), or not (default: the gateway's, off).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def ingest(ctx, manifest, catalog, wait, by_path, regions, as_json):

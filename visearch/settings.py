@@ -140,8 +140,8 @@ class StoreSettings(_Base):
     @field_validator("catalog_regions")
     @classmethod
     def _region_mode(cls, v: str) -> str:
-        if v not in ("off", "float"):
-            raise ValueError(f"catalog_regions {v!r}: expected off or float")
+        if v not in ("off", "float", "int8"):
+            raise ValueError(f"catalog_regions {v!r}: expected off, float or int8")
         return v
 
 

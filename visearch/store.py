@@ -74,12 +74,15 @@ MAX_REGIONS = 24
 MODEL_PROP = "visearch.model"
 DIM_PROP = "visearch.dim"
 # Per-catalog storage, chosen when the catalog is made and kept by every generation of it:
-# whether each object's base regions (re-rank "regions" and "qam") are stored. "off" (the default
-# for new catalogs) keeps the in-memory cost per object at its vector, index and fields (about
-# 1 KB); "float" adds MAX_REGIONS x region dim float32 (24.6 KB at 24 x 256), held in memory by a
-# FLAT collection. A generation made before the property existed stores them ("float").
+# whether each object's base regions (re-rank "regions" and "qam") are stored, and how. "off" (the
+# default for new catalogs) keeps the in-memory cost per object at its vector, index and fields
+# (about 1 KB); "float" adds MAX_REGIONS x region dim float32 (24.6 KB at 24 x 256), held in memory
+# by a FLAT collection; "int8" keeps them out of Milvus, one file per object beside the local
+# features (int8 with a scale per region: 6.6 KB at 24 x 256, read by key for a search's
+# candidates only, none of it in memory). A generation made before the property existed stores
+# them as "float".
 REGIONS_PROP = "visearch.regions"
-REGION_MODES = ("off", "float")
+REGION_MODES = ("off", "float", "int8")
 LEGACY_REGIONS = "float"
 SOURCE_MAX = 2048
 GEN_RE = re.compile(r"vsg_([A-Za-z][A-Za-z0-9_]{0,62})_([0-9]+)", re.ASCII)
@@ -130,6 +133,42 @@ def check_regions(mode: str) -> str:
     if mode not in REGION_MODES:
         raise InvalidArgument(f"regions {mode[:40]!r}: expected one of {', '.join(REGION_MODES)}")
     return mode
+
+
+def check_region_rows(object_id: str, feats: np.ndarray, boxes: np.ndarray, dim: int) -> int:
+    n = len(feats)
+    if not 0 < n <= MAX_REGIONS or feats.shape[1] != dim or np.shape(boxes) != (n, 4):
+        raise InvalidArgument(f"object {object_id!r}: {n} regions of dim {feats.shape[1]} "
+                              f"(1 to {MAX_REGIONS} of dim {dim} are stored)")
+    return n
+
+
+REGION_MAGIC = b"VSR1"
+
+
+def pack_regions(feats: np.ndarray, boxes: np.ndarray) -> bytes:
+    """An object's base regions in the "int8" form: a header (magic, n, dim), a float32 scale per
+    region, the regions as int8 (each row scaled by max |x| / 127), the boxes as float32."""
+    f = np.asarray(feats, np.float32)
+    scale = np.abs(f).max(axis=1) / 127.0
+    q = np.round(f / np.where(scale > 0, scale, 1.0)[:, None]).clip(-127, 127).astype(np.int8)
+    head = REGION_MAGIC + np.array([len(f), f.shape[1]], "<u2").tobytes()
+    return head + scale.astype("<f4").tobytes() + q.tobytes() + np.asarray(boxes, "<f4").tobytes()
+
+
+def unpack_regions(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    if data[:4] != REGION_MAGIC or len(data) < 8:
+        raise FailedPrecondition("a stored region record is not in the int8 form")
+    n, dim = (int(x) for x in np.frombuffer(data[4:8], "<u2"))
+    off = 8
+    scale = np.frombuffer(data[off:off + 4 * n], "<f4")
+    off += 4 * n
+    q = np.frombuffer(data[off:off + n * dim], np.int8).reshape(n, dim)
+    off += n * dim
+    boxes = np.frombuffer(data[off:off + 16 * n], "<f4").reshape(n, 4)
+    if len(data) != off + 16 * n:
+        raise FailedPrecondition("a stored region record has the wrong length")
+    return q.astype(np.float32) * scale[:, None], boxes.astype(np.float32)
 
 
 def check_item_id(item_id: str) -> str:
@@ -435,6 +474,9 @@ class VectorStore:
             regions = live.regions if live is not None else self.settings.catalog_regions
         gen = Generation(check_catalog(catalog), max(numbers, default=0) + 1, meta.tag, meta.dim,
                          check_regions(regions))
+        if gen.regions == "int8" and self.local is None:
+            raise FailedPrecondition("regions int8 are kept in files beside the local features: this store has no "
+                                     "local dir (VISEARCH_LOCAL_DIR)")
         self._create(gen)
         self._gens[gen.collection] = gen
         return gen
@@ -455,6 +497,7 @@ class VectorStore:
             self._region_dims.pop(name, None)
         if self.local is not None:
             self.local.drop(gen.collection)
+            self.local.drop(gen.region_collection)
 
     def check_model(self, target: Target, meta: ModelMeta) -> None:
         gen = self.resolve(target)
@@ -591,6 +634,11 @@ class VectorStore:
         if gen.regions == "off":
             raise FailedPrecondition(f"catalog {gen.catalog!r} was made with regions off: it stores none")
         dim = int(rows[0][1].shape[1])
+        if gen.regions == "int8":
+            for object_id, feats, boxes in rows:
+                check_region_rows(object_id, feats, boxes, dim)
+            self.local.put_many(gen.region_collection, {o: pack_regions(f, b) for o, f, b in rows})
+            return len(rows)
         with self._create_lock:
             found = self._region_dim(gen)
             if found is None:
@@ -600,10 +648,7 @@ class VectorStore:
                 raise FailedPrecondition(f"catalog {gen.catalog!r} stores regions of dim {found}, the model gives {dim}")
         out = []
         for object_id, feats, boxes in rows:
-            n = len(feats)
-            if not 0 < n <= MAX_REGIONS or feats.shape[1] != dim or boxes.shape != (n, 4):
-                raise InvalidArgument(f"object {object_id!r}: {n} regions of dim {feats.shape[1]} "
-                                      f"(1 to {MAX_REGIONS} of dim {dim} are stored)")
+            n = check_region_rows(object_id, feats, boxes, dim)
             packed = np.zeros((MAX_REGIONS, dim), np.float32)
             packed[:n] = feats
             out.append({"object_id": object_id, "n": n, "features": packed.ravel().tolist(),
@@ -626,6 +671,9 @@ class VectorStore:
         """object_id -> (features [n, d], boxes [n, 4]) for the objects that have regions (`level`:
         the consistency of the search that found them)."""
         gen = self.resolve(target)
+        if gen.regions == "int8":
+            found = self.local.get_many(gen.region_collection, list(object_ids)) if object_ids else {}
+            return {o: unpack_regions(b) for o, b in found.items()}
         dim = self._region_dim(gen)
         if dim is None or not object_ids:
             return {}
@@ -669,7 +717,9 @@ class VectorStore:
                                       consistency_level="Strong", properties={DIM_PROP: str(dim)})
 
     def _delete_regions(self, gen: Generation, object_ids: list[str]) -> None:
-        if object_ids and self._region_dim(gen) is not None:
+        if object_ids and gen.regions == "int8":
+            self.local.delete(gen.region_collection, list(object_ids))
+        elif object_ids and self._region_dim(gen) is not None:
             self._delete_pks(gen.region_collection, list(object_ids))
 
     def get_item(self, target: Target, item_id: str) -> list[StoredObject]:
@@ -760,7 +810,10 @@ class VectorStore:
             memory += with_regions / objects * (MAX_REGIONS * rdim * 4 + MAX_REGIONS * 4 * 4 + 4 + 8 + mean_id)
         local = 0.0
         if self.local is not None and rows:
-            local = sum(self.local.sizes(gen.collection, [r["object_id"] for r in rows])) / len(rows)
+            ids = [r["object_id"] for r in rows]
+            local = sum(self.local.sizes(gen.collection, ids)) / len(rows)
+            if gen.regions == "int8":  # region files: on disk, read by key, none of it in memory
+                local += sum(self.local.sizes(gen.region_collection, ids)) / len(rows)
         return Footprint(round(memory), round(memory + local), len(rows))
 
     def flush(self, target: Target) -> None:

@@ -181,7 +181,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if want_regions and gen.regions == "off":
             raise FailedPrecondition(f"catalog {catalog!r} stores no regions (made with regions off): re-rank "
                                      f"{method!r} needs them; make the catalog with `visearch ingest --regions "
-                                     "float`, or use another method")
+                                     "float` (or int8), or use another method")
         # "verify" matches the query's local features (extracted by the embedding service while its
         # model runs) against the candidates' stored ones.
         want_local = method == "verify"
