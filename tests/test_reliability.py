@@ -178,12 +178,12 @@ def index_items(rmesh, catalog: str) -> list[tuple[str, str]]:
 def diagnosis(rmesh, jobs: Jobs, job_id: str) -> str:
     """One line on where a job's items are when it does not finish: its counts, the queue and the
     broker's unacknowledged messages, every component's state, and the worker's last warnings."""
-    import redis
+    from visearch import redisconn
 
     st = jobs.status(job_id)
     parts = [f"job done {st.done} failed {st.failed} pending {st.pending} of {st.submitted}"]
     try:
-        r = redis.Redis.from_url(mesh.load_state(rmesh["data"])["settings"]["VISEARCH_REDIS_URL"], socket_timeout=5)
+        r = redisconn.client(mesh.load_state(rmesh["data"])["settings"]["VISEARCH_REDIS_URL"])
         parts.append(f"queue {r.llen('visearch.ingest')} unacked {r.hlen('unacked')} "
                      f"unacked_index {r.zcard('unacked_index')} keys {sorted(k.decode() for k in r.keys('unacked*'))}")
     except Exception as e:  # noqa: BLE001 - a diagnosis, best effort

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from visearch import redisconn
 from visearch.errors import InvalidArgument, NotFound, ResourceExhausted
 
 PREFIX = "vs:job:"
@@ -177,7 +178,7 @@ class Jobs:
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: int) -> Jobs:
-        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2), ttl_seconds)
+        return cls(redisconn.client(url), ttl_seconds)
 
     def submit(self, job_id: str, catalog: str, item_ids: list[str], blobs: dict[str, bytes],
                kind: str = "ingest") -> dict[str, int]:

@@ -31,6 +31,8 @@ import time
 
 import redis
 
+from visearch import redisconn
+
 log = logging.getLogger(__name__)
 
 LEDGER = "vs:ledger"  # hash: task id -> JSON {"name", "args", "kwargs", "queue"}
@@ -48,7 +50,7 @@ def _client() -> redis.Redis | None:
     if not _tracked["url"]:
         return None
     if _tracked["client"] is None or _tracked["pid"] != os.getpid():  # a forked pool child: its own socket
-        _tracked["client"] = redis.Redis.from_url(_tracked["url"], socket_timeout=5, socket_connect_timeout=2)
+        _tracked["client"] = redisconn.client(_tracked["url"])
         _tracked["pid"] = os.getpid()
     return _tracked["client"]
 
@@ -175,7 +177,7 @@ def reconcile(r: redis.Redis, app, lost_after: float, ttl: float, now: float | N
 
 def run_reconciler(url: str, app, lost_after: float, ttl: float, every: float, stop: threading.Event) -> None:
     """`reconcile` every `every` s while `stop` is not set, by one process at a time (a lock in Redis)."""
-    r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2)
+    r = redisconn.client(url, socket_timeout=10)
     token = f"{os.getpid()}-{time.time()}"
     while not stop.wait(every):
         try:

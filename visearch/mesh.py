@@ -246,9 +246,9 @@ def check_health(c: dict, timeout: float = 1.0) -> bool:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
                 return r.status == health_pb2.HealthCheckResponse.SERVING
         if c["kind"] == "redis":
-            import redis
+            from visearch import redisconn
 
-            return bool(redis.Redis.from_url(c["address"], socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+            return bool(redisconn.client(c["address"], socket_timeout=timeout, socket_connect_timeout=timeout).ping())
         if c["kind"] == "milvus":
             from visearch.store import milvus_client
 

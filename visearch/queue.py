@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from visearch import ledger
+from visearch import ledger, redisconn
 from visearch.settings import QueueSettings
 
 INGEST_TASK = "visearch.ingest_batch"
@@ -16,7 +16,8 @@ INGEST_QUEUE = "visearch.ingest"
 
 
 def make_celery(settings: QueueSettings) -> Celery:
-    app = Celery("visearch", broker=settings.redis_url, backend=settings.redis_url)
+    broker, backend, sentinel = redisconn.celery_urls(settings.redis_url)
+    app = Celery("visearch", broker=broker, backend=backend)
     app.conf.update(
         # JSON only: a pickle message on a shared broker is remote code execution.
         task_serializer="json",
@@ -38,7 +39,9 @@ def make_celery(settings: QueueSettings) -> Celery:
             # The restore's lock in Redis: one left behind by a Redis killed mid-restore (the
             # append-only file keeps it) would hold every restore back for kombu's 5 minutes.
             "unacked_mutex_expire": 30,
+            **sentinel,  # Redis Sentinel: the master's name (visearch/redisconn.py)
         },
+        result_backend_transport_options=dict(sentinel),
         task_default_queue=INGEST_QUEUE,
         task_routes={name: {"queue": INGEST_QUEUE}
                      for name in (INGEST_TASK, REEMBED_PLAN_TASK, REEMBED_BATCH_TASK, RETIRE_TASK)},
