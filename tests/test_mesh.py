@@ -230,6 +230,50 @@ def test_similar_searches_with_a_stored_item(mesh_env, ingested, catalog):
     assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "query photo" in r.stderr
 
 
+def test_batch_search_answers_in_order_with_merged_forwards(mesh_env, ingested, grocery, tmp_path):
+    """BatchSearch: each search's answer in order, the same hits as its own Search, a bad image's own
+    error beside the others' answers, and the embedder's forwards merged (fewer forwards than images)."""
+    from visearch.client import Client
+    from visearch.mesh import load_state, read_admin_key
+
+    data = Path(mesh_env["VISEARCH_DATA_DIR"])
+    state = load_state(data)
+    comps = {c["name"]: c for c in state["components"]}
+    photos = [p.path.read_bytes() for p in grocery["val"] if p.is_product][:7]
+    images = photos[:3] + [b"not an image at all"] + photos[3:]
+    with Client(state["gateway"], api_key=read_admin_key(data), timeout=120) as c:
+        singles = [c.search(img, catalog="grocery", top_k=5, rerank="none") for img in photos]
+        emb = scrape(comps["embedding"]["metrics"])
+        forwards0 = metric(emb, "visearch_embed_batch_size_count")
+        images0 = metric(emb, "visearch_embed_batch_size_sum")
+        results = c.search_many(images, catalog="grocery", top_k=5, rerank="none")
+        emb = scrape(comps["embedding"]["metrics"])
+        forwards = metric(emb, "visearch_embed_batch_size_count") - forwards0
+        embedded = metric(emb, "visearch_embed_batch_size_sum") - images0
+        assert len(results) == len(images)
+        bad = results[3]
+        assert bad.HasField("error") and bad.error.code == "INVALID_ARGUMENT" and "image" in bad.error.message, bad
+        answered = [r for n, r in enumerate(results) if n != 3]
+        for single, r in zip(singles, answered, strict=True):
+            assert r.HasField("response"), r
+            assert [h.item_id for h in r.response.hits] == [h.item_id for h in single.hits]
+            assert [h.score for h in r.response.hits] == pytest.approx([h.score for h in single.hits], abs=1e-4)
+        assert embedded >= len(photos) and forwards < embedded / 2, (forwards, embedded)
+    import grpc
+
+    from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+    auth = (("authorization", f"Bearer {read_admin_key(data)}"),)
+    with grpc.insecure_channel(state["gateway"]) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        for n in (0, 65):
+            req = gateway_pb2.BatchSearchRequest(searches=[gateway_pb2.SearchRequest(catalog="grocery",
+                                                                                     image=photos[0])] * n)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.BatchSearch(req, metadata=auth, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1 to 64" in err.value.details()
+
+
 def test_ingest_by_path_inside_roots_only(mesh_env, grocery, tmp_path):
     photo = grocery["val"][0].path
     ok = tmp_path / "ok.csv"

@@ -36,7 +36,7 @@ import grpc
 
 from visearch import files
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from visearch.grpcserver import aio_channel, client_options, sync_channel
+from visearch.grpcserver import REQUEST_BUDGET, aio_channel, client_options, split_by_bytes, sync_channel
 from visearch.settings import SecuritySettings
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -62,6 +62,17 @@ def _search_request(image: ImageArg, catalog: str, top_k: int, filters: Mapping[
     return gateway_pb2.SearchRequest(catalog=catalog, image=image_bytes(image), top_k=top_k, filters=filters or {},
                                      rerank=rerank, full_frame=full_frame, per_object=per_object,
                                      correspondences=correspondences)
+
+
+MAX_BATCH_SEARCHES = 64  # the gateway's limit per BatchSearch
+
+
+def _batches(requests: list[gateway_pb2.SearchRequest]) -> list[list[gateway_pb2.SearchRequest]]:
+    """BatchSearch requests of at most 64 searches and REQUEST_BUDGET bytes of images each."""
+    out = []
+    for part in split_by_bytes(requests, lambda r: len(r.image), REQUEST_BUDGET):
+        out += [part[i:i + MAX_BATCH_SEARCHES] for i in range(0, len(part), MAX_BATCH_SEARCHES)]
+    return out
 
 
 def _similar_request(item_id: str, catalog: str, top_k: int, filters: Mapping[str, str] | None, rerank: str,
@@ -158,6 +169,17 @@ class Client(_Base):
         `correspondences` also returns the verified local-feature correspondences of each hit."""
         return self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame, per_object,
                                                     correspondences), timeout)
+
+    def search_many(self, images: Sequence[ImageArg], catalog: str = "default", top_k: int = 10,
+                    filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
+                    timeout: float | None = None) -> list[gateway_pb2.BatchSearchResult]:
+        """Search with many photos at once (BatchSearch, 64 per call, forwards batched server-side):
+        one result per photo, in order, each its `response` or its own `error` (code, message)."""
+        reqs = [_search_request(img, catalog, top_k, filters, rerank, full_frame, False) for img in images]
+        out: list[gateway_pb2.BatchSearchResult] = []
+        for part in _batches(reqs):
+            out += self._call("BatchSearch", gateway_pb2.BatchSearchRequest(searches=part), timeout).results
+        return out
 
     def similar(self, item_id: str, catalog: str = "default", top_k: int = 10,
                 filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
@@ -264,6 +286,15 @@ class AsyncClient(_Base):
                      ) -> gateway_pb2.SearchResponse:
         return await self._call("Search", _search_request(image, catalog, top_k, filters, rerank, full_frame,
                                                           per_object, correspondences), timeout)
+
+    async def search_many(self, images: Sequence[ImageArg], catalog: str = "default", top_k: int = 10,
+                          filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,
+                          timeout: float | None = None) -> list[gateway_pb2.BatchSearchResult]:
+        reqs = [_search_request(img, catalog, top_k, filters, rerank, full_frame, False) for img in images]
+        out: list[gateway_pb2.BatchSearchResult] = []
+        for part in _batches(reqs):
+            out += (await self._call("BatchSearch", gateway_pb2.BatchSearchRequest(searches=part), timeout)).results
+        return out
 
     async def similar(self, item_id: str, catalog: str = "default", top_k: int = 10,
                       filters: Mapping[str, str] | None = None, rerank: str = "", full_frame: bool = False,

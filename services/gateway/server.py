@@ -4,6 +4,7 @@ the vector store and re-ranking for search; queues ingestion for the workers."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
@@ -16,6 +17,7 @@ import grpc
 import redis
 from PIL import Image
 
+from services.gateway.coalesce import BatchCalls
 from visearch import files, imaging, local, regions, search
 from visearch import observability as obs
 from visearch.auth import PermissionDenied, readable, require, visible
@@ -53,6 +55,10 @@ from visearch.store import (
 
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
+MAX_BATCH_SEARCHES = 64
+MAX_ERROR_MESSAGE = 4096
+# The batch of searches the current task belongs to (BatchSearch), whose model calls are merged.
+_BATCH: contextvars.ContextVar[BatchCalls | None] = contextvars.ContextVar("visearch_batch_search", default=None)
 MAX_QUERY_OBJECTS = 5  # objects searched on their own with per_object
 MAX_DELETE = 1000  # item ids per DeleteItems
 
@@ -145,6 +151,45 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     # ---- search ---------------------------------------------------------------
     @rpc()
     async def Search(self, request, context):
+        return await self._search(request, context)
+
+    @rpc()
+    async def BatchSearch(self, request, context):
+        """Every search of the request at once, through the same steps as Search, their Detect and
+        Embed calls merged into batched forwards (services/gateway/coalesce.py); each search
+        answers its response or its own error, in order."""
+        n = len(request.searches)
+        if not 0 < n <= MAX_BATCH_SEARCHES:
+            raise InvalidArgument(f"{n} searches in one BatchSearch; 1 to {MAX_BATCH_SEARCHES} are answered")
+        token = _BATCH.set(BatchCalls(self.detection, self.embedding, n, split_by_bytes))
+        try:
+            outcomes = await asyncio.gather(*(self._search(s, context) for s in request.searches),
+                                            return_exceptions=True)
+        finally:
+            _BATCH.reset(token)
+        results = []
+        for out in outcomes:
+            if isinstance(out, BaseException):
+                if isinstance(out, asyncio.CancelledError):
+                    raise out
+                code, message = to_status(out, getattr(out, "dependency", None))
+                if code == grpc.StatusCode.INTERNAL:
+                    log.error("unexpected error in a batched search", exc_info=out)
+                results.append(gateway_pb2.BatchSearchResult(error=gateway_pb2.SearchError(
+                    code=code.name, message=message[:MAX_ERROR_MESSAGE])))
+            else:
+                results.append(gateway_pb2.BatchSearchResult(response=out))
+        return gateway_pb2.BatchSearchResponse(results=results)
+
+    def _detect_call(self, req, timeout: float):
+        batch = _BATCH.get()
+        return batch.detect(req, timeout) if batch is not None else self.detection.Detect(req, timeout=timeout)
+
+    def _embed_call(self, req, timeout: float):
+        batch = _BATCH.get()
+        return batch.embed(req, timeout) if batch is not None else self.embedding.Embed(req, timeout=timeout)
+
+    async def _search(self, request, context):
         catalog = check_catalog(request.catalog or "default")
         require("search", catalog)
         top_k = request.top_k or 10
@@ -158,6 +203,13 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgument("per_object needs a query image: a search by item_id has no detections")
         elif not request.image:
             raise InvalidArgument("no query image: the image field is empty")
+        elif _BATCH.get() is not None:
+            # In a batch, an image whose header does not read fails here, alone, before its calls are
+            # merged with the others' (a merged call that fails is made again one by one).
+            try:
+                imaging.image_size(request.image)
+            except imaging.ImageError as exc:
+                raise InvalidArgument(f"query image: {exc}") from None
         if len(request.image) > imaging.DEFAULT_LIMITS.max_bytes:
             raise InvalidArgument(f"query image is {len(request.image)} bytes, over the limit of "
                                   f"{imaging.DEFAULT_LIMITS.max_bytes} bytes")
@@ -190,11 +242,11 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             # Queries are embedded by the model version that made the catalog's vectors, whatever
             # the embedding service serves by default: a model change never compares two versions.
             # Each item carries the query's bytes: several objects of a large photo go as several calls.
-            parts = await asyncio.gather(*(call("embedding", self.embedding.Embed(
+            parts = await asyncio.gather(*(call("embedding", self._embed_call(
                 embedding_pb2.EmbedRequest(items=part, regions=want_regions, model_version=gen.model_version,
                                            local_features=local_wanted, local_limit=local.QUERY_FEATURES,
                                            local_max_side=local.QUERY_SIDE),
-                timeout=remaining(context, t))) for part in split_by_bytes(items, lambda it: len(it.image))))
+                remaining(context, t))) for part in split_by_bytes(items, lambda it: len(it.image))))
             if len(parts) == 1:
                 return parts[0]
             merged = embedding_pb2.EmbedResponse()
@@ -220,9 +272,9 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 # detector runs (two services, two cores) instead of after it.
                 full_task = asyncio.ensure_future(embed([embedding_pb2.EmbedItem(image=request.image)], want_local))
             try:
-                det = await call("detection", self.detection.Detect(
+                det = await call("detection", self._detect_call(
                     detection_pb2.DetectRequest(images=[request.image], max_detections=MAX_QUERY_OBJECTS),
-                    timeout=remaining(context, t)))
+                    remaining(context, t)))
             except BaseException:
                 if full_task is not None:
                     full_task.cancel()

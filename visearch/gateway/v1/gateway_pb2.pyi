@@ -46,6 +46,34 @@ class SearchRequest(_message.Message):
     item_id: str
     def __init__(self, catalog: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., rerank: _Optional[str] = ..., full_frame: _Optional[bool] = ..., per_object: _Optional[bool] = ..., correspondences: _Optional[bool] = ..., item_id: _Optional[str] = ...) -> None: ...
 
+class BatchSearchRequest(_message.Message):
+    __slots__ = ("searches",)
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    searches: _containers.RepeatedCompositeFieldContainer[SearchRequest]
+    def __init__(self, searches: _Optional[_Iterable[_Union[SearchRequest, _Mapping]]] = ...) -> None: ...
+
+class SearchError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class BatchSearchResult(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: SearchResponse
+    error: SearchError
+    def __init__(self, response: _Optional[_Union[SearchResponse, _Mapping]] = ..., error: _Optional[_Union[SearchError, _Mapping]] = ...) -> None: ...
+
+class BatchSearchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchSearchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchSearchResult, _Mapping]]] = ...) -> None: ...
+
 class ObjectHits(_message.Message):
     __slots__ = ("query_box", "detection_score", "label", "hits")
     QUERY_BOX_FIELD_NUMBER: _ClassVar[int]

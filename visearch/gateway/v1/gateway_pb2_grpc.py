@@ -40,6 +40,11 @@ class GatewayServiceStub:
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.SearchRequest.SerializeToString,
                 response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.BatchSearch = channel.unary_unary(
+                '/visearch.gateway.v1.GatewayService/BatchSearch',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.BatchSearchRequest.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.BatchSearchResponse.FromString,
+                _registered_method=True)
         self.IngestItems = channel.unary_unary(
                 '/visearch.gateway.v1.GatewayService/IngestItems',
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.IngestItemsRequest.SerializeToString,
@@ -89,6 +94,14 @@ class GatewayServiceServicer:
     def Search(self, request, context):
         """Finds the catalog items that show the same object as the photo.
         NOT_FOUND for an unknown catalog, INVALID_ARGUMENT for a bad image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchSearch(self, request, context):
+        """Up to 64 searches in one call, answered in order, each with its response or its own error; the
+        searches' detector and embedder forwards are merged into batched calls server-side.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +170,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.SearchRequest.FromString,
                     response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.SearchResponse.SerializeToString,
+            ),
+            'BatchSearch': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSearch,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.BatchSearchRequest.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.BatchSearchResponse.SerializeToString,
             ),
             'IngestItems': grpc.unary_unary_rpc_method_handler(
                     servicer.IngestItems,
@@ -227,6 +245,33 @@ class GatewayService:
             '/visearch.gateway.v1.GatewayService/Search',
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.SearchRequest.SerializeToString,
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSearch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.gateway.v1.GatewayService/BatchSearch',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.BatchSearchRequest.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.BatchSearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
