@@ -76,7 +76,7 @@ def hostile_store(request):
     uri = request.getfixturevalue("milvus_uri" if request.param == "milvus-lite" else "milvus_server_uri")
     s = VectorStore(StoreSettings(milvus_uri=uri))
     cat = "t_hostile_" + request.param.replace("-", "_")
-    s.ensure_catalog(cat, META)
+    s.ensure_catalog(cat, META, "float")
     vecs = unit(np.random.default_rng(5), 4)
     bystanders = {f"keep{n}": v for n, v in enumerate(vecs)}
     s.upsert_items(cat, [(i, [(v, (0, 0, 4, 4)), (v, (1, 1, 2, 2))], {"k": i, "shared": "yes"})
@@ -157,7 +157,7 @@ def test_a_running_store_heals_after_milvus_lite_restarts(tmp_path):
     vecs = unit(np.random.default_rng(4), 3)
     s = VectorStore(StoreSettings(milvus_uri=f"http://127.0.0.1:{port}"))
     try:
-        s.ensure_catalog("healing", META)
+        s.ensure_catalog("healing", META, "float")
         s.upsert_items("healing", [("a", [(vecs[0], (0, 0, 1, 1))], {}), ("b", [(vecs[1], (0, 0, 1, 1))], {})])
         s.upsert_regions("healing", [("a#0", np.ones((3, 4), np.float32), np.zeros((3, 4), np.float32))])
         s.flush("healing")

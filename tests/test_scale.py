@@ -9,6 +9,7 @@ import pytest
 
 from tests.test_mesh import cli, jsonl, metric, scrape, worker_metric
 from visearch import mesh
+from visearch.client import Client
 from visearch.demo import write_manifest
 
 pytestmark = pytest.mark.mesh
@@ -29,8 +30,12 @@ def test_replicas_and_workers_share_the_load(tmp_path, model_repo, grocery):
                              "--catalog", "scale", "--wait", "--json").stdout)
         assert res["ok"] == 64
         queries = [str(p.path) for p in grocery["val"] if p.is_product][:12]
-        out = jsonl(cli(env, "search", *queries, "--catalog", "scale", "--json").stdout)
-        assert all("hits" in o for o in out)
+        # One Search call after another over one channel to both gateways (the SDK's round robin);
+        # `visearch search` with several photos sends them as one BatchSearch, to one gateway.
+        with Client(state["gateway"], api_key=mesh.read_admin_key(tmp_path / "mesh"), timeout=60) as client:
+            assert all(client.search(q, catalog="scale").hits for q in queries)
+        batched = jsonl(cli(env, "search", *queries, "--catalog", "scale", "--json").stdout)
+        assert all("hits" in o for o in batched)
 
         def calls(name, method):
             return metric(scrape(comps[name]["metrics"]), "visearch_rpc_seconds_count", method=method)
