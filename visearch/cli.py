@@ -13,6 +13,8 @@ import click
 import grpc
 
 from visearch import files, mesh
+from visearch.search import MAX_BATCH_SEARCHES
+from visearch.settings import REGION_MODES
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # The first request of an ingest is kept small so the workers start while the rest is sent.
@@ -274,7 +276,7 @@ def wait_job(client, job_id: str, total: int, quiet: bool = False):
 @click.option("--catalog", default="default", show_default=True)
 @click.option("--wait", is_flag=True, help="Return when the job is done and print the counts.")
 @click.option("--by-path", is_flag=True, help="Send paths (inside the gateway's ingest roots), not bytes.")
-@click.option("--regions", type=click.Choice(["off", "float", "int8"]), default=None,
+@click.option("--regions", type=click.Choice(list(REGION_MODES)), default=None,
               help="When this ingest makes the catalog: store each object's base regions for --rerank "
                    "regions|qam, as float32 in the vector store (24.6 KB an object in memory) or as int8 files "
                    "read by key (6.6 KB an object on disk), or not (default: the gateway's, off).")
@@ -346,7 +348,7 @@ def _answer(path: str, resp, latency_ms: float, read_ms: float) -> dict:
 
 
 def search_batch(client, paths: list[str], catalog: str, top_k: int, rerank: str, filters: dict,
-                 full_frame: bool = False, batch: int = 64) -> list[dict]:
+                 full_frame: bool = False, batch: int = MAX_BATCH_SEARCHES) -> list[dict]:
     """Each photo's answer, as search_one gives it, from BatchSearch calls of up to `batch` photos
     (their latency_ms is their call's)."""
     outs: list[dict | None] = [None] * len(paths)

@@ -37,6 +37,7 @@ import grpc
 from visearch import files
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from visearch.grpcserver import REQUEST_BUDGET, aio_channel, client_options, split_by_bytes, sync_channel
+from visearch.search import MAX_BATCH_SEARCHES
 from visearch.settings import SecuritySettings
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -64,7 +65,6 @@ def _search_request(image: ImageArg, catalog: str, top_k: int, filters: Mapping[
                                      correspondences=correspondences)
 
 
-MAX_BATCH_SEARCHES = 64  # the gateway's limit per BatchSearch
 
 
 def _batches(requests: list[gateway_pb2.SearchRequest]) -> list[list[gateway_pb2.SearchRequest]]:

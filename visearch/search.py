@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+MAX_BATCH_SEARCHES = 64  # searches in one BatchSearch
+
 Box = tuple[float, float, float, float]
 QUERY_POLICIES = ("best", "full", "both")
 MAX_SEARCH_ROWS = 16_384  # Milvus's top-k limit

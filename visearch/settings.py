@@ -17,6 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 
+# How a catalog stores its objects' base regions (visearch/store.py): none, float32 in the vector
+# store, or int8 files read by key.
+REGION_MODES = ("off", "float", "int8")
+
 class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VISEARCH_", extra="ignore", frozen=True)
 
@@ -140,8 +144,8 @@ class StoreSettings(_Base):
     @field_validator("catalog_regions")
     @classmethod
     def _region_mode(cls, v: str) -> str:
-        if v not in ("off", "float", "int8"):
-            raise ValueError(f"catalog_regions {v!r}: expected off, float or int8")
+        if v not in REGION_MODES:
+            raise ValueError(f"catalog_regions {v!r}: expected one of {', '.join(REGION_MODES)}")
         return v
 
 

@@ -63,7 +63,7 @@ from visearch import expr
 from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.localstore import LocalStore
-from visearch.settings import StoreSettings
+from visearch.settings import REGION_MODES, StoreSettings
 
 CATALOG_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}", re.ASCII)
 ID_MAX = 256
@@ -82,7 +82,6 @@ DIM_PROP = "visearch.dim"
 # candidates only, none of it in memory). A generation made before the property existed stores
 # them as "float".
 REGIONS_PROP = "visearch.regions"
-REGION_MODES = ("off", "float", "int8")
 LEGACY_REGIONS = "float"
 SOURCE_MAX = 2048
 GEN_RE = re.compile(r"vsg_([A-Za-z][A-Za-z0-9_]{0,62})_([0-9]+)", re.ASCII)
@@ -133,6 +132,14 @@ def check_regions(mode: str) -> str:
     if mode not in REGION_MODES:
         raise InvalidArgument(f"regions {mode[:40]!r}: expected one of {', '.join(REGION_MODES)}")
     return mode
+
+
+def check_storage(gen: Generation, regions: str) -> None:
+    """FAILED_PRECONDITION when a request asks an existing catalog for other storage than it was made
+    with (`regions` "": no wish)."""
+    if regions and gen.regions != regions:
+        raise FailedPrecondition(f"catalog {gen.catalog!r} was made with regions {gen.regions}, not {regions}: "
+                                 "a catalog's storage is chosen when it is made (use a new catalog name)")
 
 
 def check_region_rows(object_id: str, feats: np.ndarray, boxes: np.ndarray, dim: int) -> int:
@@ -458,9 +465,7 @@ class VectorStore:
                     if self.live(catalog) is None:
                         raise
                 gen = self.live(catalog)
-        if regions and gen.regions != regions:
-            raise FailedPrecondition(f"catalog {catalog!r} was made with regions {gen.regions}, not {regions}: "
-                                     "a catalog's storage is chosen when it is made (use a new catalog name)")
+        check_storage(gen, regions)
         self.check_model(gen, meta)
         return gen
 

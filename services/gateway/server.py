@@ -51,11 +51,11 @@ from visearch.store import (
     check_item_id,
     check_metadata,
     check_regions,
+    check_storage,
 )
 
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
-MAX_BATCH_SEARCHES = 64
 MAX_ERROR_MESSAGE = 4096
 # The batch of searches the current task belongs to (BatchSearch), whose model calls are merged.
 _BATCH: contextvars.ContextVar[BatchCalls | None] = contextvars.ContextVar("visearch_batch_search", default=None)
@@ -159,8 +159,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         Embed calls merged into batched forwards (services/gateway/coalesce.py); each search
         answers its response or its own error, in order."""
         n = len(request.searches)
-        if not 0 < n <= MAX_BATCH_SEARCHES:
-            raise InvalidArgument(f"{n} searches in one BatchSearch; 1 to {MAX_BATCH_SEARCHES} are answered")
+        if not 0 < n <= search.MAX_BATCH_SEARCHES:
+            raise InvalidArgument(f"{n} searches in one BatchSearch; 1 to {search.MAX_BATCH_SEARCHES} are answered")
         token = _BATCH.set(BatchCalls(self.detection, self.embedding, n, split_by_bytes))
         try:
             outcomes = await asyncio.gather(*(self._search(s, context) for s in request.searches),
@@ -490,9 +490,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
             await self.check_model(info.model)
             await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model), region_mode)
-        elif region_mode and live.regions != region_mode:
-            raise FailedPrecondition(f"catalog {catalog!r} was made with regions {live.regions}, not {region_mode}: "
-                                     "a catalog's storage is chosen when it is made (use a new catalog name)")
+        else:
+            check_storage(live, region_mode)
         headers = {"request_id": obs.request_id.get()}
         # One thread does the rest to its end even if the caller goes away meanwhile (a deadline, a
         # cancel): items recorded as pending are always queued, or failed with the reason.
