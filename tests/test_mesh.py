@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from visearch.demo import item_id, write_manifest
@@ -272,6 +273,69 @@ def test_batch_search_answers_in_order_with_merged_forwards(mesh_env, ingested, 
             with pytest.raises(grpc.RpcError) as err:
                 stub.BatchSearch(req, metadata=auth, timeout=60)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1 to 64" in err.value.details()
+
+
+def test_backup_and_restore_answer_every_query_the_same(mesh_env, ingested, val_search, catalog, tmp_path):
+    """backup -> restore into a new catalog -> every P1 query answers the same (hits, scores, match
+    flags; a region method too), nothing embedded again; a damaged backup, a model version the
+    repository lacks, a stream cut short and an existing name are refused, and leave no catalog."""
+    from visearch import backup
+    from visearch.client import Client
+    from visearch.mesh import load_state
+
+    data = Path(mesh_env["VISEARCH_DATA_DIR"])
+    comps = {c["name"]: c for c in load_state(data)["components"]}
+    out = tmp_path / "backup"
+    manifest = json.loads(cli(mesh_env, "backup", "--catalog", "grocery", "--out", str(out), "--json").stdout)
+    cats = {c["name"]: c for c in jsonl(cli(mesh_env, "catalogs", "--json").stdout)}
+    assert manifest["objects"] == cats["grocery"]["objects"] and manifest["items"] == len(catalog)
+    assert manifest["storage"] == {"regions": "float"}
+    assert manifest["model"]["version"] == cats["grocery"]["model"].rpartition(":")[2]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "records-00000.bin"]
+
+    before = metric(scrape(comps["embedding"]["metrics"]), "visearch_rpc_seconds_count", method="Embed")
+    restored = json.loads(cli(mesh_env, "restore", str(out), "--catalog", "grocery_copy", "--json").stdout)
+    assert restored["objects"] == manifest["objects"] and restored["items"] == len(catalog)
+    assert metric(scrape(comps["embedding"]["metrics"]), "visearch_rpc_seconds_count", method="Embed") == before
+
+    queries = [str(q.path) for q in val_search["queries"]]
+
+    def answers(cat: str, paths: list[str], *flags: str) -> list:
+        got = jsonl(cli(mesh_env, "search", *paths, "--catalog", cat, "--top-k", "20", "--json", *flags).stdout)
+        return [[(h["item_id"], round(h["score"], 5), h.get("match", False)) for h in o["hits"]] for o in got]
+
+    assert answers("grocery_copy", queries) == answers("grocery", queries)
+    assert answers("grocery_copy", queries[::5], "--rerank", "qam") == answers("grocery", queries[::5], "--rerank", "qam")
+
+    def refused(folder: Path, name: str, code: str, words: str) -> None:
+        r = cli(mesh_env, "restore", str(folder), "--catalog", name, check=False)
+        assert r.returncode == 1 and code in r.stderr and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert name not in {c["name"] for c in jsonl(cli(mesh_env, "catalogs", "--json").stdout)}
+
+    r = cli(mesh_env, "restore", str(out), "--catalog", "grocery_copy", check=False)
+    assert r.returncode == 1 and "ALREADY_EXISTS" in r.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in out.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    blob = bytearray((damaged / "records-00000.bin").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (damaged / "records-00000.bin").write_bytes(bytes(blob))
+    refused(damaged, "grocery_damaged", "damaged", "sha256")
+
+    recs = list(backup.records(out, backup.verify(out), "grocery_other_model"))
+    recs[0].header.model.version = "99"
+    with Client.local(data) as client:
+        with pytest.raises(grpc.RpcError) as exc:
+            client.import_catalog(recs)
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "99" in exc.value.details()
+        recs[0].header.model.version = manifest["model"]["version"]
+        recs[0].header.catalog = "grocery_cut"
+        with pytest.raises(grpc.RpcError) as exc:
+            client.import_catalog(recs[:-1])  # no trailer: the stream was cut
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        names = {c.name for c in client.catalogs()}
+    assert not {"grocery_other_model", "grocery_cut"} & names
 
 
 def test_ingest_by_path_inside_roots_only(mesh_env, grocery, tmp_path):

@@ -111,13 +111,17 @@ def test_the_committed_packs_belong_to_the_served_recipes():
     arrays, dmeta = packs.read_pack(packs.PARAMS_DIR / detector.PACK)
     assert detector.default_recipe(dmeta) and dmeta["labels"] == list(detector.LABELS)
     assert arrays and all(k.startswith("heads.") for k in arrays)  # the frozen backbone comes from its wheel
-    # The served PCA basis: fitted on the model a first build exports from embedder.npz (its sha256
-    # is checked at build time, tests/test_reduce.py), to the served dimension.
-    from visearch.modeling.reduce import DEFAULT_DIM, pack_name
+    # The served PCA basis: fitted on the model a first build exports from embedder.npz (checked at
+    # build time by that model's descriptors of the reference images, tests/test_reduce.py), to the
+    # served dimension; its reference outputs are of the images this code makes.
+    from visearch.modeling.reduce import DEFAULT_DIM, REFERENCE_IMAGES, pack_name, reference_record
 
     basis, pmeta = packs.read_pack(packs.PARAMS_DIR / pack_name("embedder", DEFAULT_DIM))
     assert basis["weight"].shape == (meta["dim"], DEFAULT_DIM) and basis["bias"].shape == (DEFAULT_DIM,)
     assert pmeta["dim"] == DEFAULT_DIM and pmeta["whitening_power"] == 0 and len(pmeta["source_sha256"]) == 64
+    assert basis["reference_outputs"].shape == (REFERENCE_IMAGES, meta["dim"])
+    assert np.allclose(np.linalg.norm(basis["reference_outputs"], axis=1), 1, atol=1e-5)
+    assert pmeta["reference"] == reference_record(meta["input_size"]), "reference_images changed: make the pack again"
 
 
 def test_the_detector_heads_come_back_from_their_pack(tmp_path):

@@ -148,6 +148,8 @@ def test_a_packed_basis_rebuilds_the_same_graph_and_only_for_its_own_source(mode
     # Packing a version that was itself built from a pack gives the same pack back.
     assert pack_reduction(again / "embedder" / "2", tmp_path / "again.npz") and \
         packs.read_pack(tmp_path / "again.npz")[1] == packs.read_pack(pack)[1]
+    assert np.array_equal(packs.read_pack(tmp_path / "again.npz")[0]["reference_outputs"],
+                          packs.read_pack(pack)[0]["reference_outputs"])
 
     with pytest.raises(packs.PackError, match="fitted on the model"):
         packed_basis(pack, "0" * 64, 16)
@@ -156,3 +158,84 @@ def test_a_packed_basis_rebuilds_the_same_graph_and_only_for_its_own_source(mode
     pack.write_bytes(pack.read_bytes() + b"\0")
     with pytest.raises(packs.PackError, match="SHA256SUMS records"):
         packed_basis(pack, fitted["reduction"]["source_sha256"], 16)
+
+
+def _resaved_source(model_repo, dst, change):
+    """source_repo's repository with version 1 a real folder: the served plain version's ONNX file
+    loaded, changed in place by `change` and saved again, its meta.json recording the new sha256."""
+    import onnx
+
+    from visearch.checksum import sha256_file
+
+    repo = source_repo(model_repo, dst)
+    v1 = repo / "embedder" / "1"
+    plain = v1.resolve()
+    v1.unlink()
+    v1.mkdir()
+    model = onnx.load(str(plain / "model.onnx"))
+    change(model)
+    onnx.save(model, str(v1 / "model.onnx"))
+    meta = dict(json.loads((plain / "meta.json").read_text()), model_sha256=sha256_file(v1 / "model.onnx"))
+    (v1 / "meta.json").write_text(json.dumps(meta))
+    return repo, meta
+
+
+def test_a_packed_basis_serves_a_source_of_the_same_function_whatever_its_bytes(model_repo, grocery, tmp_path):
+    """An export's bytes move with the machine (its region outputs are fitted through multi-threaded
+    float sums) while its descriptor does not: a pack records its source's descriptors of reference
+    images made in code and serves any source file that gives them back (re-serialised: other
+    metadata, another initializer order); a source of another function (weights moved) is refused,
+    and a pack without reference outputs serves only its exact file."""
+    import onnx
+    from onnx import numpy_helper
+
+    from visearch import packs
+    from visearch.modeling.reduce import REFERENCE_IMAGES, pack_name, pack_reduction, packed_basis, reduce_embedder
+
+    repo = source_repo(model_repo, tmp_path / "repo")
+    fitted = reduce_embedder(repo, dim=16, fit_paths=[p.path for p in grocery["train"][::50][:40]],
+                             progress=lambda m: None)
+    pack = tmp_path / "params" / pack_name("embedder", 16)
+    pack_reduction(repo / "embedder" / "2", pack)
+    arrays, record = packs.read_pack(pack)
+    src_dim = json.loads((repo / "embedder" / "1" / "meta.json").read_text())["dim"]
+    assert arrays["reference_outputs"].shape == (REFERENCE_IMAGES, src_dim)
+    assert record["reference"]["images"] == REFERENCE_IMAGES and record["source_sha256"] == fitted["reduction"]["source_sha256"]
+
+    def resave(model):  # the same graph and weights, serialised otherwise
+        model.producer_version += "+resaved"
+        model.doc_string += " (re-saved by a test)"
+        onnx.helper.set_model_props(model, {"resaved_by": "tests/test_reduce.py"})
+        inits = list(model.graph.initializer)[::-1]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(inits)
+
+    same, same_meta = _resaved_source(model_repo, tmp_path / "same", resave)
+    assert same_meta["model_sha256"] != fitted["reduction"]["source_sha256"]
+    logs = []
+    meta = reduce_embedder(same, dim=16, progress=logs.append, params=pack.parent)
+    assert meta["reduction"]["basis_from"] == packs.provenance(pack) and "same function" in meta["reduction"]["basis_check"]
+    assert meta["reduction"]["source_sha256"] == same_meta["model_sha256"] and meta["parity_max_abs_diff"] < 1e-4
+    assert not any("fitting" in m or "embedded" in m for m in logs), logs
+    got = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(same / "embedder" / "2" / "model.onnx")).graph.initializer}
+    assert np.array_equal(got["pca_weight"], arrays["weight"]) and np.array_equal(got["pca_bias"], arrays["bias"])
+
+    def move(model):  # the descriptor's projection moved by 1 % of its spread: another function
+        init = next(i for i in model.graph.initializer if i.name == "head.weight")
+        w = numpy_helper.to_array(init)
+        w = w + 0.01 * w.std() * np.random.default_rng(0).standard_normal(w.shape).astype(w.dtype)
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+
+    other, other_meta = _resaved_source(model_repo, tmp_path / "other", move)
+    with pytest.raises(packs.PackError, match=r"fitted on the model .*reference images differ by"):
+        packed_basis(pack, other_meta["model_sha256"], 16, source_model=other / "embedder" / "1" / "model.onnx",
+                     source_meta=other_meta)
+
+    # A pack without reference outputs serves only the very file it was fitted on.
+    legacy = tmp_path / "legacy" / pack.name
+    packs.write_pack(legacy, {"weight": arrays["weight"], "bias": arrays["bias"]},
+                     {k: v for k, v in record.items() if k != "reference"})
+    with pytest.raises(packs.PackError, match="no reference outputs"):
+        packed_basis(legacy, same_meta["model_sha256"], 16, source_model=same / "embedder" / "1" / "model.onnx",
+                     source_meta=same_meta)
+    assert packed_basis(legacy, fitted["reduction"]["source_sha256"], 16)[3] == "its very model file"

@@ -2,7 +2,10 @@
 
 Keys are stored hashed (sha256) in a JSON file:
   {"keys": [{"id": "admin", "sha256": "<hex>", "catalogs": ["*"], "actions": ["*"]},
-            {"id": "shop-app", "sha256": "<hex>", "catalogs": ["shop", "shop_*"], "actions": ["search"]}]}
+            {"id": "shop-app", "sha256": "<hex>", "catalogs": ["shop", "shop_*"], "actions": ["search"],
+             "rate": {"per_second": 20, "burst": 40}}]}
+A key's optional "rate" caps its calls through the gateway (visearch/quota.py, docs/QUOTAS.md);
+`"per_second": 0` exempts it from the gateway's default rate.
 A caller sends `authorization: Bearer <key>` (or `x-api-key: <key>`). Services
 behind the gateway accept the internal token (VISEARCH_INTERNAL_TOKEN), which
 the gateway and the workers send. Health checks stay open so probes work.
@@ -45,10 +48,40 @@ def new_key() -> str:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """A token bucket: `per_second` calls on average, up to `burst` at once; per_second 0 is no limit."""
+
+    per_second: float
+    burst: float
+
+    @property
+    def limited(self) -> bool:
+        return self.per_second > 0
+
+
+def parse_rate(value, where: str) -> Rate | None:
+    """The "rate" of a key entry ({"per_second": 20, "burst": 40}; burst defaults to max(1, per_second))."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"per_second", "burst"}:
+        raise ValueError(f"{where}: rate must be {{\"per_second\": N, \"burst\": M}}, got {value!r}")
+    try:
+        per_second = float(value.get("per_second", 0))
+        burst = float(value.get("burst") or max(1.0, per_second))
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: rate values must be numbers, got {value!r}") from None
+    if not (0 <= per_second < float("inf")) or (per_second > 0 and not 1 <= burst < float("inf")):
+        raise ValueError(f"{where}: rate needs per_second >= 0 and burst >= 1, got {value!r}")
+    return Rate(per_second, burst if per_second > 0 else 0.0)
+
+
+@dataclass(frozen=True)
 class Principal:
     id: str
     catalogs: tuple[str, ...] = ("*",)
     actions: tuple[str, ...] = ("*",)
+    # None: the gateway's default rate (VISEARCH_RATE_PER_SECOND) applies.
+    rate: Rate | None = None
 
     def may(self, action: str, catalog: str | None = None) -> bool:
         if "*" not in self.actions and action not in self.actions:
@@ -58,6 +91,10 @@ class Principal:
 
 INTERNAL = Principal("internal")
 current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("visearch_principal", default=None)
+# The grants a call's handler asked for (`require`), in order, when someone collects them: the audit
+# trail (visearch/audit.py) names a call by the action its handler checked.
+required: contextvars.ContextVar[list[tuple[str, str | None]] | None] = contextvars.ContextVar(
+    "visearch_required", default=None)
 
 
 @dataclass
@@ -75,7 +112,9 @@ class KeyStore:
             bad = [a for a in k.get("actions", ["*"]) if a != "*" and a not in ACTIONS]
             if bad:
                 raise ValueError(f"key {k.get('id')!r}: unknown actions {bad} (known: {', '.join(ACTIONS)})")
-            store.by_hash[k["sha256"]] = Principal(k["id"], tuple(k.get("catalogs", ["*"])), tuple(k.get("actions", ["*"])))
+            rate = parse_rate(k.get("rate"), f"key {k.get('id')!r}")
+            store.by_hash[k["sha256"]] = Principal(k["id"], tuple(k.get("catalogs", ["*"])),
+                                                   tuple(k.get("actions", ["*"])), rate)
         return store
 
     @staticmethod
@@ -121,6 +160,9 @@ class Authenticator:
 
 def require(action: str, catalog: str | None = None) -> Principal:
     """Raise PERMISSION_DENIED unless the current caller may do `action` on `catalog`."""
+    asked = required.get()
+    if asked is not None:
+        asked.append((action, catalog))
     p = current.get()
     if p is None:
         raise Unauthenticated("no authenticated caller")
@@ -161,20 +203,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler, message: str):
+    return refuse(handler, grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def refuse(handler, code: grpc.StatusCode, message: str, trailing_metadata=(), parse: bool = False):
+    """A handler of the same kind as `handler` that answers `code` without running it. With `parse`
+    the request is still decoded (so an interceptor around it can read what was asked); an
+    unauthenticated caller's bytes are never parsed."""
     async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message, trailing_metadata=tuple(trailing_metadata))
 
     async def streaming(request_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message, trailing_metadata=tuple(trailing_metadata))
         yield  # pragma: no cover - makes this an async generator
 
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer} if parse else {}
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming)
+        return grpc.stream_stream_rpc_method_handler(streaming, **codec)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary)
+        return grpc.stream_unary_rpc_method_handler(unary, **codec)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming)
-    return grpc.unary_unary_rpc_method_handler(unary)
+        return grpc.unary_stream_rpc_method_handler(streaming, **codec)
+    return grpc.unary_unary_rpc_method_handler(unary, **codec)
 
 
 class TokenAuth(grpc.AuthMetadataPlugin):

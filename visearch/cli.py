@@ -482,6 +482,58 @@ def delete(ctx, item_ids, catalog):
     click.echo(json.dumps({"deleted": n}))
 
 
+@main.command("backup")
+@click.option("--catalog", required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A new (or empty) folder: manifest.json and the checksummed record files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.pass_context
+def backup_cmd(ctx, catalog, out, as_json):
+    """Write everything a catalog holds (vectors, boxes, metadata, sources, local features, regions,
+    its model version) to a folder, checksummed: docs/BACKUP.md."""
+    from visearch import backup
+
+    def progress(done: int, total: int) -> None:
+        if not as_json:
+            click.echo(f"\r{done}/{total} objects", nl=False, err=True)
+
+    with _client(ctx) as client:
+        try:
+            manifest = client.backup(catalog, out, progress)
+        except grpc.RpcError as exc:
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
+        except backup.BackupError as exc:
+            raise Failure(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(manifest))
+    else:
+        m = manifest["model"]
+        click.echo(f"\rcatalog {catalog!r}: {manifest['objects']} objects of {manifest['items']} items, model "
+                   f"{m['name']}:{m['version']}, in {out} ({len(manifest['files'])} files, sha256 in manifest.json)")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--catalog", required=True, help="The catalog to make (it must not exist).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def restore(ctx, folder, catalog, as_json):
+    """Bring a backup back as a new catalog, without re-embedding (its checksums checked first)."""
+    from visearch import backup
+
+    with _client(ctx) as client:
+        try:
+            r = client.restore(folder, catalog)
+        except grpc.RpcError as exc:
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
+        except backup.BackupError as exc:
+            raise Failure(str(exc)) from None
+    out = {"catalog": r.catalog, "objects": r.objects, "items": r.items, "generation": r.generation,
+           "model": f"{r.model.name}:{r.model.version}"}
+    click.echo(json.dumps(out) if as_json else f"restored catalog {r.catalog!r}: {r.objects} objects of {r.items} "
+               f"items, model {out['model']}")
+
+
 @main.command()
 @click.argument("item_id")
 @click.option("--catalog", default="default", show_default=True)

@@ -17,7 +17,9 @@ Answers are the gateway's protobuf messages (`visearch.gateway.v1.gateway_pb2`, 
 - **Retries**: every gateway call is idempotent (ingestion is keyed by item id and the client
   makes the job id, a re-embedding start returns the running job; a retried delete may report
   0 deleted), so UNAVAILABLE is retried with exponential backoff
-  (`retries` attempts in all), on the next address first. Other codes are final and raised as
+  (`retries` attempts in all), on the next address first. A key over its rate (RESOURCE_EXHAUSTED
+  with a `retry-after` trailer) waits what the gateway says and tries again, `max_rate_retries`
+  times (3). Other codes are final and raised as
   `grpc.RpcError` with the gateway's reason (`exc.code()`, `exc.details()`).
 - **Auth**: `api_key`, else VISEARCH_API_KEY; TLS from the VISEARCH_TLS_* settings (`security`).
 """
@@ -29,14 +31,14 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
 
-from visearch import files
+from visearch import backup, files
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from visearch.grpcserver import REQUEST_BUDGET, aio_channel, client_options, split_by_bytes, sync_channel
+from visearch.grpcserver import REQUEST_BUDGET, aio_channel, client_options, retry_after, split_by_bytes, sync_channel
 from visearch.search import MAX_BATCH_SEARCHES
 from visearch.settings import SecuritySettings
 
@@ -102,11 +104,12 @@ def path_items(paths: Mapping[str, str | Path], metadata: Mapping[str, Mapping[s
 
 class _Base:
     def __init__(self, addresses: str | Sequence[str] | None, api_key: str | None, timeout: float, retries: int,
-                 backoff: float, security: SecuritySettings | None, key: str | None):
+                 backoff: float, security: SecuritySettings | None, key: str | None, max_rate_retries: int = 3):
         self.addresses = split_addresses(addresses if addresses is not None else os.environ.get("VISEARCH_GATEWAY_ADDR", ""))
         self.address = self.addresses[0]
         self.api_key = api_key if api_key is not None else (key if key is not None else os.environ.get("VISEARCH_API_KEY", ""))
         self.timeout, self.retries, self.backoff = timeout, max(1, retries), backoff
+        self.max_rate_retries = max(0, max_rate_retries)
         self.security = security or SecuritySettings()
         self._turn = itertools.count()
 
@@ -114,8 +117,15 @@ class _Base:
         """(deadline, first address index) of one call."""
         return time.monotonic() + (timeout if timeout is not None else self.timeout), next(self._turn)
 
-    def _retry_wait(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float | None:
-        """Seconds to wait before attempt+1, or None when exc is final."""
+    def _retry_wait(self, exc: grpc.RpcError, attempt: int, deadline: float, throttled: int = 0) -> float | None:
+        """Seconds to wait before attempt+1, or None when exc is final. `throttled`: how many of the
+        answers so far were the key over its rate (they count against max_rate_retries, not retries)."""
+        after = retry_after(exc)
+        if after is not None:  # over the key's rate: the gateway said when a call will pass again
+            if throttled >= self.max_rate_retries:
+                return None
+            return after if time.monotonic() + after < deadline else None
+        attempt -= throttled
         if exc.code() not in RETRYABLE or attempt + 1 >= self.retries:
             return None
         # The next address at once; once each was tried, back off exponentially.
@@ -140,8 +150,8 @@ class Client(_Base):
 
     def __init__(self, addresses: str | Sequence[str] | None = None, *, api_key: str | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff: float = 0.2,
-                 security: SecuritySettings | None = None, key: str | None = None):
-        super().__init__(addresses, api_key, timeout, retries, backoff, security, key)
+                 security: SecuritySettings | None = None, key: str | None = None, max_rate_retries: int = 3):
+        super().__init__(addresses, api_key, timeout, retries, backoff, security, key, max_rate_retries)
         opts = client_options()
         self.channels = [sync_channel(a, self.security, key=self.api_key, options=opts) for a in self.addresses]
         self.stubs = [gateway_pb2_grpc.GatewayServiceStub(ch) for ch in self.channels]
@@ -149,14 +159,16 @@ class Client(_Base):
 
     def _call(self, method: str, request, timeout: float | None = None):
         deadline, first = self._plan(timeout)
+        throttled = 0
         for attempt in itertools.count():
             stub = self.stubs[(first + attempt) % len(self.stubs)]
             try:
                 return getattr(stub, method)(request, timeout=max(0.001, deadline - time.monotonic()))
             except grpc.RpcError as exc:
-                wait = self._retry_wait(exc, attempt, deadline)
+                wait = self._retry_wait(exc, attempt, deadline, throttled)
                 if wait is None:
                     raise
+                throttled += retry_after(exc) is not None
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -246,6 +258,29 @@ class Client(_Base):
         req = gateway_pb2.GetItemImageRequest(catalog=catalog, item_id=item_id, max_side=max_side)
         return self._call("GetItemImage", req, timeout)
 
+    def export_catalog(self, catalog: str = "default", batch_size: int = 0, timeout: float = 3600.0
+                       ) -> Iterator[gateway_pb2.CatalogRecord]:
+        """Every record of a catalog (ExportCatalog: a header, batches of objects, a trailer); one
+        stream, not retried (`timeout` covers all of it)."""
+        req = gateway_pb2.ExportCatalogRequest(catalog=catalog, batch_size=batch_size)
+        return self.stubs[next(self._turn) % len(self.stubs)].ExportCatalog(req, timeout=timeout)
+
+    def import_catalog(self, records: Iterable[gateway_pb2.CatalogRecord], timeout: float = 3600.0
+                       ) -> gateway_pb2.ImportCatalogResponse:
+        """Stream exported records into a new catalog (the header's name); it goes live once all are in."""
+        return self.stubs[next(self._turn) % len(self.stubs)].ImportCatalog(iter(records), timeout=timeout)
+
+    def backup(self, catalog: str, out: str | Path, progress: Callable[[int, int], None] | None = None,
+               timeout: float = 3600.0) -> dict:
+        """Write everything a catalog holds to a new folder (visearch.backup); returns its manifest."""
+        return backup.write(self.export_catalog(catalog, timeout=timeout), Path(out), progress)
+
+    def restore(self, folder: str | Path, catalog: str, timeout: float = 3600.0) -> gateway_pb2.ImportCatalogResponse:
+        """Bring a backup folder back as a new catalog, without re-embedding (its checksums are checked
+        first: a damaged backup sends nothing)."""
+        manifest = backup.verify(Path(folder))
+        return self.import_catalog(backup.records(Path(folder), manifest, catalog), timeout)
+
     def close(self) -> None:
         for ch in self.channels:
             ch.close()
@@ -262,21 +297,23 @@ class AsyncClient(_Base):
 
     def __init__(self, addresses: str | Sequence[str] | None = None, *, api_key: str | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff: float = 0.2,
-                 security: SecuritySettings | None = None, key: str | None = None):
-        super().__init__(addresses, api_key, timeout, retries, backoff, security, key)
+                 security: SecuritySettings | None = None, key: str | None = None, max_rate_retries: int = 3):
+        super().__init__(addresses, api_key, timeout, retries, backoff, security, key, max_rate_retries)
         self.channels = [aio_channel(a, self.security, key=self.api_key) for a in self.addresses]
         self.stubs = [gateway_pb2_grpc.GatewayServiceStub(ch) for ch in self.channels]
 
     async def _call(self, method: str, request, timeout: float | None = None):
         deadline, first = self._plan(timeout)
+        throttled = 0
         for attempt in itertools.count():
             stub = self.stubs[(first + attempt) % len(self.stubs)]
             try:
                 return await getattr(stub, method)(request, timeout=max(0.001, deadline - time.monotonic()))
             except grpc.aio.AioRpcError as exc:
-                wait = self._retry_wait(exc, attempt, deadline)
+                wait = self._retry_wait(exc, attempt, deadline, throttled)
                 if wait is None:
                     raise
+                throttled += retry_after(exc) is not None
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 

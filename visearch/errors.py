@@ -27,6 +27,10 @@ class FailedPrecondition(VisearchError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AlreadyExists(VisearchError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Unavailable(VisearchError):
     code = grpc.StatusCode.UNAVAILABLE
 

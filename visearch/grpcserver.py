@@ -53,29 +53,55 @@ def rpc(dependency_of: Callable[[BaseException], str | None] | None = None):
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             try:
-                auth = getattr(self, "auth", None)
-                if auth is not None:
-                    current_principal.set(auth.authenticate(context.invocation_metadata()))
+                _authenticate(self, context)
                 return await method(self, request, context)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - this is the mapping point
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                code, message = to_status(exc, getattr(exc, "dependency", None))
-                # gRPC drops a status message over 16 KiB (percent-encoded): a message quoting a
-                # caller's string is cut to MAX_MESSAGE characters, in the answer and the log.
-                if len(message) > MAX_MESSAGE:
-                    message = message[:MAX_MESSAGE] + "..."
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("unexpected error in %s", method.__name__)
-                else:
-                    log.info("%s -> %s: %s", method.__name__, code.name, message)
-                await context.abort(code, message)
+                await _abort(method.__name__, exc, context)
 
         return handler
 
     return wrap
+
+
+def rpc_stream(method):
+    """`rpc` for a server-streaming method (an async generator): an exception raised before or
+    between the messages it yields ends the stream with its status."""
+
+    @functools.wraps(method)
+    async def handler(self, request, context: grpc.aio.ServicerContext):
+        try:
+            _authenticate(self, context)
+            async for message in method(self, request, context):
+                yield message
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the mapping point
+            await _abort(method.__name__, exc, context)
+
+    return handler
+
+
+def _authenticate(servicer, context: grpc.aio.ServicerContext) -> None:
+    auth = getattr(servicer, "auth", None)
+    if auth is not None:
+        current_principal.set(auth.authenticate(context.invocation_metadata()))
+
+
+async def _abort(name: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    code, message = to_status(exc, getattr(exc, "dependency", None))
+    # gRPC drops a status message over 16 KiB (percent-encoded): a message quoting a
+    # caller's string is cut to MAX_MESSAGE characters, in the answer and the log.
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + "..."
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("unexpected error in %s", name, exc_info=exc)
+    else:
+        log.info("%s -> %s: %s", name, code.name, message)
+    await context.abort(code, message)
 
 
 def remaining(context: grpc.aio.ServicerContext, cap: float) -> float:
@@ -112,11 +138,13 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     started: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Run a grpc.aio server until SIGTERM/SIGINT (or `stop` is set), then drain.
 
     Health is NOT_SERVING until `ready()` says the service's dependencies answer,
-    and is re-checked every `health_interval_seconds`.
+    and is re-checked every `health_interval_seconds`. `interceptors` run after the
+    in-flight limit and authentication (a service's own: the gateway's audit and rate limit).
     """
     services = list(services)
     names = [s.name for s in services]
@@ -126,10 +154,10 @@ async def serve(
         ("grpc.so_reuseport", 0),
     ]
     auth = authenticator(settings)
-    interceptors = [InFlightLimit(settings.max_in_flight, names[0].rsplit(".", 1)[-1] if names else ""),
-                    AuthInterceptor(auth)]
+    chain = [InFlightLimit(settings.max_in_flight, names[0].rsplit(".", 1)[-1] if names else ""),
+             AuthInterceptor(auth), *interceptors]
     obs.serve_metrics(settings.metrics_port, settings.host)
-    server = grpc.aio.server(options=opts, interceptors=interceptors)
+    server = grpc.aio.server(options=opts, interceptors=chain)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for s in services:
@@ -295,6 +323,28 @@ def too_large(exc: grpc.RpcError) -> bool:
     return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (exc.details() or "")
 
 
+# Trailing metadata of a RESOURCE_EXHAUSTED that will pass again later: seconds to wait ("0.35").
+RETRY_AFTER = "retry-after"
+
+
+def retry_after(exc: grpc.RpcError) -> float | None:
+    """The seconds a refused call says to wait before trying again (a key over its rate), else None."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    try:
+        trailers = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - a call that never reached a server has none
+        return None
+    for key, value in trailers:
+        if key == RETRY_AFTER:
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None
+            return seconds if 0 <= seconds < float("inf") else None
+    return None
+
+
 def sync_channel(address: str, s: SecuritySettings, key: str = "", options=None):
     """The blocking counterpart of `aio_channel` (workers and the CLI)."""
     key = key or s.internal_token.get_secret_value()
@@ -307,7 +357,8 @@ def sync_channel(address: str, s: SecuritySettings, key: str = "", options=None)
     return grpc.intercept_channel(grpc.insecure_channel(address, opts), _SyncMetadata(key))
 
 
-class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     def __init__(self, key: str):
         self.md = (("authorization", f"Bearer {key}"),) if key else ()
 
@@ -319,6 +370,12 @@ class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInt
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._details(details), request_iterator)

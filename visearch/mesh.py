@@ -348,6 +348,8 @@ def launch(data_dir: Path, ingest_roots: list[str], replicas: dict[str, int], wo
     env.setdefault("VISEARCH_INTERNAL_TOKEN", token)
     env.setdefault("VISEARCH_BLOB_DIR", str(data_dir / "blobs"))
     env.setdefault("VISEARCH_LOCAL_DIR", str(data_dir / "local"))
+    # The gateways' audit trail (one JSON line per ingest, delete, re-embed and admin call), beside the logs.
+    env.setdefault("VISEARCH_AUDIT_LOG", str(data_dir / "logs" / "audit.log"))
     comps: list[Component] = []
     try:
         if not env.get("VISEARCH_REDIS_URL"):

@@ -21,6 +21,8 @@ RPC_SECONDS = Histogram("visearch_rpc_seconds", "Server-side latency of each RPC
 RPC_IN_FLIGHT = Gauge("visearch_rpc_in_flight", "RPCs being handled now", ["service"])
 RPC_REJECTED = Counter("visearch_rpc_rejected_total", "RPCs refused with RESOURCE_EXHAUSTED (in-flight limit)",
                        ["service"])
+RATE_LIMITED = Counter("visearch_rate_limited_total", "Calls refused with RESOURCE_EXHAUSTED for being over their "
+                       "key's rate", ["key"])
 EMBED_BATCH = Histogram("visearch_embed_batch_size", "Images per model forward", buckets=(1, 2, 4, 8, 16, 32, 64))
 INGESTED = Counter("visearch_ingested_items_total", "Items finished by the workers", ["catalog", "outcome"])
 INGEST_BATCH_SECONDS = Histogram("visearch_ingest_batch_seconds", "Time to ingest one batch of items",

@@ -65,6 +65,25 @@ def client(url: str, socket_timeout: float = 5, socket_connect_timeout: float = 
     return sentinel.master_for(target.master, db=target.db, password=target.password, **timeouts)
 
 
+def async_client(url: str, socket_timeout: float = 5, socket_connect_timeout: float = 2, retries: int | None = None):
+    """The asyncio counterpart of `client` (for work on a server's event loop, e.g. the rate limiter);
+    `retries` replaces redis-py's own retries of a failed command (None: its default)."""
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    from redis.backoff import NoBackoff
+
+    target = parse_sentinel(url)
+    options: dict = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    if retries is not None:
+        options["retry"] = Retry(NoBackoff(), retries)
+    if target is None:
+        return aredis.Redis.from_url(url, **options)
+    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=timeouts, **timeouts)
+    return sentinel.master_for(target.master, db=target.db, password=target.password, **options)
+
+
 def celery_urls(url: str) -> tuple[str, str, dict]:
     """(broker URL, result backend URL, transport options to add) for Celery: the URL itself for a
     single server; kombu's `sentinel://h1:p1/db;sentinel://h2:p2/db` with the master's name for Sentinel

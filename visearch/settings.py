@@ -196,11 +196,24 @@ class ClientSettings(SecuritySettings):
     rpc_timeout_seconds: float = 30.0
 
 
+class QuotaSettings(_Base):
+    """Per-key call rates and the audit trail of the gateway (visearch/quota.py, visearch/audit.py, docs/QUOTAS.md)."""
+
+    # The rate of a key whose entry in the key file names none: calls per second on average, a
+    # token bucket per key in Redis shared by every gateway replica; 0: unlimited (the default).
+    rate_per_second: float = Field(0.0, ge=0)
+    # Calls a key may make at once above its rate (the bucket's size); 0: max(1, rate_per_second).
+    rate_burst: float = Field(0.0, ge=0)
+    # Where the gateway appends one JSON line per ingest, delete, re-embed and admin call (refused
+    # ones too); empty: no audit trail. `visearch up` sets <data dir>/logs/audit.log.
+    audit_log: str = ""
+
+
 INGEST_OBJECTS = ("detected", "detected+full", "full")
 QUERY_OBJECTS = ("best", "full", "both")
 
 
-class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettings, RootsSettings):
+class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettings, RootsSettings, QuotaSettings):
     @field_validator("query_objects")
     @classmethod
     def _known_query_policy(cls, v: str) -> str:

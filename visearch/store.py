@@ -60,7 +60,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from visearch import expr
-from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
+from visearch.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.localstore import LocalStore
 from visearch.settings import REGION_MODES, StoreSettings
@@ -84,6 +84,7 @@ DIM_PROP = "visearch.dim"
 REGIONS_PROP = "visearch.regions"
 LEGACY_REGIONS = "float"
 SOURCE_MAX = 2048
+OBJECT_ID_RE = re.compile(r"([^#]+)#([0-9]{1,2})", re.DOTALL)  # "<item_id>#<n>", n < MAX_OBJECTS
 GEN_RE = re.compile(r"vsg_([A-Za-z][A-Za-z0-9_]{0,62})_([0-9]+)", re.ASCII)
 # An item's metadata: bounded so one item can neither exceed Milvus's 64 KiB JSON field (which
 # fails the write) nor bloat the queue's messages.
@@ -503,6 +504,69 @@ class VectorStore:
         if self.local is not None:
             self.local.drop(gen.collection)
             self.local.drop(gen.region_collection)
+
+    # ---- backup and restore -----------------------------------------------------
+    def export_rows(self, target: Target, batch: int = 128):
+        """Every stored object of a generation, in batches: dicts with the row's fields (`vector` as
+        float32), its local features (`local`: bytes or None) and its base regions (`regions`:
+        (features, boxes) or None). One scan of the collection (Milvus's query iterator)."""
+        gen = self.resolve(target)
+        fields = ["object_id", "item_id", "vector", "box", "metadata", "source", "stamp"]
+        it = self._read(gen.collection, lambda: self.client.query_iterator(
+            gen.collection, batch_size=batch, filter='item_id != ""', output_fields=fields))
+        try:
+            while rows := it.next():
+                ids = [r["object_id"] for r in rows]
+                local = self.get_local(gen, ids)
+                regions = self.get_regions(gen, ids) if gen.regions != "off" else {}
+                yield [{**{k: r[k] for k in fields if k != "vector"}, "vector": np.asarray(r["vector"], np.float32),
+                        "local": local.get(r["object_id"]), "regions": regions.get(r["object_id"])} for r in rows]
+        finally:
+            it.close()
+
+    def restore_generation(self, catalog: str, meta: ModelMeta, regions: str) -> Generation:
+        """A new generation for a catalog being restored (ALREADY_EXISTS when the catalog exists); it
+        goes live with `go_live` once every row is in, and is dropped if the restore fails."""
+        if self.live(catalog) is not None:
+            raise AlreadyExists(f"catalog {catalog!r} exists: restore into a new catalog name")
+        return self.create_generation(catalog, meta, check_regions(regions))
+
+    def restore_rows(self, gen: Generation, rows: list[dict]) -> int:
+        """Write exported rows into `gen` as they were (ids, vectors, boxes, metadata, sources, stamps),
+        with their local features and regions."""
+        for r in rows:
+            if len(r["vector"]) != gen.dim:
+                raise InvalidArgument(f"object {r['object_id'][:80]!r}: a vector of {len(r['vector'])} dimensions; "
+                                      f"the catalog's model gives {gen.dim}")
+            m = OBJECT_ID_RE.fullmatch(r["object_id"])
+            if not m or m.group(1) != r["item_id"] or int(m.group(2)) >= MAX_OBJECTS:
+                raise InvalidArgument(f"object id {r['object_id'][:80]!r} is not '<item id>#<n>' of its item")
+            check_item_id(r["item_id"])
+            check_metadata(r["metadata"], r["item_id"])
+            if len(r["source"].encode()) > SOURCE_MAX:
+                raise InvalidArgument(f"item {r['item_id'][:80]!r}: source longer than {SOURCE_MAX} bytes")
+        self._wrote(gen)
+        self._upsert(gen.collection, [{"object_id": r["object_id"], "item_id": r["item_id"],
+                                       "vector": np.asarray(r["vector"], np.float32).tolist(),
+                                       "box": [float(b) for b in r["box"]], "metadata": dict(r["metadata"]),
+                                       "source": r["source"], "stamp": int(r["stamp"])} for r in rows])
+        self.upsert_local(gen, {r["object_id"]: r["local"] for r in rows if r.get("local")})
+        with_regions = [(r["object_id"], *r["regions"]) for r in rows if r.get("regions") is not None]
+        if with_regions:
+            self.upsert_regions(gen, with_regions)
+        self._wrote(gen)
+        return len(rows)
+
+    def go_live(self, gen: Generation) -> None:
+        """Make a restored generation its catalog's live one (ALREADY_EXISTS if the catalog was made
+        meanwhile)."""
+        self.flush(gen)
+        try:
+            self.client.create_alias(gen.collection, self.alias(gen.catalog))
+        except MilvusException:
+            if self.live(gen.catalog) is not None:
+                raise AlreadyExists(f"catalog {gen.catalog!r} was made while it was being restored") from None
+            raise
 
     def check_model(self, target: Target, meta: ModelMeta) -> None:
         gen = self.resolve(target)

@@ -18,8 +18,9 @@ import redis
 from PIL import Image
 
 from services.gateway.coalesce import BatchCalls
-from visearch import files, imaging, local, regions, search
+from visearch import backup, files, imaging, local, regions, search
 from visearch import observability as obs
+from visearch.audit import audit_interceptor
 from visearch.auth import PermissionDenied, readable, require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
@@ -33,12 +34,14 @@ from visearch.grpcserver import (
     channel_ready,
     remaining,
     rpc,
+    rpc_stream,
     serve,
     split_by_bytes,
 )
 from visearch.inference import ModelMeta
 from visearch.jobs import Jobs, check_job_id, new_job_id
 from visearch.queue import INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
+from visearch.quota import rate_interceptor
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.settings import GatewaySettings
 from visearch.store import (
@@ -662,6 +665,97 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                                                "model": meta.tag})
         return job_id, building.number
 
+    # ---- backup and restore ----------------------------------------------------
+    @rpc_stream
+    async def ExportCatalog(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        require("admin", catalog)
+        size = request.batch_size or backup.DEFAULT_BATCH
+        if not 0 < size <= backup.MAX_BATCH:
+            raise InvalidArgument(f"batch_size {size}: 1 to {backup.MAX_BATCH} objects per record")
+        gen = await asyncio.to_thread(self.store.resolve, catalog)
+        model = await self._model_of(gen)
+        objects = await asyncio.to_thread(self.store.count, gen)
+        yield gateway_pb2.CatalogRecord(header=gateway_pb2.CatalogHeader(
+            catalog=catalog, model=model, storage=gateway_pb2.CatalogStorage(regions=gen.regions), objects=objects,
+            generation=gen.number, exported_at=time.time(), format=backup.FORMAT))
+        rows = self.store.export_rows(gen, size)
+        sent, items = 0, set()
+        try:
+            while batch := await asyncio.to_thread(next, rows, None):
+                sent += len(batch)
+                items.update(r["item_id"] for r in batch)
+                yield gateway_pb2.CatalogRecord(batch=gateway_pb2.ObjectBatch(objects=[backup.record_of(r) for r in batch]))
+        finally:
+            await asyncio.to_thread(rows.close)
+        yield gateway_pb2.CatalogRecord(trailer=gateway_pb2.CatalogTrailer(objects=sent, items=len(items)))
+        log.info("catalog exported", extra={"catalog": catalog, "objects": sent, "generation": gen.number})
+
+    async def _model_of(self, gen) -> common_pb2.ModelInfo:
+        """The full record of the model that made a generation, when the embedding service still has it."""
+        name, _, version = gen.model_tag.partition(":")
+        try:
+            info = (await self.embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(model_version=version),
+                                                      timeout=self.s.rpc_timeout_seconds)).model
+        except grpc.aio.AioRpcError:
+            info = None
+        if info is not None and info.name == name and info.dim == gen.dim:
+            return info
+        return common_pb2.ModelInfo(name=name, version=version, dim=gen.dim)
+
+    @rpc()
+    async def ImportCatalog(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("record") != "header":
+            raise InvalidArgument("an import begins with the catalog header (ExportCatalog's first record)")
+        head = first.header
+        catalog = check_catalog(head.catalog)
+        require("admin", catalog)
+        if head.format != backup.FORMAT:
+            raise InvalidArgument(f"records of format {head.format!r}; this gateway imports {backup.FORMAT!r}")
+        want = head.model
+        try:
+            info = (await self.embedding.GetModelInfo(embedding_pb2.GetModelInfoRequest(model_version=want.version),
+                                                      timeout=remaining(context, self.s.rpc_timeout_seconds))).model
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise FailedPrecondition(f"the catalog's vectors were made by {want.name}:{want.version}, which this "
+                                         f"mesh's model repository does not hold: add that version, then restore "
+                                         f"(re-embedding needs the images)") from None
+            raise DependencyError("embedding", exc) from None
+        if (info.name, info.dim) != (want.name, want.dim) or (
+                want.weights_sha256 and info.weights_sha256 and want.weights_sha256 != info.weights_sha256):
+            raise FailedPrecondition(f"version {want.version} here is {info.name} (dim {info.dim}, weights "
+                                     f"{info.weights_sha256[:12]}), not the {want.name} (dim {want.dim}, weights "
+                                     f"{want.weights_sha256[:12]}) that made the catalog's vectors")
+        gen = await asyncio.to_thread(self.store.restore_generation, catalog, meta_of(info),
+                                      check_regions(head.storage.regions or "off"))
+        stored, items, trailer = 0, set(), None
+        try:
+            async for rec in request_iterator:
+                kind = rec.WhichOneof("record")
+                if kind == "batch" and trailer is None:
+                    try:
+                        rows = [backup.row_of(o) for o in rec.batch.objects]
+                    except ValueError as exc:
+                        raise InvalidArgument(str(exc)) from None
+                    stored += await asyncio.to_thread(self.store.restore_rows, gen, rows)
+                    items.update(r["item_id"] for r in rows)
+                elif kind == "trailer" and trailer is None:
+                    trailer = rec.trailer
+                else:
+                    raise InvalidArgument(f"a {kind} record where a batch or the one trailer was expected")
+            if trailer is None or trailer.objects != stored:
+                raise InvalidArgument(f"the import ended after {stored} objects without a trailer saying so: "
+                                      "nothing restored")
+            await asyncio.to_thread(self.store.go_live, gen)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self.store.drop_generation, gen))
+            raise
+        log.info("catalog restored", extra={"catalog": catalog, "objects": stored, "generation": gen.number})
+        return gateway_pb2.ImportCatalogResponse(catalog=catalog, objects=stored, items=len(items),
+                                                 generation=gen.number, model=info)
+
     # ---- lifecycle ------------------------------------------------------------
     async def check_model(self, info: common_pb2.ModelInfo) -> None:
         """Refuse to work with an embedding model other than the pinned one."""
@@ -725,4 +819,8 @@ async def main(settings: GatewaySettings, **kw) -> None:
     gateway = Gateway(settings)
     service = Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
                       gateway_pb2_grpc.add_GatewayServiceServicer_to_server, gateway)
-    await serve([service], settings, settings.gateway_port, ready=gateway.ready, on_stop=gateway.close, **kw)
+    # After authentication, the audit trail, then the rate limit: what the limit refuses is audited too.
+    policy = [i for i in (audit_interceptor(settings.audit_log, gateway.auth),
+                          rate_interceptor(settings, settings.redis_url, gateway.auth)) if i is not None]
+    await serve([service], settings, settings.gateway_port, ready=gateway.ready, on_stop=gateway.close,
+                interceptors=policy, **kw)

@@ -111,7 +111,9 @@ def pack_pca(embedder_pack: Path, cfg: TrainConfig, out: Path, progress: Callabl
              ) -> tuple[Path, str]:
     """Pack the served PCA basis for the model a first build exports from `embedder_pack`: unpacks
     it, exports it as a first build does, fits the PCA on the default fit photos and packs that
-    basis as `out`/embedder-pca128.npz (visearch.modeling.reduce); returns (path, sha256)."""
+    basis as `out`/embedder-pca128.npz with that export's descriptors of the reference images
+    (visearch.modeling.reduce.pack_reduction: a build takes the basis for any export that gives them
+    back, whatever its file's bytes); returns (path, sha256)."""
     import tempfile
 
     from visearch.modeling.reduce import DEFAULT_DIM, pack_name, pack_reduction, reduce_embedder

@@ -370,3 +370,100 @@ class GetItemImageResponse(_message.Message):
     sent_width: int
     sent_height: int
     def __init__(self, image: _Optional[bytes] = ..., content_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., sent_width: _Optional[int] = ..., sent_height: _Optional[int] = ...) -> None: ...
+
+class ExportCatalogRequest(_message.Message):
+    __slots__ = ("catalog", "batch_size")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    batch_size: int
+    def __init__(self, catalog: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class CatalogHeader(_message.Message):
+    __slots__ = ("catalog", "model", "storage", "objects", "generation", "exported_at", "format")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    model: _common_pb2.ModelInfo
+    storage: CatalogStorage
+    objects: int
+    generation: int
+    exported_at: float
+    format: str
+    def __init__(self, catalog: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., storage: _Optional[_Union[CatalogStorage, _Mapping]] = ..., objects: _Optional[int] = ..., generation: _Optional[int] = ..., exported_at: _Optional[float] = ..., format: _Optional[str] = ...) -> None: ...
+
+class ObjectRecord(_message.Message):
+    __slots__ = ("object_id", "item_id", "vector", "box", "metadata", "source", "stamp", "local_features", "region_features", "region_boxes", "region_count")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STAMP_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    REGION_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    REGION_BOXES_FIELD_NUMBER: _ClassVar[int]
+    REGION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    item_id: str
+    vector: bytes
+    box: _common_pb2.BoundingBox
+    metadata: _containers.ScalarMap[str, str]
+    source: str
+    stamp: int
+    local_features: bytes
+    region_features: bytes
+    region_boxes: bytes
+    region_count: int
+    def __init__(self, object_id: _Optional[str] = ..., item_id: _Optional[str] = ..., vector: _Optional[bytes] = ..., box: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., source: _Optional[str] = ..., stamp: _Optional[int] = ..., local_features: _Optional[bytes] = ..., region_features: _Optional[bytes] = ..., region_boxes: _Optional[bytes] = ..., region_count: _Optional[int] = ...) -> None: ...
+
+class ObjectBatch(_message.Message):
+    __slots__ = ("objects",)
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    objects: _containers.RepeatedCompositeFieldContainer[ObjectRecord]
+    def __init__(self, objects: _Optional[_Iterable[_Union[ObjectRecord, _Mapping]]] = ...) -> None: ...
+
+class CatalogTrailer(_message.Message):
+    __slots__ = ("objects", "items")
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    objects: int
+    items: int
+    def __init__(self, objects: _Optional[int] = ..., items: _Optional[int] = ...) -> None: ...
+
+class CatalogRecord(_message.Message):
+    __slots__ = ("header", "batch", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: CatalogHeader
+    batch: ObjectBatch
+    trailer: CatalogTrailer
+    def __init__(self, header: _Optional[_Union[CatalogHeader, _Mapping]] = ..., batch: _Optional[_Union[ObjectBatch, _Mapping]] = ..., trailer: _Optional[_Union[CatalogTrailer, _Mapping]] = ...) -> None: ...
+
+class ImportCatalogResponse(_message.Message):
+    __slots__ = ("catalog", "objects", "items", "generation", "model")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    objects: int
+    items: int
+    generation: int
+    model: _common_pb2.ModelInfo
+    def __init__(self, catalog: _Optional[str] = ..., objects: _Optional[int] = ..., items: _Optional[int] = ..., generation: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...

@@ -85,6 +85,16 @@ class GatewayServiceStub:
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageRequest.SerializeToString,
                 response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageResponse.FromString,
                 _registered_method=True)
+        self.ExportCatalog = channel.unary_stream(
+                '/visearch.gateway.v1.GatewayService/ExportCatalog',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ExportCatalogRequest.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.FromString,
+                _registered_method=True)
+        self.ImportCatalog = channel.stream_unary(
+                '/visearch.gateway.v1.GatewayService/ImportCatalog',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ImportCatalogResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -163,6 +173,27 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportCatalog(self, request, context):
+        """Everything a catalog holds, streamed for a backup: a header (name, model, storage, counts), then
+        its objects in batches (vectors, boxes, metadata, sources, stamps, local features, regions), then
+        a trailer with the counts sent. Read from the live generation at the consistency of one scan.
+        Needs the "admin" action.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportCatalog(self, request_iterator, context):
+        """Brings an exported catalog back under a new name, without re-embedding: the records of
+        ExportCatalog streamed in (header first). Built as a generation that goes live only when every
+        record is stored (a broken stream leaves nothing); FAILED_PRECONDITION when the model version is
+        not served here (or is another model under that version), ALREADY_EXISTS when the catalog
+        exists. Needs the "admin" action.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +246,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetItemImage,
                     request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageRequest.FromString,
                     response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageResponse.SerializeToString,
+            ),
+            'ExportCatalog': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCatalog,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ExportCatalogRequest.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.SerializeToString,
+            ),
+            'ImportCatalog': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportCatalog,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ImportCatalogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -488,6 +529,60 @@ class GatewayService:
             '/visearch.gateway.v1.GatewayService/GetItemImage',
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageRequest.SerializeToString,
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/visearch.gateway.v1.GatewayService/ExportCatalog',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.ExportCatalogRequest.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportCatalog(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/visearch.gateway.v1.GatewayService/ImportCatalog',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.ImportCatalogResponse.FromString,
             options,
             channel_credentials,
             insecure,
