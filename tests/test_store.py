@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from visearch.errors import FailedPrecondition, InvalidArgument, NotFound
+from visearch.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.settings import StoreSettings
 from visearch.store import BOUNDED, VectorStore, WriteClock, check_catalog
@@ -311,3 +311,96 @@ def test_int8_regions_live_in_files_and_match_as_float_ones(store, request, tmp_
             store.ensure_catalog(cat + "_nodir", META, "int8")
     finally:
         s.close()
+
+
+# Ids that sort differently as bytes, as object ids ("a b#0" < "a#0" though "a" < "a b"), or break
+# quoting: quotes, backslashes, operators, non-ASCII of every UTF-8 length.
+ODD_IDS = ["a", "a b", "a!", "a$", "A", "b", 'x" or item_id != "', "x' or 1 == 1 or '", "\\", "a\\",
+           '\\"', "'", "é", "e", "€", "中文", "😀", "\U0010ffff", "\x7f", "\u2028", "\ufeff", "z" * 200]
+
+
+def test_items_page_in_id_order_across_exact_boundaries(store, request):
+    """ListItems's paging: every item exactly once, in Python's (code point) order, whatever the
+    ids hold and however pages fall; a page ends on whole items; the last page says so even when it
+    is full (4 and 13 divide the 52 items)."""
+    from visearch.store import MAX_OBJECTS, VectorStore
+
+    cat = "t_pages_" + request.node.callspec.id.replace("-", "_")
+    rng = np.random.default_rng(5)
+    ids = ODD_IDS + [f"item-{n:03d}" for n in range(30)]
+    sizes = {i: 1 + (n % 3) for n, i in enumerate(ids)} | {"item-007": MAX_OBJECTS}
+    store.ensure_catalog(cat, META)
+    order = list(rng.permutation(len(ids)))
+    for chunk in (order[:20], order[20:]):  # two writes, ids in no order
+        store.upsert_items(cat, [(ids[k], [(v, (k, 0, k + 1, 1)) for v in unit(rng, sizes[ids[k]])],
+                                  {"n": str(k), "q": 'say "hi"'}) for k in chunk])
+    want, n = sorted(ids), len(ids)
+    assert len(set(ids)) == n == 52
+    # Pages of 1 and 2 read fewer rows (MAX_OBJECTS per item, one item more) than the catalog
+    # holds: their range narrows, over ids that come back in no order on Milvus Lite.
+    for size in (1, 2, 4, 7, 13, n, 500):
+        pages, after = [], ""
+        while True:
+            items, after = store.list_items(cat, after, size)
+            pages.append(items)
+            if not after:
+                break
+        got = [i for page in pages for i, _ in page]
+        assert got == want, size
+        assert all(len(p) == size for p in pages[:-1]) and 0 < len(pages[-1]) <= size, size
+        assert len(pages) == -(-len(want) // size), "no empty page after a full last one"
+    items = dict(store.list_items(cat, "", n)[0])
+    assert len(items["item-007"]) == MAX_OBJECTS
+    for i in ids:
+        objs = items[i]
+        assert [o.object_id for o in objs] == [f"{i}#{n}" for n in range(sizes[i])]
+        assert objs[0].metadata == {"n": str(ids.index(i)), "q": 'say "hi"'} and objs[0].box[0] == ids.index(i)
+    # After an id that is not stored, the page starts at the next one; after the last, nothing.
+    assert [i for i, _ in store.list_items(cat, "item-0075", 2)[0]] == ["item-008", "item-009"]
+    assert store.list_items(cat, want[-1], 5) == ([], "")
+    store.delete_items(cat, ["a", "é"])
+    assert [i for i, _ in store.list_items(cat, "", n)[0]] == [i for i in want if i not in ("a", "é")]
+    # The token is opaque, and only a token ListItems gave is taken.
+    for i in ids:
+        assert VectorStore.page_after(VectorStore.page_token(i)) == i
+    assert VectorStore.page_token("") == "" and VectorStore.page_after("") == ""
+    for bad in ("x", "v1.zz", "v1.abc", "v1." + b"a#1".hex(), "v1.ff", "v1." + "61" * 300):
+        with pytest.raises(InvalidArgument, match="page_token"):
+            VectorStore.page_after(bad)
+    with pytest.raises(InvalidArgument, match="page size"):
+        store.list_items(cat, "", 501)
+    with pytest.raises(NotFound):
+        store.list_items("t_no_such_catalog", "", 5)
+
+
+def test_a_scan_reads_every_row_once_whatever_the_ids_hold(store, request):
+    """`scan` (re-embedding's item stamps, backups, the duplicates scan) reads every row exactly once,
+    in primary-key order, in batches of any size, ids with quotes and backslashes included (pymilvus's
+    query iterator breaks on them); and a backup's rows come back into a restored generation as they were."""
+    from visearch.store import VectorStore
+
+    cat = "t_scan_" + request.node.callspec.id.replace("-", "_")
+    rng = np.random.default_rng(7)
+    ids = ODD_IDS + [f"item-{n:03d}" for n in range(30)]
+    store.ensure_catalog(cat, META)
+    order = list(rng.permutation(len(ids)))
+    for chunk in (order[:25], order[25:]):
+        store.upsert_items(cat, [(ids[k], [(v, (k, 0, k + 1, 1)) for v in unit(rng, 1 + k % 3)], {"n": str(k)}, f"/p/{k}", k)
+                                 for k in chunk])
+    want = sorted(o for k, i in enumerate(ids) for o in VectorStore.object_ids(i)[:1 + k % 3])
+    for batch in (1, 3, 16, 500):
+        got = [r["object_id"] for rows in store.scan(cat, ["item_id"], batch) for r in rows]
+        assert got == want, batch
+    assert store.item_stamps(cat, batch=2) == {i: k for k, i in enumerate(ids)}
+    exported = [r for rows in store.export_rows(cat, 5) for r in rows]
+    assert [r["object_id"] for r in exported] == want
+    gen = store.restore_generation(cat + "_copy", META, "off")
+    assert store.restore_rows(gen, exported) == len(want)
+    store.go_live(gen)
+    back = [r for rows in store.export_rows(cat + "_copy", 7) for r in rows]
+    for a, b in zip(back, exported, strict=True):
+        assert a["object_id"] == b["object_id"] and a["vector"].tobytes() == b["vector"].tobytes()
+        assert (a["metadata"], a["source"], a["stamp"], tuple(a["box"])) == (b["metadata"], b["source"], b["stamp"],
+                                                                              tuple(b["box"]))
+    with pytest.raises(AlreadyExists):
+        store.restore_generation(cat, META, "off")

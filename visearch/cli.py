@@ -228,7 +228,7 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool, regions: str = ""
+def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool, regions: str = "", duplicates: str = ""
                 ) -> tuple[str, dict[str, str]]:
     """Send rows in requests of bounded size under one job id; returns (job id, local failures).
     `regions`: how a catalog the first request makes stores base regions ("": the default)."""
@@ -240,7 +240,7 @@ def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool, regions: 
     def flush():
         nonlocal job_id, batch, size
         if batch:
-            job_id = client.ingest(batch, catalog=catalog, job_id=job_id, regions=regions).job_id
+            job_id = client.ingest(batch, catalog=catalog, job_id=job_id, regions=regions, duplicates=duplicates).job_id
         batch, size = [], 0
 
     for row in rows:
@@ -280,14 +280,18 @@ def wait_job(client, job_id: str, total: int, quiet: bool = False):
               help="When this ingest makes the catalog: store each object's base regions for --rerank "
                    "regions|qam, as float32 in the vector store (24.6 KB an object in memory) or as int8 files "
                    "read by key (6.6 KB an object on disk), or not (default: the gateway's, off).")
+@click.option("--duplicates", type=click.Choice(["off", "report", "skip"]), default="off", show_default=True,
+              help="Check each item against the catalog's stored items for the same picture (re-encoded, resized, "
+                   "cropped a little): list them in the job (report), or also leave them out (skip).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def ingest(ctx, manifest, catalog, wait, by_path, regions, as_json):
+def ingest(ctx, manifest, catalog, wait, by_path, regions, duplicates, as_json):
     """Queue the images of a CSV manifest (item_id,path) for ingestion."""
     rows = read_manifest(manifest)
     with _client(ctx) as client:
         try:
-            job_id, local_failed = ingest_rows(client, rows, catalog, by_path, regions or "")
+            job_id, local_failed = ingest_rows(client, rows, catalog, by_path, regions or "",
+                                               "" if duplicates == "off" else duplicates)
         except grpc.RpcError as exc:
             raise Failure(f"{exc.code().name}: {exc.details()}") from None
         out = {"job_id": job_id, "catalog": catalog, "submitted": len(rows)}
@@ -295,6 +299,8 @@ def ingest(ctx, manifest, catalog, wait, by_path, regions, as_json):
             job = wait_job(client, job_id, len(rows) - len(local_failed), quiet=as_json)
             failures = {f.item_id: f.reason for f in job.failures} | local_failed
             out.update(ok=job.done, failed=job.failed + len(local_failed), failures=failures)
+            if duplicates != "off":
+                out["duplicates"] = {d.item_id: {"of": d.of_item_id, "skipped": d.skipped} for d in job.duplicates}
         elif local_failed:
             out.update(failed_locally=local_failed)
     if as_json:
@@ -305,6 +311,8 @@ def ingest(ctx, manifest, catalog, wait, by_path, regions, as_json):
             click.echo(f"ok {out['ok']}, failed {out['failed']}")
             for item_id, reason in sorted(out["failures"].items()):
                 click.echo(f"  failed {item_id}: {reason}")
+            for item_id, d in sorted(out.get("duplicates", {}).items()):
+                click.echo(f"  {item_id} is the same picture as {d['of']}{' (skipped)' if d['skipped'] else ''}")
 
 
 @main.command()
@@ -480,6 +488,30 @@ def delete(ctx, item_ids, catalog):
         except grpc.RpcError as exc:
             raise Failure(f"{exc.code().name}: {exc.details()}") from None
     click.echo(json.dumps({"deleted": n}))
+
+
+@main.command("duplicates")
+@click.option("--catalog", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def duplicates_cmd(ctx, catalog, as_json):
+    """Groups of items whose images are the same picture (re-encoded, resized, cropped a little):
+    docs/DUPLICATES.md."""
+    with _client(ctx) as client:
+        try:
+            r = client.duplicates(catalog, timeout=max(ctx.obj["timeout"], 600.0))
+        except grpc.RpcError as exc:
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
+    out = {"catalog": catalog, "groups": [list(g.item_ids) for g in r.groups],
+           "min_ncc": [round(g.min_ncc, 4) for g in r.groups], "items": r.items, "pairs_checked": r.pairs_checked,
+           "unreadable": list(r.unreadable)}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    for g in out["groups"]:
+        click.echo(" ".join(g))
+    click.echo(f"{len(out['groups'])} groups of the same picture among {r.items} items ({r.pairs_checked} pairs "
+               f"checked{f', {len(r.unreadable)} images unreadable' if r.unreadable else ''})", err=True)
 
 
 @main.command("backup")
@@ -817,6 +849,25 @@ def demo(ctx, catalog, queries, keep_up):
     from visearch.demo import run_demo
 
     run_demo(ctx.obj["data_dir"], catalog=catalog, n_queries=queries, keep_up=keep_up, timeout=ctx.obj["timeout"])
+
+
+@main.command()
+@click.option("--catalog", default="default", show_default=True)
+@click.option("--page-size", default=100, show_default=True, help="Items per ListItems call.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per item: item_id, metadata, objects.")
+@click.pass_context
+def items(ctx, catalog, page_size, as_json):
+    """Every item of a catalog, in item-id order (ListItems, page by page)."""
+    with _client(ctx) as client:
+        try:
+            for it in client.items(catalog, page_size):
+                if as_json:
+                    click.echo(json.dumps({"item_id": it.item_id, "metadata": dict(it.metadata),
+                                           "objects": len(it.objects)}))
+                else:
+                    click.echo(it.item_id)
+        except grpc.RpcError as exc:
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
 
 
 if __name__ == "__main__":

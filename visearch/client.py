@@ -31,7 +31,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -83,11 +83,12 @@ def _similar_request(item_id: str, catalog: str, top_k: int, filters: Mapping[st
                                      rerank=rerank, full_frame=full_frame, correspondences=correspondences)
 
 
-def _ingest_request(items: Iterable[gateway_pb2.IngestItem], catalog: str, job_id: str, regions: str = ""):
+def _ingest_request(items: Iterable[gateway_pb2.IngestItem], catalog: str, job_id: str, regions: str = "",
+                    duplicates: str = ""):
     # The job id is made here, not by the gateway, so that a retry after a lost answer adds to the
     # same job instead of starting a second one.
     return gateway_pb2.IngestItemsRequest(catalog=catalog, items=list(items), job_id=job_id or uuid.uuid4().hex,
-                                          storage=gateway_pb2.CatalogStorage(regions=regions))
+                                          storage=gateway_pb2.CatalogStorage(regions=regions), duplicates=duplicates)
 
 
 def path_items(paths: Mapping[str, str | Path], metadata: Mapping[str, Mapping[str, str]] | None = None,
@@ -202,17 +203,21 @@ class Client(_Base):
                                                      correspondences), timeout)
 
     def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
-               timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
+               timeout: float | None = None, regions: str = "", duplicates: str = "") -> gateway_pb2.IngestItemsResponse:
         """Queue items (at most the gateway's max_items_per_request per call; pass the job_id of the
         first answer to add more to the same job). `regions` ("off" or "float"; "": the gateway's
-        default) is how a catalog this call makes stores its objects' base regions."""
-        return self._call("IngestItems", _ingest_request(items, catalog, job_id, regions), timeout)
+        default) is how a catalog this call makes stores its objects' base regions. `duplicates`
+        ("report" or "skip"; "": off) checks each item against the stored ones for the same picture
+        (the job's `duplicates` lists them; "skip" does not store them)."""
+        return self._call("IngestItems", _ingest_request(items, catalog, job_id, regions, duplicates), timeout)
 
     def ingest_paths(self, paths: Mapping[str, str | Path], catalog: str = "default",
                      metadata: Mapping[str, Mapping[str, str]] | None = None, by_path: bool = False,
-                     timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
+                     timeout: float | None = None, regions: str = "", duplicates: str = ""
+                     ) -> gateway_pb2.IngestItemsResponse:
         """Queue {item id: image path}."""
-        return self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout, regions=regions)
+        return self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout, regions=regions,
+                           duplicates=duplicates)
 
     def job(self, job_id: str, timeout: float | None = None) -> gateway_pb2.IngestJob:
         return self._call("GetIngestJob", gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout).job
@@ -239,6 +244,24 @@ class Client(_Base):
     def get(self, item_id: str, catalog: str = "default", timeout: float | None = None) -> gateway_pb2.Item:
         return self._call("GetItem", gateway_pb2.GetItemRequest(catalog=catalog, item_id=item_id), timeout).item
 
+    def list_items(self, catalog: str = "default", page_size: int = 0, page_token: str = "",
+                   timeout: float | None = None) -> gateway_pb2.ListItemsResponse:
+        """One page of a catalog's items in item-id order (page_size 0: 50, at most 500); pass its
+        next_page_token for the next page (empty on the last)."""
+        req = gateway_pb2.ListItemsRequest(catalog=catalog, page_size=page_size, page_token=page_token)
+        return self._call("ListItems", req, timeout)
+
+    def items(self, catalog: str = "default", page_size: int = 0, timeout: float | None = None
+              ) -> Iterator[gateway_pb2.Item]:
+        """Every item of a catalog, in item-id order, a page (ListItems) at a time."""
+        token = ""
+        while True:
+            page = self.list_items(catalog, page_size, token, timeout)
+            yield from page.items
+            token = page.next_page_token
+            if not token:
+                return
+
     def catalogs(self, timeout: float | None = None) -> list[gateway_pb2.Catalog]:
         return list(self._call("ListCatalogs", gateway_pb2.ListCatalogsRequest(), timeout).catalogs)
 
@@ -257,6 +280,10 @@ class Client(_Base):
         """A stored item's image (scaled down to max_side when set)."""
         req = gateway_pb2.GetItemImageRequest(catalog=catalog, item_id=item_id, max_side=max_side)
         return self._call("GetItemImage", req, timeout)
+
+    def duplicates(self, catalog: str = "default", timeout: float = 600.0) -> gateway_pb2.FindDuplicatesResponse:
+        """Groups of items whose images are the same picture (re-encoded, resized, cropped a little)."""
+        return self._call("FindDuplicates", gateway_pb2.FindDuplicatesRequest(catalog=catalog), timeout)
 
     def export_catalog(self, catalog: str = "default", batch_size: int = 0, timeout: float = 3600.0
                        ) -> Iterator[gateway_pb2.CatalogRecord]:
@@ -340,13 +367,16 @@ class AsyncClient(_Base):
                                                            correspondences), timeout)
 
     async def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
-                     timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
-        return await self._call("IngestItems", _ingest_request(items, catalog, job_id, regions), timeout)
+                     timeout: float | None = None, regions: str = "", duplicates: str = ""
+                     ) -> gateway_pb2.IngestItemsResponse:
+        return await self._call("IngestItems", _ingest_request(items, catalog, job_id, regions, duplicates), timeout)
 
     async def ingest_paths(self, paths: Mapping[str, str | Path], catalog: str = "default",
                            metadata: Mapping[str, Mapping[str, str]] | None = None, by_path: bool = False,
-                           timeout: float | None = None, regions: str = "") -> gateway_pb2.IngestItemsResponse:
-        return await self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout, regions=regions)
+                           timeout: float | None = None, regions: str = "", duplicates: str = ""
+                           ) -> gateway_pb2.IngestItemsResponse:
+        return await self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout, regions=regions,
+                                 duplicates=duplicates)
 
     async def job(self, job_id: str, timeout: float | None = None) -> gateway_pb2.IngestJob:
         return (await self._call("GetIngestJob", gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout)).job
@@ -371,6 +401,23 @@ class AsyncClient(_Base):
     async def get(self, item_id: str, catalog: str = "default", timeout: float | None = None) -> gateway_pb2.Item:
         return (await self._call("GetItem", gateway_pb2.GetItemRequest(catalog=catalog, item_id=item_id),
                                  timeout)).item
+
+    async def list_items(self, catalog: str = "default", page_size: int = 0, page_token: str = "",
+                         timeout: float | None = None) -> gateway_pb2.ListItemsResponse:
+        req = gateway_pb2.ListItemsRequest(catalog=catalog, page_size=page_size, page_token=page_token)
+        return await self._call("ListItems", req, timeout)
+
+    async def items(self, catalog: str = "default", page_size: int = 0, timeout: float | None = None
+                    ) -> AsyncIterator[gateway_pb2.Item]:
+        """`async for item in vs.items("shop")`: every item, in item-id order, a page at a time."""
+        token = ""
+        while True:
+            page = await self.list_items(catalog, page_size, token, timeout)
+            for item in page.items:
+                yield item
+            token = page.next_page_token
+            if not token:
+                return
 
     async def catalogs(self, timeout: float | None = None) -> list[gateway_pb2.Catalog]:
         return list((await self._call("ListCatalogs", gateway_pb2.ListCatalogsRequest(), timeout)).catalogs)

@@ -64,3 +64,15 @@ def check_key(key: str, what: str = "metadata key") -> str:
 def json_equals(field: str, key: str, value: str) -> str:
     """`field["key"] == "value"`: an exact match on one key of a JSON field."""
     return f"{field}[{literal(check_key(key, 'filter key'))}] == {literal(value)}"
+
+
+COMPARISONS = frozenset({"<", "<=", ">", ">="})
+
+
+def compare(field: str, op: str, value: str) -> str:
+    """`field > "value"` (op one of <, <=, >, >=) on a string field. Both engines compare strings by
+    their UTF-8 bytes, which is code point order: the order of Python's `str` (tests/test_store.py
+    pages through ids with quotes, backslashes and non-ASCII characters on both)."""
+    if op not in COMPARISONS:
+        raise ValueError(f"comparison {op!r}: expected one of {', '.join(sorted(COMPARISONS))}")
+    return f"{field} {op} {literal(value)}"

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from visearch import observability as obs
+from visearch import tracing
 from visearch.auth import Authenticator, AuthInterceptor, KeyStore, TokenAuth
 from visearch.auth import current as current_principal
 from visearch.errors import InvalidArgument, to_status
@@ -154,7 +155,9 @@ async def serve(
         ("grpc.so_reuseport", 0),
     ]
     auth = authenticator(settings)
-    chain = [InFlightLimit(settings.max_in_flight, names[0].rsplit(".", 1)[-1] if names else ""),
+    # Tracing's interceptor first (none when off): its server span is current in the others and the handler.
+    chain = [*tracing.server_interceptors(),
+             InFlightLimit(settings.max_in_flight, names[0].rsplit(".", 1)[-1] if names else ""),
              AuthInterceptor(auth), *interceptors]
     obs.serve_metrics(settings.metrics_port, settings.host)
     server = grpc.aio.server(options=opts, interceptors=chain)
@@ -279,16 +282,14 @@ class _Metadata(grpc.aio.UnaryUnaryClientInterceptor):
         self.metadata = tuple(metadata)
 
     async def intercept_unary_unary(self, continuation, details, request):
-        rid = obs.request_id.get()
-        extra = (("x-request-id", rid),) if rid else ()
-        md = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata, *extra)
+        md = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata, *_request_id(details.metadata))
         return await continuation(details._replace(metadata=md), request)
 
 
 def aio_channel(address: str, s: SecuritySettings, key: str = "", max_message_bytes: int = 64 * 1024 * 1024):
     """An asyncio channel to a visearch service: TLS when configured, credentials on every call."""
     key = key or s.internal_token.get_secret_value()
-    interceptors = [_Metadata((("authorization", f"Bearer {key}"),) if key else ())]
+    interceptors = [*tracing.aio_client_interceptors(), _Metadata((("authorization", f"Bearer {key}"),) if key else ())]
     creds = channel_credentials(s)
     opts = client_options(max_message_bytes)
     if creds:
@@ -353,8 +354,16 @@ def sync_channel(address: str, s: SecuritySettings, key: str = "", options=None)
     if creds:
         if key:
             creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(TokenAuth(key)))
-        return grpc.secure_channel(address, creds, opts)
-    return grpc.intercept_channel(grpc.insecure_channel(address, opts), _SyncMetadata(key))
+        return tracing.traced_channel(grpc.secure_channel(address, creds, opts))
+    return tracing.traced_channel(grpc.intercept_channel(grpc.insecure_channel(address, opts), _SyncMetadata(key)))
+
+
+def _request_id(metadata) -> tuple[tuple[str, str], ...]:
+    """The x-request-id entry a call carries on: the context's, unless the caller set one itself."""
+    rid = obs.request_id.get()
+    if not rid or any(k == "x-request-id" for k, _ in (metadata or ())):
+        return ()
+    return (("x-request-id", rid),)
 
 
 class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -363,8 +372,7 @@ class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
         self.md = (("authorization", f"Bearer {key}"),) if key else ()
 
     def _details(self, d):
-        rid = obs.request_id.get()
-        md = tuple(d.metadata or ()) + self.md + ((("x-request-id", rid),) if rid else ())
+        md = tuple(d.metadata or ()) + self.md + _request_id(d.metadata)
         return _CallDetails(d.method, d.timeout, md, d.credentials,
                             getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
 
@@ -408,7 +416,7 @@ class InFlightLimit(grpc.aio.ServerInterceptor):
         rid = dict(details.invocation_metadata or ()).get("x-request-id", "")
 
         async def limited(request, context):
-            obs.request_id.set(rid or obs.new_request_id())
+            obs.bind_request_id(rid or obs.new_request_id())
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"the request is not a valid {method} message (strings must be UTF-8): "

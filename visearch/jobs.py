@@ -46,6 +46,8 @@ class JobStatus:
     done: int
     failed: int
     failures: dict[str, str] = field(default_factory=dict)
+    # Items found to be the same picture as a stored one: item id -> (stored item id, skipped).
+    duplicates: dict[str, tuple[str, bool]] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
     kind: str = "ingest"
@@ -355,7 +357,22 @@ class Jobs:
         if not head or b"catalog" not in head:
             raise NotFound(f"ingest job {job_id[:64]!r} does not exist (or has expired)")
         failures = scan[0][1] if scan else {}
-        return self._status(job_id, head, submitted, n_done, n_failed, failures, max_failures)
+        st = self._status(job_id, head, submitted, n_done, n_failed, failures, max_failures)
+        if max_failures > 0:
+            _, dups = self.r.hscan(base + ":dups", 0, count=max_failures)
+            for k, v in list(dups.items())[:max_failures]:
+                skipped, _, of = v.decode().partition("|")
+                st.duplicates[k.decode()] = (of, skipped == "1")
+        return st
+
+    def record_duplicates(self, job_id: str, found: dict[str, tuple[str, bool]]) -> None:
+        """Note items found to be the same picture as a stored one: item -> (stored item, skipped)."""
+        if found:
+            key = _keys(job_id)[0] + ":dups"
+            p = self.r.pipeline(transaction=True)
+            p.hset(key, mapping={i: f"{int(skipped)}|{of}" for i, (of, skipped) in found.items()})
+            p.expire(key, self.ttl)
+            p.execute()
 
     @staticmethod
     def _status(job_id: str, head: dict, submitted: int, n_done: int, n_failed: int, failures: dict,

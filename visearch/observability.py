@@ -3,7 +3,7 @@
 Each service serves `/metrics` on VISEARCH_METRICS_PORT (0 = off). A request id
 (`x-request-id` metadata, made at the gateway when the caller sent none) rides
 on every downstream gRPC call and on the Celery task headers, and every log line
-written while handling it carries it.
+written while handling it carries it (and, when tracing is on, the call's span: visearch/tracing.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import logging
 import uuid
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from visearch import tracing
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("visearch_request_id", default="")
 
@@ -37,6 +39,13 @@ GENERATION_SWITCHES = Counter("visearch_generation_switches_total", "Catalogs sw
 
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def bind_request_id(rid: str) -> None:
+    """The request id of the call or task this context works on: on its log lines and, when tracing is
+    on, on its span (attribute visearch.request_id)."""
+    request_id.set(rid)
+    tracing.tag_request(rid)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:

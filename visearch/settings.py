@@ -52,7 +52,26 @@ class SecuritySettings(_Base):
         return v
 
 
-class ServerSettings(SecuritySettings):
+class TracingSettings(_Base):
+    """OpenTelemetry traces (visearch/tracing.py, docs/OBSERVABILITY.md): off unless an endpoint is set."""
+
+    # The OTLP/gRPC collector spans are sent to ("http://otel-collector:4317"; https:// for TLS, with
+    # the standard OTEL_EXPORTER_OTLP_CERTIFICATE/HEADERS for its CA and credentials). Empty: no
+    # tracing at all, no exporter, no span made.
+    otlp_endpoint: str = ""
+    # The share of the traces that start here (a call from an untraced caller, a task sent without a
+    # trace) that are kept; a call or task that arrives inside a trace follows its caller's choice.
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_endpoint {v!r}: expected http://HOST:PORT (plaintext) or https://HOST:PORT (TLS)")
+        return v
+
+
+class ServerSettings(SecuritySettings, TracingSettings):
     host: str = "127.0.0.1"
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_seconds: float = 5.0
@@ -246,7 +265,7 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     max_items_per_request: int = 10_000
 
 
-class WorkerSettings(StoreSettings, QueueSettings, ClientSettings, RootsSettings):
+class WorkerSettings(StoreSettings, QueueSettings, ClientSettings, RootsSettings, TracingSettings):
     @field_validator("ingest_objects")
     @classmethod
     def _known_policy(cls, v: str) -> str:
@@ -278,6 +297,8 @@ class WorkerSettings(StoreSettings, QueueSettings, ClientSettings, RootsSettings
     max_retries: int = 8
     # /metrics of pool child n on worker_metrics_port + n; 0 leaves it off.
     worker_metrics_port: int = 0
+    # The address those /metrics listen on (0.0.0.0 where Prometheus scrapes the pod: deploy/k8s).
+    host: str = "127.0.0.1"
     # Seconds the previous generation is kept after a re-embedding switched (in-flight searches
     # finish on it, late writes are carried over), before it is dropped.
     retire_after_seconds: float = 300.0

@@ -96,6 +96,9 @@ MAX_FILTERS = 16
 COLLECTION_NOT_FOUND = 100
 COLLECTION_NOT_LOADED = 101
 PK_CHUNK = 1024  # primary keys per expression
+# Items per page of `list_items` (ListItems); a page's rows (MAX_OBJECTS per item, one item more)
+# stay under Milvus's query window of 16,384 rows.
+MAX_PAGE = 500
 FOOTPRINT_SAMPLE = 256  # rows read to estimate a catalog's bytes per object
 log = logging.getLogger(__name__)
 
@@ -512,17 +515,45 @@ class VectorStore:
         (features, boxes) or None). One scan of the collection (Milvus's query iterator)."""
         gen = self.resolve(target)
         fields = ["object_id", "item_id", "vector", "box", "metadata", "source", "stamp"]
-        it = self._read(gen.collection, lambda: self.client.query_iterator(
-            gen.collection, batch_size=batch, filter='item_id != ""', output_fields=fields))
-        try:
-            while rows := it.next():
-                ids = [r["object_id"] for r in rows]
-                local = self.get_local(gen, ids)
-                regions = self.get_regions(gen, ids) if gen.regions != "off" else {}
-                yield [{**{k: r[k] for k in fields if k != "vector"}, "vector": np.asarray(r["vector"], np.float32),
-                        "local": local.get(r["object_id"]), "regions": regions.get(r["object_id"])} for r in rows]
-        finally:
-            it.close()
+        for rows in self.scan(gen, fields, batch):
+            ids = [r["object_id"] for r in rows]
+            local = self.get_local(gen, ids)
+            regions = self.get_regions(gen, ids) if gen.regions != "off" else {}
+            yield [{**{k: r[k] for k in fields if k != "vector"}, "vector": np.asarray(r["vector"], np.float32),
+                    "local": local.get(r["object_id"]), "regions": regions.get(r["object_id"])} for r in rows]
+
+    def scan(self, target: Target, fields: list[str], batch: int = 512, level: str = STRONG):
+        """Every row of a generation with these fields, in batches in primary-key order. Each batch
+        is found as `list_items` finds a page (ids of a range narrowed until it holds the next
+        `batch` rows, then those rows read by primary key), with every id escaped: not pymilvus's
+        query iterator, which writes its cursor into the expression unescaped (an id with a quote or
+        backslash breaks it)."""
+        gen = self.resolve(target)
+        cols = list(dict.fromkeys(["object_id", *fields]))
+        after: str | None = None
+        while True:
+            lower = 'item_id != ""' if after is None else expr.compare("object_id", ">", after)
+            where, upper = lower, None
+            while True:
+                rows = self._read(gen.collection, lambda f=where: self.client.query(
+                    gen.collection, filter=f, output_fields=["object_id"], limit=batch + 1, consistency_level=level))
+                ids = sorted(r["object_id"] for r in rows)
+                if len(ids) <= batch:
+                    break
+                if upper is not None and ids[batch - 1] >= upper:
+                    raise FailedPrecondition("the vector store answered rows outside the range asked: "
+                                             "a catalog cannot be scanned in order")
+                upper = ids[batch - 1]
+                where = f"{lower} and {expr.compare('object_id', '<=', upper)}"
+            page = ids[:batch]
+            if not page:
+                return
+            found = sorted(self._query_pks(gen.collection, page, cols, level), key=lambda r: r["object_id"])
+            if found:
+                yield found
+            if upper is None:  # the whole rest of the collection was at most one batch
+                return
+            after = page[-1]
 
     def restore_generation(self, catalog: str, meta: ModelMeta, regions: str) -> Generation:
         """A new generation for a catalog being restored (ALREADY_EXISTS when the catalog exists); it
@@ -669,18 +700,75 @@ class VectorStore:
             out.setdefault(r["item_id"], []).append(self._obj(r))
         return out
 
+    def list_items(self, target: Target, after: str = "", limit: int = 50
+                   ) -> tuple[list[tuple[str, list[StoredObject]]], str]:
+        """A page of a generation's items in item-id order: the first `limit` items whose id sorts
+        after `after` ("": from the first), each with its objects in object order, and the id to
+        pass as `after` for the next page ("" on the last page).
+
+        Milvus has no ORDER BY (Milvus Lite ignores `order_by_fields`), and which rows a query
+        with a `limit` returns is the engine's choice (measured: Milvus Lite 3.2 returns them in
+        insertion order, Milvus 2.3.5 by primary key; neither promises it). Both engines compare
+        strings in filters in code point order, as Python does (`item_id > "x"`, with quotes,
+        backslashes and non-ASCII ids: tests/test_store.py). So the page is found by narrowing a
+        range of ids: read the ids of up to `cap` rows of (after, upper]; fewer than `cap` is all
+        of the range; else the range holds at least limit + 2 items (an item has at most
+        MAX_OBJECTS rows) and upper becomes the (limit + 1)-th smallest id read, which shrinks it.
+        One round when the engine returns about the smallest ids (Milvus servers; Milvus Lite with
+        ids ingested in order), a few when it returns rows in no order; each round drops at least
+        the items above the new bound. (Not pymilvus's query iterator: it writes its primary-key
+        cursor into the expression unescaped, and an id with a quote or backslash breaks it.)
+        Item ids never contain '#', so the page's rows are then read by primary key."""
+        if not 0 < limit <= MAX_PAGE:
+            raise InvalidArgument(f"page size {limit}: 1 to {MAX_PAGE} items")
+        gen = self.resolve(target)
+        level = self.read_level(gen)
+        cap = MAX_OBJECTS * (limit + 1) + 1
+        lower = expr.compare("item_id", ">", after)
+        where, upper = lower, None
+        while True:
+            rows = self._read(gen.collection, lambda f=where: self.client.query(
+                gen.collection, filter=f, output_fields=["item_id"], limit=cap, consistency_level=level))
+            ids = sorted({r["item_id"] for r in rows})
+            if len(rows) < cap:
+                break
+            if upper is not None and ids[limit] >= upper:  # the loop ends because the range shrinks
+                raise FailedPrecondition("the vector store answered rows outside the range asked: "
+                                         "items cannot be listed in order")
+            upper = ids[limit]
+            where = f"{lower} and {expr.compare('item_id', '<=', upper)}"
+        page = ids[:limit]
+        # By primary key: exactly the page's items (one deleted meanwhile is left out).
+        rows = self._query_pks(gen.collection, [o for i in page for o in self.object_ids(i)],
+                               ["object_id", "item_id", "box", "metadata", "source", "stamp"], level)
+        out: dict[str, list[StoredObject]] = {i: [] for i in page}
+        for r in sorted(rows, key=lambda r: int(r["object_id"].rsplit("#", 1)[1])):
+            out[r["item_id"]].append(self._obj(r))
+        return [(i, objs) for i, objs in out.items() if objs], (page[-1] if len(ids) > limit else "")
+
+    @staticmethod
+    def page_token(after: str) -> str:
+        """The opaque page token of ListItems for "the items after this id" ("": no more pages)."""
+        return "v1." + after.encode().hex() if after else ""
+
+    @staticmethod
+    def page_after(token: str) -> str:
+        """The item id a page token stands for ("" for the first page), or INVALID_ARGUMENT."""
+        if not token:
+            return ""
+        try:
+            if not token.startswith("v1.") or len(token) > 2 * ID_MAX + 3:
+                raise ValueError
+            return check_item_id(bytes.fromhex(token[3:]).decode())
+        except (ValueError, InvalidArgument):
+            raise InvalidArgument(f"page_token {token[:40]!r} is not one ListItems gave") from None
+
     def item_stamps(self, target: Target, batch: int = 4096) -> dict[str, int]:
         """item id -> stamp of every item in a generation (a scan; an item's objects share its stamp).
         Every row, not only `#0` ones: Milvus 2.3 matches only prefixes with `like`."""
-        gen = self.resolve(target)
-        it = self._read(gen.collection, lambda: self.client.query_iterator(
-            gen.collection, batch_size=batch, filter='item_id != ""', output_fields=["item_id", "stamp"]))
         out: dict[str, int] = {}
-        try:
-            while rows := it.next():
-                out.update((r["item_id"], int(r["stamp"])) for r in rows)
-        finally:
-            it.close()
+        for rows in self.scan(target, ["item_id", "stamp"], batch):
+            out.update((r["item_id"], int(r["stamp"])) for r in rows)
         return out
 
     # ---- region vectors ---------------------------------------------------------

@@ -4,17 +4,25 @@ SDK. It holds no credentials of its own: the browser sends the user's API key
 (`Authorization: Bearer KEY`) and the console passes it on, so the gateway applies the same
 keys, catalogs and actions as for any other caller.
 
-  GET  /, /jobs                 the page (search; catalogs and jobs)
+  GET  /, /jobs, /catalog       the page (search; catalogs and jobs; the catalog browser)
   GET  /static/<file>           its script and style
   GET  /healthz                 200 while the gateway answers health checks
   GET  /api/catalogs            catalogs with counts, model, generations
   GET  /api/jobs[?catalog=C]    newest jobs; /api/jobs/<id> one job with its failures
   GET  /api/image?catalog=C&item=I[&max_side=N]   an item's image (X-Image-Width/Height: original size)
   POST /api/search?catalog=C[&top_k=&rerank=&full_frame=1]   body: the photo's bytes
+  GET  /api/items?catalog=C[&page_size=N&page_token=T]   a page of items in id order (ListItems)
+  POST /api/ingest?catalog=C&item_id=I[&job_id=J&regions=R]   body: one image's bytes
+  POST /api/ingest?catalog=C[&job_id=J&regions=R]   Content-Type text/csv, body: item_id,path[,metadata
+                                columns] (paths the gateway reads inside its ingest roots; the console
+                                reads no file); answers {"job_id", "accepted"}
+  POST /api/delete?catalog=C     body: {"item_ids": [...]}; answers {"deleted": n}
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import re
@@ -52,6 +60,8 @@ HEADERS = {
 }
 JOB_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}", re.ASCII)
 LENGTH_RE = re.compile(r"[0-9]{1,12}", re.ASCII)
+CSV_BATCH = 1000  # items of a CSV per IngestItems call (one job): far below the gateway's limit
+MAX_DELETE = 1000  # item ids per delete, as the gateway takes them
 
 
 class HttpError(Exception):
@@ -86,6 +96,43 @@ def job_json(j) -> dict:
             "updated_at": j.updated_at, "failures": [{"item_id": f.item_id, "reason": f.reason} for f in j.failures]}
 
 
+def item_json(i) -> dict:
+    return {"item_id": i.item_id, "metadata": dict(i.metadata), "model_version": i.model_version,
+            "objects": [{"object_id": o.object_id, "box": box(o.box)} for o in i.objects]}
+
+
+def bad(message: str) -> HttpError:
+    return HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", message)
+
+
+def csv_items(body: bytes) -> list[gateway_pb2.IngestItem]:
+    """IngestItems by path from a CSV manifest (header item_id,path; other columns are metadata), as
+    `visearch ingest --manifest` reads it, except that paths must be absolute: they are the
+    gateway's to read (inside its ingest roots), not the console's."""
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise bad(f"the CSV is not UTF-8 (byte {exc.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if not reader.fieldnames or not {"item_id", "path"} <= set(reader.fieldnames):
+            raise bad(f"the CSV's header must name item_id and path (got {(reader.fieldnames or [])[:10]})")
+        items = []
+        for row in reader:
+            if None in row:
+                raise bad(f"CSV line {reader.line_num}: more fields than the header names")
+            item_id, path = row["item_id"] or "", (row["path"] or "").strip()
+            if not path.startswith("/"):
+                raise bad(f"CSV line {reader.line_num}: path {path[:200]!r} is not absolute (the gateway reads it)")
+            items.append(gateway_pb2.IngestItem(item_id=item_id, uri=path, metadata={
+                k: v for k, v in row.items() if k not in ("item_id", "path") and v}))
+    except csv.Error as exc:
+        raise bad(f"CSV line {reader.line_num}: {exc}") from None
+    if not items:
+        raise bad("the CSV has no rows")
+    return items
+
+
 class Console:
     """Routes and the gateway clients, one per API key seen (a few, least recently used dropped)."""
 
@@ -118,8 +165,8 @@ class Console:
         except grpc.RpcError:
             return False
 
-    def api(self, method: str, path: str, query: dict[str, str], key: str, body: bytes | None
-            ) -> tuple[HTTPStatus, str, bytes, dict]:
+    def api(self, method: str, path: str, query: dict[str, str], key: str, body: bytes | None,
+            content_type: str = "") -> tuple[HTTPStatus, str, bytes, dict]:
         """(status, content type, body, extra headers) of an /api/ call."""
         vs = self.client(key)
         if method == "GET" and path == "/api/catalogs":
@@ -149,7 +196,58 @@ class Console:
                             correspondences=True)
             return self._json({"hits": [hit_json(h) for h in res.hits], "query_box": box(res.query_box),
                                "model": f"{res.model.name}:{res.model.version}", "rerank": res.rerank})
+        if method == "GET" and path == "/api/items":
+            page = vs.list_items(query.get("catalog", "default"), int(query.get("page_size") or 0),
+                                 query.get("page_token", ""))
+            return self._json({"items": [item_json(i) for i in page.items], "next_page_token": page.next_page_token,
+                               "total_items": page.total_items})
+        if method == "POST" and path == "/api/ingest":
+            return self._json(self.ingest(vs, query, body or b"", content_type))
+        if method == "POST" and path == "/api/delete":
+            ids = self._item_ids(body or b"")
+            return self._json({"deleted": vs.delete(ids, catalog=query.get("catalog", "default"))})
         raise HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such API: {method} {path}")
+
+    @staticmethod
+    def ingest(vs: Client, query: dict[str, str], body: bytes, content_type: str) -> dict:
+        """Queue one image (its bytes, `item_id` in the query) or the rows of a CSV (by path) into one
+        job: `job_id` adds to a job this page started (the page uploads dropped photos one a request)."""
+        catalog, job_id, regions = query.get("catalog", ""), query.get("job_id", ""), query.get("regions", "")
+        if not catalog:
+            raise bad("no catalog: name the catalog to add to (a new name makes a new catalog)")
+        if job_id and not JOB_ID_RE.fullmatch(job_id):
+            raise bad(f"job id {job_id[:80]!r} is invalid")
+        if not body:
+            raise bad("nothing to ingest: send a photo's bytes or a CSV as the body")
+        if content_type.split(";")[0].strip().lower() == "text/csv":
+            items = csv_items(body)
+        elif not query.get("item_id"):
+            raise bad("no item id: pass item_id with a photo (or send a CSV as text/csv)")
+        else:
+            items = [gateway_pb2.IngestItem(item_id=query["item_id"], image=body)]
+        for start in range(0, len(items), CSV_BATCH):
+            try:
+                job_id = vs.ingest(items[start:start + CSV_BATCH], catalog=catalog, job_id=job_id,
+                                   regions=regions).job_id
+            except grpc.RpcError as exc:
+                if not start:
+                    raise
+                raise HttpError(HTTP_OF.get(exc.code(), HTTPStatus.BAD_GATEWAY), exc.code().name,
+                                f"{exc.details()} (rows {start + 1} to {len(items)} were not queued; the first "
+                                f"{start} are in job {job_id})") from None
+        return {"job_id": job_id, "accepted": len(items), "catalog": catalog}
+
+    @staticmethod
+    def _item_ids(body: bytes) -> list[str]:
+        try:
+            ids = json.loads(body).get("item_ids") if body else None
+        except (ValueError, AttributeError):
+            ids = None
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise bad('send {"item_ids": ["an id", ...]} as the body')
+        if len(ids) > MAX_DELETE:
+            raise bad(f"{len(ids)} item ids in one delete; the limit is {MAX_DELETE}")
+        return ids
 
     @staticmethod
     def _json(obj) -> tuple[HTTPStatus, str, bytes, dict]:
@@ -213,7 +311,7 @@ def make_handler(console: Console):
                     if method == "POST":
                         if n > console.s.max_upload_bytes:
                             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
-                                            f"photo of {n} bytes; the limit is {console.s.max_upload_bytes}")
+                                            f"a body of {n} bytes; the limit is {console.s.max_upload_bytes}")
                         try:
                             body = self.rfile.read(n)
                         except TimeoutError:
@@ -224,12 +322,13 @@ def make_handler(console: Console):
                                             f"the body ended after {len(body)} of {n} bytes")
                     auth = self.headers.get("Authorization", "")
                     key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-                    self._send(*console.api(method, url.path, query, key, body))
+                    self._send(*console.api(method, url.path, query, key, body,
+                                            self.headers.get("Content-Type", "")))
                 elif method == "GET" and url.path == "/healthz":
                     ok = console.healthy()
                     self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, "text/plain",
                                b"ok" if ok else b"gateway not serving")
-                elif method == "GET" and url.path in ("/", "/jobs"):
+                elif method == "GET" and url.path in ("/", "/jobs", "/catalog"):
                     self._static("index.html")
                 elif method == "GET" and url.path.startswith("/static/"):
                     self._static(url.path[len("/static/"):])

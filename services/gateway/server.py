@@ -18,7 +18,7 @@ import redis
 from PIL import Image
 
 from services.gateway.coalesce import BatchCalls
-from visearch import backup, files, imaging, local, regions, search
+from visearch import backup, duplicates, files, imaging, local, regions, search
 from visearch import observability as obs
 from visearch.audit import audit_interceptor
 from visearch.auth import PermissionDenied, readable, require, visible
@@ -59,6 +59,7 @@ from visearch.store import (
 
 log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
+DUPLICATE_MODES = ("", "off", "report", "skip")  # IngestItemsRequest.duplicates
 MAX_ERROR_MESSAGE = 4096
 # The batch of searches the current task belongs to (BatchSearch), whose model calls are merged.
 _BATCH: contextvars.ContextVar[BatchCalls | None] = contextvars.ContextVar("visearch_batch_search", default=None)
@@ -111,7 +112,9 @@ def job_pb(st) -> gateway_pb2.IngestJob:
     return gateway_pb2.IngestJob(
         job_id=st.job_id, catalog=st.catalog, state=state, submitted=st.submitted, done=st.done, failed=st.failed,
         pending=st.pending, created_at=st.created_at, updated_at=st.updated_at, kind=st.kind, phase=st.phase,
-        message=st.message, failures=[gateway_pb2.FailedItem(item_id=k, reason=v) for k, v in sorted(st.failures.items())])
+        message=st.message, failures=[gateway_pb2.FailedItem(item_id=k, reason=v) for k, v in sorted(st.failures.items())],
+        duplicates=[gateway_pb2.DuplicateItem(item_id=k, of_item_id=of, skipped=skipped)
+                    for k, (of, skipped) in sorted(st.duplicates.items())])
 
 
 def item_image(data: bytes, max_side: int) -> gateway_pb2.GetItemImageResponse:
@@ -463,6 +466,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                                   f"{self.s.max_items_per_request}: send several requests with the same job_id")
         if request.job_id:
             check_job_id(request.job_id)
+        if request.duplicates not in DUPLICATE_MODES:
+            raise InvalidArgument(f"duplicates {request.duplicates[:40]!r}: expected one of off, report, skip")
         tasks, blobs, seen = [], {}, set()
         limit = imaging.DEFAULT_LIMITS.max_bytes
         for it in request.items:
@@ -471,6 +476,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgument(f"item id {it.item_id[:80]!r} appears twice in one request")
             seen.add(it.item_id)
             entry = {"item_id": it.item_id, "metadata": check_metadata(dict(it.metadata), it.item_id)}
+            if request.duplicates in ("report", "skip"):
+                entry["duplicates"] = request.duplicates
             which = it.WhichOneof("source")
             if which == "uri":
                 entry["uri"] = await asyncio.to_thread(self._check_path, it.uri)
@@ -533,6 +540,9 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         return await asyncio.to_thread(self._item_image, request.item_id, objs[0].source, request.max_side)
 
     def _item_image(self, item_id: str, source: str, max_side: int) -> gateway_pb2.GetItemImageResponse:
+        return item_image(self._source_bytes(item_id, source), max_side)
+
+    def _source_bytes(self, item_id: str, source: str) -> bytes:
         """Read an item's image from its source, only inside the ingest roots or the blob store."""
         allowed = [*self.roots, *([Path(self.s.blob_dir).resolve()] if self.s.blob_dir else [])]
         try:
@@ -542,10 +552,28 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if path is None or not any(path.is_relative_to(r) for r in allowed):
             raise NotFound(f"the image of item {item_id!r} is not kept where this gateway can read it")
         try:
-            data = files.read_file(path, within=allowed)
+            return files.read_file(path, within=allowed)
         except files.ReadError as exc:
             raise FailedPrecondition(f"the stored image of item {item_id!r} cannot be read: {exc}") from None
-        return item_image(data, max_side)
+
+    @rpc()
+    async def FindDuplicates(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        require("read", catalog)
+        gen = await asyncio.to_thread(self.store.resolve, catalog)
+
+        def read(source: str) -> bytes | None:
+            try:
+                return self._source_bytes("", source)
+            except (NotFound, FailedPrecondition):
+                return None
+
+        scan = await asyncio.to_thread(duplicates.find, self.store, gen, read)
+        out = [gateway_pb2.DuplicateGroup(item_ids=g, min_ncc=n) for g, n in zip(scan.groups, scan.min_ncc, strict=True)]
+        log.info("duplicates found", extra={"catalog": catalog, "groups": len(out), "items": scan.items,
+                                            "pairs": scan.pairs_checked})
+        return gateway_pb2.FindDuplicatesResponse(groups=out, items=scan.items, pairs_checked=scan.pairs_checked,
+                                                  unreadable=scan.unreadable)
 
     # ---- items and catalogs ---------------------------------------------------
     @rpc()
@@ -578,6 +606,22 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                                 objects=[gateway_pb2.StoredObject(object_id=o.object_id, box=pb_box(o.box))
                                          for o in objs], model_version=tag)
         return gateway_pb2.GetItemResponse(item=item)
+
+    @rpc()
+    async def ListItems(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        require("read", catalog)
+        after = VectorStore.page_after(request.page_token)
+        gen = await asyncio.to_thread(self.store.resolve, catalog)
+        # The page size is checked by the store (1 to store.MAX_PAGE); 0 is the default.
+        page, nxt = await asyncio.to_thread(self.store.list_items, gen, after, request.page_size or 50)
+        total = await asyncio.to_thread(self.store.count, gen, BOUNDED)
+        items = [gateway_pb2.Item(item_id=i, catalog=catalog, model_version=gen.model_tag,
+                                  metadata={str(k): str(v) for k, v in objs[0].metadata.items()},
+                                  objects=[gateway_pb2.StoredObject(object_id=o.object_id, box=pb_box(o.box))
+                                           for o in objs]) for i, objs in page]
+        return gateway_pb2.ListItemsResponse(items=items, next_page_token=VectorStore.page_token(nxt),
+                                             total_items=total)
 
     @rpc()
     async def ListCatalogs(self, request, context):

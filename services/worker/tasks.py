@@ -22,7 +22,8 @@ from celery import Celery
 from celery.exceptions import Reject
 from pymilvus.exceptions import MilvusException
 
-from visearch import files, imaging, ledger
+from visearch import duplicates as dup
+from visearch import files, imaging, ledger, local
 from visearch import observability as obs
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
@@ -139,6 +140,8 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
     # catalog is made for the serving default.
     targets = ctx.store.write_targets(catalog) or [None]
     first = {item["item_id"]: n for n, (item, _, _) in enumerate(ok)}
+    dup_modes = {item["item_id"]: item["duplicates"] for item, _, _ in ok if item.get("duplicates") in ("report", "skip")}
+    skipped: list[str] = []
 
     def write(gen, claim: bool):
         mode = gen.regions if gen else ctx.store.settings.catalog_regions
@@ -152,6 +155,17 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
         local_rows: dict[str, bytes] = {}
         per_item, region_rows = group_objects([ok[n][0]["item_id"] for n, _ in objects],
                                               [box for _, box in objects], emb.embeddings, local_rows)
+        if dup_modes and claim and targets[0] is not None:
+            # Near-duplicates of what the catalog holds (live generation, before this batch is written).
+            found = same_pictures(ctx, gen, {i: per_item[i] for i in dup_modes if i in per_item},
+                                  {i: ok[first[i]][1] for i in dup_modes}, local_rows)
+            ctx.jobs.record_duplicates(job_id, {i: (of, dup_modes[i] == "skip") for i, of in found.items()})
+            skipped.extend(i for i in found if dup_modes[i] == "skip")
+        if skipped:
+            drop = set(skipped)
+            per_item = {i: objs for i, objs in per_item.items() if i not in drop}
+            region_rows = [r for r in region_rows if r[0].rsplit("#", 1)[0] not in drop]
+            local_rows = {o: f for o, f in local_rows.items() if o.rsplit("#", 1)[0] not in drop}
         rows = [(item_id, objs, ok[first[item_id]][0].get("metadata") or {}, sources[first[item_id]], stamp)
                 for item_id, objs in per_item.items()]
         # The live generation's write holds the items' claims (visearch.jobs): a superseded submission
@@ -170,7 +184,7 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
                 ctx.store.upsert_regions(gen, region_rows)
         return [r[0] for r in rows]
 
-    stored = write(targets[0], claim=True)
+    stored = write(targets[0], claim=True) + skipped  # a skipped duplicate is done: nothing to store
     for gen in targets[1:]:
         # The generation being built: best effort. What it misses (its model undeployed, Milvus
         # hiccup) the re-embedding's repair finds by stamp and copies before any switch.
@@ -180,6 +194,54 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
             log.warning("not written to generation %s being built: %s", gen.number, exc,
                         extra={"job_id": job_id, "catalog": catalog})
     return stored + already, failed
+
+
+def same_pictures(ctx: Context, gen, objects: dict[str, list], images: dict[str, bytes], local_rows: dict[str, bytes]
+                  ) -> dict[str, str]:
+    """item -> the stored item whose image is the same picture (visearch.duplicates), for the items
+    given (their objects [(vector, box)] and image bytes)."""
+    params = dup.DuplicateParams()
+    if not objects:
+        return {}
+
+    def largest(objs) -> int:
+        return max(range(len(objs)), key=lambda k: (objs[k][1][2] - objs[k][1][0]) * (objs[k][1][3] - objs[k][1][1]))
+
+    items = list(objects)
+    hits = ctx.store.search_many(gen, [objects[i][largest(objects[i])][0] for i in items], params.candidates + 1,
+                                 fields=("item_id",))
+    wanted = {i: [h.item_id for h in found if h.item_id != i and h.score >= params.min_cosine]
+              for i, found in zip(items, hits, strict=True)}
+    stored = ctx.store.item_rows(gen, sorted({c for cs in wanted.values() for c in cs}))
+    frames = {c: max(objs, key=lambda o: (o.box[2] - o.box[0]) * (o.box[3] - o.box[1])) for c, objs in stored.items()}
+    feats = ctx.store.get_local(gen, [o.object_id for o in frames.values()])
+    pictures: dict[str, dup.Picture | None] = {}
+
+    def stored_picture(c: str) -> dup.Picture | None:
+        if c not in pictures:
+            o = frames[c]
+            try:
+                rgb = np.asarray(imaging.decode_image(read_uri(o.source, readable_roots(ctx.settings))))
+            except imaging.ImageError:  # its image is gone: it cannot be compared
+                pictures[c] = None
+            else:
+                f = feats.get(o.object_id)
+                pictures[c] = dup.picture(rgb, local.Features.from_bytes(f) if f else None)
+        return pictures[c]
+
+    out = {}
+    for i in items:
+        if not wanted[i]:
+            continue
+        k = largest(objects[i])
+        f = local_rows.get(f"{i}#{k}")
+        mine = dup.picture(np.asarray(imaging.decode_image(images[i])), local.Features.from_bytes(f) if f else None)
+        for c in dict.fromkeys(wanted[i]):  # nearest first
+            theirs = stored_picture(c) if c in frames else None
+            if theirs is not None and dup.compare(mine, theirs, params).same(params):
+                out[i] = c
+                break
+    return out
 
 
 def readable_roots(settings: WorkerSettings) -> list[Path] | None:
@@ -317,7 +379,7 @@ def register(app: Celery, settings: WorkerSettings) -> None:
 
             port = settings.worker_metrics_port + (getattr(current_process(), "index", 0) or 0)
             try:
-                obs.serve_metrics(port)
+                obs.serve_metrics(port, settings.host)
             except OSError as exc:  # the port is taken: this child works on without a /metrics
                 log.warning("worker /metrics not served on port %s: %s", port, exc)
 
@@ -380,7 +442,7 @@ def run_batch(task, ctx: Context, job_id: str, units: list, fn, unit_id, before_
     by unit, so one bad image cannot fail its batch; a bug fails the units with its reason instead
     of looping."""
     headers = getattr(task.request, "headers", None) or {}
-    obs.request_id.set(getattr(task.request, "request_id", None) or headers.get("request_id") or job_id[:16])
+    obs.bind_request_id(getattr(task.request, "request_id", None) or headers.get("request_id") or job_id[:16])
     t0 = time.perf_counter()
 
     def one_by_one() -> tuple[list[str], dict[str, str]]:

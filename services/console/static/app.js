@@ -12,7 +12,7 @@ function apiKey() {
   const m = location.hash.match(/key=([^&]+)/);
   if (m) {
     sessionStorage.setItem("visearch-key", decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname);
+    history.replaceState(null, "", location.pathname + location.search);  // ?catalog=... stays
   }
   return sessionStorage.getItem("visearch-key") || "";
 }
@@ -74,10 +74,9 @@ function drawBoxes(svg, width, height, boxes) {
 }
 
 // ---- search ------------------------------------------------------------------------------------------
-async function loadCatalogs() {
+async function loadCatalogs(sel = $("#catalog")) {
   const res = await api("/api/catalogs");
   const { catalogs } = await res.json();
-  const sel = $("#catalog");
   const keep = sel.value || new URLSearchParams(location.search).get("catalog");
   sel.replaceChildren(...catalogs.map((c) => new Option(`${c.name} (${c.objects})`, c.name)));
   if (keep && catalogs.some((c) => c.name === keep)) sel.value = keep;
@@ -195,6 +194,214 @@ function setupSearch() {
     .catch((err) => status(err.message, true));
 }
 
+// ---- the catalog browser: a page of items at a time, delete, add ---------------------------------------
+let pageTokens = [""];  // pageTokens[i]: the token that opens page i (from the page before it)
+let pageIndex = 0;
+let ingestTimer = null;
+
+async function showPage(message = "") {
+  const catalog = $("#browse-catalog").value;
+  const grid = $("#items");
+  if (!catalog) {
+    grid.replaceChildren();
+    $("#page-info").textContent = "";
+    return status(message || "No catalogs yet: add photos below.");
+  }
+  const params = new URLSearchParams({ catalog, page_size: $("#page-size").value, page_token: pageTokens[pageIndex] });
+  let page;
+  try {
+    page = await api("/api/items?" + params).then((r) => r.json());
+  } catch (err) {
+    return status(err.message, true);
+  }
+  grid.replaceChildren(...page.items.map((it) => itemCard(catalog, it)));
+  pageTokens.length = pageIndex + 1;
+  if (page.next_page_token) pageTokens.push(page.next_page_token);
+  $("#prev-page").disabled = pageIndex === 0;
+  $("#next-page").disabled = !page.next_page_token;
+  const first = pageIndex * +$("#page-size").value + 1;
+  $("#page-info").textContent = page.items.length
+    ? `page ${pageIndex + 1}: items ${first}–${first + page.items.length - 1} (${page.total_items} objects in the catalog)`
+    : "no items";
+  grid.dataset.catalog = catalog;
+  grid.dataset.page = String(pageIndex + 1);  // which page is shown, once it is
+  if (message) status(message);
+}
+
+function itemCard(catalog, item) {
+  const card = document.createElement("article");
+  card.className = "item";
+  card.dataset.itemId = item.item_id;
+  const frame = document.createElement("figure");
+  frame.className = "frame";
+  const img = document.createElement("img");
+  img.alt = item.item_id;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("preserveAspectRatio", "none");
+  frame.append(img, svg);
+  const del = document.createElement("button");
+  del.type = "button";
+  del.className = "delete";
+  del.textContent = "Delete";
+  del.title = `delete ${item.item_id} from ${catalog}`;
+  const title = document.createElement("div");
+  title.className = "id";
+  title.textContent = item.item_id;
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const n = item.objects.length;
+  meta.textContent = [`${n} object${n === 1 ? "" : "s"}`,
+                      ...Object.entries(item.metadata || {}).map(([k, v]) => `${k}: ${v}`)].join(" · ");
+  card.append(frame, del, title, meta);
+  api(`/api/image?${new URLSearchParams({ catalog, item: item.item_id })}`).then(async (res) => {
+    const w = +res.headers.get("X-Image-Width"), h = +res.headers.get("X-Image-Height");
+    img.src = URL.createObjectURL(await res.blob());
+    drawBoxes(svg, w, h, item.objects.map((o) => ["object", o.box]));
+  }).catch((err) => { meta.textContent += ` (no image: ${err.message})`; });
+  del.addEventListener("click", async () => {
+    if (!confirm(`Delete item ${item.item_id} from catalog ${catalog}? This cannot be undone.`)) return;
+    try {
+      await api(`/api/delete?${new URLSearchParams({ catalog })}`, {
+        method: "POST", body: JSON.stringify({ item_ids: [item.item_id] }), headers: { "Content-Type": "application/json" } });
+    } catch (err) {
+      return status(`Not deleted: ${err.message}`, true);
+    }
+    await showPage(`Deleted ${item.item_id}.`);  // this page again: the next item moves up into it
+  });
+  return card;
+}
+
+function ingestCatalog() {
+  const catalog = $("#ingest-catalog").value.trim();
+  if (!catalog) status("Name the catalog to add to (a new name makes a new catalog).", true);
+  return catalog;
+}
+
+// Photos go one a request (each within the upload limit), all into the job the first one started.
+async function ingestPhotos(files) {
+  const catalog = ingestCatalog();
+  if (!catalog) return;
+  const prefix = $("#ingest-prefix").value.trim();
+  let jobId = "";
+  for (const [i, f] of files.entries()) {
+    const itemId = prefix + f.name.replace(/\.[^.]*$/, "");
+    const params = new URLSearchParams({ catalog, item_id: itemId });
+    if (jobId) params.set("job_id", jobId);
+    status(`Uploading ${i + 1} of ${files.length}: ${f.name}…`);
+    try {
+      const res = await api("/api/ingest?" + params, { method: "POST", body: f,
+                                                       headers: { "Content-Type": "application/octet-stream" } });
+      jobId = (await res.json()).job_id;
+    } catch (err) {
+      status(`Not added: ${itemId}: ${err.message}` + (i ? ` (the ${i} before it are queued)` : ""), true);
+      if (jobId) followJob(jobId, false);
+      return;
+    }
+  }
+  status(`${files.length} photo${files.length === 1 ? "" : "s"} queued into ${catalog}.`);
+  followJob(jobId);
+}
+
+async function ingestCsv(file) {
+  const catalog = ingestCatalog();
+  if (!catalog) return;
+  status(`Sending ${file.name}…`);
+  try {
+    const res = await api("/api/ingest?" + new URLSearchParams({ catalog }), {
+      method: "POST", body: await file.text(), headers: { "Content-Type": "text/csv" } });
+    const answer = await res.json();
+    status(`${answer.accepted} items of ${file.name} queued into ${catalog}.`);
+    followJob(answer.job_id);
+  } catch (err) {
+    status(`Not added: ${file.name}: ${err.message}`, true);
+  }
+}
+
+function ingestDropped(files) {
+  const list = [...files];
+  const csvFile = list.find((f) => /\.csv$/i.test(f.name) || f.type === "text/csv");
+  if (csvFile) return ingestCsv(csvFile);
+  const photos = list.filter((f) => f.type.startsWith("image/") || /\.(jpe?g|png|webp|bmp|gif|tiff?)$/i.test(f.name));
+  if (!photos.length) return status("Nothing to add: drop photos, or a CSV of paths.", true);
+  return ingestPhotos(photos);
+}
+
+// The job's progress (the jobs page's bar), once a second until it is done; then the catalog it filled.
+function followJob(jobId, clear = true) {
+  const box = $("#ingest-progress");
+  box.hidden = false;
+  box.dataset.jobId = jobId;
+  box.dataset.state = "running";
+  $("#ingest-failures").replaceChildren();
+  clearTimeout(ingestTimer);
+  const tick = async () => {
+    let job;
+    try {
+      job = await api(`/api/jobs/${jobId}`).then((r) => r.json());
+    } catch (err) {
+      status(err.message, true);
+      ingestTimer = setTimeout(tick, 2000);
+      return;
+    }
+    $("#ingest-bar").replaceChildren(...progressBar(job).childNodes);
+    $("#ingest-text").textContent = `job ${job.job_id.slice(0, 12)} into ${job.catalog}: ${job.state}, ` +
+      `${job.done} done, ${job.failed} failed, ${job.pending} pending`;
+    $("#ingest-failures").replaceChildren(...job.failures.map((f) => {
+      const li = document.createElement("li");
+      li.textContent = `${f.item_id}: ${f.reason}`;
+      return li;
+    }));
+    if (job.state !== "done") {
+      ingestTimer = setTimeout(tick, 1000);
+      return;
+    }
+    box.dataset.state = "done";
+    // Show the catalog the job filled, from its first page (a new catalog joins the list).
+    await loadCatalogs($("#browse-catalog")).catch(() => {});
+    $("#browse-catalog").value = job.catalog;
+    pageTokens = [""];
+    pageIndex = 0;
+    await showPage(clear ? `Added ${job.done} item${job.done === 1 ? "" : "s"} to ${job.catalog}` +
+                           (job.failed ? `; ${job.failed} failed (listed below).` : ".") : "");
+  };
+  tick();
+}
+
+function setupCatalog() {
+  const sel = $("#browse-catalog");
+  const restart = () => { pageTokens = [""]; pageIndex = 0; showPage(); };
+  sel.addEventListener("change", () => { $("#ingest-catalog").value = sel.value; restart(); });
+  $("#page-size").addEventListener("change", restart);
+  $("#next-page").addEventListener("click", () => {
+    if (pageTokens.length > pageIndex + 1) { pageIndex += 1; showPage(); }
+  });
+  $("#prev-page").addEventListener("click", () => {
+    if (pageIndex > 0) { pageIndex -= 1; showPage(); }
+  });
+  const drop = $("#ingest-drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    ingestDropped(e.dataTransfer.files);
+  });
+  $("#ingest-files").addEventListener("change", (e) => {
+    const files = [...e.target.files];
+    e.target.value = "";
+    if (files.length) ingestPhotos(files);
+  });
+  $("#ingest-csv").addEventListener("change", (e) => {
+    const f = e.target.files[0];
+    e.target.value = "";
+    if (f) ingestCsv(f);
+  });
+  loadCatalogs(sel).then(() => {
+    $("#ingest-catalog").value = sel.value;
+    return showPage();
+  }).catch((err) => status(err.message, true));
+}
+
 // ---- catalogs and jobs ------------------------------------------------------------------------------------
 function cell(text, cls) {
   const td = document.createElement("td");
@@ -267,7 +474,9 @@ async function refreshDetail() {
 // ---- start ------------------------------------------------------------------------------------------------
 function start() {
   const onJobs = location.pathname === "/jobs";
-  $("#nav-search").classList.toggle("active", !onJobs);
+  const onCatalog = location.pathname === "/catalog";
+  $("#nav-search").classList.toggle("active", !onJobs && !onCatalog);
+  $("#nav-catalog").classList.toggle("active", onCatalog);
   $("#nav-jobs").classList.toggle("active", onJobs);
   $("#key-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -278,7 +487,10 @@ function start() {
     showKeyForm();
     return;
   }
-  if (onJobs) {
+  if (onCatalog) {
+    $("#view-catalog").hidden = false;
+    setupCatalog();
+  } else if (onJobs) {
     $("#view-jobs").hidden = false;
     // The next refresh a second after the last one finished: never two at once.
     const loop = () => refreshJobs().finally(() => { jobsTimer = setTimeout(loop, 1000); });

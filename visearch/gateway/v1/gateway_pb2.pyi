@@ -147,16 +147,18 @@ class IngestItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., image: _Optional[bytes] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class IngestItemsRequest(_message.Message):
-    __slots__ = ("catalog", "items", "job_id", "storage")
+    __slots__ = ("catalog", "items", "job_id", "duplicates", "storage")
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     STORAGE_FIELD_NUMBER: _ClassVar[int]
     catalog: str
     items: _containers.RepeatedCompositeFieldContainer[IngestItem]
     job_id: str
+    duplicates: str
     storage: CatalogStorage
-    def __init__(self, catalog: _Optional[str] = ..., items: _Optional[_Iterable[_Union[IngestItem, _Mapping]]] = ..., job_id: _Optional[str] = ..., storage: _Optional[_Union[CatalogStorage, _Mapping]] = ...) -> None: ...
+    def __init__(self, catalog: _Optional[str] = ..., items: _Optional[_Iterable[_Union[IngestItem, _Mapping]]] = ..., job_id: _Optional[str] = ..., duplicates: _Optional[str] = ..., storage: _Optional[_Union[CatalogStorage, _Mapping]] = ...) -> None: ...
 
 class CatalogStorage(_message.Message):
     __slots__ = ("regions",)
@@ -187,7 +189,7 @@ class FailedItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class IngestJob(_message.Message):
-    __slots__ = ("job_id", "catalog", "state", "submitted", "done", "failed", "pending", "failures", "created_at", "updated_at", "kind", "phase", "message")
+    __slots__ = ("job_id", "catalog", "state", "submitted", "done", "failed", "pending", "failures", "created_at", "updated_at", "kind", "phase", "message", "duplicates")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CATALOG_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +203,7 @@ class IngestJob(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     catalog: str
     state: JobState
@@ -214,7 +217,18 @@ class IngestJob(_message.Message):
     kind: str
     phase: str
     message: str
-    def __init__(self, job_id: _Optional[str] = ..., catalog: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., submitted: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., pending: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[FailedItem, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., kind: _Optional[str] = ..., phase: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    duplicates: _containers.RepeatedCompositeFieldContainer[DuplicateItem]
+    def __init__(self, job_id: _Optional[str] = ..., catalog: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., submitted: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., pending: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[FailedItem, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., kind: _Optional[str] = ..., phase: _Optional[str] = ..., message: _Optional[str] = ..., duplicates: _Optional[_Iterable[_Union[DuplicateItem, _Mapping]]] = ...) -> None: ...
+
+class DuplicateItem(_message.Message):
+    __slots__ = ("item_id", "of_item_id", "skipped")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    OF_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    of_item_id: str
+    skipped: bool
+    def __init__(self, item_id: _Optional[str] = ..., of_item_id: _Optional[str] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class GetIngestJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -278,6 +292,26 @@ class GetItemResponse(_message.Message):
     ITEM_FIELD_NUMBER: _ClassVar[int]
     item: Item
     def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ...) -> None: ...
+
+class ListItemsRequest(_message.Message):
+    __slots__ = ("catalog", "page_size", "page_token")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    page_size: int
+    page_token: str
+    def __init__(self, catalog: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListItemsResponse(_message.Message):
+    __slots__ = ("items", "next_page_token", "total_items")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    next_page_token: str
+    total_items: int
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_items: _Optional[int] = ...) -> None: ...
 
 class ListCatalogsRequest(_message.Message):
     __slots__ = ()
@@ -467,3 +501,29 @@ class ImportCatalogResponse(_message.Message):
     generation: int
     model: _common_pb2.ModelInfo
     def __init__(self, catalog: _Optional[str] = ..., objects: _Optional[int] = ..., items: _Optional[int] = ..., generation: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class FindDuplicatesRequest(_message.Message):
+    __slots__ = ("catalog",)
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    def __init__(self, catalog: _Optional[str] = ...) -> None: ...
+
+class DuplicateGroup(_message.Message):
+    __slots__ = ("item_ids", "min_ncc")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_NCC_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    min_ncc: float
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., min_ncc: _Optional[float] = ...) -> None: ...
+
+class FindDuplicatesResponse(_message.Message):
+    __slots__ = ("groups", "items", "pairs_checked", "unreadable")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    UNREADABLE_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[DuplicateGroup]
+    items: int
+    pairs_checked: int
+    unreadable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, groups: _Optional[_Iterable[_Union[DuplicateGroup, _Mapping]]] = ..., items: _Optional[int] = ..., pairs_checked: _Optional[int] = ..., unreadable: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -65,6 +65,11 @@ class GatewayServiceStub:
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemRequest.SerializeToString,
                 response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemResponse.FromString,
                 _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/visearch.gateway.v1.GatewayService/ListItems',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
         self.ListCatalogs = channel.unary_unary(
                 '/visearch.gateway.v1.GatewayService/ListCatalogs',
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListCatalogsRequest.SerializeToString,
@@ -94,6 +99,11 @@ class GatewayServiceStub:
                 '/visearch.gateway.v1.GatewayService/ImportCatalog',
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.SerializeToString,
                 response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ImportCatalogResponse.FromString,
+                _registered_method=True)
+        self.FindDuplicates = channel.unary_unary(
+                '/visearch.gateway.v1.GatewayService/FindDuplicates',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.FindDuplicatesResponse.FromString,
                 _registered_method=True)
 
 
@@ -139,6 +149,15 @@ class GatewayServiceServicer:
 
     def GetItem(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """A catalog's items, a page at a time, in item-id order (code point order of the ids). Paging by
+        id: an item that stays in the catalog appears exactly once across pages, whatever is ingested or
+        deleted meanwhile. Needs the "read" action.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -194,6 +213,15 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindDuplicates(self, request, context):
+        """Groups of items whose images are the same picture (re-encoded, resized, cropped a little):
+        candidates from the vector index, each pair checked on pixels (docs/DUPLICATES.md). Reads each
+        candidate's image again from its source. Needs the "read" action.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +255,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemRequest.FromString,
                     response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.GetItemResponse.SerializeToString,
             ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListItemsRequest.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListItemsResponse.SerializeToString,
+            ),
             'ListCatalogs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCatalogs,
                     request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListCatalogsRequest.FromString,
@@ -256,6 +289,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ImportCatalog,
                     request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.FromString,
                     response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ImportCatalogResponse.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.FindDuplicatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +470,33 @@ class GatewayService:
             _registered_method=True)
 
     @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.gateway.v1.GatewayService/ListItems',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListItemsRequest.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListCatalogs(request,
             target,
             options=(),
@@ -583,6 +648,33 @@ class GatewayService:
             '/visearch.gateway.v1.GatewayService/ImportCatalog',
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.CatalogRecord.SerializeToString,
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.ImportCatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.gateway.v1.GatewayService/FindDuplicates',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.FindDuplicatesRequest.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.FindDuplicatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
