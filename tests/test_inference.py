@@ -178,3 +178,105 @@ def test_warm_up_runs_to_its_end_when_its_caller_gives_up():
         return w.done
 
     assert asyncio.run(go()) and runs == [1]
+
+
+def test_cuda_asked_on_a_cpu_build_runs_on_the_cpu_with_one_warning(model_repo, caplog):
+    """VISEARCH_ORT_PROVIDERS=cuda,cpu on an onnxruntime without CUDA (this machine's): one warning line
+    naming what was asked and what there is, every model on CPUExecutionProvider, the CPU's embeddings."""
+    import onnxruntime as ort
+
+    from visearch.inference import make_backend
+    from visearch.settings import InferenceSettings
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the fallback is checked where it has not")
+    async def embed(backend):
+        meta = await backend.metadata("embedder")
+        x = np.random.default_rng(1).integers(0, 256, (3, meta.input_size, meta.input_size, 3), dtype=np.uint8)
+        # Two forwards at once (two sessions) and the detector too: still one warning.
+        out = await asyncio.gather(*(backend.infer("embedder", {meta.input_name: x}) for _ in range(2)))
+        detector = await backend.metadata("detector")
+        return meta, detector, out[0][meta.output_name]
+
+    cpu_meta, _, cpu = asyncio.run(embed(OnnxRuntimeBackend(model_repo, max_concurrent_runs=2)))
+    with caplog.at_level("WARNING", logger="visearch.inference"):
+        backend = make_backend(InferenceSettings(model_repository=model_repo, ort_providers="cuda,cpu",
+                                                 ort_max_concurrent_runs=2))
+        meta, detector, got = asyncio.run(embed(backend))
+    warnings = [r for r in caplog.records if r.name == "visearch.inference" and r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    line = warnings[0].getMessage()
+    assert "\n" not in line and "cuda,cpu" in line and "cuda not available" in line
+    assert "CPUExecutionProvider" in line and ", ".join(ort.get_available_providers()) in line
+    assert backend.providers == [("CPUExecutionProvider", {})]
+    assert backend.providers_in_use == {meta.tag: ["CPUExecutionProvider"], detector.tag: ["CPUExecutionProvider"]}
+    assert meta == cpu_meta and np.array_equal(got, cpu)
+
+
+def test_a_provider_that_fails_to_start_is_said_once_and_recorded(model_repo, caplog, monkeypatch):
+    """onnxruntime-gpu lists CUDA even where it cannot start (no driver, no GPU: seen with onnxruntime-gpu
+    1.31 on this machine): ONNX Runtime falls back to the CPU by itself; the backend says so in one line
+    and records what each model really runs on. Here this build is made to list CUDA."""
+    import warnings
+
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level("WARNING", logger="visearch.inference"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnxruntime's own: CUDA is not in this build
+        backend = OnnxRuntimeBackend(model_repo, providers="cuda,cpu", max_concurrent_runs=2)
+        assert [p for p, _ in backend.providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        async def go():
+            meta = await backend.metadata("embedder")
+            x = np.zeros((1, meta.input_size, meta.input_size, 3), np.uint8)
+            await asyncio.gather(*(backend.infer("embedder", {meta.input_name: x}) for _ in range(2)))
+            return meta, await backend.metadata("detector")
+
+        meta, detector = asyncio.run(go())
+    said = [r.getMessage() for r in caplog.records if r.name == "visearch.inference" and r.levelname == "WARNING"]
+    assert len(said) == 1 and "CUDAExecutionProvider could not start" in said[0], said
+    assert f"{meta.tag} runs on CPUExecutionProvider" in said[0]
+    assert backend.providers_in_use == {meta.tag: ["CPUExecutionProvider"], detector.tag: ["CPUExecutionProvider"]}
+
+
+def test_provider_names_map_to_onnxruntime_s_with_their_options(tmp_path):
+    from visearch.inference import ort_providers
+
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    chosen, warning = ort_providers("tensorrt,cuda,cpu", every, device_id=1, trt_fp16=False, trt_cache_dir=tmp_path)
+    assert warning == "" and chosen == [
+        ("TensorrtExecutionProvider", {"device_id": 1, "trt_fp16_enable": False, "trt_engine_cache_enable": True,
+                                       "trt_engine_cache_path": str(tmp_path)}),
+        ("CUDAExecutionProvider", {"device_id": 1}),
+        ("CPUExecutionProvider", {})]
+    # Only those the build has are kept, in the order asked; none left: the CPU.
+    chosen, warning = ort_providers(["tensorrt", "cuda"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert [p for p, _ in chosen] == ["CUDAExecutionProvider"] and "tensorrt not available" in warning
+    chosen, warning = ort_providers("tensorrt", ["CPUExecutionProvider"])
+    assert chosen == [("CPUExecutionProvider", {})] and warning.endswith("running on CPUExecutionProvider")
+    assert ort_providers(" CPU ", ["CPUExecutionProvider"]) == ([("CPUExecutionProvider", {})], "")
+
+
+def test_an_unknown_provider_is_refused_at_start(model_repo):
+    """A misspelt provider stops the service before it serves, naming it and what is accepted."""
+    import os
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+
+    from visearch.settings import EmbeddingSettings, InferenceSettings
+
+    for bad in ("cdua", "cuda,cuda", "", "cpu,gpu"):
+        with pytest.raises(ValidationError, match="execution provider"):
+            InferenceSettings(ort_providers=bad)
+    with pytest.raises(ValueError, match="'cdua'.*expected a comma-separated list of tensorrt, cuda, cpu"):
+        OnnxRuntimeBackend(model_repo, providers="cdua")
+    assert EmbeddingSettings(embedding_port=1, ort_providers="TensorRT, cuda,cpu").ort_providers == (
+        "tensorrt", "cuda", "cpu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
+    env.update(VISEARCH_EMBEDDING_PORT="0", VISEARCH_AUTH="off", VISEARCH_ORT_PROVIDERS="cuda,cdua")
+    out = subprocess.run([sys.executable, "-m", "services.embedding"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "unknown ONNX Runtime execution provider 'cdua'" in out.stderr, out.stderr[-2000:]

@@ -94,6 +94,34 @@ def test_urls_name_a_single_server_or_sentinels():
             redisconn.parse_sentinel(bad)
 
 
+def test_a_password_kept_apart_goes_into_the_url(monkeypatch):
+    """VISEARCH_REDIS_PASSWORD (a Kubernetes Secret beside the ConfigMap's URL, deploy/k8s) becomes the URL's
+    password, percent-encoded, for a single server and for Sentinel; Celery gets it encoded too."""
+    import redis
+    from kombu.utils.url import url_to_parts
+
+    from visearch.settings import QueueSettings, WorkerSettings
+
+    monkeypatch.setenv("VISEARCH_REDIS_URL", "redis+sentinel://s1:26379,s2:26379/vs/1")
+    monkeypatch.setenv("VISEARCH_REDIS_PASSWORD", "p@ss:w/rd%")
+    s = WorkerSettings(milvus_uri="x", detection_addr="d", embedding_addr="e")
+    assert s.redis_url == "redis+sentinel://:p%40ss%3Aw%2Frd%25@s1:26379,s2:26379/vs/1"
+    assert redisconn.parse_sentinel(s.redis_url).password == "p@ss:w/rd%"
+    broker, _, _ = redisconn.celery_urls(s.redis_url)
+    assert {url_to_parts(u).password for u in broker.split(";")} == {"p@ss:w/rd%"}
+    monkeypatch.delenv("VISEARCH_REDIS_PASSWORD")
+    single = QueueSettings(redis_url="redis://r:6379/0", redis_password="k y")
+    assert single.redis_url == "redis://:k%20y@r:6379/0"
+    assert redis.connection.parse_url(single.redis_url)["password"] == "k y"
+    assert QueueSettings(redis_url="redis://user@r/0", redis_password="x").redis_url == "redis://user:x@r/0"
+    assert QueueSettings(redis_url="redis://:x@r/0", redis_password="x").redis_url == "redis://:x@r/0"
+    assert QueueSettings(redis_url="redis://r/0").redis_url == "redis://r/0"  # no password: as it was
+    with pytest.raises(ValueError, match="password of its own"):
+        QueueSettings(redis_url="redis://:other@r/0", redis_password="x")
+    with pytest.raises(ValueError, match="can only be added"):
+        QueueSettings(redis_url="unix:///run/redis.sock", redis_password="x")
+
+
 def test_primary_killed_mid_ingest_fails_over(smesh, sentinels, grocery, tmp_path):
     """kill -9 of the primary once 100 of 500 items are stored: the sentinels promote the replica, and
     the job ends with every item stored once; searches answer; nothing was restarted by hand."""

@@ -128,3 +128,55 @@ def test_embedding_service_on_triton(triton, services, grocery):
             resp = stub.Embed(embedding_pb2.EmbedRequest(items=items), timeout=60)
             out[name] = np.array([e.values for e in resp.embeddings])
     assert np.abs(out["triton"] - out["onnxruntime"]).max() < 1e-5
+
+
+def test_derived_gpu_config_runs_on_the_gpu_with_tensorrt(tmp_path, model_repo):
+    """`python -m visearch.triton_repo --gpu`: each model one KIND_GPU instance on GPU 0, ONNX Runtime's
+    TensorRT accelerator in FP16 with an engine cache and a shape profile covering every batch the dynamic
+    batcher makes; name, backend, inputs, outputs, batching and versions as committed. Parsed here: no GPU
+    runs it (docs/SCALE.md)."""
+    from visearch.pbtxt import parse_pbtxt
+    from visearch.triton_repo import derive_gpu_repository, gpu_config
+
+    assert derive_gpu_repository(model_repo, tmp_path, cache_dir="/cache") == ["detector", "embedder"]
+    for name in ("detector", "embedder"):
+        src = parse_pbtxt((model_repo / name / "config.pbtxt").read_text())
+        gpu = parse_pbtxt((tmp_path / name / "config.pbtxt").read_text())
+        assert gpu["backend"] == ["onnxruntime"] and "dynamic_batching" in gpu
+        assert gpu["instance_group"] == [{"count": [1], "kind": ["KIND_GPU"], "gpus": [0]}]
+        [accel] = gpu["optimization"][0]["execution_accelerators"][0]["gpu_execution_accelerator"]
+        params = {p["key"][0]: p["value"][0] for p in accel["parameters"]}
+        assert accel["name"] == ["tensorrt"] and params["precision_mode"] == "FP16"
+        assert params["trt_engine_cache_enable"] == "1" and params["trt_engine_cache_path"] == f"/cache/{name}"
+        [image] = src["input"]
+        dims = "x".join(map(str, image["dims"]))
+        batches = src["dynamic_batching"][0]["preferred_batch_size"]
+        assert params["trt_profile_min_shapes"] == f"{image['name'][0]}:1x{dims}"
+        assert params["trt_profile_opt_shapes"] == f"{image['name'][0]}:{max(batches)}x{dims}"
+        assert params["trt_profile_max_shapes"] == f"{image['name'][0]}:{src['max_batch_size'][0]}x{dims}"
+        rest = lambda conf: {k: v for k, v in conf.items() if k not in ("instance_group", "optimization")}  # noqa: E731
+        assert rest(gpu) == rest(src)
+        for version in (model_repo / name).glob("[0-9]*"):
+            if (version / "model.onnx").is_file():
+                assert (tmp_path / name / version.name / "model.onnx").resolve() == (version / "model.onnx").resolve()
+    two = parse_pbtxt(gpu_config((model_repo / "embedder" / "config.pbtxt").read_text(), gpus=(0, 1), precision="FP32"))
+    assert [g["gpus"] for g in two["instance_group"]] == [[0], [1]]
+    assert {"key": ["precision_mode"], "value": ["FP32"]} in (
+        two["optimization"][0]["execution_accelerators"][0]["gpu_execution_accelerator"][0]["parameters"])
+    # Derived once more, the config is the same (the accelerator replaced, not added twice).
+    again = gpu_config((tmp_path / "embedder" / "config.pbtxt").read_text(), cache_dir="/cache")
+    assert again == (tmp_path / "embedder" / "config.pbtxt").read_text()
+    with pytest.raises(ValueError, match="onnxruntime"):
+        gpu_config('name: "x"\nbackend: "python"\nmax_batch_size: 4\ndynamic_batching { }\n')
+
+
+def test_the_cpu_configs_the_tests_serve_are_unchanged_by_the_gpu_path(tmp_path, model_repo):
+    from visearch.triton_repo import main
+
+    assert main([str(model_repo), str(tmp_path / "cpu")]) == 0
+    assert main(["--gpu", str(model_repo), str(tmp_path / "gpu")]) == 0
+    cpu = (tmp_path / "cpu" / "embedder" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in cpu and "KIND_CPU" in cpu and "optimization" not in cpu
+    assert (tmp_path / "cpu" / "embedder" / "1" / "model.py").is_file()
+    assert not list((tmp_path / "gpu").glob("*/*/model.py"))
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from visearch.errors import FailedPrecondition, InvalidArgument, Unavailable
-from visearch.settings import InferenceSettings
+from visearch.settings import ORT_PROVIDER_NAMES, InferenceSettings, parse_ort_providers
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,66 @@ class WarmUp:
         self.done = True
 
 
+# VISEARCH_ORT_PROVIDERS names -> ONNX Runtime's execution providers.
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "tensorrt": "TensorrtExecutionProvider"}
+assert set(ORT_PROVIDERS) == set(ORT_PROVIDER_NAMES)
+
+
+def ort_providers(names: Sequence[str] | str, available: Sequence[str], device_id: int = 0, trt_fp16: bool = True,
+                  trt_cache_dir: str | Path = "") -> tuple[list[tuple[str, dict]], str]:
+    """The (provider, options) list to open sessions with, from the names asked for ("tensorrt,cuda,cpu"),
+    keeping only those `available` (onnxruntime.get_available_providers()) and the CPU when none is left;
+    and a warning to log once when some were dropped ("" when none was). ValueError names an unknown one."""
+    names = parse_ort_providers(names)
+    options = {
+        "cpu": {},
+        "cuda": {"device_id": device_id},
+        # Engines are built per model and input shape range (minutes each) and kept between starts.
+        "tensorrt": {"device_id": device_id, "trt_fp16_enable": trt_fp16, "trt_engine_cache_enable": True,
+                     "trt_engine_cache_path": str(trt_cache_dir or Path.home() / ".cache" / "visearch" / "tensorrt")},
+    }
+    chosen = [(ORT_PROVIDERS[n], options[n]) for n in names if ORT_PROVIDERS[n] in available]
+    if not chosen:
+        chosen = [(ORT_PROVIDERS["cpu"], {})]
+    missing = [n for n in names if ORT_PROVIDERS[n] not in available]
+    warning = ""
+    if missing:
+        warning = (f"ONNX Runtime execution providers asked for: {','.join(names)}; {', '.join(missing)} not available in "
+                   f"this onnxruntime build (it has {', '.join(available) or 'none'}; CUDA and TensorRT need the `gpu` "
+                   f"extra, onnxruntime-gpu): running on {', '.join(p for p, _ in chosen)}")
+    return chosen, warning
+
+
 class OnnxRuntimeBackend(InferenceBackend):
-    """The embedded default: the model files run in this process."""
+    """The embedded default: the model files run in this process, on the execution providers asked for
+    (VISEARCH_ORT_PROVIDERS: the CPU by default; CUDA or TensorRT with onnxruntime-gpu)."""
 
     def __init__(self, repo: Path, versions: dict[str, str] | None = None, intra_op_threads: int = 1,
-                 max_concurrent_runs: int = 0):
+                 max_concurrent_runs: int = 0, providers: Sequence[str] | str = ("cpu",), device_id: int = 0,
+                 trt_fp16: bool = True, trt_cache_dir: str | Path = ""):
+        import onnxruntime as ort
+
+        # Checked and resolved once, before any model loads: an unknown name fails here, at start, and
+        # a provider this build lacks is said once, not at every session.
+        self.asked = parse_ort_providers(providers)
+        self.providers, warning = ort_providers(self.asked, ort.get_available_providers(), device_id, trt_fp16,
+                                                trt_cache_dir)
+        if warning:
+            log.warning(warning)
+        if any(name != ORT_PROVIDERS["cpu"] for name, _ in self.providers) and hasattr(ort, "preload_dlls"):
+            # The CUDA and cuDNN libraries of onnxruntime-gpu's own extras (nvidia-* wheels, the `gpu` extra)
+            # are found only once loaded; a system CUDA is found either way.
+            try:
+                ort.preload_dlls()
+            except (OSError, RuntimeError) as exc:
+                log.warning(f"ONNX Runtime could not preload the CUDA libraries: {exc}")
+        # A provider the build has may still fail to start (onnxruntime-gpu without the CUDA libraries or a
+        # GPU): ONNX Runtime then falls back by itself, which is said once too.
+        self._start_failure_said = bool(warning)
+        # What each loaded model really runs on (session.get_providers(): a provider that fails to start,
+        # e.g. CUDA libraries missing, is left out there too), by model tag.
+        self.providers_in_use: dict[str, list[str]] = {}
         self.repo = Path(repo)
         self.versions = versions or {}
         self.threads = intra_op_threads
@@ -175,8 +230,17 @@ class OnnxRuntimeBackend(InferenceBackend):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         path = self.repo / model / meta.version / "model.onnx"
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        log.info("loaded model", extra={"model": meta.tag, "path": str(path)})
+        for name, options in self.providers:
+            if name == ORT_PROVIDERS["tensorrt"]:
+                Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        in_use = self.providers_in_use[meta.tag] = session.get_providers()
+        log.info("loaded model", extra={"model": meta.tag, "path": str(path), "providers": in_use})
+        lost = [name for name, _ in self.providers if name not in in_use]
+        if lost and not self._start_failure_said:
+            self._start_failure_said = True
+            log.warning(f"ONNX Runtime execution providers asked for: {','.join(self.asked)}; {', '.join(lost)} "
+                        f"could not start (its own messages say why): {meta.tag} runs on {', '.join(in_use)}")
         return session, meta
 
     async def _get(self, model: str, version: str = ""):
@@ -338,4 +402,5 @@ def make_backend(settings: InferenceSettings) -> InferenceBackend:
     if settings.backend == "triton":
         return TritonBackend(settings.triton_url, settings.model_repository, versions, settings.triton_timeout_seconds)
     return OnnxRuntimeBackend(settings.model_repository, versions, settings.ort_intra_op_threads,
-                              settings.ort_max_concurrent_runs)
+                              settings.ort_max_concurrent_runs, settings.ort_providers, settings.ort_device_id,
+                              settings.ort_trt_fp16, settings.ort_trt_cache_dir)

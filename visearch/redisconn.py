@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import redis
 from redis.sentinel import Sentinel
@@ -55,6 +55,26 @@ def parse_sentinel(url: str) -> SentinelTarget | None:
     return SentinelTarget(tuple(hosts), parts[0], int(db), password)
 
 
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` as its password (percent-encoded), for a password kept apart from the URL
+    (VISEARCH_REDIS_PASSWORD). ValueError when the URL already has another password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "redis+sentinel"):
+        raise ValueError(f"a Redis password can only be added to a redis://, rediss:// or {SENTINEL_SCHEME} URL, "
+                         f"not {scheme or url!r}")
+    netloc, slash, path = rest.partition("/")
+    user, at, hosts = netloc.rpartition("@")
+    if at:
+        name, colon, own = user.partition(":")
+        if colon and own:
+            if unquote(own) != password:
+                raise ValueError("the Redis URL has a password of its own and a different one is given apart from it")
+            return url
+    else:
+        name, hosts = "", netloc
+    return f"{scheme}://{name}:{quote(password, safe='')}@{hosts}{slash}{path}"
+
+
 def client(url: str, socket_timeout: float = 5, socket_connect_timeout: float = 2) -> redis.Redis:
     """A client of the Redis the URL names: for Sentinel, one that follows the primary."""
     target = parse_sentinel(url)
@@ -91,6 +111,6 @@ def celery_urls(url: str) -> tuple[str, str, dict]:
     target = parse_sentinel(url)
     if target is None:
         return url, url, {}
-    auth = f":{target.password}@" if target.password else ""
+    auth = f":{quote(target.password, safe='')}@" if target.password else ""  # kombu unquotes it
     joined = ";".join(f"sentinel://{auth}{h}:{p}/{target.db}" for h, p in target.hosts)
     return joined, joined, {"master_name": target.master}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +20,26 @@ DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 # How a catalog stores its objects' base regions (visearch/store.py): none, float32 in the vector
 # store, or int8 files read by key.
 REGION_MODES = ("off", "float", "int8")
+# ONNX Runtime execution providers the embedded backend can be asked for (VISEARCH_ORT_PROVIDERS), in
+# ORT's names in visearch/inference.py; the ones this onnxruntime build lacks fall back to the CPU.
+ORT_PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
+
+
+def parse_ort_providers(v) -> tuple[str, ...]:
+    """"tensorrt,cuda,cpu" (or a sequence of names) -> ("tensorrt", "cuda", "cpu"); ValueError naming an
+    unknown or repeated provider."""
+    names = [n.strip().lower() for n in (v.split(",") if isinstance(v, str) else v)]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in ORT_PROVIDER_NAMES]
+    expected = f"expected a comma-separated list of {', '.join(ORT_PROVIDER_NAMES)}"
+    if unknown:
+        raise ValueError(f"unknown ONNX Runtime execution provider {', '.join(map(repr, unknown))}: {expected}")
+    if not names:
+        raise ValueError(f"no ONNX Runtime execution provider given: {expected}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"ONNX Runtime execution providers {','.join(names)}: each may be named once")
+    return tuple(names)
+
 
 class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VISEARCH_", extra="ignore", frozen=True)
@@ -98,6 +118,16 @@ class InferenceSettings(_Base):
     ort_intra_op_threads: int = 1
     # Forwards run at once by the embedded backend (0: cores / intra-op threads); more callers queue.
     ort_max_concurrent_runs: int = 0
+    # The embedded backend's execution providers, in order of preference: "cpu" (the default),
+    # "cuda,cpu" or "tensorrt,cuda,cpu" with the `gpu` extra (onnxruntime-gpu, docs/SCALE.md). Those
+    # this onnxruntime build lacks are dropped with one warning; an unknown name is refused at start.
+    ort_providers: Annotated[tuple[str, ...], NoDecode] = ("cpu",)
+    # The GPU the CUDA and TensorRT providers run on.
+    ort_device_id: int = Field(0, ge=0)
+    # TensorRT: FP16 kernels, and where its built engines are kept between starts (building one takes
+    # minutes; empty: ~/.cache/visearch/tensorrt).
+    ort_trt_fp16: bool = True
+    ort_trt_cache_dir: str = ""
     max_batch: int = 32
 
     @field_validator("backend")
@@ -106,6 +136,11 @@ class InferenceSettings(_Base):
         if v not in ("onnxruntime", "triton"):
             raise ValueError(f"unknown inference backend {v!r} (onnxruntime or triton)")
         return v
+
+    @field_validator("ort_providers", mode="before")
+    @classmethod
+    def _known_providers(cls, v) -> tuple[str, ...]:
+        return parse_ort_providers(v)
 
 
 class EmbeddingSettings(ServerSettings, InferenceSettings):
@@ -197,7 +232,12 @@ class RootsSettings(_Base):
 
 
 class QueueSettings(_Base):
+    # redis://host:port/db, or redis+sentinel://h1:p1,h2:p2,h3:p3/<master>/<db> (visearch/redisconn.py).
     redis_url: str
+    # The password of the Redis the URL names, kept out of the URL (a Kubernetes Secret beside a
+    # ConfigMap's URL: deploy/k8s); put into it as the URL's own password. A URL that has a password
+    # of its own must not be given another.
+    redis_password: SecretStr = SecretStr("")
     # Seconds before an unacknowledged ingestion task is handed to another worker;
     # above the longest task, so a slow task is never run twice at once.
     visibility_timeout: int = 900
@@ -207,6 +247,19 @@ class QueueSettings(_Base):
     # among the unacknowledged messages, and sent again when it is in neither (visearch/ledger.py).
     lost_task_after_seconds: float = 60.0
     ledger_every_seconds: float = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_into_url(cls, data):
+        if isinstance(data, dict):
+            password = data.get("redis_password")
+            if isinstance(password, SecretStr):
+                password = password.get_secret_value()
+            if password and isinstance(data.get("redis_url"), str):
+                from visearch.redisconn import with_password
+
+                data = {**data, "redis_url": with_password(data["redis_url"], password)}
+        return data
 
 
 class ClientSettings(SecuritySettings):

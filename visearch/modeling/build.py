@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 import warnings
@@ -27,6 +26,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from visearch.pbtxt import parse_pbtxt
 
 from . import backbones, pooling
 
@@ -273,60 +274,6 @@ instance_group [
 # vectors, so a new model is deployed beside the old one (docs/MODELS.md, model versions).
 version_policy: {{ latest: {{ num_versions: 2 }} }}
 """
-
-
-_TOKEN = re.compile(r'\s*(?:#[^\n]*|("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([^\s{}\[\]:,"#]+))')
-
-
-def parse_pbtxt(text: str) -> dict:
-    """Minimal protobuf text-format reader: fields map to lists of values (scalars or dicts)."""
-    tokens: list[str] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            if text[pos:].strip():
-                raise ValueError(f"cannot parse config.pbtxt near {text[pos:pos + 30]!r}")
-            break
-        pos = m.end()
-        tok = m.group(1) or m.group(2) or m.group(3)
-        if tok:
-            tokens.append(tok)
-    it = iter(tokens + [None])  # type: ignore[list-item]
-
-    def scalar(tok: str):
-        if tok.startswith('"'):
-            return tok[1:-1]
-        try:
-            return int(tok)
-        except ValueError:
-            return tok
-
-    def value(tok):
-        if tok == "{":
-            return message("}")
-        if tok == "[":
-            out = []
-            while (t := next(it)) != "]":
-                if t != ",":
-                    out.append(value(t))
-            return out
-        return scalar(tok)
-
-    def message(end):
-        fields: dict = {}
-        while (tok := next(it)) != end:
-            if tok is None:
-                raise ValueError("config.pbtxt: unbalanced braces")
-            t = next(it)
-            if t == ":":
-                t = next(it)
-            v = value(t)
-            # `f: [a, b]` is text-format shorthand for the repeated entries `f: a f: b`.
-            fields.setdefault(tok, []).extend(v if t == "[" else [v])
-        return fields
-
-    return message(None)
 
 
 class ConfigMismatch(ValueError):

@@ -29,7 +29,8 @@ from torch import nn
 
 from visearch import detector as det
 from visearch.modeling import backbones, ssd
-from visearch.modeling.build import ConfigMismatch, parse_pbtxt
+from visearch.modeling.build import ConfigMismatch
+from visearch.pbtxt import parse_pbtxt
 
 NAME = det.MODEL
 INPUT_NAME = "images"
