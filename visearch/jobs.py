@@ -208,6 +208,7 @@ class Jobs:
             # A re-submitted item is pending again until this submission is processed.
             p.srem(done, *item_ids)
             p.hdel(failed, *item_ids)
+            p.hdel(base + ":dups", *item_ids)  # and not a duplicate until this submission is checked
         for item_id, data in blobs.items():
             p.set(blob_key(job_id, item_id), data, ex=self.ttl)
         for k in (base, items, done, failed, seq):

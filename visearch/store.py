@@ -96,6 +96,7 @@ MAX_FILTERS = 16
 COLLECTION_NOT_FOUND = 100
 COLLECTION_NOT_LOADED = 101
 PK_CHUNK = 1024  # primary keys per expression
+QUERY_LIMIT = 16384  # the most rows one Milvus query returns
 # Items per page of `list_items` (ListItems); a page's rows (MAX_OBJECTS per item, one item more)
 # stay under Milvus's query window of 16,384 rows.
 MAX_PAGE = 500
@@ -512,7 +513,7 @@ class VectorStore:
     def export_rows(self, target: Target, batch: int = 128):
         """Every stored object of a generation, in batches: dicts with the row's fields (`vector` as
         float32), its local features (`local`: bytes or None) and its base regions (`regions`:
-        (features, boxes) or None). One scan of the collection (Milvus's query iterator)."""
+        (features, boxes) or None). One scan of the collection (`scan`)."""
         gen = self.resolve(target)
         fields = ["object_id", "item_id", "vector", "box", "metadata", "source", "stamp"]
         for rows in self.scan(gen, fields, batch):
@@ -530,15 +531,18 @@ class VectorStore:
         backslash breaks it)."""
         gen = self.resolve(target)
         cols = list(dict.fromkeys(["object_id", *fields]))
+        # Ids read per round: several batches' worth, so that a round narrows the range to about one
+        # batch even when the engine answers rows in no order (Milvus Lite: insertion order).
+        cap = min(QUERY_LIMIT, max(8 * batch, batch + 1))
         after: str | None = None
         while True:
             lower = 'item_id != ""' if after is None else expr.compare("object_id", ">", after)
             where, upper = lower, None
             while True:
                 rows = self._read(gen.collection, lambda f=where: self.client.query(
-                    gen.collection, filter=f, output_fields=["object_id"], limit=batch + 1, consistency_level=level))
+                    gen.collection, filter=f, output_fields=["object_id"], limit=cap, consistency_level=level))
                 ids = sorted(r["object_id"] for r in rows)
-                if len(ids) <= batch:
+                if len(ids) < cap:
                     break
                 if upper is not None and ids[batch - 1] >= upper:
                     raise FailedPrecondition("the vector store answered rows outside the range asked: "
@@ -551,7 +555,7 @@ class VectorStore:
             found = sorted(self._query_pks(gen.collection, page, cols, level), key=lambda r: r["object_id"])
             if found:
                 yield found
-            if upper is None:  # the whole rest of the collection was at most one batch
+            if upper is None and len(ids) <= batch:  # the whole rest of the collection was this batch
                 return
             after = page[-1]
 
@@ -744,7 +748,10 @@ class VectorStore:
         out: dict[str, list[StoredObject]] = {i: [] for i in page}
         for r in sorted(rows, key=lambda r: int(r["object_id"].rsplit("#", 1)[1])):
             out[r["item_id"]].append(self._obj(r))
-        return [(i, objs) for i, objs in out.items() if objs], (page[-1] if len(ids) > limit else "")
+        # More may follow when the last range held more than a page, or was narrowed (items deleted
+        # between the rounds can leave fewer than a page below the bound, and more above it).
+        more = len(ids) > limit or upper is not None
+        return [(i, objs) for i, objs in out.items() if objs], (page[-1] if more and page else "")
 
     @staticmethod
     def page_token(after: str) -> str:

@@ -25,7 +25,15 @@ from visearch.auth import PermissionDenied, readable, require, visible
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from visearch.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, VisearchError, to_status
+from visearch.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VisearchError,
+    to_status,
+)
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from visearch.grpcserver import (
     Service,
@@ -152,6 +160,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.celery = make_celery(settings)
         self.roots = [Path(r).resolve() for r in settings.ingest_roots]
         self._stats_at = 0.0
+        self._scanning = asyncio.Lock()  # FindDuplicates
         self._policy_checked = False
 
     # ---- search ---------------------------------------------------------------
@@ -561,6 +570,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         catalog = check_catalog(request.catalog or "default")
         require("read", catalog)
         gen = await asyncio.to_thread(self.store.resolve, catalog)
+        if self._scanning.locked():  # a whole-catalog scan: one at a time per gateway, so searches keep threads
+            raise ResourceExhausted("this gateway is already looking for duplicates: try again when it is done")
 
         def read(source: str) -> bytes | None:
             try:
@@ -568,7 +579,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             except (NotFound, FailedPrecondition):
                 return None
 
-        scan = await asyncio.to_thread(duplicates.find, self.store, gen, read)
+        async with self._scanning:
+            scan = await asyncio.to_thread(duplicates.find, self.store, gen, read)
         out = [gateway_pb2.DuplicateGroup(item_ids=g, min_ncc=n) for g, n in zip(scan.groups, scan.min_ncc, strict=True)]
         log.info("duplicates found", extra={"catalog": catalog, "groups": len(out), "items": scan.items,
                                             "pairs": scan.pairs_checked})
@@ -723,15 +735,14 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         yield gateway_pb2.CatalogRecord(header=gateway_pb2.CatalogHeader(
             catalog=catalog, model=model, storage=gateway_pb2.CatalogStorage(regions=gen.regions), objects=objects,
             generation=gen.number, exported_at=time.time(), format=backup.FORMAT))
+        # A plain generator stepped in worker threads: it holds no cursor or file, so a cancelled
+        # export simply stops stepping it (closing it while a step runs would raise in that thread).
         rows = self.store.export_rows(gen, size)
         sent, items = 0, set()
-        try:
-            while batch := await asyncio.to_thread(next, rows, None):
-                sent += len(batch)
-                items.update(r["item_id"] for r in batch)
-                yield gateway_pb2.CatalogRecord(batch=gateway_pb2.ObjectBatch(objects=[backup.record_of(r) for r in batch]))
-        finally:
-            await asyncio.to_thread(rows.close)
+        while batch := await asyncio.to_thread(next, rows, None):
+            sent += len(batch)
+            items.update(r["item_id"] for r in batch)
+            yield gateway_pb2.CatalogRecord(batch=gateway_pb2.ObjectBatch(objects=[backup.record_of(r) for r in batch]))
         yield gateway_pb2.CatalogRecord(trailer=gateway_pb2.CatalogTrailer(objects=sent, items=len(items)))
         log.info("catalog exported", extra={"catalog": catalog, "objects": sent, "generation": gen.number})
 
@@ -794,7 +805,10 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                                       "nothing restored")
             await asyncio.to_thread(self.store.go_live, gen)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(self.store.drop_generation, gen))
+            try:  # a restore is whole or absent; the original error is what the caller hears
+                await asyncio.shield(asyncio.to_thread(self.store.drop_generation, gen))
+            except Exception:  # noqa: BLE001 - e.g. Milvus down, which is often why the import failed
+                log.exception("a failed restore's generation %s of %r was not dropped", gen.number, catalog)
             raise
         log.info("catalog restored", extra={"catalog": catalog, "objects": stored, "generation": gen.number})
         return gateway_pb2.ImportCatalogResponse(catalog=catalog, objects=stored, items=len(items),
