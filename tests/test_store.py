@@ -388,16 +388,18 @@ def test_a_scan_reads_every_row_once_whatever_the_ids_hold(store, request):
         store.upsert_items(cat, [(ids[k], [(v, (k, 0, k + 1, 1)) for v in unit(rng, 1 + k % 3)], {"n": str(k)}, f"/p/{k}", k)
                                  for k in chunk])
     want = sorted(o for k, i in enumerate(ids) for o in VectorStore.object_ids(i)[:1 + k % 3])
-    for batch in (1, 3, 16, 500):
+    # Batches whose 8x read (a round) is below the ~100 rows narrow their range over many pages; each
+    # round on a Milvus server waits for a time tick (Strong reads), so a few sizes are enough.
+    for batch in (11, 500):
         got = [r["object_id"] for rows in store.scan(cat, ["item_id"], batch) for r in rows]
         assert got == want, batch
-    assert store.item_stamps(cat, batch=2) == {i: k for k, i in enumerate(ids)}
-    exported = [r for rows in store.export_rows(cat, 5) for r in rows]
+    assert store.item_stamps(cat, batch=16) == {i: k for k, i in enumerate(ids)}
+    exported = [r for rows in store.export_rows(cat, 9) for r in rows]
     assert [r["object_id"] for r in exported] == want
     gen = store.restore_generation(cat + "_copy", META, "off")
     assert store.restore_rows(gen, exported) == len(want)
     store.go_live(gen)
-    back = [r for rows in store.export_rows(cat + "_copy", 7) for r in rows]
+    back = [r for rows in store.export_rows(cat + "_copy", 64) for r in rows]
     for a, b in zip(back, exported, strict=True):
         assert a["object_id"] == b["object_id"] and a["vector"].tobytes() == b["vector"].tobytes()
         assert (a["metadata"], a["source"], a["stamp"], tuple(a["box"])) == (b["metadata"], b["source"], b["stamp"],
