@@ -155,39 +155,59 @@ class Scan:
     evidence: dict[tuple[str, str], Evidence]
 
 
+def box_area(box) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
 def full_frames(store, gen) -> dict[str, dict]:
     """item id -> its largest stored object (the full frame under the default ingest policy): id,
     vector, box, source."""
     out: dict[str, dict] = {}
     for rows in store.scan(gen, ["object_id", "item_id", "vector", "box", "source"]):
         for r in rows:
-            b = r.get("box") or (0, 0, 0, 0)
-            area = (b[2] - b[0]) * (b[3] - b[1])
+            area = box_area(r.get("box") or (0, 0, 0, 0))
             if r["item_id"] not in out or area > out[r["item_id"]]["area"]:
                 out[r["item_id"]] = {**r, "area": area}
     return out
 
 
-def candidate_pairs(store, gen, frames: dict[str, dict], params: DuplicateParams, chunk: int = 256
-                    ) -> set[tuple[str, str]]:
-    """Pairs of items (sorted) whose full frames are among each other's nearest objects in the
-    index with a global similarity of at least min_cosine."""
-    items = sorted(frames)
-    pairs: set[tuple[str, str]] = set()
+def nearest(store, gen, vectors: dict[str, np.ndarray], params: DuplicateParams, chunk: int = 256
+            ) -> dict[str, list[str]]:
+    """item -> the other items, nearest first, among its vector's nearest objects in the index with a
+    global similarity of at least min_cosine."""
+    items = list(vectors)
+    out: dict[str, list[str]] = {}
     for i in range(0, len(items), chunk):
         part = items[i:i + chunk]
-        found = store.search_many(gen, [frames[it]["vector"] for it in part], params.candidates + 1, fields=("item_id",))
+        found = store.search_many(gen, [vectors[it] for it in part], params.candidates + 1, fields=("item_id",))
         for it, hits in zip(part, found, strict=True):
-            pairs.update(tuple(sorted((it, h.item_id))) for h in hits
-                         if h.item_id != it and h.item_id in frames and h.score >= params.min_cosine)
-    return pairs
+            out[it] = list(dict.fromkeys(h.item_id for h in hits if h.item_id != it and h.score >= params.min_cosine))
+    return out
+
+
+def candidate_pairs(store, gen, frames: dict[str, dict], params: DuplicateParams) -> set[tuple[str, str]]:
+    """Pairs of items (sorted) whose full frames are among each other's nearest (`nearest`)."""
+    near = nearest(store, gen, {it: frames[it]["vector"] for it in sorted(frames)}, params)
+    return {tuple(sorted((it, other))) for it, others in near.items() for other in others if other in frames}
+
+
+def picture_from(data: bytes | None, stored: bytes | None) -> Picture | None:
+    """A Picture of encoded image bytes with their stored local features (extracted when none are
+    stored); None when there are no bytes or they do not decode."""
+    from visearch import imaging
+
+    if not data:
+        return None
+    try:
+        rgb = np.asarray(imaging.decode_image(data))
+    except imaging.ImageError:
+        return None
+    return picture(rgb, local.Features.from_bytes(stored) if stored else None)
 
 
 def find(store, gen, read_image, params: DuplicateParams = DuplicateParams(), progress=None) -> Scan:
     """Groups of a generation's items that show the same picture: candidates from the vector index,
     each checked on pixels (`read_image(source)`: the image's bytes, or None when it cannot be read)."""
-    from visearch import imaging
-
     frames = full_frames(store, gen)
     pairs = sorted(candidate_pairs(store, gen, frames, params))
     pictures: dict[str, Picture | None] = {}
@@ -195,13 +215,8 @@ def find(store, gen, read_image, params: DuplicateParams = DuplicateParams(), pr
     def picture_of(item: str) -> Picture | None:
         if item not in pictures:
             f = frames[item]
-            data = read_image(f["source"])
-            try:
-                rgb = np.asarray(imaging.decode_image(data)) if data else None
-            except imaging.ImageError:
-                rgb = None
-            stored = store.get_local(gen, [f["object_id"]]).get(f["object_id"])
-            pictures[item] = picture(rgb, local.Features.from_bytes(stored) if stored else None) if rgb is not None else None
+            pictures[item] = picture_from(read_image(f["source"]),
+                                          store.get_local(gen, [f["object_id"]]).get(f["object_id"]))
         return pictures[item]
 
     same, evidence = [], {}

@@ -351,19 +351,18 @@ class Jobs:
         p.hlen(failed)
         if max_failures > 0:  # HSCAN ... COUNT 0 is a syntax error to Redis once the hash exists
             p.hscan(failed, 0, count=max_failures)
+            p.hscan(base + ":dups", 0, count=max_failures)
         try:
             head, submitted, n_done, n_failed, *scan = p.execute()
         except redis.exceptions.ResponseError:  # a key of another type: not a job
             head = None
         if not head or b"catalog" not in head:
             raise NotFound(f"ingest job {job_id[:64]!r} does not exist (or has expired)")
-        failures = scan[0][1] if scan else {}
+        failures, dups = (scan[0][1], scan[1][1]) if scan else ({}, {})
         st = self._status(job_id, head, submitted, n_done, n_failed, failures, max_failures)
-        if max_failures > 0:
-            _, dups = self.r.hscan(base + ":dups", 0, count=max_failures)
-            for k, v in list(dups.items())[:max_failures]:
-                skipped, _, of = v.decode().partition("|")
-                st.duplicates[k.decode()] = (of, skipped == "1")
+        for k, v in list(dups.items())[:max_failures]:
+            skipped, _, of = v.decode().partition("|")
+            st.duplicates[k.decode()] = (of, skipped == "1")
         return st
 
     def record_duplicates(self, job_id: str, found: dict[str, tuple[str, bool]]) -> None:

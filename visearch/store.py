@@ -524,40 +524,50 @@ class VectorStore:
                     "local": local.get(r["object_id"]), "regions": regions.get(r["object_id"])} for r in rows]
 
     def scan(self, target: Target, fields: list[str], batch: int = 512, level: str = STRONG):
-        """Every row of a generation with these fields, in batches in primary-key order. Each batch
-        is found as `list_items` finds a page (ids of a range narrowed until it holds the next
-        `batch` rows, then those rows read by primary key), with every id escaped: not pymilvus's
+        """Every row of a generation with these fields, in batches in primary-key order. Each batch's
+        ids are found as `list_items` finds a page's (`_next_keys`), then its rows read by primary
+        key, every id escaped: not pymilvus's
         query iterator, which writes its cursor into the expression unescaped (an id with a quote or
         backslash breaks it)."""
         gen = self.resolve(target)
         cols = list(dict.fromkeys(["object_id", *fields]))
         # Ids read per round: several batches' worth, so that a round narrows the range to about one
         # batch even when the engine answers rows in no order (Milvus Lite: insertion order).
-        cap = min(QUERY_LIMIT, max(8 * batch, batch + 1))
-        after: str | None = None
-        while True:
-            lower = 'item_id != ""' if after is None else expr.compare("object_id", ">", after)
-            where, upper = lower, None
-            while True:
-                rows = self._read(gen.collection, lambda f=where: self.client.query(
-                    gen.collection, filter=f, output_fields=["object_id"], limit=cap, consistency_level=level))
-                ids = sorted(r["object_id"] for r in rows)
-                if len(ids) < cap:
-                    break
-                if upper is not None and ids[batch - 1] >= upper:
-                    raise FailedPrecondition("the vector store answered rows outside the range asked: "
-                                             "a catalog cannot be scanned in order")
-                upper = ids[batch - 1]
-                where = f"{lower} and {expr.compare('object_id', '<=', upper)}"
-            page = ids[:batch]
+        cap = min(QUERY_LIMIT, max(8 * batch, batch + 2))
+        after, more = "", True
+        while more:
+            page, more = self._next_keys(gen, "object_id", after, batch, cap, level)
             if not page:
                 return
             found = sorted(self._query_pks(gen.collection, page, cols, level), key=lambda r: r["object_id"])
             if found:
                 yield found
-            if upper is None and len(ids) <= batch:  # the whole rest of the collection was this batch
-                return
             after = page[-1]
+
+    def _next_keys(self, gen: Generation, field: str, after: str, n: int, cap: int, level: str
+                   ) -> tuple[list[str], bool]:
+        """The first `n` distinct values of a string field greater than `after`, in order, and whether
+        more follow. Milvus has no ORDER BY and answers a query with a `limit` in the engine's own
+        order (Milvus Lite: insertion order), so the range is narrowed: read the field of up to
+        `cap` rows of (after, upper]; fewer than `cap` rows is all of the range; else upper becomes
+        the (n + 1)-th smallest value read, which shrinks the range (`cap` must be enough rows to
+        hold n + 2 distinct values). Every value in an expression is escaped (visearch.expr)."""
+        lower = expr.compare(field, ">", after)
+        where, upper = lower, None
+        while True:
+            rows = self._read(gen.collection, lambda f=where: self.client.query(
+                gen.collection, filter=f, output_fields=[field], limit=cap, consistency_level=level))
+            values = sorted({r[field] for r in rows})
+            if len(rows) < cap:
+                break
+            if upper is not None and values[n] >= upper:  # the loop ends because the range shrinks
+                raise FailedPrecondition("the vector store answered rows outside the range asked: "
+                                         "its rows cannot be read in order")
+            upper = values[n]
+            where = f"{lower} and {expr.compare(field, '<=', upper)}"
+        # More may follow when the range held more than n, or was narrowed (rows deleted between the
+        # rounds can leave n or fewer below the bound, and more above it).
+        return values[:n], len(values) > n or upper is not None
 
     def restore_generation(self, catalog: str, meta: ModelMeta, regions: str) -> Generation:
         """A new generation for a catalog being restored (ALREADY_EXISTS when the catalog exists); it
@@ -727,30 +737,14 @@ class VectorStore:
             raise InvalidArgument(f"page size {limit}: 1 to {MAX_PAGE} items")
         gen = self.resolve(target)
         level = self.read_level(gen)
-        cap = MAX_OBJECTS * (limit + 1) + 1
-        lower = expr.compare("item_id", ">", after)
-        where, upper = lower, None
-        while True:
-            rows = self._read(gen.collection, lambda f=where: self.client.query(
-                gen.collection, filter=f, output_fields=["item_id"], limit=cap, consistency_level=level))
-            ids = sorted({r["item_id"] for r in rows})
-            if len(rows) < cap:
-                break
-            if upper is not None and ids[limit] >= upper:  # the loop ends because the range shrinks
-                raise FailedPrecondition("the vector store answered rows outside the range asked: "
-                                         "items cannot be listed in order")
-            upper = ids[limit]
-            where = f"{lower} and {expr.compare('item_id', '<=', upper)}"
-        page = ids[:limit]
+        # An item has at most MAX_OBJECTS rows: a full read of `cap` rows holds limit + 2 items.
+        page, more = self._next_keys(gen, "item_id", after, limit, MAX_OBJECTS * (limit + 1) + 1, level)
         # By primary key: exactly the page's items (one deleted meanwhile is left out).
         rows = self._query_pks(gen.collection, [o for i in page for o in self.object_ids(i)],
                                ["object_id", "item_id", "box", "metadata", "source", "stamp"], level)
         out: dict[str, list[StoredObject]] = {i: [] for i in page}
         for r in sorted(rows, key=lambda r: int(r["object_id"].rsplit("#", 1)[1])):
             out[r["item_id"]].append(self._obj(r))
-        # More may follow when the last range held more than a page, or was narrowed (items deleted
-        # between the rounds can leave fewer than a page below the bound, and more above it).
-        more = len(ids) > limit or upper is not None
         return [(i, objs) for i, objs in out.items() if objs], (page[-1] if more and page else "")
 
     @staticmethod

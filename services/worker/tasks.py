@@ -23,7 +23,7 @@ from celery.exceptions import Reject
 from pymilvus.exceptions import MilvusException
 
 from visearch import duplicates as dup
-from visearch import files, imaging, ledger, local
+from visearch import files, imaging, ledger
 from visearch import observability as obs
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
@@ -201,19 +201,10 @@ def same_pictures(ctx: Context, gen, objects: dict[str, list], images: dict[str,
     """item -> the stored item whose image is the same picture (visearch.duplicates), for the items
     given (their objects [(vector, box)] and image bytes)."""
     params = dup.DuplicateParams()
-    if not objects:
-        return {}
-
-    def largest(objs) -> int:
-        return max(range(len(objs)), key=lambda k: (objs[k][1][2] - objs[k][1][0]) * (objs[k][1][3] - objs[k][1][1]))
-
-    items = list(objects)
-    hits = ctx.store.search_many(gen, [objects[i][largest(objects[i])][0] for i in items], params.candidates + 1,
-                                 fields=("item_id",))
-    wanted = {i: [h.item_id for h in found if h.item_id != i and h.score >= params.min_cosine]
-              for i, found in zip(items, hits, strict=True)}
+    full = {i: max(range(len(objs)), key=lambda k: dup.box_area(objs[k][1])) for i, objs in objects.items()}
+    wanted = dup.nearest(ctx.store, gen, {i: objects[i][k][0] for i, k in full.items()}, params) if objects else {}
     stored = ctx.store.item_rows(gen, sorted({c for cs in wanted.values() for c in cs}))
-    frames = {c: max(objs, key=lambda o: (o.box[2] - o.box[0]) * (o.box[3] - o.box[1])) for c, objs in stored.items()}
+    frames = {c: max(objs, key=lambda o: dup.box_area(o.box)) for c, objs in stored.items()}
     feats = ctx.store.get_local(gen, [o.object_id for o in frames.values()])
     pictures: dict[str, dup.Picture | None] = {}
 
@@ -221,22 +212,18 @@ def same_pictures(ctx: Context, gen, objects: dict[str, list], images: dict[str,
         if c not in pictures:
             o = frames[c]
             try:
-                rgb = np.asarray(imaging.decode_image(read_uri(o.source, readable_roots(ctx.settings))))
+                data = read_uri(o.source, readable_roots(ctx.settings))
             except imaging.ImageError:  # its image is gone: it cannot be compared
-                pictures[c] = None
-            else:
-                f = feats.get(o.object_id)
-                pictures[c] = dup.picture(rgb, local.Features.from_bytes(f) if f else None)
+                data = None
+            pictures[c] = dup.picture_from(data, feats.get(o.object_id))
         return pictures[c]
 
     out = {}
-    for i in items:
-        if not wanted[i]:
+    for i, candidates in wanted.items():
+        mine = dup.picture_from(images[i], local_rows.get(f"{i}#{full[i]}")) if candidates else None
+        if mine is None:
             continue
-        k = largest(objects[i])
-        f = local_rows.get(f"{i}#{k}")
-        mine = dup.picture(np.asarray(imaging.decode_image(images[i])), local.Features.from_bytes(f) if f else None)
-        for c in dict.fromkeys(wanted[i]):  # nearest first
+        for c in candidates:  # nearest first
             theirs = stored_picture(c) if c in frames else None
             if theirs is not None and dup.compare(mine, theirs, params).same(params):
                 out[i] = c
