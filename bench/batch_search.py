@@ -13,7 +13,6 @@ same top hit for every query. Prints a markdown table; --out writes result.json 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import cli_env, grocery_root, show
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,16 +31,11 @@ def run(photos: int, queries: int, rounds: int, model: Path | None, progress=pri
     from visearch.client import Client
     from visearch.demo import write_manifest
 
-    root = datasets.grocery_root()
-    if root is None:
-        raise SystemExit("the grocery dataset is not at ../shared/data/grocery-store")
+    root = grocery_root()
     train = datasets.grocery_split(root, "train")[:photos]
     val = [p for p in datasets.grocery_split(root, "val") if p.is_product][:queries]
     data = Path(tempfile.mkdtemp(prefix="batch-search-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
-    env["VISEARCH_DATA_DIR"] = str(data)
-    if model:
-        env["VISEARCH_MODEL_REPOSITORY"] = str(model)
+    env = cli_env(data, model)
     state = mesh_up(data, {"VISEARCH_MODEL_REPOSITORY": str(model)} if model else {})
     images = [q.path.read_bytes() for q in val]
     out = {"one_by_one_qps": [], "batch_qps": [], "same_top1": 0}
@@ -91,10 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model repository (default: the project's)")
     args = ap.parse_args(argv)
     r = run(args.photos, args.queries, args.rounds, args.model)
-    md = markdown(r)
-    print(md)
-    write_result(args.out, r, md)
-    return 0
+    return show(args.out, r, markdown(r))
 
 
 if __name__ == "__main__":

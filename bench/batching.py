@@ -34,9 +34,9 @@ def _median_ms(fn, repeats: int) -> float:
 
 def raw_curve(repo: Path, photos: list[Path], sizes: list[int], repeats: int) -> dict:
     from bench.common import ort_session as session
-    from services.embedding.server import prepare as embed_prepare
     from visearch import imaging
     from visearch.detector import prepare as detect_prepare
+    from visearch.embedding_model import prepare as embed_prepare
 
     det, dm = session(repo, "detector")
     emb, em = session(repo, "embedder")

@@ -9,15 +9,10 @@ from pathlib import Path
 
 def ort_session(repo: Path, name: str, version: str = ""):
     """(session, meta) of a served model, one intra-op thread, as the embedded backend runs it."""
-    import onnxruntime as ort
+    from visearch.offline import OfflineEmbedder
 
-    from visearch.inference import read_meta, resolve_version
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    path = resolve_version(Path(repo), name, version) / "model.onnx"
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), read_meta(Path(repo), name)
+    model = OfflineEmbedder.from_repository(repo, name, version, threads=1)
+    return model.session, model.meta
 
 
 def mesh_up(data: Path, env: dict[str, str], **kw) -> dict:
@@ -35,6 +30,33 @@ def mesh_up(data: Path, env: dict[str, str], **kw) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def grocery_root() -> Path:
+    """The grocery dataset's folder; the benchmark stops with a message when it is missing."""
+    from visearch import datasets
+
+    root = datasets.grocery_root()
+    if root is None:
+        raise SystemExit("the grocery dataset is not at ../shared/data/grocery-store")
+    return root
+
+
+def cli_env(data: Path, model: Path | None = None) -> dict[str, str]:
+    """The environment of `visearch` commands against the mesh of `data`: this process's, without its
+    VISEARCH_* settings, plus the data folder and (when given) the model repository."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
+    env["VISEARCH_DATA_DIR"] = str(data)
+    if model:
+        env["VISEARCH_MODEL_REPOSITORY"] = str(model)
+    return env
+
+
+def show(out: Path | None, result: dict, markdown: str) -> int:
+    """Print the result's table and write it under `out` (write_result); 0, for `main` to return."""
+    print(markdown)
+    write_result(out, result, markdown)
+    return 0
 
 
 def write_result(out: Path | None, result: dict, markdown: str) -> None:

@@ -1,6 +1,6 @@
 """Detection, measured in one run: box AP, object-in-scene retrieval with and without the crop, cost.
 
-    python bench/detect_eval.py --model model_repository --out runs/detect [--smoke]
+    python -m bench.detect_eval --model model_repository --out runs/detect [--smoke]
 
 Every served detector version of --model (1: COCO SSD-MobileNetV2 converted from its
 frozen graph, class-agnostic; 2: the same network fine-tuned on composited scenes) runs
@@ -32,16 +32,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from visearch import composites, datasets
+from visearch import detector as det
+from visearch.evaluation.harness import MAP_AT, order_metrics
+from visearch.evaluation.protocols import Protocol, get_protocols
+from visearch.inference import OnnxRuntimeBackend, resolve_version
+from visearch.offline import OfflineEmbedder
 
-from visearch import composites, datasets  # noqa: E402
-from visearch import detector as det  # noqa: E402
-from visearch.evaluation.harness import MAP_AT, _ap, relevance  # noqa: E402
-from visearch.evaluation.protocols import Protocol, get_protocols  # noqa: E402
-from visearch.imaging import crop, to_model_input  # noqa: E402
-from visearch.inference import OnnxRuntimeBackend, resolve_version  # noqa: E402
-from visearch.metrics import average_precision  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 QUERY_SCALE = (0.20, 0.40)
 AP_SEED, QUERY_SEED = 100, 7
@@ -54,23 +52,14 @@ def log(msg: str) -> None:
 
 class Embedder:
     def __init__(self, repo: Path, threads: int):
-        import onnxruntime as ort
-
         vdir = resolve_version(repo, "embedder")
         self.meta = json.loads((vdir / "meta.json").read_text())
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(vdir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.model = OfflineEmbedder(vdir / "model.onnx", self.meta["input_size"], threads, "embeddings")
+        self.session = self.model.session
         self.size = self.meta["input_size"]
 
     def __call__(self, images: list[Image.Image], boxes: list | None = None, batch: int = 16) -> np.ndarray:
-        boxes = boxes or [None] * len(images)
-        out = []
-        for s in range(0, len(images), batch):
-            x = np.stack([to_model_input(crop(im, b), self.size) for im, b in zip(images[s:s + batch], boxes[s:s + batch],
-                                                                                   strict=True)])
-            out.append(self.session.run(["embeddings"], {"images": x})[0])
-        return np.concatenate(out)
+        return self.model.embed_images(images, boxes, batch)
 
 
 def detectors(repo: Path, threads: int, only: list[str] | None) -> dict[str, det.Detector]:
@@ -130,13 +119,8 @@ def object_queries(root: Path, out_dir: Path, n: int | None, seed: int = QUERY_S
 
 def retrieval(label: str, scores: np.ndarray, proto: Protocol) -> dict:
     """Metrics of a query x database score matrix (inner products, or the best of several views)."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    rel = relevance(proto, order)
-    n_pos = [len(proto.positives(q)) for q in proto.queries]
-    row = {"mAP": np.mean([_ap(r, n) for r, n in zip(rel, n_pos, strict=True)]),
-           "mAP@20": np.mean([average_precision(r[:MAP_AT].tolist(), n, MAP_AT) for r, n in zip(rel, n_pos, strict=True)]),
-           "recall@1": np.mean([r[:1].any() for r in rel]), "recall@5": np.mean([r[:5].any() for r in rel])}
-    row = {k: round(float(v), 4) for k, v in row.items()} | {"n_queries": len(rel)}
+    m = order_metrics(proto, np.argsort(-scores, axis=1, kind="stable"))
+    row = {k: round(m[k], 4) for k in ("mAP", f"mAP@{MAP_AT}", "recall@1", "recall@5")} | {"n_queries": m["n_queries"]}
     log(f"  {proto.name:2} {label:44} mAP {row['mAP']:.3f} R@1 {row['recall@1']:.3f}")
     return row
 
@@ -291,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     dets = detectors(args.model, args.threads, [v for v in args.versions.split(",") if v] or None)
     emb = Embedder(args.model, args.threads)
     report: dict = {"model": str(args.model), "detectors": list(dets), "embedder": emb.meta.get("id"),
-                    "command": "python bench/detect_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                    "command": "python -m bench.detect_eval " + " ".join(argv if argv is not None else sys.argv[1:])}
 
     parts = set(args.parts.split(","))
     if "ap" in parts:

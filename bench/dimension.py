@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from visearch.modeling.reduce import append_projection, embed_paths, fit_pca, project
+from visearch.offline import load_batch
+from visearch.ortsession import ort_session
 
-from visearch.modeling.reduce import append_projection, cpu_session, embed_paths, fit_pca, project  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def score_variants(protocols: dict, emb: dict, dims: list[int], powers: list[float]) -> list[dict]:
@@ -61,7 +60,7 @@ def score_variants(protocols: dict, emb: dict, dims: list[int], powers: list[flo
 def time_b1(paths: dict[str, Path], x: np.ndarray, reps: int = 60) -> dict[str, float]:
     """Median ms of a batch-1 forward (all outputs) of each model, one intra-op thread, the models
     interleaved forward by forward so that both see the same moments of the machine."""
-    sessions = {k: cpu_session(p) for k, p in paths.items()}
+    sessions = {k: ort_session(p, 1) for k, p in paths.items()}
     ms: dict[str, list[float]] = {k: [] for k in sessions}
     for i in range(reps + 2):
         xb = x[i % len(x):i % len(x) + 1]
@@ -79,7 +78,6 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
     from visearch.checksum import sha256_file
     from visearch.datasets import grocery_root, grocery_split
     from visearch.evaluation import harness, runner
-    from visearch.evaluation.features import load_batch
     from visearch.evaluation.protocols import get_protocols
     from visearch.imaging import preprocessing_tag
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import cv2
 
-from bench.common import write_result
+from bench.common import cli_env, grocery_root, show
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIES = ("q40", "small", "crop5", "corner10")
@@ -50,9 +49,7 @@ def run(photos: int, planted: int, offset: int, model: Path | None, progress=pri
     from bench.common import mesh_up
     from visearch import datasets, mesh
 
-    root = datasets.grocery_root()
-    if root is None:
-        raise SystemExit("the grocery dataset is not at ../shared/data/grocery-store")
+    root = grocery_root()
     train = datasets.grocery_split(root, "train")[offset::4][:photos]
     data = Path(tempfile.mkdtemp(prefix="duplicates-"))
     made = data / "copies"
@@ -66,11 +63,8 @@ def run(photos: int, planted: int, offset: int, model: Path | None, progress=pri
             origin[f"{item}-{kind}"] = item
     manifest = data / "catalog.csv"
     manifest.write_text("item_id,path\n" + "".join(f"{i},{p}\n" for i, p in rows))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
-    env["VISEARCH_DATA_DIR"] = str(data)
-    extra = {"VISEARCH_MODEL_REPOSITORY": str(model)} if model else {}
-    env.update(extra)
-    mesh_up(data, extra)
+    env = cli_env(data, model)
+    mesh_up(data, {"VISEARCH_MODEL_REPOSITORY": str(model)} if model else {})
     try:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "visearch.cli", "ingest", "--manifest", str(manifest), "--catalog", "shop",
@@ -117,10 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model repository (default: the project's)")
     args = ap.parse_args(argv)
     r = run(args.photos, args.planted, args.offset, args.model)
-    md = markdown(r)
-    print(md)
-    write_result(args.out, r, md)
-    return 0
+    return show(args.out, r, markdown(r))
 
 
 if __name__ == "__main__":

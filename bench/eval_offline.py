@@ -1,17 +1,17 @@
 """Offline retrieval evaluation of embedder ONNX models on the Grocery Store dataset.
 
-Protocols (dataset DATA.md):
-  photo->photo    queries = val photos of packaged products, database = all train
+Protocols (dataset DATA.md; visearch.evaluation.protocols):
+  photo->photo    P1: queries = val photos of packaged products, database = all train
                   photos; positives = train photos of the query's fine class.
-  photo->catalog  queries = val product photos, database = the 81 iconic images;
+  photo->catalog  P3: queries = val product photos, database = the 81 iconic images;
                   the positive is the iconic image of the query's class.
   (catalog_all)   as photo->catalog but with every val photo as a query.
 
 Embeds through onnxruntime exactly as served (decode_image + to_model_input,
 uint8 NHWC in, L2-normalised vectors out, 1 intra-op thread, batches of 32).
 
-    python bench/eval_offline.py --repo model_repository --out runs/eval.json
-    python bench/eval_offline.py --config efficientnet_lite0:rmac:320 --config mobilenet_v2:gem:224 --jobs 2
+    python -m bench.eval_offline --repo model_repository --out runs/eval.json
+    python -m bench.eval_offline --config efficientnet_lite0:rmac:320 --config mobilenet_v2:gem:224 --jobs 2
 """
 
 from __future__ import annotations
@@ -25,33 +25,22 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from visearch import datasets
+from visearch.evaluation.harness import rank
+from visearch.evaluation.protocol import Protocol
+from visearch.evaluation.protocols import split_protocols
+from visearch.metrics import retrieval_report
+from visearch.offline import OfflineEmbedder
 
-from visearch import datasets  # noqa: E402
-from visearch.imaging import decode_image, to_model_input  # noqa: E402
-from visearch.metrics import retrieval_report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CACHE = ROOT / ".data" / "eval-cache"
 
 
 def embed(model_path: Path, input_size: int, paths: list[Path], batch: int = 32, threads: int = 1) -> tuple[np.ndarray, float]:
     """Embeddings of `paths` as served, and the mean model time per image in ms."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-    out, model_s = [], 0.0
-    for i in range(0, len(paths), batch):
-        x = np.stack([to_model_input(decode_image(p.read_bytes()), input_size) for p in paths[i:i + batch]])
-        t0 = time.perf_counter()
-        out.append(sess.run([name_out], {name_in: x})[0])
-        model_s += time.perf_counter() - t0
-    return np.concatenate(out), 1000 * model_s / len(paths)
+    model = OfflineEmbedder(model_path, input_size, threads)
+    return model.embed_paths(paths, batch), 1000 * model.model_seconds / len(paths)
 
 
 def cached_embed(model_dir: Path, photos: list[datasets.Photo], cache: Path, batch: int, threads: int,
@@ -74,28 +63,27 @@ def cached_embed(model_dir: Path, photos: list[datasets.Photo], cache: Path, bat
     return emb, ms, meta
 
 
-def rank(queries: np.ndarray, db: np.ndarray, db_keys: list[str]) -> list[list[str]]:
-    scores = queries @ db.T  # vectors are unit-norm: inner product = cosine
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return [[db_keys[j] for j in row] for row in order]
+def protocols(train, val, iconic) -> dict[str, Protocol]:
+    """The three protocols, by report key: P1 and P3 as visearch.evaluation defines them, and catalog_all."""
+    p = split_protocols(train, val, iconic, ("P1", "P3"))
+    every = Protocol("catalog_all", list(val), list(iconic), "all val photos -> the 81 iconic images (1 positive)")
+    return {"photo_to_photo": p["P1"], "photo_to_catalog": p["P3"], "catalog_all": every}
+
+
+def report(proto: Protocol, emb: dict[str, np.ndarray]) -> dict:
+    """retrieval_report of `proto` from embeddings keyed by photo key (ranked by inner product: unit vectors)."""
+    q = np.stack([emb[p.key] for p in proto.queries])
+    db = np.stack([emb[p.key] for p in proto.database])
+    order, _ = rank(q, db)
+    keys = [p.key for p in proto.database]
+    rankings = [[keys[j] for j in row] for row in order]
+    positives = [{keys[j] for j in proto.positives(p)} for p in proto.queries]
+    return retrieval_report(rankings, positives)
 
 
 def evaluate(emb: dict[str, np.ndarray], train, val, iconic) -> dict:
     """The three protocol reports from embeddings keyed by photo key."""
-    def stack(ps):
-        return np.stack([emb[p.key] for p in ps])
-
-    q = [p for p in val if p.is_product]
-    by_class: dict[int, set[str]] = {}
-    for p in train:
-        by_class.setdefault(p.fine_id, set()).add(p.key)
-    icon = {p.fine_id: p.key for p in iconic}
-    train_keys, icon_keys = [p.key for p in train], [p.key for p in iconic]
-    return {
-        "photo_to_photo": retrieval_report(rank(stack(q), stack(train), train_keys), [by_class[p.fine_id] for p in q]),
-        "photo_to_catalog": retrieval_report(rank(stack(q), stack(iconic), icon_keys), [{icon[p.fine_id]} for p in q]),
-        "catalog_all": retrieval_report(rank(stack(val), stack(iconic), icon_keys), [{icon[p.fine_id]} for p in val]),
-    }
+    return {name: report(proto, emb) for name, proto in protocols(train, val, iconic).items()}
 
 
 def _build(spec: str, cache: Path) -> Path:
@@ -106,7 +94,8 @@ def _build(spec: str, cache: Path) -> Path:
     """
     import torch
 
-    from visearch.modeling.build import EmbedderConfig, build_embedder
+    from visearch.modeling.export import build_embedder
+    from visearch.models.contract import EmbedderConfig
 
     torch.set_num_threads(1)
     arch, pool, size = spec.split(":")
@@ -172,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for repo in args.repo:
         version_dirs = sorted((repo / args.model_name).glob("[0-9]*/meta.json"), key=lambda p: int(p.parent.name))
         if not version_dirs:
-            print(f"{repo}: no built {args.model_name} (run python -m visearch.modeling.build --repo {repo})", file=sys.stderr)
+            print(f"{repo}: no built {args.model_name} (run python -m visearch.building --repo {repo})", file=sys.stderr)
             return 2
         jobs.append(("repo", str(version_dirs[-1].parent), args.cache, args.batch, args.threads, not args.no_cache))
     jobs += [("config", spec, args.cache, args.batch, args.threads, not args.no_cache) for spec in args.config]
@@ -187,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
-            "command": "python bench/eval_offline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m bench.eval_offline " + " ".join(sys.argv[1:] if argv is None else argv),
             "dataset": str(root),
             "protocols": {
                 "photo_to_photo": "queries: val product photos (fine 28-58); database: all train photos",

@@ -8,7 +8,6 @@ searches timed one by one, then the other half into the same catalog and 16 more
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import cli_env, grocery_root, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,16 +26,11 @@ def run(photos: int, searches: int, idle: float, model: Path | None, progress=pr
     from visearch.client import Client
     from visearch.demo import write_manifest
 
-    root = datasets.grocery_root()
-    if root is None:
-        raise SystemExit("the grocery dataset is not at ../shared/data/grocery-store")
+    root = grocery_root()
     train = datasets.grocery_split(root, "train")[:photos]
     val = [p for p in datasets.grocery_split(root, "val") if p.is_product]
     data = Path(tempfile.mkdtemp(prefix="first-search-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
-    env["VISEARCH_DATA_DIR"] = str(data)
-    if model:
-        env["VISEARCH_MODEL_REPOSITORY"] = str(model)
+    env = cli_env(data, model)
 
     def cli(*args: str) -> None:
         subprocess.run([sys.executable, "-m", "visearch.cli", *args], env=env, check=True, cwd=ROOT,

@@ -70,9 +70,9 @@ def _raw_process(args, walls) -> None:
 
 def raw_inputs(repo: Path, photos: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """The detector's and the embedder's inputs of each photo, prepared as the services prepare them."""
-    from services.embedding.server import prepare as embed_prepare
     from visearch import imaging
     from visearch.detector import prepare as detect_prepare
+    from visearch.embedding_model import prepare as embed_prepare
     from visearch.inference import read_meta
 
     det_meta, emb_meta = read_meta(repo, "detector"), read_meta(repo, "embedder")
@@ -142,7 +142,7 @@ def settle(state: dict, quiet_s: float = 0.5, max_s: float = 20.0) -> None:
 def mesh_round(vs, state: dict, store, photos: list[Path], tag: str, progress) -> dict:
     """Ingest `photos` as new items of the catalog "bench" the way `visearch ingest` sends a manifest;
     images/s from the first request to the job's last stored item, and each component's CPU seconds."""
-    from visearch.cli import ingest_rows
+    from visearch.sdk import ingest_rows
 
     rows = [{"item_id": f"{tag}i{i}", "path": p, "metadata": {}} for i, p in enumerate(photos)]
     before = store.count("bench")

@@ -26,16 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from services.detection.server import DetectionModel
-from services.embedding.server import Embedder
 from visearch import datasets, local, regions, search
 from visearch.demo import item_id
+from visearch.detection_model import DetectionModel
+from visearch.embedding_model import Embedder
 from visearch.imaging import image_size
 from visearch.inference import OnnxRuntimeBackend
 from visearch.metrics import retrieval_report
+from visearch.searching import MAX_QUERY_OBJECTS
 from visearch.settings import DetectionSettings, GatewaySettings, RerankSettings, WorkerSettings
 
-QUERY_OBJECTS = 5  # the gateway's MAX_QUERY_OBJECTS
+QUERY_OBJECTS = MAX_QUERY_OBJECTS  # the gateway's, from the search pipeline it runs
 
 
 @dataclass

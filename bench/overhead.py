@@ -43,9 +43,9 @@ class RawForwards:
 
     def __init__(self, repo: Path, photos: list[Path]):
         from bench.common import ort_session
-        from services.embedding.server import prepare as embed_prepare
         from visearch import imaging
         from visearch.detector import prepare as detect_prepare
+        from visearch.embedding_model import prepare as embed_prepare
 
         self.det, self.det_meta = ort_session(repo, "detector")
         self.emb, self.emb_meta = ort_session(repo, "embedder")
@@ -117,7 +117,7 @@ def fill_catalog(state: dict, key: str, catalog: str, real: list, size: int, tmp
     from visearch.store import VectorStore, WriteClock
 
     with Client(state["gateway"], api_key=key, timeout=120) as vs:
-        from visearch.cli import ingest_rows, read_manifest
+        from visearch.sdk import ingest_rows, read_manifest
 
         job_id, _ = ingest_rows(vs, read_manifest(write_manifest(real, tmp / "real.csv")), catalog, by_path=False)
         job = vs.wait(job_id)

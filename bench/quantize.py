@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from visearch.offline import load_batch
+from visearch.ortsession import ort_session
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def quantize(src: Path, dst: Path, calibration: np.ndarray, input_name: str) -> Path:
@@ -51,12 +51,7 @@ def quantize(src: Path, dst: Path, calibration: np.ndarray, input_name: str) -> 
 
 def time_model(path: Path, x: np.ndarray, names: list[str] | None = None) -> dict:
     """ms per image at batch 1 and 32, one intra-op thread, best of 3 after a warm-up."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, 1)
     inp = sess.get_inputs()[0].name
     out = {}
     for batch in (1, 32):
@@ -76,7 +71,6 @@ def time_model(path: Path, x: np.ndarray, names: list[str] | None = None) -> dic
 def run(model: Path, n_calibration: int, out: Path, progress=print, protocols=("P1", "P3"), limit: int = 0) -> dict:
     from visearch.datasets import grocery_root, grocery_split
     from visearch.evaluation import runner
-    from visearch.evaluation.features import load_batch
     from visearch.evaluation.protocols import get_protocols
     from visearch.evaluation.runner import onnx_model_path
 

@@ -29,17 +29,19 @@ def rotated_embedder(src: Path, dst: Path, version: int, seed: int = 0) -> np.nd
     import onnx
     from onnx import helper, numpy_helper
 
+    from visearch.models import ModelRecord
+
     model = onnx.load(src / "model.onnx")
-    meta = json.loads((src / "meta.json").read_text())
-    out = meta["output_name"]
-    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((meta["dim"], meta["dim"])))
+    meta = ModelRecord.read(src)
+    out = meta.output_name
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((meta.dim, meta.dim)))
     for node in model.graph.node:
         node.output[:] = [f"{out}_unrotated" if o == out else o for o in node.output]
     model.graph.initializer.append(numpy_helper.from_array(q.astype(np.float32), "visearch_rotation"))
     model.graph.node.append(helper.make_node("MatMul", [f"{out}_unrotated", "visearch_rotation"], [out]))
     dst.mkdir(parents=True)
     onnx.save(model, dst / "model.onnx")
-    (dst / "meta.json").write_text(json.dumps(dict(meta, version=version, model_sha256="")))
+    meta.derive(version=version, model_sha256="").write(dst)
     return q
 
 
@@ -60,10 +62,10 @@ def percentile(xs: list[float], q: float) -> float:
 def run(items: int, out: Path, retire_after: float, settle: float = 10.0, progress=print) -> dict:
     from bench.common import mesh_up
     from visearch import mesh
-    from visearch.cli import ingest_rows, read_manifest, wait_job
     from visearch.client import GatewayClient
     from visearch.datasets import grocery_root, grocery_split
     from visearch.demo import item_id, write_manifest
+    from visearch.sdk import ingest_rows, read_manifest, wait_job
     from visearch.settings import DEFAULT_MODEL_REPOSITORY
 
     root = grocery_root()

@@ -1,6 +1,6 @@
 """Re-ranking, measured in one run: global only, + max over base regions, + QAM, + alpha-QE, + DBA.
 
-    python bench/rerank_eval.py --model model_repository --out runs/rerank [--cd-model DIR] [--smoke]
+    python -m bench.rerank_eval --model model_repository --out runs/rerank [--cd-model DIR] [--smoke]
 
 Runs the served embedder ONNX (all its outputs) through ONNX Runtime on the grocery
 protocols P1, P3 (and CD with --cd-model, a model that never saw products 44..58) and
@@ -25,17 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from visearch import datasets, regions
+from visearch.detector import box_iou
+from visearch.evaluation.harness import MAP_AT, order_metrics
+from visearch.evaluation.protocols import Protocol, get_protocols
+from visearch.inference import resolve_version
+from visearch.offline import OfflineEmbedder, load_batch
+from visearch.scenes import build_scenes
 
-from visearch import datasets, regions  # noqa: E402
-from visearch.detector import box_iou  # noqa: E402
-from visearch.evaluation.harness import MAP_AT, _ap, relevance  # noqa: E402
-from visearch.evaluation.protocols import Protocol, get_protocols  # noqa: E402
-from visearch.imaging import decode_image, to_model_input  # noqa: E402
-from visearch.inference import resolve_version  # noqa: E402
-from visearch.metrics import average_precision  # noqa: E402
-from visearch.scenes import build_scenes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("global", "regions", "qam", "qe", "dba")
 QE_K, QE_ALPHA, DBA_K, DBA_ALPHA = 5, 3.0, 3, 3.0
@@ -47,15 +45,12 @@ def log(msg: str) -> None:
 
 class Model:
     def __init__(self, path: Path, threads: int):
-        import onnxruntime as ort
-
         vdir = resolve_version(path, "embedder") if (path / "embedder").is_dir() else path
         self.meta = json.loads((vdir / "meta.json").read_text())
         if not self.meta.get("regions"):
             raise SystemExit(f"{vdir}: the model has no region outputs; rebuild it (visearch models build)")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(vdir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.model = OfflineEmbedder(vdir / "model.onnx", self.meta["input_size"], threads, "embeddings")
+        self.session = self.model.session
         self.size = self.meta["input_size"]
         self.outputs = ["embeddings", *self.meta["regions"]["outputs"]]
         self.cache: dict[Path, tuple] = {}
@@ -63,10 +58,8 @@ class Model:
     def run(self, paths: list[Path], batch: int = 16) -> None:
         todo = [p for p in dict.fromkeys(paths) if p not in self.cache]
         t0 = time.perf_counter()
-        for i in range(0, len(todo), batch):
+        for i, (emb, rmap, energy, rq) in self.model.batches(todo, batch, self.outputs):
             part = todo[i:i + batch]
-            x = np.stack([to_model_input(decode_image(p.read_bytes()), self.size) for p in part])
-            emb, rmap, energy, rq = self.session.run(self.outputs, {"images": x})
             for j, p in enumerate(part):
                 self.cache[p] = (emb[j], rq[j], regions.base_regions(rmap[j], energy[j]))
             if (i // batch) % 20 == 0:
@@ -99,17 +92,9 @@ def rerank(method: str, qi: int, order: np.ndarray, q: np.ndarray, db: np.ndarra
 
 
 def metrics(proto: Protocol, orders: np.ndarray) -> dict:
-    rel = relevance(proto, orders)
-    aps, aps_k, hits = [], [], {1: 0, 5: 0, 10: 0}
-    for qi, r in enumerate(rel):
-        n_pos = len(proto.positives(proto.queries[qi]))
-        aps.append(_ap(r, n_pos))
-        aps_k.append(average_precision(r[:MAP_AT].tolist(), n_pos, MAP_AT))
-        for k in hits:
-            hits[k] += bool(r[:k].any())
-    n = len(rel)
-    return {"mAP": round(float(np.mean(aps)), 4), f"mAP@{MAP_AT}": round(float(np.mean(aps_k)), 4),
-            **{f"recall@{k}": round(v / n, 4) for k, v in hits.items()}, "n_queries": n}
+    m = order_metrics(proto, orders)
+    return {"mAP": round(m["mAP"], 4), f"mAP@{MAP_AT}": round(m[f"mAP@{MAP_AT}"], 4),
+            **{f"recall@{k}": round(m[f"recall@{k}"], 4) for k in (1, 5, 10)}, "n_queries": m["n_queries"]}
 
 
 def evaluate(model: Model, proto: Protocol, n: int, query_side: str = "graph") -> tuple[dict, dict]:
@@ -164,7 +149,7 @@ def box_quality(proto: Protocol, extra: dict, scenes: dict, method: str) -> dict
 def ingestion_cost(model: Model, photos: list, repeats: int = 5) -> dict:
     """Milliseconds per image: the forward with embeddings only, with every output, and + base regions.
     One warm-up each, then the variants interleaved `repeats` times; the best of each."""
-    x = np.stack([to_model_input(decode_image(p.path.read_bytes()), model.size) for p in photos])
+    x = load_batch([p.path for p in photos], model.size)
 
     def once(what: str) -> float:
         t0 = time.perf_counter()
@@ -274,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     model.run([p.path for p in sample])
     n_regions = float(np.mean([len(model.cache[p.path][2]) for p in sample]))
     report = {
-        "command": "python bench/rerank_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.rerank_eval " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": model.meta["id"], "cd_model": args.cd_model and str(args.cd_model), "n": args.n,
         "params": {"qe": {"k": QE_K, "alpha": QE_ALPHA}, "dba": {"k": DBA_K, "alpha": DBA_ALPHA},
                    "ospp_levels": 3, "fmp": 8, "region_dim": r["dim"]},

@@ -26,9 +26,9 @@ CONFIGS = [  # (embedding replicas, gateway replicas, workers)
 def run_config(emb: int, gw: int, workers: int, photos, queries, seconds: float, concurrency: int) -> dict:
     from bench.load import run_load
     from visearch import mesh
-    from visearch.cli import ingest_rows, read_manifest, wait_job
     from visearch.client import GatewayClient
     from visearch.demo import write_manifest
+    from visearch.sdk import ingest_rows, read_manifest, wait_job
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "mesh"

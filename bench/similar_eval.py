@@ -15,14 +15,13 @@ result.json and result.md.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import cli_env, grocery_root, show
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,19 +33,14 @@ def run(every: int, model: Path | None, limit: int = 0, progress=print) -> dict:
     from visearch.demo import item_id, write_manifest
     from visearch.metrics import match_report, retrieval_report
 
-    root = datasets.grocery_root()
-    if root is None:
-        raise SystemExit("the grocery dataset is not at ../shared/data/grocery-store")
+    root = grocery_root()
     train = datasets.grocery_split(root, "train")[::every]
     product = {item_id(p): p.fine_id for p in train}
     counts = {f: list(product.values()).count(f) for f in set(product.values())}
     queries = [p for p in train if p.is_product and counts[p.fine_id] > 1]  # with another photo to find
     queries = queries[:limit] if limit else queries
     data = Path(tempfile.mkdtemp(prefix="similar-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISEARCH_")}
-    env["VISEARCH_DATA_DIR"] = str(data)
-    if model:
-        env["VISEARCH_MODEL_REPOSITORY"] = str(model)
+    env = cli_env(data, model)
     state = mesh_up(data, {"VISEARCH_MODEL_REPOSITORY": str(model)} if model else {})
     ranked: dict[str, list[list[str]]] = {"similar": [], "upload": []}
     hit_dicts: dict[str, list[list[dict]]] = {"similar": [], "upload": []}
@@ -101,10 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="model repository (default: the project's)")
     args = ap.parse_args(argv)
     r = run(args.every, args.model, args.limit)
-    md = markdown(r)
-    print(md)
-    write_result(args.out, r, md)
-    return 0
+    return show(args.out, r, markdown(r))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Time exported ONNX models one after another: ONNX Runtime CPU, 1 intra-op thread, batch of 32 real photos.
 
-    python bench/time_onnx.py runs/onnx-lite0:320 runs/onnx-mnv2:224 --out runs/onnx-times.json
+    python -m bench.time_onnx runs/onnx-lite0:320 runs/onnx-mnv2:224 --out runs/onnx-times.json
 
 Each DIR:SIZE is a folder of `.onnx` files (as `visearch eval --export DIR` writes) and their
 input size; prints and writes {file name: ms per image} (best of 3 runs after a warm-up).
@@ -13,13 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from visearch import datasets  # noqa: E402
-from visearch.evaluation.features import load_batch  # noqa: E402
-from visearch.modeling.methods import onnx_ms_per_image  # noqa: E402
+from visearch import datasets
+from visearch.modeling.methods import onnx_ms_per_image
+from visearch.offline import load_batch
 
 
 def main(argv: list[str] | None = None) -> int:

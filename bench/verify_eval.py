@@ -39,9 +39,10 @@ import numpy as np
 
 from visearch import datasets, local, regions
 from visearch.evaluation.protocols import Protocol, get_protocols
-from visearch.imaging import decode_image, to_model_input
+from visearch.imaging import decode_image
 from visearch.inference import resolve_version
 from visearch.metrics import average_precision
+from visearch.offline import OfflineEmbedder
 
 N_CANDIDATES = 100
 TOP = 20
@@ -57,8 +58,6 @@ def log(msg: str) -> None:
 def embed_all(repo: Path, paths: list[Path], cache: Path, maps: bool = False):
     """Global descriptors of the repository's default embedder (cached by model and paths); with
     `maps`, also its conv maps (`region_map`, float16) for the CNN's local features."""
-    import onnxruntime as ort
-
     vdir = resolve_version(repo, "embedder") if (repo / "embedder").is_dir() else repo
     meta = json.loads((vdir / "meta.json").read_text())
     key = hashlib.sha256(((vdir / "model.onnx").read_bytes()[:1 << 20]) + "\n".join(map(str, paths)).encode()).hexdigest()[:12]
@@ -67,20 +66,15 @@ def embed_all(repo: Path, paths: list[Path], cache: Path, maps: bool = False):
         data = np.load(f)
         vecs = dict(zip(data["paths"], data["vectors"], strict=True))
         return (vecs, dict(zip(data["paths"], data["maps"], strict=True))) if maps else vecs
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(vdir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    size = int(meta["input_size"])
+    model = OfflineEmbedder(vdir / "model.onnx", int(meta["input_size"]), threads=2)
     rows, cmaps = [], []
     names = ["embeddings", "region_map"] if maps else ["embeddings"]
-    for i in range(0, len(paths), 32):
-        batch = np.stack([to_model_input(decode_image(p.read_bytes()), size) for p in paths[i:i + 32]])
-        out = sess.run(names, {sess.get_inputs()[0].name: batch})
+    for i, out in model.batches(paths, 32, names):
         rows.append(out[0])
         if maps:
             cmaps.append(out[1].astype(np.float16))
         if (i // 32) % 20 == 0:
-            log(f"  global {vdir}: {i + len(batch)}/{len(paths)}")
+            log(f"  global {vdir}: {i + len(out[0])}/{len(paths)}")
     vecs = np.concatenate(rows)
     extra = {"maps": np.concatenate(cmaps)} if maps else {}
     np.savez(f, paths=np.array([str(p) for p in paths]), vectors=vecs, **extra)

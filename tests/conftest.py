@@ -174,3 +174,23 @@ def services(tmp_path, model_repo):
     s = ServiceProcs(tmp_path, env)
     yield s
     s.stop_all()
+
+
+# Tiers (docs/ARCHITECTURE.md, "Tests"): every test is `unit`, `integration` or `mesh`, the package's
+# layers mirrored. A module marks `mesh` itself (it brings the whole mesh up); a test that uses a real
+# server fixture (Redis, Milvus, service processes) or a module that marks `integration` (it starts
+# processes or trains a model) is `integration`; the rest are `unit`: in-process, on real code and
+# real models, `make test-unit` in under two minutes.
+SERVER_FIXTURES = {"redis_url", "milvus_uri", "milvus_server_uri", "services"}
+TIERS = ("unit", "integration", "mesh")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        own = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(own) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {' and '.join(own)}: one tier a test")
+        if not own:
+            slow = item.get_closest_marker("train") or SERVER_FIXTURES & set(item.fixturenames)
+            tier = "integration" if slow else "unit"
+            item.add_marker(getattr(pytest.mark, tier))

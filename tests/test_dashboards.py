@@ -308,7 +308,7 @@ def test_prometheus_scrapes_every_component_under_the_jobs_the_alerts_name():
     assert {a for a in apps if re.fullmatch(keep["__meta_kubernetes_pod_label_app"], a)} == set(apps)
     for app, ports in apps.items():
         first = int(config["VISEARCH_WORKER_METRICS_PORT" if app == "worker" else "VISEARCH_METRICS_PORT"])
-        # A worker's pool processes serve on consecutive ports (services/worker/tasks.py), one per process.
+        # A worker's pool processes serve on consecutive ports (services/worker/app.py), one per process.
         from visearch.settings import WorkerSettings
 
         n = WorkerSettings.model_fields["worker_concurrency"].default if app == "worker" else 1

@@ -13,7 +13,7 @@ import torch
 from visearch import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(datasets.grocery_root() is None, reason="grocery dataset not found")
+pytestmark = [pytest.mark.skipif(datasets.grocery_root() is None, reason="grocery dataset not found"), pytest.mark.integration]
 
 
 def test_detector_fine_tuning_smoke(tmp_path):
@@ -37,8 +37,8 @@ def test_detector_fine_tuning_smoke(tmp_path):
 
 
 def test_detection_benchmark_smoke(model_repo, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "detect_eval.py"), "--model", str(model_repo), "--out",
-                        str(tmp_path), "--smoke", "--versions", "1"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "bench.detect_eval", "--model", str(model_repo), "--out",
+                        str(tmp_path), "--smoke", "--versions", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     (name,) = report["detectors"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
 
 
 def test_pca_projection_and_whitening():
@@ -29,8 +32,8 @@ def test_dimension_benchmark_builds_the_projection_into_the_graph(tmp_path, mode
 
     from bench.dimension import main
     from visearch.datasets import grocery_root, grocery_split
-    from visearch.evaluation.features import load_batch
     from visearch.evaluation.runner import onnx_model_path
+    from visearch.offline import load_batch
 
     assert main(["--model", str(model_repo), "--limit", "3", "--dims", "256,16", "--powers", "0,0.5",
                  "--export", "16", "--out", str(tmp_path)]) == 0

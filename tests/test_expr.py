@@ -91,6 +91,7 @@ def catalog_state(s: VectorStore, cat: str, ids) -> dict:
     return {i: [(o.object_id, o.box, o.metadata) for o in objs] for i, objs in rows.items()}
 
 
+@pytest.mark.integration
 def test_hostile_ids_keys_and_values_touch_only_their_own_rows(hostile_store):
     # Each example costs a few Milvus round trips: ~0.1 s on Milvus Lite, ~5 s on the server (Strong
     # reads wait for its time tick), so the server sees fewer of them.
@@ -141,6 +142,7 @@ def one_hostile_item(s: VectorStore, cat: str, bystanders: dict, item_id: str, k
     assert s.delete_items(cat, [item_id, "x' or object_id != '"]) == 0
 
 
+@pytest.mark.integration
 def test_a_running_store_heals_after_milvus_lite_restarts(tmp_path):
     """The same VectorStore object (a running gateway's or worker's) across a kill -9 and restart of
     Milvus Lite: the collections come back released, and the next reads load them again."""

@@ -13,6 +13,8 @@ from PIL import Image
 from visearch.evaluation import generic
 from visearch.evaluation.harness import evaluate_embeddings
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def protos(tmp_path_factory):
@@ -69,7 +71,7 @@ def test_the_served_embedder_solves_most_of_g(protos, model_repo):
     """The protocol is hard but not noise: the embedder (off the shelf in CI) finds most originals."""
     import onnxruntime as ort
 
-    from visearch.evaluation.features import load_batch
+    from visearch.offline import load_batch
 
     ps, _ = protos
     g = ps["G"]

@@ -110,7 +110,7 @@ def test_crop_and_model_input():
 
 
 def test_draft_scale_decodes_a_large_jpeg_reduced_and_each_image_once(photo, monkeypatch):
-    from services.embedding import server as emb
+    from visearch import embedding_model as emb
     from visearch import imaging
 
     img = Image.open(io.BytesIO(photo))

@@ -114,8 +114,8 @@ def test_onnxruntime_backend_bounds_the_forwards_run_at_once(model_repo, limit):
 def test_warm_up_readies_a_session_for_each_forward_at_once(model_repo):
     """The services' warm-up runs as many forwards at once as their backend allows, so no request
     after SERVING pays for loading a session or planning its memory."""
-    from services.detection.server import DetectionModel
-    from services.embedding.server import Embedder
+    from visearch.detection_model import DetectionModel
+    from visearch.embedding_model import Embedder
     from visearch.settings import DetectionSettings
 
     async def go():

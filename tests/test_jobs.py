@@ -50,7 +50,7 @@ def test_redelivered_batch_counts_stored_items_as_done(jobs):
     visibility timeout passed) finds their bytes released: they stay done, never turn failed."""
     from types import SimpleNamespace
 
-    from services.worker.tasks import process
+    from services.worker.pipeline import process
 
     job = new_job_id()
     jobs.submit(job, "cat", ["a", "b"], {"a": b"bytes-a", "b": b"bytes-b"})
@@ -103,7 +103,7 @@ def test_a_refused_batch_goes_unit_by_unit_and_a_lost_dependency_retries_it(jobs
 
     import grpc
 
-    from services.worker.tasks import Transient, run_batch
+    from services.worker.pipeline import Transient, run_batch
 
     class Refused(grpc.RpcError):
         def code(self):
@@ -202,7 +202,7 @@ def test_a_superseded_submission_is_not_worked_on(jobs):
     or embedding them (the later task stores and counts them)."""
     from types import SimpleNamespace
 
-    from services.worker.tasks import process
+    from services.worker.pipeline import process
 
     job = new_job_id()
     jobs.submit(job, "cat", ["a"], {"a": b"not read"})

@@ -13,8 +13,13 @@ ort = pytest.importorskip("onnxruntime")
 from PIL import Image  # noqa: E402
 
 from visearch import datasets  # noqa: E402
+from visearch.building import build_all  # noqa: E402
 from visearch.imaging import to_model_input  # noqa: E402
-from visearch.modeling import backbones, build, pooling  # noqa: E402
+from visearch.modeling import backbones, pooling  # noqa: E402
+from visearch.modeling.embedder import NORMALISATION, make_embedder, sample_images  # noqa: E402
+from visearch.modeling.export import build_embedder  # noqa: E402
+from visearch.models.contract import DEFAULT_CONFIG, EmbedderConfig, check_config  # noqa: E402
+from visearch.models.repository import ConfigMismatch  # noqa: E402
 
 pytestmark = pytest.mark.train
 
@@ -29,7 +34,7 @@ def photo(rel: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     repo = tmp_path_factory.mktemp("model_repository")
-    (meta,) = build.build_all(repo, ["embedder"], progress=lambda m: None)
+    (meta,) = build_all(repo, ["embedder"], progress=lambda m: None)
     version_dir = repo / "embedder" / "1"
     sess = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     return repo, meta, sess
@@ -40,7 +45,7 @@ def run(sess, batch: np.ndarray) -> np.ndarray:
 
 
 def sample(size: int, n: int) -> np.ndarray:
-    return build.sample_images(size, n)[0]
+    return sample_images(size, n)[0]
 
 
 # --------------------------------------------------------------------------- weights
@@ -51,7 +56,7 @@ def sample(size: int, n: int) -> np.ndarray:
 def test_imagenet_weights_classify_real_fruit(arch):
     """The strict-loaded weights recognise grocery fruit as their ImageNet classes."""
     model = backbones.load_backbone(arch, 224)
-    mean, std = build.NORMALISATION[arch]
+    mean, std = NORMALISATION[arch]
     cases = {  # ImageNet-1k indices
         "train/Fruit/Banana/Banana_001.jpg": 954,
         "train/Fruit/Apple/Granny-Smith/Granny-Smith_001.jpg": 948,
@@ -113,7 +118,7 @@ def test_rmac_is_normalised_sum_of_region_macs():
 
 def test_meta_describes_the_model(built):
     repo, meta, sess = built
-    cfg = build.DEFAULT_CONFIG
+    cfg = DEFAULT_CONFIG
     version_dir = repo / "embedder" / "1"
     assert json.loads((version_dir / "meta.json").read_text()) == meta
     assert meta["name"] == "embedder" and meta["version"] == 1
@@ -155,7 +160,7 @@ def test_dynamic_batch_and_unit_norm(built):
 
 def test_torch_onnx_parity_on_real_images(built):
     _, meta, sess = built
-    model = build.make_embedder(build.DEFAULT_CONFIG)
+    model = make_embedder(DEFAULT_CONFIG)
     batch = sample(meta["input_size"], 5)
     with torch.no_grad():
         ref = model(torch.from_numpy(batch)).numpy()
@@ -164,13 +169,13 @@ def test_torch_onnx_parity_on_real_images(built):
 
 def test_build_is_deterministic(built, tmp_path):
     _, meta, _ = built
-    (again,) = build.build_all(tmp_path, ["embedder"], progress=lambda m: None)
+    (again,) = build_all(tmp_path, ["embedder"], progress=lambda m: None)
     assert again == meta
 
 
 def test_other_configs_export(tmp_path):
-    cfg = build.EmbedderConfig(arch="mobilenet_v2", pooling="gem", size=224)
-    meta = build.build_embedder(tmp_path, cfg, progress=lambda m: None)
+    cfg = EmbedderConfig(arch="mobilenet_v2", pooling="gem", size=224)
+    meta = build_embedder(tmp_path, cfg, progress=lambda m: None)
     assert meta["id"] == "mobilenet_v2-gem3-224" and meta["pooling_params"]["p"] == 3.0
     sess = ort.InferenceSession(str(tmp_path / "embedder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     out = run(sess, sample(224, 2))
@@ -180,21 +185,21 @@ def test_other_configs_export(tmp_path):
 def test_config_pbtxt_must_agree(built, tmp_path):
     repo, meta, _ = built
     text = (repo / "embedder" / "config.pbtxt").read_text()
-    build.check_config(repo / "embedder" / "config.pbtxt", build.DEFAULT_CONFIG, meta["dim"], meta["regions"])
-    with pytest.raises(build.ConfigMismatch, match="outputs"):  # a config without the region outputs
-        build.check_config(repo / "embedder" / "config.pbtxt", build.DEFAULT_CONFIG, meta["dim"])
+    check_config(repo / "embedder" / "config.pbtxt", DEFAULT_CONFIG, meta["dim"], meta["regions"])
+    with pytest.raises(ConfigMismatch, match="outputs"):  # a config without the region outputs
+        check_config(repo / "embedder" / "config.pbtxt", DEFAULT_CONFIG, meta["dim"])
     s = meta["input_size"]
     bad = tmp_path / "embedder" / "config.pbtxt"
     bad.parent.mkdir()
     bad.write_text(text.replace(f"dims: [ {s}, {s}, 3 ]", "dims: [ 224, 224, 3 ]" if s != 224 else "dims: [ 256, 256, 3 ]"))
-    with pytest.raises(build.ConfigMismatch, match="dims"):
-        build.build_all(tmp_path, ["embedder"], progress=lambda m: None)
+    with pytest.raises(ConfigMismatch, match="dims"):
+        build_all(tmp_path, ["embedder"], progress=lambda m: None)
     assert not (tmp_path / "embedder" / "1" / "model.onnx").exists()  # refused before exporting
     bad.write_text(text.replace("TYPE_FP32", "TYPE_FP16"))
-    with pytest.raises(build.ConfigMismatch, match="TYPE_FP16"):
-        build.build_all(tmp_path, ["embedder"], progress=lambda m: None)
+    with pytest.raises(ConfigMismatch, match="TYPE_FP16"):
+        build_all(tmp_path, ["embedder"], progress=lambda m: None)
     with pytest.raises(ValueError, match="unknown model"):
-        build.build_all(tmp_path, ["classifier"], progress=lambda m: None)
+        build_all(tmp_path, ["classifier"], progress=lambda m: None)
 
 
 def test_committed_config_matches_default():
@@ -203,9 +208,9 @@ def test_committed_config_matches_default():
     from visearch.modeling import regionhead
 
     committed = Path(__file__).resolve().parents[1] / "model_repository" / "embedder" / "config.pbtxt"
-    side = build.DEFAULT_CONFIG.size // backbones.SPECS[build.DEFAULT_CONFIG.arch].stride
+    side = DEFAULT_CONFIG.size // backbones.SPECS[DEFAULT_CONFIG.arch].stride
     regions = {"map_size": [side, side], "dim": regionhead.DEFAULT_DIM, "channels": regionhead.DEFAULT_CHANNELS}
-    build.check_config(committed, build.DEFAULT_CONFIG, backbones.SPECS[build.DEFAULT_CONFIG.arch].dim, regions)
+    check_config(committed, DEFAULT_CONFIG, backbones.SPECS[DEFAULT_CONFIG.arch].dim, regions)
 
 
 # --------------------------------------------------------------------------- retrieval sanity

@@ -14,6 +14,8 @@ from visearch.training import default, detector
 from visearch.training import params as packs
 from visearch.training.train import load_checkpoint, load_config, save_checkpoint
 
+pytestmark = pytest.mark.integration
+
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
 
 
 def test_quantize_benchmark_smoke(tmp_path, model_repo):
@@ -13,7 +16,7 @@ def test_quantize_benchmark_smoke(tmp_path, model_repo):
 
     from bench.quantize import main
     from visearch.datasets import grocery_root, grocery_split
-    from visearch.evaluation.features import load_batch
+    from visearch.offline import load_batch
 
     assert main(["--model", str(model_repo), "--calibration", "8", "--limit", "3", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "result.json").read_text())

@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import channel
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 
+pytestmark = pytest.mark.integration
+
 
 def source_repo(model_repo, dst):
     """A repository holding the served embedder's first plain (not reduced) version as version 1."""
@@ -28,8 +30,11 @@ def source_repo(model_repo, dst):
 
 
 def test_reduced_version_is_built_checked_and_served_beside_its_source(model_repo, grocery, tmp_path):
-    from visearch.modeling import build
+    from dataclasses import replace
+
+    from visearch.checksum import sha256_file
     from visearch.modeling.reduce import reduce_embedder
+    from visearch.models.contract import DEFAULT_CONFIG, check_config
 
     repo = source_repo(model_repo, tmp_path / "repo")
     src_meta = json.loads((repo / "embedder" / "1" / "meta.json").read_text())
@@ -40,13 +45,13 @@ def test_reduced_version_is_built_checked_and_served_beside_its_source(model_rep
     assert meta["version"] == 2 and meta["dim"] == 16 and meta["id"] == f"{src_meta['id']}-pca16"
     assert meta["reduction"]["source_version"] == 1 and meta["reduction"]["source_sha256"] == src_meta["model_sha256"]
     assert 0 < meta["reduction"]["variance_kept"] < 1 and meta["parity_max_abs_diff"] < 1e-4
-    assert json.loads((v2 / "meta.json").read_text())["model_sha256"] == build.backbones.sha256_file(v2 / "model.onnx")
+    assert json.loads((v2 / "meta.json").read_text())["model_sha256"] == sha256_file(v2 / "model.onnx")
     # The config now lets versions differ in dimension, and still checks against either version.
     config = repo / "embedder" / "config.pbtxt"
     assert "dims: [ -1 ]" in config.read_text()
-    cfg = build.DEFAULT_CONFIG
-    build.check_config(config, build.replace(cfg, size=src_meta["input_size"]), 16, src_meta.get("regions"))
-    build.check_config(config, build.replace(cfg, size=src_meta["input_size"]), src_meta["dim"], src_meta.get("regions"))
+    cfg = DEFAULT_CONFIG
+    check_config(config, replace(cfg, size=src_meta["input_size"]), 16, src_meta.get("regions"))
+    check_config(config, replace(cfg, size=src_meta["input_size"]), src_meta["dim"], src_meta.get("regions"))
 
     # Idempotent: an up-to-date reduction is kept (not refitted, not rewritten).
     stamp = (v2 / "model.onnx").stat().st_mtime_ns

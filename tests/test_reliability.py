@@ -260,11 +260,19 @@ def test_embedding_outage_while_searching(rmesh, grocery):
     try:
         time.sleep(2)
         emb = next(c for c in mesh.load_state(rmesh["data"])["components"] if c["name"] == "embedding")
-        down_at = time.monotonic()
-        mesh.stop_pid(emb["pid"], 10)
-        time.sleep(3)
-        up_at = time.monotonic()
-        mesh.restart(rmesh["data"], "embedding")
+        # Held, so the supervisor does not start it again after its 0.5 s backoff: the outage lasts
+        # the 3 s the test means, not however long the supervisor's restart happens to take.
+        hold = Path(rmesh["data"]) / "run" / "hold-embedding"
+        hold.parent.mkdir(exist_ok=True)
+        hold.touch()
+        try:
+            down_at = time.monotonic()
+            mesh.stop_pid(emb["pid"], 10)
+            time.sleep(3)
+            up_at = time.monotonic()
+            mesh.restart(rmesh["data"], "embedding")  # the supervisor serves the request, held or not
+        finally:
+            hold.unlink(missing_ok=True)
         back_at = time.monotonic()
         time.sleep(4)
     finally:

@@ -11,14 +11,16 @@ import pytest
 
 from visearch import datasets
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(datasets.grocery_root() is None, reason="grocery dataset not found")
 def test_rerank_benchmark_smoke(model_repo, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "rerank_eval.py"), "--model", str(model_repo),
+    r = subprocess.run([sys.executable, "-m", "bench.rerank_eval", "--model", str(model_repo),
                         "--out", str(tmp_path), "--smoke", "--threads", "1"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     for proto in ("S", "P3", "P1"):

@@ -12,6 +12,8 @@ from visearch.inference import ModelMeta
 from visearch.settings import StoreSettings
 from visearch.store import BOUNDED, VectorStore, WriteClock, check_catalog
 
+pytestmark = pytest.mark.integration
+
 META = ModelMeta(name="embedder", version="1", input_name="images", output_name="embeddings", input_size=32, dim=8)
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from visearch import mesh, supervise
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture()
 def record(tmp_path, monkeypatch):

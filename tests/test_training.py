@@ -12,7 +12,10 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from visearch import datasets  # noqa: E402
-from visearch.modeling import build, pooling  # noqa: E402
+from visearch.building import build_all  # noqa: E402
+from visearch.modeling import pooling  # noqa: E402
+from visearch.modeling.embedder import sample_images  # noqa: E402
+from visearch.models.contract import DEFAULT_CONFIG, PARITY_TOL, EmbedderConfig, check_config, render_config  # noqa: E402
 from visearch.training import cli, data, export, losses, train  # noqa: E402
 from visearch.training import model as tmodel  # noqa: E402
 
@@ -181,16 +184,16 @@ def test_export_runs_in_onnxruntime_with_parity(smoke_run, tmp_path):
     vdir = tmp_path / "repo" / "embedder" / "3"
     assert json.loads((vdir / "meta.json").read_text()) == meta
     assert meta["fine_tuned"] and meta["dim"] == 64 and meta["input_size"] == 224 and meta["version"] == 3
-    assert meta["parity_max_abs_diff"] < build.PARITY_TOL
-    build.check_config(tmp_path / "repo" / "embedder" / "config.pbtxt",
-                       build.EmbedderConfig(size=224, version=3), 64, meta["regions"])
+    assert meta["parity_max_abs_diff"] < PARITY_TOL
+    check_config(tmp_path / "repo" / "embedder" / "config.pbtxt",
+                       EmbedderConfig(size=224, version=3), 64, meta["regions"])
     assert meta["regions"]["dim"] == 64  # the region space is at most the projection's dimension
     sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
     (inp,), (outp, *regions) = sess.get_inputs(), sess.get_outputs()
     assert [o.name for o in regions] == ["region_map", "region_energy", "region_query"]
     assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [224, 224, 3])
     assert (outp.name, outp.shape[1:]) == ("embeddings", [64])
-    batch = build.sample_images(224, 3)[0]
+    batch = sample_images(224, 3)[0]
     got = sess.run(["embeddings"], {"images": batch})[0]
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     model, _ = train.load_checkpoint(out / "best.pt")
@@ -206,7 +209,7 @@ def test_export_cli_refuses_a_mismatched_config(smoke_run, tmp_path):
     out, _ = smoke_run
     repo = tmp_path / "repo"
     (repo / "embedder").mkdir(parents=True)
-    (repo / "embedder" / "config.pbtxt").write_text(build.render_config(build.DEFAULT_CONFIG, 1280))
+    (repo / "embedder" / "config.pbtxt").write_text(render_config(DEFAULT_CONFIG, 1280))
     assert export.main(["--checkpoint", str(out / "best.pt"), "--repo", str(repo)]) == 1
     assert not (repo / "embedder" / "1" / "model.onnx").exists()
 
@@ -214,7 +217,7 @@ def test_export_cli_refuses_a_mismatched_config(smoke_run, tmp_path):
 @needs_grocery
 def test_models_build_exports_a_checkpoint_as_the_embedder(smoke_run, tmp_path):
     out, _ = smoke_run
-    (meta,) = build.build_all(tmp_path, ["embedder"], progress=lambda m: None, write_config=True,
+    (meta,) = build_all(tmp_path, ["embedder"], progress=lambda m: None, write_config=True,
                               checkpoint=out / "best.pt")
     assert meta["fine_tuned"] and meta["id"].startswith("efficientnet_lite0-rmac3-224-ft-")
     assert (tmp_path / "embedder" / "1" / "model.onnx").is_file()
@@ -293,7 +296,7 @@ def test_wise_interpolates_between_the_pretrained_model_and_the_fine_tuned_one(s
     assert wise.main([str(ckpt), "--out", str(tmp_path / "w"), "--alpha", "0.5"]) == 0
     meta_w = export.export_checkpoint(tmp_path / "w" / "best.pt", tmp_path / "repo", version=1, progress=lambda m: None,
                                       write_config=True)
-    assert meta_w["parity_max_abs_diff"] < build.PARITY_TOL
+    assert meta_w["parity_max_abs_diff"] < PARITY_TOL
 
 
 def test_wise_rule_keeps_generality_then_the_best_hold_out():

@@ -21,6 +21,8 @@ from visearch.inference import OnnxRuntimeBackend, TritonBackend
 from visearch.mesh import free_port
 from visearch.triton_repo import derive_cpu_repository, start_server
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-triton"
 

@@ -10,6 +10,7 @@ import pytest
 from visearch import local
 
 
+@pytest.mark.integration
 def test_verify_eval_smoke(tmp_path, model_repo, grocery):
     from bench.verify_eval import main
 
@@ -25,6 +26,7 @@ def test_verify_eval_smoke(tmp_path, model_repo, grocery):
     assert (tmp_path / "curve-P1.png").stat().st_size > 0 and "| rootsift" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.integration
 def test_policy_eval_smoke(tmp_path, model_repo, grocery):
     from bench.policy_eval import main
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -12,13 +11,9 @@ from pathlib import Path
 import click
 import grpc
 
-from visearch import files, mesh
-from visearch.search import MAX_BATCH_SEARCHES
-from visearch.settings import REGION_MODES
-
-MAX_REQUEST_BYTES = 8 * 1024 * 1024
-# The first request of an ingest is kept small so the workers start while the rest is sent.
-FIRST_REQUEST_BYTES = 1024 * 1024
+from visearch import mesh
+from visearch.sdk import ManifestError, hits_json, ingest_rows, read_manifest, search_batch, search_one, wait_job
+from visearch.search import REGION_MODES
 
 
 def _data_dir(value: str | None) -> Path:
@@ -49,34 +44,6 @@ def _client(ctx: click.Context):
     return GatewayClient(_gateway(ctx), key=_api_key(ctx), timeout=ctx.obj["timeout"])
 
 
-def _rpc_error(exc: grpc.RpcError) -> dict:
-    return {"code": exc.code().name, "message": exc.details() or ""}
-
-
-class Progress:
-    """A one-line progress bar on stderr (silent when stderr is not a terminal, except at the end)."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.t0 = max(total, 1), label, time.monotonic()
-        self.tty = sys.stderr.isatty()
-        self.last = -1.0
-
-    def update(self, done: int, failed: int = 0, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and (now - self.last < (0.2 if self.tty else 10.0)):
-            return
-        self.last = now
-        frac = min(1.0, (done + failed) / self.total)
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        rate = (done + failed) / max(now - self.t0, 1e-6)
-        line = f"{self.label} [{bar}] {done + failed}/{self.total} ({failed} failed) {rate:.1f}/s"
-        click.echo(("\r" + line) if self.tty else line, err=True, nl=not self.tty)
-
-    def close(self) -> None:
-        if self.tty:
-            click.echo("", err=True)
-
-
 # Exit codes: 0 done, 1 an operational failure or a request refused (one line on stderr: what,
 # why, where to look), 2 a usage error, 70 an internal error (a bug: --debug shows the traceback).
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 70
@@ -102,11 +69,28 @@ def one_line(exc: BaseException) -> Failure:
         return Failure(f"{code.name if code else 'gRPC error'}: {details.splitlines()[0][:300] if details else ''}{hint}")
     if isinstance(exc, mesh.MeshError):
         return Failure(str(exc).splitlines()[0][:600])
+    if isinstance(exc, ModuleNotFoundError):  # a command of the server side run from the SDK-only install
+        extra = "train" if (exc.name or "").split(".")[0] in ("torch", "torchvision", "onnx") else "server"
+        return Failure(f"{exc}: this command needs the {extra} extra (pip install 'visearch[{extra}]')")
     if isinstance(exc, OSError):
         where = f": {exc.filename}" if exc.filename else ""
         return Failure(f"{exc.strerror or exc}{where}")
     return InternalError(f"internal error ({type(exc).__name__}: {str(exc)[:200]}); "
                          "run with --debug for the traceback")
+
+
+# What the services need beyond the SDK (pyproject's `server` extra), by import name.
+SERVER_MODULES = ("PIL", "onnxruntime", "cv2", "celery", "redis", "pymilvus", "milvus_lite", "prometheus_client",
+                  "grpc_health", "grpc_reflection")
+
+
+def _server_extra(what: str) -> None:
+    """Failure naming the server extra when it is not installed (`pip install visearch` is the client)."""
+    import importlib.util
+
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Failure(f"{what}: it needs the server extra (pip install 'visearch[server]'); missing {', '.join(missing)}")
 
 
 class Commands(click.Group):
@@ -150,6 +134,7 @@ def main(ctx, debug, data_dir, gateway, timeout):
 def up(ctx, roots, wait, replicas, workers):
     """Start Redis, Milvus Lite, every service and a worker; wait until healthy."""
     data_dir = ctx.obj["data_dir"]
+    _server_extra("`visearch up` runs the services")
     counts = {}
     for r in replicas:
         name, _, n = r.partition("=")
@@ -214,63 +199,6 @@ def status(ctx, as_json):
         sys.exit(1)
 
 
-def read_manifest(path: Path) -> list[dict]:
-    """Rows of a CSV with header item_id,path (other columns become metadata); paths relative to the CSV."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"item_id", "path"} <= set(reader.fieldnames):
-            raise Failure(f"{path}: the header must contain item_id,path (got {reader.fieldnames})")
-        rows = []
-        for row in reader:
-            p = Path(row["path"])
-            rows.append({"item_id": row["item_id"], "path": p if p.is_absolute() else (path.parent / p),
-                         "metadata": {k: v for k, v in row.items() if k not in ("item_id", "path") and v}})
-    return rows
-
-
-def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool, regions: str = "", duplicates: str = ""
-                ) -> tuple[str, dict[str, str]]:
-    """Send rows in requests of bounded size under one job id; returns (job id, local failures).
-    `regions`: how a catalog the first request makes stores base regions ("": the default)."""
-    from visearch.gateway.v1 import gateway_pb2
-
-    job_id, local_failed = "", {}
-    batch, size = [], 0
-
-    def flush():
-        nonlocal job_id, batch, size
-        if batch:
-            job_id = client.ingest(batch, catalog=catalog, job_id=job_id, regions=regions, duplicates=duplicates).job_id
-        batch, size = [], 0
-
-    for row in rows:
-        if by_path:
-            item = gateway_pb2.IngestItem(item_id=row["item_id"], uri=str(Path(row["path"]).resolve()),
-                                          metadata=row["metadata"])
-        else:
-            try:
-                data = files.read_file(row["path"])
-            except files.ReadError as exc:
-                local_failed[row["item_id"]] = str(exc)
-                continue
-            item = gateway_pb2.IngestItem(item_id=row["item_id"], image=data, metadata=row["metadata"])
-        n = item.ByteSize()
-        if batch and size + n > (MAX_REQUEST_BYTES if job_id else FIRST_REQUEST_BYTES):
-            flush()
-        batch.append(item)
-        size += n
-    flush()
-    return job_id, local_failed
-
-
-def wait_job(client, job_id: str, total: int, quiet: bool = False):
-    bar = None if quiet else Progress(total, "ingest")
-    job = client.wait(job_id, on_progress=bar and (lambda j: bar.update(j.done, j.failed, force=j.pending == 0)))
-    if bar:
-        bar.close()
-    return job
-
-
 @main.command()
 @click.option("--manifest", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--catalog", default="default", show_default=True)
@@ -287,7 +215,10 @@ def wait_job(client, job_id: str, total: int, quiet: bool = False):
 @click.pass_context
 def ingest(ctx, manifest, catalog, wait, by_path, regions, duplicates, as_json):
     """Queue the images of a CSV manifest (item_id,path) for ingestion."""
-    rows = read_manifest(manifest)
+    try:
+        rows = read_manifest(manifest)
+    except ManifestError as exc:
+        raise Failure(str(exc)) from None
     with _client(ctx) as client:
         try:
             job_id, local_failed = ingest_rows(client, rows, catalog, by_path, regions or "",
@@ -329,84 +260,6 @@ def job(ctx, job_id, wait):
         except grpc.RpcError as exc:
             raise Failure(f"{exc.code().name}: {exc.details()}") from None
     click.echo(json.dumps(MessageToDict(j, always_print_fields_with_no_presence=True)))
-
-
-def _hits(resp_hits) -> list[dict]:
-    hits = []
-    for h in resp_hits:
-        # match: the system is confident the hit shows the same object (the "verify" re-rank decides it).
-        hit = {"item_id": h.item_id, "score": round(h.score, 6), "match": bool(h.match)}
-        if h.HasField("box"):  # the matched object in the catalog image, pixels
-            hit["box"] = [round(v, 1) for v in (h.box.x1, h.box.y1, h.box.x2, h.box.y2)]
-        if h.metadata:
-            hit["metadata"] = dict(h.metadata)
-        if h.HasField("region"):  # where re-ranking matched, pixels of the catalog image
-            hit["region"] = [round(v, 1) for v in (h.region.x1, h.region.y1, h.region.x2, h.region.y2)]
-        if h.inliers:  # local features verified under one geometric transform
-            hit["inliers"] = h.inliers
-        hits.append(hit)
-    return hits
-
-
-def _answer(path: str, resp, latency_ms: float, read_ms: float) -> dict:
-    qb = resp.query_box
-    return {"query": path, "hits": _hits(resp.hits), "latency_ms": round(latency_ms, 2), "read_ms": round(read_ms, 2),
-            "query_box": [qb.x1, qb.y1, qb.x2, qb.y2], "model": f"{resp.model.name}:{resp.model.version}",
-            "rerank": resp.rerank}
-
-
-def search_batch(client, paths: list[str], catalog: str, top_k: int, rerank: str, filters: dict,
-                 full_frame: bool = False, batch: int = MAX_BATCH_SEARCHES) -> list[dict]:
-    """Each photo's answer, as search_one gives it, from BatchSearch calls of up to `batch` photos
-    (their latency_ms is their call's)."""
-    outs: list[dict | None] = [None] * len(paths)
-    read: list[tuple[int, bytes, float]] = []
-    for i, path in enumerate(paths):
-        t0 = time.perf_counter()
-        try:
-            read.append((i, files.read_file(path), (time.perf_counter() - t0) * 1000))
-        except files.ReadError as exc:
-            outs[i] = {"query": path, "error": {"code": "INVALID_ARGUMENT", "message": str(exc)}}
-    for start in range(0, len(read), batch):
-        part = read[start:start + batch]
-        t1 = time.perf_counter()
-        try:
-            results = client.search_many([d for _, d, _ in part], catalog=catalog, top_k=top_k, rerank=rerank,
-                                         filters=filters, full_frame=full_frame)
-        except grpc.RpcError as exc:
-            for i, _, _ in part:
-                outs[i] = {"query": paths[i], "error": _rpc_error(exc)}
-            continue
-        latency = (time.perf_counter() - t1) * 1000
-        for (i, _, read_ms), res in zip(part, results, strict=True):
-            if res.HasField("error"):
-                outs[i] = {"query": paths[i], "error": {"code": res.error.code, "message": res.error.message}}
-            else:
-                outs[i] = _answer(paths[i], res.response, latency, read_ms)
-    return outs
-
-
-def search_one(client, path: str, catalog: str, top_k: int, rerank: str, filters: dict, full_frame: bool = False,
-               per_object: bool = False) -> dict:
-    t0 = time.perf_counter()
-    try:
-        data = files.read_file(path)
-    except files.ReadError as exc:
-        return {"query": path, "error": {"code": "INVALID_ARGUMENT", "message": str(exc)}}
-    t1 = time.perf_counter()  # the search's latency is the call's: reading the photo here is the client's disk
-    try:
-        resp = client.search(data, catalog=catalog, top_k=top_k, rerank=rerank, filters=filters, full_frame=full_frame,
-                             per_object=per_object)
-    except grpc.RpcError as exc:
-        return {"query": path, "error": _rpc_error(exc)}
-    latency = (time.perf_counter() - t1) * 1000
-    out = _answer(path, resp, latency, (t1 - t0) * 1000)
-    if per_object:
-        out["objects"] = [{"query_box": [round(v, 1) for v in (o.query_box.x1, o.query_box.y1, o.query_box.x2,
-                                                                o.query_box.y2)],
-                           "score": round(o.detection_score, 4), "label": o.label, "hits": _hits(o.hits)}
-                          for o in resp.objects]
-    return out
 
 
 @main.command()
@@ -466,7 +319,7 @@ def similar(ctx, item_id, catalog, top_k, rerank, filters, full_frame, as_json):
                                   full_frame=full_frame)
         except grpc.RpcError as exc:
             raise Failure(f"{exc.code().name}: {exc.details()}") from None
-    out = {"item_id": item_id, "hits": _hits(resp.hits), "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+    out = {"item_id": item_id, "hits": hits_json(resp.hits), "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
            "model": f"{resp.model.name}:{resp.model.version}", "rerank": resp.rerank}
     if as_json:
         click.echo(json.dumps(out))
@@ -654,7 +507,7 @@ def detect(images, as_json, min_score, max_detections, repo):
     best first, in pixels of the original image (EXIF orientation applied). An image that cannot be
     read prints {"image": PATH, "error": REASON} and the exit status is 1.
     """
-    from services.detection.server import DetectionModel, run_local
+    from visearch.detection_model import DetectionModel, run_local
     from visearch.settings import DetectionSettings
 
     kw = {"model_repository": repo} if repo else {}
@@ -708,7 +561,7 @@ def models_build(repo, checkpoint, off_the_shelf, retrain, reduce_dim):
     if checkpoint and off_the_shelf:
         raise click.UsageError("--checkpoint and --off-the-shelf exclude each other")
     try:
-        from visearch.modeling.build import build_all
+        from visearch.building import build_all
         from visearch.training.default import default_checkpoint
     except ImportError as exc:
         raise Failure(f"building models needs the train extra (torch): {exc}") from None

@@ -8,6 +8,7 @@
 
 Answers are the gateway's protobuf messages (`visearch.gateway.v1.gateway_pb2`, typed by its
 .pyi stubs): SearchResponse, IngestItemsResponse, IngestJob, Item, Catalog, ReembedCatalogResponse.
+Bulk helpers on top (CSV manifests, ingestion in requests of bounded size, answers as dicts): `visearch.sdk`.
 
 - **Addresses**: one `host:port`, a gRPC target (`dns:///gateway:50050` resolves every address
   of a name and spreads calls round-robin), or several addresses (a list or comma-separated):
@@ -33,14 +34,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from visearch import backup, files
+from visearch.channels import REQUEST_BUDGET, aio_channel, client_options, retry_after, split_by_bytes, sync_channel
 from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from visearch.grpcserver import REQUEST_BUDGET, aio_channel, client_options, retry_after, split_by_bytes, sync_channel
 from visearch.search import MAX_BATCH_SEARCHES
-from visearch.settings import SecuritySettings
+
+if TYPE_CHECKING:
+    from visearch.clientsettings import SecuritySettings
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 ImageArg = bytes | str | Path
@@ -111,7 +115,12 @@ class _Base:
         self.api_key = api_key if api_key is not None else (key if key is not None else os.environ.get("VISEARCH_API_KEY", ""))
         self.timeout, self.retries, self.backoff = timeout, max(1, retries), backoff
         self.max_rate_retries = max(0, max_rate_retries)
-        self.security = security or SecuritySettings()
+        if security is None:
+            # Read when a client is made, not when the SDK is imported (pydantic-settings).
+            from visearch.clientsettings import SecuritySettings
+
+            security = SecuritySettings()
+        self.security = security
         self._turn = itertools.count()
 
     def _plan(self, timeout: float | None) -> tuple[float, int]:
@@ -136,13 +145,13 @@ class _Base:
     @classmethod
     def local(cls, data_dir: str | Path | None = None, **kw):
         """A client of the local mesh that `visearch up` started (its address and admin key)."""
-        from visearch import mesh
+        from visearch import meshfiles
 
-        data_dir = Path(data_dir) if data_dir else mesh.default_data_dir()
-        state = mesh.load_state(data_dir)
+        data_dir = Path(data_dir) if data_dir else meshfiles.default_data_dir()
+        state = meshfiles.load_state(data_dir)
         if not state:
             raise RuntimeError(f"no mesh is up in {data_dir}: run `visearch up`")
-        kw.setdefault("api_key", os.environ.get("VISEARCH_API_KEY") or mesh.read_admin_key(data_dir) or "")
+        kw.setdefault("api_key", os.environ.get("VISEARCH_API_KEY") or meshfiles.read_admin_key(data_dir) or "")
         return cls(state["gateway"], **kw)
 
 

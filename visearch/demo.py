@@ -15,8 +15,10 @@ from pathlib import Path
 import click
 
 from visearch import mesh
+from visearch.client import GatewayClient
 from visearch.datasets import Photo, grocery_root, grocery_split
 from visearch.metrics import match_report, retrieval_report
+from visearch.sdk import ingest_rows, read_manifest, search_one, wait_job
 
 
 def item_id(photo: Photo) -> str:
@@ -36,8 +38,6 @@ def write_manifest(photos: list[Photo], path: Path) -> Path:
 def evaluate(client, queries: list[Photo], database: list[Photo], catalog: str, top_k: int = 100,
              show: int = 5, echo=click.echo) -> dict:
     """Search with each query through the gateway; grocery protocol 1 metrics."""
-    from visearch.cli import search_one
-
     by_class: dict[int, set[str]] = {}
     for p in database:
         by_class.setdefault(p.fine_id, set()).add(item_id(p))
@@ -72,9 +72,6 @@ def evaluate(client, queries: list[Photo], database: list[Photo], catalog: str, 
 
 def run_demo(data_dir: Path, catalog: str = "demo", n_queries: int = 0, keep_up: bool = False,
              timeout: float = 60.0) -> dict:
-    from visearch.cli import ingest_rows, wait_job
-    from visearch.client import GatewayClient
-
     root = grocery_root()
     if root is None:
         raise click.ClickException(
@@ -89,8 +86,6 @@ def run_demo(data_dir: Path, catalog: str = "demo", n_queries: int = 0, keep_up:
     was_up = bool(mesh.status(data_dir)) and all(c["healthy"] for c in mesh.status(data_dir))
     state = mesh.up(data_dir, log=lambda m: click.echo(m, err=True))
     try:
-        from visearch.cli import read_manifest
-
         rows = read_manifest(write_manifest(database, Path(state["data_dir"]) / "demo" / "manifest.csv"))
         with GatewayClient(state["gateway"], key=mesh.read_admin_key(data_dir), timeout=timeout) as client:
             t0 = time.monotonic()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import grpc
 
 
+class ImageError(ValueError):
+    """The bytes are not an image we accept; the message says why (raised by visearch.imaging)."""
+
+
 class VisearchError(Exception):
     """An error a caller can act on; `code` is the gRPC status it maps to."""
 
@@ -55,8 +59,6 @@ _PASS_THROUGH = {
 
 def to_status(exc: BaseException, dependency: str | None = None) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message for an exception raised while serving a call."""
-    from visearch.imaging import ImageError
-
     if isinstance(exc, VisearchError):
         return exc.code, exc.message
     if isinstance(exc, ImageError):

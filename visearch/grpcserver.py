@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import logging
 import signal
@@ -17,8 +16,19 @@ from grpc_reflection.v1alpha import reflection
 
 from visearch import observability as obs
 from visearch import tracing
-from visearch.auth import Authenticator, AuthInterceptor, KeyStore, TokenAuth
+from visearch.auth import Authenticator, AuthInterceptor, KeyStore
 from visearch.auth import current as current_principal
+from visearch.channels import (  # noqa: F401 - the client side, re-exported for the services
+    REQUEST_BUDGET,
+    RETRY_AFTER,
+    aio_channel,
+    channel_credentials,
+    client_options,
+    retry_after,
+    split_by_bytes,
+    sync_channel,
+    too_large,
+)
 from visearch.errors import InvalidArgument, to_status
 from visearch.settings import SecuritySettings, ServerSettings
 
@@ -229,20 +239,6 @@ async def channel_ready(channel: grpc.aio.Channel, service: str = "", timeout: f
     return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def client_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, object]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        # round_robin: a DNS name with several addresses spreads calls over all of them.
-        ("grpc.lb_policy_name", "round_robin"),
-        ("grpc.enable_retries", 1),
-        # Reconnect within seconds when a dependency comes back (the default backoff grows to 2 minutes).
-        ("grpc.initial_reconnect_backoff_ms", 250),
-        ("grpc.min_reconnect_backoff_ms", 250),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-    ]
-
-
 def _read(path) -> bytes:
     return open(path, "rb").read()
 
@@ -257,14 +253,6 @@ def server_credentials(s: SecuritySettings) -> grpc.ServerCredentials | None:
                                        require_client_auth=ca is not None)
 
 
-def channel_credentials(s: SecuritySettings) -> grpc.ChannelCredentials | None:
-    if not s.tls_ca_file:
-        return None
-    cert = _read(s.tls_client_cert_file) if s.tls_client_cert_file else None
-    key = _read(s.tls_client_key_file) if s.tls_client_key_file else None
-    return grpc.ssl_channel_credentials(_read(s.tls_ca_file), key, cert)
-
-
 def authenticator(s: SecuritySettings) -> Authenticator:
     if s.auth == "off":
         log.warning("authentication is OFF: every caller is trusted")
@@ -275,124 +263,6 @@ def authenticator(s: SecuritySettings) -> Authenticator:
         raise ValueError("auth is on but neither VISEARCH_API_KEYS_FILE nor VISEARCH_INTERNAL_TOKEN is set "
                          "(set VISEARCH_AUTH=off only for local experiments)")
     return Authenticator(keys, token)
-
-
-class _Metadata(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, metadata):
-        self.metadata = tuple(metadata)
-
-    async def intercept_unary_unary(self, continuation, details, request):
-        md = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata, *_request_id(details.metadata))
-        return await continuation(details._replace(metadata=md), request)
-
-
-def aio_channel(address: str, s: SecuritySettings, key: str = "", max_message_bytes: int = 64 * 1024 * 1024):
-    """An asyncio channel to a visearch service: TLS when configured, credentials on every call."""
-    key = key or s.internal_token.get_secret_value()
-    interceptors = [*tracing.aio_client_interceptors(), _Metadata((("authorization", f"Bearer {key}"),) if key else ())]
-    creds = channel_credentials(s)
-    opts = client_options(max_message_bytes)
-    if creds:
-        return grpc.aio.secure_channel(address, creds, opts, interceptors=interceptors)
-    return grpc.aio.insecure_channel(address, opts, interceptors=interceptors)
-
-
-# Bytes of images per request a client sends (gRPC refuses a message over max_message_bytes, 64 MiB by
-# default): a larger batch is sent as several requests.
-REQUEST_BUDGET = 48 * 1024 * 1024
-
-
-def split_by_bytes(items: list, size_of: Callable[[object], int], budget: int = REQUEST_BUDGET) -> list[list]:
-    """`items` in consecutive parts of at most `budget` bytes each (an item larger than that alone)."""
-    parts: list[list] = []
-    cur: list = []
-    n = 0
-    for it in items:
-        s = size_of(it)
-        if cur and n + s > budget:
-            parts.append(cur)
-            cur, n = [], 0
-        cur.append(it)
-        n += s
-    if cur or not parts:
-        parts.append(cur)
-    return parts
-
-
-def too_large(exc: grpc.RpcError) -> bool:
-    """Whether a RESOURCE_EXHAUSTED is gRPC refusing a message's size (final) rather than a busy server."""
-    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (exc.details() or "")
-
-
-# Trailing metadata of a RESOURCE_EXHAUSTED that will pass again later: seconds to wait ("0.35").
-RETRY_AFTER = "retry-after"
-
-
-def retry_after(exc: grpc.RpcError) -> float | None:
-    """The seconds a refused call says to wait before trying again (a key over its rate), else None."""
-    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return None
-    try:
-        trailers = exc.trailing_metadata() or ()
-    except Exception:  # noqa: BLE001 - a call that never reached a server has none
-        return None
-    for key, value in trailers:
-        if key == RETRY_AFTER:
-            try:
-                seconds = float(value)
-            except ValueError:
-                return None
-            return seconds if 0 <= seconds < float("inf") else None
-    return None
-
-
-def sync_channel(address: str, s: SecuritySettings, key: str = "", options=None):
-    """The blocking counterpart of `aio_channel` (workers and the CLI)."""
-    key = key or s.internal_token.get_secret_value()
-    creds = channel_credentials(s)
-    opts = options or client_options()
-    if creds:
-        if key:
-            creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(TokenAuth(key)))
-        return tracing.traced_channel(grpc.secure_channel(address, creds, opts))
-    return tracing.traced_channel(grpc.intercept_channel(grpc.insecure_channel(address, opts), _SyncMetadata(key)))
-
-
-def _request_id(metadata) -> tuple[tuple[str, str], ...]:
-    """The x-request-id entry a call carries on: the context's, unless the caller set one itself."""
-    rid = obs.request_id.get()
-    if not rid or any(k == "x-request-id" for k, _ in (metadata or ())):
-        return ()
-    return (("x-request-id", rid),)
-
-
-class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    def __init__(self, key: str):
-        self.md = (("authorization", f"Bearer {key}"),) if key else ()
-
-    def _details(self, d):
-        md = tuple(d.metadata or ()) + self.md + _request_id(d.metadata)
-        return _CallDetails(d.method, d.timeout, md, d.credentials,
-                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-
-class _CallDetails(
-        collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
-        grpc.ClientCallDetails):
-    pass
 
 
 class InFlightLimit(grpc.aio.ServerInterceptor):

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from visearch import files
+from visearch.errors import ImageError  # noqa: F401 - imaging.ImageError for its callers
 
 # Formats a catalog photo plausibly comes in; everything else (PDF, EPS, ICNS...)
 # is refused before a decoder plugin ever sees the bytes.
@@ -38,10 +39,6 @@ cv2.setNumThreads(1)
 
 # Truncated files must fail loudly, not decode to half-grey pictures.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class ImageError(ValueError):
-    """The bytes are not an image we accept; the message says why."""
 
 
 @dataclass(frozen=True)

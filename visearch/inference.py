@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,6 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from visearch.errors import FailedPrecondition, InvalidArgument, Unavailable
+from visearch.models.record import META_FILE, ModelRecord
+from visearch.models.repository import versions as built_versions
+from visearch.ortsession import ort_session
 from visearch.settings import ORT_PROVIDER_NAMES, InferenceSettings, parse_ort_providers
 
 log = logging.getLogger(__name__)
@@ -42,26 +44,24 @@ class ModelMeta:
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_record(cls, name: str, version: str, record: dict) -> ModelMeta:
+    def from_record(cls, name: str, version: str, record: ModelRecord | dict) -> ModelMeta:
+        """The client's view of a model version's meta record (`visearch.models.ModelRecord`; a dict is
+        read as one, strictly)."""
+        if not isinstance(record, ModelRecord):
+            record = ModelRecord.from_dict(record, f"model {name} version {version}")
         known = {"input_name", "output_name", "input_size", "dim", "metric", "architecture", "weights_sha256"}
-        pooling = record.get("pooling", "")
-        if isinstance(pooling, dict):
-            pooling = pooling.get("name") or pooling.get("type") or json.dumps(pooling, sort_keys=True)
-        size = record["input_size"]
-        if isinstance(size, (list, tuple)):
-            size = size[0]
         return cls(
             name=name,
             version=str(version),
-            input_name=record.get("input_name", "images"),
-            output_name=record.get("output_name", "embeddings"),
-            input_size=int(size),
-            dim=int(record["dim"]),
-            metric=record.get("metric", "ip"),
-            architecture=record.get("architecture", ""),
-            pooling=str(pooling),
-            weights_sha256=record.get("weights_sha256", ""),
-            extra={k: v for k, v in record.items() if k not in known},
+            input_name=record.input_name,
+            output_name=record.output_name,
+            input_size=record.input_size,
+            dim=record.dim,
+            metric=record.metric or "ip",
+            architecture=record.architecture,
+            pooling=record.pooling or "",
+            weights_sha256=record.weights_sha256 or "",
+            extra={k: v for k, v in record.to_dict().items() if k not in known},
         )
 
     @property
@@ -87,7 +87,7 @@ def resolve_version(repo: Path, name: str, version: str = "") -> Path:
         if not (path / "model.onnx").is_file():
             raise FailedPrecondition(f"model {name} version {version} not found in {repo} (run `visearch models build`)")
         return path
-    versions = sorted(int(p.name) for p in model_dir.glob("*") if p.name.isdigit() and (p / "model.onnx").is_file())
+    versions = built_versions(model_dir)
     if not versions:
         raise FailedPrecondition(f"no built version of model {name!r} in {repo}: run `visearch models build`")
     return model_dir / str(versions[-1])
@@ -95,10 +95,14 @@ def resolve_version(repo: Path, name: str, version: str = "") -> Path:
 
 def read_meta(repo: Path, name: str, version: str = "") -> ModelMeta:
     path = resolve_version(repo, name, version)
-    meta_file = path / "meta.json"
+    meta_file = path / META_FILE
     if not meta_file.is_file():
         raise FailedPrecondition(f"{meta_file} is missing: rebuild the model with `visearch models build`")
-    return ModelMeta.from_record(name, path.name, json.loads(meta_file.read_text()))
+    try:
+        record = ModelRecord.read(meta_file)
+    except ValueError as exc:
+        raise FailedPrecondition(f"{exc}: rebuild the model with `visearch models build`") from None
+    return ModelMeta.from_record(name, path.name, record)
 
 
 class InferenceBackend(abc.ABC):
@@ -220,20 +224,14 @@ class OnnxRuntimeBackend(InferenceBackend):
         self._lock = asyncio.Lock()
 
     def _load(self, model: str, version: str):
-        import onnxruntime as ort
-
         meta = read_meta(self.repo, model, version or self.versions.get(model, ""))
-        opts = ort.SessionOptions()
         # One intra-op thread per session measured fastest for these CNNs on 2 cores;
         # parallelism comes from processes, not threads inside one forward.
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         path = self.repo / model / meta.version / "model.onnx"
         for name, options in self.providers:
             if name == ORT_PROVIDERS["tensorrt"]:
                 Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-        session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        session = ort_session(path, self.threads, self.providers)
         in_use = self.providers_in_use[meta.tag] = session.get_providers()
         log.info("loaded model", extra={"model": meta.tag, "path": str(path), "providers": in_use})
         lost = [name for name, _ in self.providers if name not in in_use]

@@ -394,3 +394,14 @@ class Jobs:
 
     def ping(self) -> bool:
         return bool(self.r.ping())
+
+    def queue_depth(self, queue: str) -> int:
+        """Messages waiting in a Celery queue (a Redis list on the same Redis)."""
+        return int(self.r.llen(queue))
+
+    def eviction_policy(self) -> str | None:
+        """Redis's maxmemory-policy (None when CONFIG is disabled, as on managed Redis)."""
+        try:
+            return self.r.config_get("maxmemory-policy").get("maxmemory-policy", "")
+        except redis.exceptions.ResponseError:
+            return None

@@ -22,7 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STATE = "mesh.json"
+from visearch.meshfiles import STATE, default_data_dir, load_state, read_admin_key  # noqa: F401 - mesh.X for callers
+
 LOCK = "mesh.lock"
 LAUNCH_ERROR = "launch.error"
 # Popen of every process this process started, by pid: kept so that its exit status is ours to
@@ -44,14 +45,6 @@ class Component:
     log: str
     argv: list[str] | None = None
     metrics: str = ""  # host:port of its /metrics, when it serves one
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("VISEARCH_DATA_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "visearch"
 
 
 _HANDED_OUT: set[int] = set()
@@ -144,13 +137,6 @@ def alive(pid: int) -> bool:
         return True
 
 
-def load_state(data_dir: Path) -> dict | None:
-    path = data_dir / STATE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
 def ensure_credentials(data_dir: Path) -> tuple[Path, str]:
     """The mesh's key file (an admin key granted everything) and internal token, made once, owner-only."""
     from visearch.auth import KeyStore, hash_key, new_key
@@ -171,11 +157,6 @@ def _write_secret(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
-
-
-def read_admin_key(data_dir: Path) -> str | None:
-    path = Path(data_dir) / "secrets" / "admin.key"
-    return path.read_text().strip() if path.is_file() else None
 
 
 def _spawn(name: str, argv: list[str], env: dict, data_dir: Path) -> tuple[int, str]:

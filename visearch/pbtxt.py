@@ -1,7 +1,7 @@
 """Triton's model configuration (`config.pbtxt`, protobuf text format): read it, and replace one of its
 top-level fields keeping the rest of the text (comments included) as it is.
 
-No torch here: serving code (visearch.triton_repo) and the model build (visearch.modeling.build) share it.
+No torch here: serving code (visearch.triton_repo) and the model layer (visearch.models.repository) share it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from visearch import ledger, redisconn
 from visearch.settings import QueueSettings
 
 INGEST_TASK = "visearch.ingest_batch"
-# Re-embedding a catalog into a new generation (services/worker/generations.py).
+# Re-embedding a catalog into a new generation (services/worker/reembed.py).
 REEMBED_PLAN_TASK = "visearch.reembed_plan"
 REEMBED_BATCH_TASK = "visearch.reembed_batch"
 RETIRE_TASK = "visearch.retire_generation"

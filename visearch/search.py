@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 MAX_BATCH_SEARCHES = 64  # searches in one BatchSearch
+# How a catalog stores its objects' region descriptors (`--regions`): not at all, float vectors in the
+# vector store, or int8 files read by key. Here (stdlib only) so the SDK and the settings share it.
+REGION_MODES = ("off", "float", "int8")
 
 Box = tuple[float, float, float, float]
 QUERY_POLICIES = ("best", "full", "both")

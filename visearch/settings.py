@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+from visearch.clientsettings import Base as _Base
+from visearch.clientsettings import SecuritySettings  # noqa: F401 - settings.SecuritySettings for the services
+from visearch.search import REGION_MODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 
-# How a catalog stores its objects' base regions (visearch/store.py): none, float32 in the vector
-# store, or int8 files read by key.
-REGION_MODES = ("off", "float", "int8")
 # ONNX Runtime execution providers the embedded backend can be asked for (VISEARCH_ORT_PROVIDERS), in
 # ORT's names in visearch/inference.py; the ones this onnxruntime build lacks fall back to the CPU.
 ORT_PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
@@ -39,37 +40,6 @@ def parse_ort_providers(v) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"ONNX Runtime execution providers {','.join(names)}: each may be named once")
     return tuple(names)
-
-
-class _Base(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VISEARCH_", extra="ignore", frozen=True)
-
-    log_level: str = "INFO"
-    log_json: bool = True
-
-
-class SecuritySettings(_Base):
-    # "on" in every real deployment; "off" only for local experiments.
-    auth: str = "on"
-    # JSON file of hashed API keys and their grants (see visearch/auth.py).
-    api_keys_file: Path | None = None
-    # Shared secret the gateway and workers present to the internal services.
-    internal_token: SecretStr = SecretStr("")
-    # TLS: a server presents cert/key; with client_ca it requires client certificates (mTLS).
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_client_ca_file: Path | None = None
-    # TLS as a client: the CA that signed the servers (and our own cert/key for mTLS).
-    tls_ca_file: Path | None = None
-    tls_client_cert_file: Path | None = None
-    tls_client_key_file: Path | None = None
-
-    @field_validator("auth")
-    @classmethod
-    def _on_off(cls, v: str) -> str:
-        if v not in ("on", "off"):
-            raise ValueError("auth must be 'on' or 'off'")
-        return v
 
 
 class TracingSettings(_Base):
@@ -203,14 +173,19 @@ class StoreSettings(_Base):
         return v
 
 
-class RerankSettings(ServerSettings, StoreSettings):
-    rerank_port: int
-    # Where "verify" finds the parameters recorded beside each model version (verify.json).
-    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+class RerankDefaultSettings(_Base):
     # The method when a request names none: "none", "regions", "qam", "qe" or "verify". "verify"
     # (geometric verification, docs/VERIFY.md) measured above "qe" on every protocol it was chosen
     # on; "qam" is best on objects small in cluttered catalog images with full-frame rows only.
+    # One VISEARCH_RERANK_DEFAULT read by the re-rank service and by the gateway (which must know
+    # whether to fetch the query's regions or local features).
     rerank_default: str = "verify"
+
+
+class RerankSettings(ServerSettings, StoreSettings, RerankDefaultSettings):
+    rerank_port: int
+    # Where "verify" finds the parameters recorded beside each model version (verify.json).
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
     # Where region and global vectors are read from; empty leaves only "none".
     milvus_uri: str = ""
     # alpha-QE: the query plus its top k candidates weighted by similarity^alpha.
@@ -285,7 +260,8 @@ INGEST_OBJECTS = ("detected", "detected+full", "full")
 QUERY_OBJECTS = ("best", "full", "both")
 
 
-class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettings, RootsSettings, QuotaSettings):
+class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettings, RootsSettings, QuotaSettings,
+                      RerankDefaultSettings):
     @field_validator("query_objects")
     @classmethod
     def _known_query_policy(cls, v: str) -> str:
@@ -297,9 +273,6 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     rerank_addr: str
     # Candidates handed to re-ranking (at least top_k).
     rerank_candidates: int = 100
-    # The re-rank method of a search that names none; the same VISEARCH_RERANK_DEFAULT the
-    # re-rank service reads, so the gateway knows whether to fetch the query's regions (or local features).
-    rerank_default: str = "verify"
     # Pin the embedding model this gateway was deployed with ("embedder:1"; "" = any): on a
     # mismatch it is NOT_SERVING and creating a catalog fails FAILED_PRECONDITION (existing
     # catalogs are always searched with their own model version).

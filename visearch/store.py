@@ -7,7 +7,7 @@ with a new model builds generation n+1 beside the live one (ingestion writes to
 both meanwhile), then moves the alias in one call: searches resolve the alias once
 per request and use that one generation throughout (global vectors, regions, query
 model version), so no answer ever mixes two models. The old generation is dropped
-later (services/worker/generations.py).
+later (services/worker/reembed.py).
 
 Schema (one row per stored object; an item may have several objects):
   object_id  VARCHAR primary key, "<item_id>#<n>" (n < 32): deterministic, so

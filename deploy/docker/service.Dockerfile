@@ -6,7 +6,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY visearch ./visearch
 COPY services ./services
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install ".[server]"
 
 FROM python:3.11-slim
 ARG SERVICE

@@ -156,7 +156,7 @@ class Console:
     def healthy(self) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        from visearch.grpcserver import sync_channel
+        from visearch.channels import sync_channel
 
         try:
             with sync_channel(self.s.gateway_addr, self.s) as ch:

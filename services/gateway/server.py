@@ -10,18 +10,17 @@ import json
 import logging
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import redis
 from PIL import Image
 
 from services.gateway.coalesce import BatchCalls
-from visearch import backup, duplicates, files, imaging, local, regions, search
+from visearch import backup, convert, duplicates, files, imaging, local, search
 from visearch import observability as obs
 from visearch.audit import audit_interceptor
 from visearch.auth import PermissionDenied, readable, require, visible
+from visearch.catalogs import Catalogs
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -46,11 +45,22 @@ from visearch.grpcserver import (
     serve,
     split_by_bytes,
 )
-from visearch.inference import ModelMeta
 from visearch.jobs import Jobs, check_job_id, new_job_id
 from visearch.queue import INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
 from visearch.quota import rate_interceptor
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from visearch.searching import (
+    Detected,
+    EmbedAnswer,
+    EmbedCall,
+    Ranked,
+    RerankCall,
+    Reranked,
+    SearchConfig,
+    SearchPipeline,
+    SearchPorts,
+    SearchQuery,
+)
 from visearch.settings import GatewaySettings
 from visearch.store import (
     BOUNDED,
@@ -71,18 +81,7 @@ DUPLICATE_MODES = ("", "off", "report", "skip")  # IngestItemsRequest.duplicates
 MAX_ERROR_MESSAGE = 4096
 # The batch of searches the current task belongs to (BatchSearch), whose model calls are merged.
 _BATCH: contextvars.ContextVar[BatchCalls | None] = contextvars.ContextVar("visearch_batch_search", default=None)
-MAX_QUERY_OBJECTS = 5  # objects searched on their own with per_object
 MAX_DELETE = 1000  # item ids per DeleteItems
-
-
-@dataclass(frozen=True)
-class QueryLocal:
-    """The query's local features for "verify", and the size of the frame they come from."""
-
-    features: bytes = b""
-    width: float = 0.0
-    height: float = 0.0
-    correspondences: bool = False
 
 
 class DependencyError(VisearchError):
@@ -99,30 +98,6 @@ async def call(dependency: str, coro):
         return await coro
     except grpc.aio.AioRpcError as exc:
         raise DependencyError(dependency, exc) from None
-
-
-def box_of(b: common_pb2.BoundingBox) -> tuple[float, float, float, float]:
-    return (b.x1, b.y1, b.x2, b.y2)
-
-
-def pb_box(box) -> common_pb2.BoundingBox:
-    return common_pb2.BoundingBox(x1=box[0], y1=box[1], x2=box[2], y2=box[3])
-
-
-def meta_of(info: common_pb2.ModelInfo) -> ModelMeta:
-    return ModelMeta(name=info.name, version=info.version, input_name="", output_name="", input_size=info.input_size,
-                     dim=info.dim, metric=info.metric, architecture=info.architecture, pooling=info.pooling,
-                     weights_sha256=info.weights_sha256)
-
-
-def job_pb(st) -> gateway_pb2.IngestJob:
-    state = gateway_pb2.JOB_STATE_DONE if st.finished else gateway_pb2.JOB_STATE_RUNNING
-    return gateway_pb2.IngestJob(
-        job_id=st.job_id, catalog=st.catalog, state=state, submitted=st.submitted, done=st.done, failed=st.failed,
-        pending=st.pending, created_at=st.created_at, updated_at=st.updated_at, kind=st.kind, phase=st.phase,
-        message=st.message, failures=[gateway_pb2.FailedItem(item_id=k, reason=v) for k, v in sorted(st.failures.items())],
-        duplicates=[gateway_pb2.DuplicateItem(item_id=k, of_item_id=of, skipped=skipped)
-                    for k, (of, skipped) in sorted(st.duplicates.items())])
 
 
 def item_image(data: bytes, max_side: int) -> gateway_pb2.GetItemImageResponse:
@@ -157,6 +132,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.rerank = rerank_pb2_grpc.RerankServiceStub(self.channels["rerank"])
         self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
         self.store = VectorStore(settings, WriteClock(self.jobs.r))
+        self.catalogs = Catalogs(self.store, self.jobs, settings.job_ttl_seconds)
+        self.pipeline = SearchPipeline(self.store, SearchConfig.of(settings))
         self.celery = make_celery(settings)
         self.roots = [Path(r).resolve() for r in settings.ingest_roots]
         self._stats_at = 0.0
@@ -233,188 +210,58 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         # regions) and the query's model version come from it, even if a re-embedding switches
         # the catalog meanwhile.
         gen = await asyncio.to_thread(self.store.resolve, catalog)
+        query = SearchQuery(image=request.image, item_id=request.item_id, top_k=top_k, filters=dict(request.filters),
+                            full_frame=request.full_frame, per_object=request.per_object, rerank=request.rerank,
+                            correspondences=request.correspondences)
+        result = await self.pipeline.search(query, gen, self._ports(context))
+        model = result.model if result.model is not None else convert.model_info_of_tag(gen.model_tag, gen.dim)
+        return convert.search_response(result, model)
+
+    def _ports(self, context) -> SearchPorts:
+        """The search pipeline's remote steps over this gateway's stubs, within the caller's deadline."""
         t = self.s.rpc_timeout_seconds
 
-        policy = "full" if request.full_frame else self.s.query_objects
-        # The query's regions cost a few ms and 20 kB: fetched only for a region method.
-        method = request.rerank or self.s.rerank_default
-        if method not in regions.RERANK_METHODS:  # before any work is done for it
-            raise InvalidArgument(f"re-rank method {method[:40]!r} is not available "
-                                  f"(available: {', '.join(regions.RERANK_METHODS)})")
-        want_regions = method in regions.REGION_METHODS
-        if want_regions and request.item_id:
-            raise FailedPrecondition(f"re-rank {method!r} needs a query photo's regions, which a search by "
-                                     "item_id does not have: use verify, qe or none")
-        if want_regions and gen.regions == "off":
-            raise FailedPrecondition(f"catalog {catalog!r} stores no regions (made with regions off): re-rank "
-                                     f"{method!r} needs them; make the catalog with `visearch ingest --regions "
-                                     "float` (or int8), or use another method")
-        # "verify" matches the query's local features (extracted by the embedding service while its
-        # model runs) against the candidates' stored ones.
-        want_local = method == "verify"
+        async def detect(image: bytes, max_detections: int) -> Detected:
+            det = await call("detection", self._detect_call(
+                detection_pb2.DetectRequest(images=[image], max_detections=max_detections), remaining(context, t)))
+            return convert.detected_of(det.results[0])
 
-        async def embed(items: list[embedding_pb2.EmbedItem], local_wanted: bool):
-            # Queries are embedded by the model version that made the catalog's vectors, whatever
-            # the embedding service serves by default: a model change never compares two versions.
+        async def embed(c: EmbedCall) -> EmbedAnswer:
+            items = []
+            for box in c.boxes:
+                item = embedding_pb2.EmbedItem(image=c.image)
+                if box is not None:
+                    item.box.CopyFrom(convert.pb_box(box))
+                items.append(item)
             # Each item carries the query's bytes: several objects of a large photo go as several calls.
             parts = await asyncio.gather(*(call("embedding", self._embed_call(
-                embedding_pb2.EmbedRequest(items=part, regions=want_regions, model_version=gen.model_version,
-                                           local_features=local_wanted, local_limit=local.QUERY_FEATURES,
+                embedding_pb2.EmbedRequest(items=part, regions=c.regions, model_version=c.model_version,
+                                           local_features=c.local, local_limit=local.QUERY_FEATURES,
                                            local_max_side=local.QUERY_SIDE),
                 remaining(context, t))) for part in split_by_bytes(items, lambda it: len(it.image))))
             if len(parts) == 1:
-                return parts[0]
-            merged = embedding_pb2.EmbedResponse()
-            merged.model.CopyFrom(parts[0].model)
-            for p in parts:
-                merged.embeddings.extend(p.embeddings)
-            return merged
+                merged = parts[0]
+            else:
+                merged = embedding_pb2.EmbedResponse()
+                merged.model.CopyFrom(parts[0].model)
+                for p in parts:
+                    merged.embeddings.extend(p.embeddings)
+            return EmbedAnswer([convert.embedded_of(e) for e in merged.embeddings], convert.model_meta(merged.model),
+                               merged.model)
 
-        if request.item_id:
-            return await self._similar(request, gen, policy, method, want_local, top_k, context)
+        async def rerank(c: RerankCall) -> Reranked:
+            candidates = [rerank_pb2.Candidate(item_id=o.item_id, object_id=o.object_id, score=s,
+                                               box=convert.pb_box(o.box)) for s, o in c.candidates]
+            rr = await call("rerank", self.rerank.Rerank(
+                rerank_pb2.RerankRequest(catalog=c.gen.catalog, query_embedding=c.vector, candidates=candidates,
+                                         method=c.method, top_k=c.top_k, query_region=c.query_region,
+                                         generation=c.gen.number, consistency=c.level, query_local=c.local.features,
+                                         correspondences=c.local.correspondences, query_width=round(c.local.width),
+                                         query_height=round(c.local.height)),
+                timeout=remaining(context, t)))
+            return Reranked([Ranked(h.item_id, h.score, h) for h in rr.hits], rr.method)
 
-        detections = []
-        full_task = None
-        if policy == "full" and not request.per_object:
-            try:
-                w, h = await asyncio.to_thread(imaging.image_size, request.image)
-            except imaging.ImageError as exc:
-                raise InvalidArgument(f"query image: {exc}") from None
-            full = (0.0, 0.0, float(w), float(h))
-        else:
-            if policy == "both":
-                # The full frame is searched whatever the detector finds: it is embedded while the
-                # detector runs (two services, two cores) instead of after it.
-                full_task = asyncio.ensure_future(embed([embedding_pb2.EmbedItem(image=request.image)], want_local))
-            try:
-                det = await call("detection", self._detect_call(
-                    detection_pb2.DetectRequest(images=[request.image], max_detections=MAX_QUERY_OBJECTS),
-                    remaining(context, t)))
-            except BaseException:
-                if full_task is not None:
-                    full_task.cancel()
-                    if full_task.done() and not full_task.cancelled():
-                        full_task.exception()  # retrieved: the detection error is the one reported
-                raise
-            res = det.results[0]
-            full = (0.0, 0.0, float(res.width), float(res.height))
-            detections = list(res.detections)
-        # The views of the query searched: the best box, the full frame, or both ("both").
-        views = search.query_views(policy, [box_of(d.box) for d in detections], full)
-        objects = [box_of(d.box) for d in detections] if request.per_object else []
-        wanted = views + objects
-        # "both": the full frame (embedded while the detector ran) is the last view.
-        full_at = len(views) - 1 if full_task is not None and views[-1] == full else None
-        items = []
-        for i, box in enumerate(wanted):
-            if i == full_at:
-                continue
-            item = embedding_pb2.EmbedItem(image=request.image)
-            if box != full:
-                item.box.CopyFrom(pb_box(box))
-            items.append(item)
-        answers = [await full_task] if full_task is not None else []
-        if items:  # local features only from the full frame (already extracted when it was embedded)
-            answers.append(await embed(items, want_local and full_at is None))
-        for a in answers:
-            self.store.check_model(gen, meta_of(a.model))
-        model = answers[0].model
-        rest = iter(answers[-1].embeddings if items else [])
-        embs = [answers[0].embeddings[0] if i == full_at else next(rest) for i in range(len(wanted))]
-        # The query's local features: those of the full frame when it was embedded, else of the lead view.
-        query = QueryLocal()
-        if want_local:
-            j = full_at if full_at is not None else next((i for i, b in enumerate(wanted) if b == full), 0)
-            box = wanted[j]
-            query = QueryLocal(embs[j].local_features, box[2] - box[0], box[3] - box[1], request.correspondences)
-        # One read level for the whole search (Bounded unless the catalog was written lately).
-        level = await asyncio.to_thread(self.store.read_level, gen)
-        args = (gen, level, method, want_regions, top_k, dict(request.filters), query, context)
-
-        # The view whose best match is closest leads (its vector and regions go to re-ranking);
-        # every item keeps its best object over all views.
-        lead, (hits, used) = await self._ranked(embs[:len(views)], search.view_margins(views, full,
-                                                                                  self.s.query_crop_margin), *args)
-        response = gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(views[lead]), model=model, rerank=used)
-        per_object = await asyncio.gather(*(self._ranked([e], [0.0], *args) for e in embs[len(views):]))
-        for d, (_, (obj_hits, _)) in zip(detections, per_object, strict=False):
-            response.objects.append(gateway_pb2.ObjectHits(query_box=d.box, detection_score=d.score, label=d.label,
-                                                           hits=obj_hits))
-        return response
-
-    async def _similar(self, request, gen, policy: str, method: str, want_local: bool, top_k: int, context):
-        """A search with a stored item as the query ("more like this"): its stored vectors as the views
-        a query photo would give (its largest object, the full frame under the default ingest policy,
-        and by the query policy its best detected object), its stored local features for "verify",
-        the item itself left out."""
-        level = await asyncio.to_thread(self.store.read_level, gen)
-        objs = await asyncio.to_thread(self.store.get_item, gen, request.item_id)
-
-        def area(o) -> float:
-            return (o.box[2] - o.box[0]) * (o.box[3] - o.box[1])
-
-        full = max(objs, key=area)
-        by_box = {o.box: o for o in reversed(objs)}  # a box stored twice: its first object
-        views = search.query_views(policy, [o.box for o in objs if o is not full], full.box)
-        ids = [by_box[v].object_id for v in views]
-        vectors = await asyncio.to_thread(self.store.get_vectors, gen, ids, level)
-        if len(vectors) < len(set(ids)):
-            raise NotFound(f"item {request.item_id!r} changed while it was read: try again")
-        embs = [embedding_pb2.Embedding(values=vectors[i].tolist()) for i in ids]
-        query = QueryLocal()
-        if want_local:
-            stored = await asyncio.to_thread(self.store.get_local, gen, [full.object_id])
-            w, h = full.box[2] - full.box[0], full.box[3] - full.box[1]
-            query = QueryLocal(stored.get(full.object_id, b""), w, h, request.correspondences)
-        args = (gen, level, method, False, top_k, dict(request.filters), query, context)
-        lead, (hits, used) = await self._ranked(embs, search.view_margins(views, full.box, self.s.query_crop_margin),
-                                                *args, exclude=request.item_id)
-        name, _, version = gen.model_tag.partition(":")
-        return gateway_pb2.SearchResponse(hits=hits, query_box=pb_box(views[lead]), rerank=used,
-                                          model=common_pb2.ModelInfo(name=name, version=version, dim=gen.dim))
-
-    async def _ranked(self, embs, margins, gen, level, method, want_regions, top_k, filters, query, context,
-                      exclude: str = ""):
-        """Search the store with each query vector, keep each item's best object, re-rank with the
-        lead vector (the one whose best match scored highest): (lead index, (hits, method used)).
-        `exclude`: an item left out (the query itself, in a search by item)."""
-        # An item may be stored as several objects: ask for more rows than items wanted, and
-        # more again only while the rows hold fewer items than the answer needs (top_k): a
-        # shorter candidate list for re-ranking costs less than a second search at 4x the rows.
-        rows = search.first_rows(top_k, self.s.rerank_candidates)
-        while True:
-            found = await asyncio.to_thread(self.store.search_many, gen, [e.values for e in embs], rows, filters,
-                                            level=level)
-            results = [[r for r in view if r.item_id != exclude] for view in found] if exclude else found
-            best = search.best_per_item(results, margins, self.s.catalog_crop_margin)
-            left = context.time_remaining()
-            if search.enough_rows(best, found, rows, top_k) or (left is not None and left < 1.0):
-                break
-            rows = search.more_rows(rows)
-        chosen = search.candidates(best, top_k, self.s.rerank_candidates)
-        best = {o.item_id: o for _, o in chosen}
-        lead = search.lead_view(results)
-        candidates = [rerank_pb2.Candidate(item_id=o.item_id, object_id=o.object_id, score=s, box=pb_box(o.box))
-                      for s, o in chosen]
-        query_region = list(embs[lead].regions.query) if want_regions else []
-        rr = await call("rerank", self.rerank.Rerank(
-            rerank_pb2.RerankRequest(catalog=gen.catalog, query_embedding=list(embs[lead].values), candidates=candidates,
-                                     method=method, top_k=top_k, query_region=query_region, generation=gen.number,
-                                     consistency=level, query_local=query.features,
-                                     correspondences=query.correspondences, query_width=round(query.width),
-                                     query_height=round(query.height)),
-            timeout=remaining(context, self.s.rpc_timeout_seconds)))
-        hits = []
-        for h in rr.hits:
-            obj = best[h.item_id]
-            hit = gateway_pb2.SearchHit(item_id=h.item_id, score=h.score, box=pb_box(obj.box),
-                                        metadata={str(k): str(v) for k, v in obj.metadata.items()})
-            if h.HasField("region"):
-                hit.region.CopyFrom(h.region)
-            hit.match, hit.inliers = h.match, h.inliers
-            hit.correspondences.extend(h.correspondences)
-            hits.append(hit)
-        return lead, (hits, rr.method)
+        return SearchPorts(detect=detect, embed=embed, rerank=rerank, time_left=context.time_remaining)
 
     # ---- ingestion ------------------------------------------------------------
     def _check_path(self, uri: str) -> str:
@@ -508,7 +355,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             info = await call("embedding", self.embedding.GetModelInfo(
                 embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
             await self.check_model(info.model)
-            await asyncio.to_thread(self.store.ensure_catalog, catalog, meta_of(info.model), region_mode)
+            await asyncio.to_thread(self.catalogs.ensure, catalog, convert.model_meta(info.model), region_mode)
         else:
             check_storage(live, region_mode)
         headers = {"request_id": obs.request_id.get()}
@@ -525,7 +372,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if not readable(st.catalog):
             # Not "belongs to catalog X": a caller learns nothing of catalogs it may not read.
             raise PermissionDenied(f"this key may not read ingest job {request.job_id[:64]!r}")
-        return gateway_pb2.GetIngestJobResponse(job=job_pb(st))
+        return gateway_pb2.GetIngestJobResponse(job=convert.job_pb(st))
 
     @rpc()
     async def ListIngestJobs(self, request, context):
@@ -536,7 +383,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             require("read", check_catalog(request.catalog))
         wanted = (lambda c: c == request.catalog) if request.catalog else readable
         found = await asyncio.to_thread(self.jobs.recent, limit, wanted)
-        return gateway_pb2.ListIngestJobsResponse(jobs=[job_pb(st) for st in found])
+        return gateway_pb2.ListIngestJobsResponse(jobs=[convert.job_pb(st) for st in found])
 
     @rpc()
     async def GetItemImage(self, request, context):
@@ -612,12 +459,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         require("read", catalog)
         gen = await asyncio.to_thread(self.store.resolve, catalog)
         objs = await asyncio.to_thread(self.store.get_item, gen, check_item_id(request.item_id))
-        tag = gen.model_tag
-        item = gateway_pb2.Item(item_id=request.item_id, catalog=catalog,
-                                metadata={str(k): str(v) for k, v in objs[0].metadata.items()},
-                                objects=[gateway_pb2.StoredObject(object_id=o.object_id, box=pb_box(o.box))
-                                         for o in objs], model_version=tag)
-        return gateway_pb2.GetItemResponse(item=item)
+        return gateway_pb2.GetItemResponse(item=convert.item_pb(request.item_id, catalog, gen.model_tag, objs))
 
     @rpc()
     async def ListItems(self, request, context):
@@ -628,10 +470,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         # The page size is checked by the store (1 to store.MAX_PAGE); 0 is the default.
         page, nxt = await asyncio.to_thread(self.store.list_items, gen, after, request.page_size or 50)
         total = await asyncio.to_thread(self.store.count, gen, BOUNDED)
-        items = [gateway_pb2.Item(item_id=i, catalog=catalog, model_version=gen.model_tag,
-                                  metadata={str(k): str(v) for k, v in objs[0].metadata.items()},
-                                  objects=[gateway_pb2.StoredObject(object_id=o.object_id, box=pb_box(o.box))
-                                           for o in objs]) for i, objs in page]
+        items = [convert.item_pb(i, catalog, gen.model_tag, objs) for i, objs in page]
         return gateway_pb2.ListItemsResponse(items=items, next_page_token=VectorStore.page_token(nxt),
                                              total_items=total)
 
@@ -642,17 +481,15 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         for c in cats:
             if not visible(c.name):
                 continue
-            name, _, version = c.model_tag.partition(":")
             cat = gateway_pb2.Catalog(name=c.name, objects=c.objects, generation=c.generation,
-                                      model=common_pb2.ModelInfo(name=name, version=version, dim=c.dim),
+                                      model=convert.model_info_of_tag(c.model_tag, c.dim),
                                       storage=gateway_pb2.CatalogStorage(regions=c.regions),
                                       memory_bytes_per_object=c.footprint.memory,
                                       bytes_per_object=c.footprint.total)
             if c.building:
-                bname, _, bversion = c.building.model_tag.partition(":")
                 cat.building_generation = c.building.number
                 cat.building_objects = c.building_objects
-                cat.building_model.CopyFrom(common_pb2.ModelInfo(name=bname, version=bversion, dim=c.building.dim))
+                cat.building_model.CopyFrom(convert.model_info_of_tag(c.building.model_tag, c.building.dim))
             out.append(cat)
         return gateway_pb2.ListCatalogsResponse(catalogs=out)
 
@@ -669,57 +506,18 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             timeout=remaining(context, self.s.rpc_timeout_seconds)))).model
         if not request.model_version:
             await self.check_model(info)
-        meta = meta_of(info)
+        meta = convert.model_meta(info)
         if meta.tag == live.model_tag:
             raise FailedPrecondition(f"catalog {catalog!r} is already embedded by {meta.tag} (generation {live.number})")
         # The rest runs to its end in one thread even if the caller goes away (a deadline, a cancel):
         # a job recorded is always queued, never left "planning" with nothing to plan it.
-        job_id, number = await asyncio.to_thread(self._start_reembed, catalog, live, meta, obs.request_id.get())
-        return gateway_pb2.ReembedCatalogResponse(job_id=job_id, generation=number, model=info)
+        headers = {"request_id": obs.request_id.get()}
 
-    def _start_reembed(self, catalog: str, live, meta: ModelMeta, request_id: str) -> tuple[str, int]:
-        """(job id, generation) of the catalog's re-embedding into `meta`: the one under way, or a new one."""
-        # One re-embedding per catalog at a time; a lock so two calls cannot both start one.
-        lock = self.jobs.r.lock(f"vs:reembed-start:{catalog}", timeout=60, blocking_timeout=10, thread_local=False)
-        if not lock.acquire():
-            raise Unavailable(f"another re-embedding of catalog {catalog!r} is starting: try again")
-        try:
-            building = self.store.building(catalog, live)
-            if building is not None and building.model_tag != meta.tag:
-                raise FailedPrecondition(f"catalog {catalog!r} is being re-embedded into generation {building.number} "
-                                         f"({building.model_tag}); it must finish (or its generation be dropped) first")
-            running = self.jobs.r.get(f"vs:reembed:{catalog}")
-            if building is not None and running:
-                try:
-                    st = self.jobs.status(running.decode(), 0)
-                except NotFound:  # expired
-                    st = None
-                if st is not None and not st.finished:  # already under way: that job, not a second one
-                    if st.phase == "planning" and time.time() - st.updated_at > 60:
-                        # Recorded but never planned (a gateway that died before queueing it): queue it now;
-                        # planning twice re-embeds nothing twice (items already current are skipped).
-                        self.celery.send_task(REEMBED_PLAN_TASK, args=[st.job_id, catalog, building.number],
-                                              headers={"request_id": request_id})
-                    return st.job_id, building.number
-            if building is None:  # else resume it: only what it lacks is re-embedded
-                building = self.store.create_generation(catalog, meta)
-            job_id = new_job_id()
-            self.jobs.create(job_id, catalog, "reembed", "planning", generation=building.number, model=meta.tag)
-            self.jobs.r.set(f"vs:reembed:{catalog}", job_id, ex=self.s.job_ttl_seconds)
-            try:
-                self.celery.send_task(REEMBED_PLAN_TASK, args=[job_id, catalog, building.number],
-                                      headers={"request_id": request_id})
-            except Exception as exc:
-                self.jobs.set_phase(job_id, "failed", f"could not be queued: {exc}", close=True)
-                raise Unavailable(f"the queue refused the re-embedding ({exc}): try again") from None
-        finally:
-            try:
-                lock.release()
-            except redis.exceptions.LockError:  # expired meanwhile
-                pass
-        log.info("re-embedding queued", extra={"job_id": job_id, "catalog": catalog, "generation": building.number,
-                                               "model": meta.tag})
-        return job_id, building.number
+        def queue(job_id: str, number: int) -> None:
+            self.celery.send_task(REEMBED_PLAN_TASK, args=[job_id, catalog, number], headers=headers)
+
+        job_id, number = await asyncio.to_thread(self.catalogs.start_reembed, catalog, live, meta, queue)
+        return gateway_pb2.ReembedCatalogResponse(job_id=job_id, generation=number, model=info)
 
     # ---- backup and restore ----------------------------------------------------
     @rpc_stream
@@ -756,7 +554,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             info = None
         if info is not None and info.name == name and info.dim == gen.dim:
             return info
-        return common_pb2.ModelInfo(name=name, version=version, dim=gen.dim)
+        return convert.model_info_of_tag(gen.model_tag, gen.dim)
 
     @rpc()
     async def ImportCatalog(self, request_iterator, context):
@@ -783,7 +581,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             raise FailedPrecondition(f"version {want.version} here is {info.name} (dim {info.dim}, weights "
                                      f"{info.weights_sha256[:12]}), not the {want.name} (dim {want.dim}, weights "
                                      f"{want.weights_sha256[:12]}) that made the catalog's vectors")
-        gen = await asyncio.to_thread(self.store.restore_generation, catalog, meta_of(info),
+        gen = await asyncio.to_thread(self.store.restore_generation, catalog, convert.model_meta(info),
                                       check_regions(head.storage.regions or "off"))
         stored, items, trailer = 0, set(), None
         try:
@@ -847,11 +645,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
     def _check_redis_policy(self) -> None:
         """Once: say so when Redis may evict keys (the queue and job records must never be evicted)."""
         self._policy_checked = True
-        try:
-            policy = self.jobs.r.config_get("maxmemory-policy").get("maxmemory-policy", "")
-        except redis.exceptions.ResponseError:  # CONFIG disabled (managed Redis): nothing to check
-            return
-        if policy != "noeviction":
+        policy = self.jobs.eviction_policy()
+        if policy is not None and policy != "noeviction":  # None: CONFIG disabled (managed Redis)
             log.error("Redis runs with maxmemory-policy %s: it may evict queued tasks and job records; "
                       "run it with maxmemory-policy noeviction", policy)
 
@@ -861,7 +656,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         if now - self._stats_at < every:
             return
         self._stats_at = now
-        obs.QUEUE_DEPTH.set(await asyncio.to_thread(self.jobs.r.llen, INGEST_QUEUE))
+        obs.QUEUE_DEPTH.set(await asyncio.to_thread(self.jobs.queue_depth, INGEST_QUEUE))
         # Bounded: a gauge may lag a few seconds, and a Strong count on a Milvus server waits for
         # its next time tick on every catalog, every 10 s, beside the searches.
         for c in await asyncio.to_thread(self.store.list_catalogs, BOUNDED):

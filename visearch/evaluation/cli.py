@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     torch_methods = [m for m in methods if m in METHODS]
     if torch_methods:
-        from .features import FeatureStore, load_batch
+        from visearch.offline import load_batch
+
+        from .features import FeatureStore
 
         needed = harness.distinct_paths({**protocols, **({"sel": select_on} if select_on else {})})
         needed += [p.path for pr in protocols.values() for p in pr.fit]

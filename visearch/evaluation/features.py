@@ -25,20 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visearch.imaging import PREPROCESSING, decode_image, to_model_input
+from visearch.imaging import PREPROCESSING
 from visearch.modeling import backbones
 from visearch.modeling.methods import NORMALISATION, STORE_TAPS, TapBackbone
+from visearch.offline import load_batch  # noqa: F401 - the served input, also imported from here
 
 CACHE_VERSION = "maps-v1"
 
 
 def _hash(parts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-
-
-def load_batch(paths: Sequence[Path], size: int) -> np.ndarray:
-    """uint8 NHWC model input of `paths`, exactly as served (decode_image + to_model_input)."""
-    return np.stack([to_model_input(decode_image(Path(p).read_bytes()), size) for p in paths])
 
 
 class FeatureStore:

@@ -31,7 +31,9 @@ from pathlib import Path
 from visearch.datasets import Photo
 from visearch.views import QUERY_VIEWS, made_up_view, seed_of
 
-from .protocols import Protocol
+from .protocol import Protocol
+
+GENERIC_CACHE = Path(__file__).resolve().parents[2] / ".data" / "generic"
 
 VERSION = 1
 N_QUERY_VIEWS = 2
@@ -214,8 +216,6 @@ def picture(out: Path, cache: Path, n: int = 6, side: int = 150) -> Path:
 
 if __name__ == "__main__":
     import sys
-
-    from .protocols import GENERIC_CACHE
 
     target = Path(sys.argv[sys.argv.index("--picture") + 1]) if "--picture" in sys.argv else Path("runs/generic-views.jpg")
     print(picture(target, GENERIC_CACHE))

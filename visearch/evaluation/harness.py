@@ -19,7 +19,7 @@ import numpy as np
 
 from visearch.metrics import average_precision
 
-from .protocols import Protocol
+from .protocol import Protocol
 
 KS = (1, 5, 10)
 MAP_AT = 20
@@ -58,26 +58,35 @@ def evaluate_embeddings(protocol: Protocol, q: np.ndarray, db: np.ndarray) -> di
     Returns mAP, mAP@20, recall@1/5/10, n_queries, n_database, dim, and `ap` (per-query AP, in query order).
     """
     _check(protocol, q, db)
-    order, _ = rank(q, db)
-    rel = relevance(protocol, order)
-    aps, aps_k, hits = [], [], {k: 0 for k in KS}
-    for qi, r in enumerate(rel):
-        n_pos = len(protocol.positives(protocol.queries[qi]))
-        if n_pos == 0:
-            raise ValueError(f"{protocol.name}: query {protocol.queries[qi].key} has no positive in the database")
-        aps.append(_ap(r, n_pos))
-        aps_k.append(average_precision(r[:MAP_AT].tolist(), n_pos, MAP_AT))
-        for k in KS:
-            hits[k] += bool(r[:k].any())
-    n = len(rel)
-    out = {"mAP": float(np.mean(aps)), f"mAP@{MAP_AT}": float(np.mean(aps_k))}
-    out.update({f"recall@{k}": hits[k] / n for k in KS})
-    out.update(n_queries=n, n_database=len(protocol.database), dim=int(q.shape[1]), ap=[round(a, 6) for a in aps])
+    for query in protocol.queries:
+        if not protocol.positives(query):
+            raise ValueError(f"{protocol.name}: query {query.key} has no positive in the database")
+    out = order_metrics(protocol, rank(q, db)[0])
+    aps = out.pop("ap")
+    out.update(n_database=len(protocol.database), dim=int(q.shape[1]), ap=[round(a, 6) for a in aps])
     return out
 
 
-def _ap(rel: np.ndarray, n_pos: int) -> float:
-    """Full-ranking AP, vectorised (equal to visearch.metrics.average_precision)."""
+def order_metrics(protocol: Protocol, order: np.ndarray) -> dict:
+    """mAP, mAP@20, recall@1/5/10, n_queries and `ap` (per-query AP, in query order) of database
+    orders, one row per query of `protocol`, best first (`rank`, or a re-ranked order)."""
+    aps, aps_k, hits = [], [], {k: 0 for k in KS}
+    for qi, r in enumerate(relevance(protocol, order)):
+        n_pos = len(protocol.positives(protocol.queries[qi]))
+        aps.append(ranked_ap(r, n_pos))
+        aps_k.append(average_precision(r[:MAP_AT].tolist(), n_pos, MAP_AT))
+        for k in KS:
+            hits[k] += bool(r[:k].any())
+    n = len(aps)
+    out = {"mAP": float(np.mean(aps)), f"mAP@{MAP_AT}": float(np.mean(aps_k))}
+    out.update({f"recall@{k}": hits[k] / n for k in KS})
+    out.update(n_queries=n, ap=aps)
+    return out
+
+
+def ranked_ap(rel: np.ndarray, n_pos: int) -> float:
+    """Full-ranking AP of one query from its boolean relevance by rank (`relevance`) and its number of
+    positives, vectorised (equal to visearch.metrics.average_precision)."""
     ranks = np.flatnonzero(rel) + 1
     return float((np.arange(1, len(ranks) + 1) / ranks).sum() / n_pos)
 

@@ -24,71 +24,22 @@ are never in any `fit` nor in any train-side database.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from visearch.datasets import PRODUCT_FINE_IDS, Photo, grocery_iconic, grocery_split
 
+from .generic import GENERIC_CACHE, generic_protocols
+from .protocol import Protocol
+
+__all__ = ["CD_TEST_IDS", "CD_TRAIN_IDS", "GENERIC_CACHE", "HOLDOUT_FRACTION", "PROTOCOL_NAMES", "Protocol",
+           "dataset_images", "get_protocols", "split_protocols", "train_holdout"]
+
 CD_TRAIN_IDS = range(28, 44)
 CD_TEST_IDS = range(44, 59)
 PROTOCOL_NAMES = ("P1", "P3", "CD", "TH", "TH-CD", "G", "GR", "GS")
-GENERIC_CACHE = Path(__file__).resolve().parents[2] / ".data" / "generic"
 HOLDOUT_FRACTION = 0.2
-
-
-@dataclass(frozen=True, eq=False)
-class Protocol:
-    name: str
-    queries: list[Photo]
-    database: list[Photo]
-    description: str
-    fit: list[Photo] = field(default_factory=list)  # train photos learned parts may be fitted on for this protocol
-
-    def positives(self, q: Photo) -> set[int]:
-        """Indexes into `database` of the photos relevant to `q` (same fine class)."""
-        return set(self._by_class().get(q.fine_id, ()))
-
-    def _by_class(self) -> dict[int, list[int]]:
-        cached = self.__dict__.get("_cls")
-        if cached is None:
-            cached = {}
-            for i, p in enumerate(self.database):
-                cached.setdefault(p.fine_id, []).append(i)
-            object.__setattr__(self, "_cls", cached)
-        return cached
-
-    @property
-    def fit_key(self) -> str:
-        """Identity of the fit set: protocols with equal keys can share fitted models."""
-        digest = hashlib.sha256("\n".join(str(p.path) for p in self.fit).encode()).hexdigest()[:12]
-        return f"{len(self.fit)}-{digest}"
-
-    def limited(self, n_queries: int, n_distractors: int = 4, per_class: int = 2) -> Protocol:
-        """A small protocol for smoke runs: the first query of each of up to `n_queries` classes, a
-        database of those classes' photos (up to `per_class` each) plus `n_distractors` others; fit =
-        the database photos that were in `fit`, or else 8 photos spread over `fit`."""
-        picked, seen = [], set()
-        for q in self.queries:
-            if q.fine_id not in seen and self.positives(q):
-                picked.append(q)
-                seen.add(q.fine_id)
-            if len(picked) >= n_queries:
-                break
-        db: list[Photo] = []
-        for q in picked:
-            db += [self.database[i] for i in sorted(self.positives(q))[:per_class]]
-        others = [p for p in self.database if p.fine_id not in seen]
-        step = max(1, len(others) // max(1, n_distractors))
-        db += others[::step][:n_distractors]
-        in_db = {p.path for p in db}
-        fit = [p for p in self.fit if p.path in in_db]
-        if len(fit) < 8:
-            fit = self.fit[::max(1, len(self.fit) // 8)][:8]
-        return Protocol(self.name, picked, db,
-                        self.description + f" (smoke: {len(picked)} queries, {len(db)} database images)", fit)
 
 
 def _holdout(photos: list[Photo], fraction: float) -> tuple[list[Photo], list[Photo]]:
@@ -121,12 +72,13 @@ def train_holdout(root: Path, fraction: float = HOLDOUT_FRACTION, query_ids: Seq
                     fit=database)
 
 
-def get_protocols(root: Path, names: Sequence[str] = ("P1", "P3", "CD")) -> dict[str, Protocol]:
-    """The named protocols on the dataset at `root` (names from PROTOCOL_NAMES), in the order asked."""
-    unknown = [n for n in names if n not in PROTOCOL_NAMES]
-    if unknown:
-        raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOL_NAMES)}")
-    train, val, iconic = grocery_split(root, "train"), grocery_split(root, "val"), grocery_iconic(root)
+SPLIT_PROTOCOLS = ("P1", "P3", "CD")  # defined by the dataset's own splits alone
+
+
+def split_protocols(train: list[Photo], val: list[Photo], iconic: list[Photo],
+                    names: Sequence[str] = SPLIT_PROTOCOLS) -> dict[str, Protocol]:
+    """The protocols of SPLIT_PROTOCOLS named in `names` (in that order) on the dataset's train, val and
+    iconic photos."""
     products = [p for p in val if p.is_product]
     out: dict[str, Protocol] = {}
     for n in names:
@@ -141,13 +93,26 @@ def get_protocols(root: Path, names: Sequence[str] = ("P1", "P3", "CD")) -> dict
                 "class-disjoint: val photos of products 44-58 -> train photos minus products 28-43 "
                 "(models learn from products 28-43 + fruit/veg only)",
                 [p for p in train if p.fine_id not in set(CD_TEST_IDS)])
+        else:
+            raise ValueError(f"{n} is not one of {', '.join(SPLIT_PROTOCOLS)}")
+    return out
+
+
+def get_protocols(root: Path, names: Sequence[str] = ("P1", "P3", "CD")) -> dict[str, Protocol]:
+    """The named protocols on the dataset at `root` (names from PROTOCOL_NAMES), in the order asked."""
+    unknown = [n for n in names if n not in PROTOCOL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOL_NAMES)}")
+    train, val, iconic = grocery_split(root, "train"), grocery_split(root, "val"), grocery_iconic(root)
+    out: dict[str, Protocol] = {}
+    for n in names:
+        if n in SPLIT_PROTOCOLS:
+            out.update(split_protocols(train, val, iconic, [n]))
         elif n == "TH":
             out[n] = train_holdout(root)
         elif n == "TH-CD":
             out[n] = train_holdout(root, query_ids=CD_TRAIN_IDS, exclude_ids=CD_TEST_IDS, name="TH-CD")
         elif n in ("G", "GR", "GS"):
-            from .generic import generic_protocols
-
             out.update(generic_protocols(GENERIC_CACHE, train, [n]))
     return out
 

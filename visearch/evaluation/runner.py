@@ -189,7 +189,7 @@ def _export(row: Row, store, head, export_dir: Path, batch: np.ndarray | None) -
 
 def onnx_model_path(target: Path) -> tuple[Path, dict]:
     """The model.onnx (and its meta.json record, or {}) of a file, a version dir, or a model repository."""
-    import json
+    from visearch.models import ModelRecord
 
     target = Path(target)
     if target.is_file():
@@ -204,40 +204,24 @@ def onnx_model_path(target: Path) -> tuple[Path, dict]:
             raise FileNotFoundError(f"no model.onnx in {target} (nor in <name>/<version>/ below it)")
         path = found[0]
     meta_path = path.parent / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = ModelRecord.read(meta_path).to_dict() if meta_path.is_file() else {}
     return path, meta
 
 
 def run_onnx(target: Path, protocols: dict[str, Protocol], cache: Path | None = None, threads: int = 1,
              batch: int = 32, progress: Progress = harness.stderr_progress) -> Row:
     """Embed through ONNX Runtime exactly as served (decode_image + to_model_input) and score."""
-    import onnxruntime as ort
-
-    from .features import load_batch
+    from visearch.offline import OfflineEmbedder
 
     t0 = time.perf_counter()
     path, meta = onnx_model_path(target)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
-    size = int(meta.get("input_size") or inp.shape[1])
-    model_s, n_done = [0.0], [0]
+    model = OfflineEmbedder(path, meta.get("input_size"), threads)
+    size = model.size
 
     def embed(paths: list[Path]) -> np.ndarray:
-        rows = []
-        for i in range(0, len(paths), batch):
-            x = load_batch(paths[i:i + batch], size)
-            t = time.perf_counter()
-            rows.append(sess.run([out.name], {inp.name: x})[0])
-            model_s[0] += time.perf_counter() - t
-            n_done[0] += len(x)
-            if (i // batch) % 10 == 9:
-                progress(f"    {n_done[0]}/{len(paths)} images")
-        return np.concatenate(rows)
+        return model.embed_paths(paths, batch, progress=lambda done, total: progress(f"    {model.images}/{total} images"))
 
-    from visearch.modeling.backbones import sha256_file
+    from visearch.checksum import sha256_file
 
     sha = meta.get("model_sha256") or sha256_file(path)
     name = meta.get("id") or path.stem
@@ -248,8 +232,8 @@ def run_onnx(target: Path, protocols: dict[str, Protocol], cache: Path | None = 
     row = Row(name, meta.get("architecture", "onnx") + (f"@{size}" if meta else ""))
     row.params = {"model": str(path), "input_size": size, **{k: meta[k] for k in ("pooling", "pooling_params") if k in meta}}
     score(row, protocols, harness.embed_all(embed, harness.distinct_paths(protocols), cfile, progress))
-    if n_done[0]:
-        row.ms_per_image = round(1000 * model_s[0] / n_done[0], 1)
+    if model.images:
+        row.ms_per_image = round(model.ms_per_image, 1)
         row.ms_note = f"ONNX Runtime, {threads} thread(s), batch {batch}"
     row.seconds = time.perf_counter() - t0
     return row

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -29,8 +28,10 @@ from torch import nn
 
 from visearch import detector as det
 from visearch.modeling import backbones, ssd
-from visearch.modeling.build import ConfigMismatch
-from visearch.pbtxt import parse_pbtxt
+from visearch.modeling.export import export_version, prepare_config
+from visearch.models.record import ModelRecord
+from visearch.models.repository import ConfigMismatch, read_config
+from visearch.ortsession import ort_session
 
 NAME = det.MODEL
 INPUT_NAME = "images"
@@ -96,8 +97,6 @@ def load_inputs(paths: list[Path]) -> np.ndarray:
 
 def check_onnx(model: ssd.SSDMobileNetV2, path: Path, batch: np.ndarray) -> float:
     """Max |torch - onnxruntime| over boxes and scores, the batch whole and one image at a time."""
-    from visearch.modeling.build import ort_session
-
     sess = ort_session(path)
     with torch.no_grad():
         ref = [t.numpy() for t in Served(model).eval()(torch.from_numpy(batch))]
@@ -115,8 +114,6 @@ def reference_parity(onnx_path: Path, paths: list[Path]) -> dict:
     score within REF_SCORE_TOL.
     """
     import cv2
-
-    from visearch.modeling.build import ort_session
 
     pb = ssd.frozen_graph_path()
     # 4.10-4.13 choose the dnn engine (the classic one reads this graph); 4.14 has only that one.
@@ -194,7 +191,7 @@ version_policy: {{ latest: {{ num_versions: 2 }} }}
 
 
 def check_config(path: Path) -> None:
-    conf = parse_pbtxt(path.read_text(encoding="utf-8"))
+    conf = read_config(path)
     n = len(ssd.anchors())
     have_in = [(e.get("name", [None])[0], e.get("data_type", [None])[0], e.get("dims", [])) for e in conf.get("input", [])]
     have_out = sorted((e.get("name", [None])[0], e.get("data_type", [None])[0], e.get("dims", []))
@@ -231,19 +228,10 @@ def build_detector(repo_dir: Path, progress: Callable[[str], None] = print, chec
         source = {"checkpoint": str(checkpoint), "checkpoint_sha256": backbones.sha256_file(Path(checkpoint)),
                   "fine_tuned": state.get("meta", {})}
         version = version or 2
-    model_dir = repo_dir / NAME
-    config_path = model_dir / "config.pbtxt"
-    if write_config or not config_path.exists():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(render_config(), encoding="utf-8")
-        progress(f"wrote {config_path}")
-    check_config(config_path)
-    version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = version_dir / "model.onnx"
-    tmp = version_dir / f".model.onnx.tmp{os.getpid()}"
-    try:
-        export_onnx(model, tmp)
+    model_dir = Path(repo_dir) / NAME
+    prepare_config(model_dir / "config.pbtxt", render_config, check_config, write_config, progress)
+
+    def verify(tmp: Path) -> tuple[float, dict | None]:
         photos = sample_photos()
         diff = check_onnx(model, tmp, load_inputs(photos[:4]))
         if not diff < PARITY_TOL:
@@ -251,14 +239,15 @@ def build_detector(repo_dir: Path, progress: Callable[[str], None] = print, chec
         parity = reference_parity(tmp, photos) if reference and checkpoint is None else None
         if parity is not None and not parity["passed"]:
             raise RuntimeError(f"converted detector does not match the frozen graph: {json.dumps(parity)}")
-        os.replace(tmp, onnx_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return diff, parity
+
+    version_dir = model_dir / str(version)
+    onnx_path, (diff, parity) = export_version(version_dir, lambda tmp: export_onnx(model, tmp), verify)
     if parity:
         progress(f"{NAME}/{version}: vs the frozen graph in cv2.dnn on {parity['images']} photos: {parity['matched']}/"
                  f"{parity['detections']} detections matched, min IoU {parity['min_iou']}, "
                  f"max score diff {parity['max_score_diff']}")
-    meta = {
+    record = ModelRecord.of(**{
         "name": NAME, "version": version, "id": "ssd_mobilenet_v2-" + ("coco" if checkpoint is None else "objects"),
         "architecture": "ssd_mobilenet_v2", **source,
         "input_name": INPUT_NAME, "input_dtype": "uint8", "input_shape": [-1, ssd.INPUT_SIZE, ssd.INPUT_SIZE, 3],
@@ -266,14 +255,13 @@ def build_detector(repo_dir: Path, progress: Callable[[str], None] = print, chec
         "output_name": "boxes", "outputs": list(OUTPUTS), "dim": 4, "anchors": len(ssd.anchors()),
         "labels": labels, "box_format": "x1 y1 x2 y2, fractions of the input", "scores": "sigmoid per class, 0 = background",
         "max_batch_size": MAX_BATCH, "opset": OPSET, "parity_max_abs_diff": diff, "reference_parity": parity,
-        "model_file": onnx_path.name, "model_sha256": backbones.sha256_file(onnx_path), "torch_version": torch.__version__,
-    }
-    tmp_meta = version_dir / f".meta.json.tmp{os.getpid()}"
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_meta, version_dir / "meta.json")
+        "model_file": onnx_path.name, "model_sha256": backbones.sha256_file(onnx_path),
+        "torch_version": str(torch.__version__),
+    })
+    record.write(version_dir)
     progress(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), parity max|torch-onnx| = {diff:.1e}, "
              f"in {time.perf_counter() - t0:.1f}s")
-    return meta
+    return record.to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

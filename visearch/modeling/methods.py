@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visearch.models.contract import INPUT_NAME, OPSET, OUTPUT_NAME
+
 from . import backbones, pooling
 from .aggregation import (
     MOPCNN,
@@ -41,16 +43,8 @@ from .aggregation import (
     kmeans,
     netvlad_alpha,
 )
+from .embedder import NORMALISATION
 from .whitening import Whiten, pca, whitening_from_pca
-
-INPUT_NAME, OUTPUT_NAME, OPSET = "images", "embeddings", 17
-# Per-backbone input normalisation, as in visearch.modeling.build.NORMALISATION (kept here so the
-# method models do not depend on the build module's internals).
-NORMALISATION = {
-    "mobilenet_v2": (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD),
-    "efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
-    "efficientnet_lite2": ((127 / 255,) * 3, (128 / 255,) * 3),
-}
 
 # The stage outputs the methods read: s5 (stride 16, 112/96/120 channels), s7 (stride 32,
 # 320/320/352) and head (the last 1x1 conv, 1280) of EfficientNet-Lite / MobileNetV2.
@@ -198,9 +192,9 @@ def export_method_onnx(model: nn.Module, size: int, path: Path, doc: str = "") -
 
 def onnx_parity(model: nn.Module, path: Path, batch: np.ndarray) -> float:
     """max |torch - onnxruntime| on `batch` (uint8 NHWC), run whole and one image at a time."""
-    import onnxruntime as ort
+    from visearch.ortsession import ort_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads=None)
     with torch.no_grad():
         ref = model(torch.from_numpy(batch)).numpy()
     got = sess.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
@@ -212,12 +206,9 @@ def onnx_parity(model: nn.Module, path: Path, batch: np.ndarray) -> float:
 
 def onnx_ms_per_image(path: Path, batch: np.ndarray, threads: int = 1, repeats: int = 2) -> float:
     """ONNX Runtime CPU time per image (ms), `threads` intra-op threads, best of `repeats` after a warm-up."""
-    import onnxruntime as ort
+    from visearch.ortsession import ort_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads)
     sess.run([OUTPUT_NAME], {INPUT_NAME: batch[:2]})
     best = float("inf")
     for _ in range(repeats):

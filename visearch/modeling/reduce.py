@@ -25,7 +25,6 @@ follow the thread count and the CPU) while its descriptor does not.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -34,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from visearch.checksum import sha256_file
+from visearch.models.record import ModelRecord
+from visearch.models.repository import versions as built_versions
+from visearch.models.repository import write_atomic
 from visearch.packs import PackError, provenance, read_pack, write_pack
 
 DEFAULT_DIM = 128
@@ -152,14 +154,14 @@ def pack_reduction(version_dir: Path, out: Path) -> str:
     from onnx import numpy_helper
 
     version_dir = Path(version_dir)
-    meta = json.loads((version_dir / "meta.json").read_text())
+    meta = ModelRecord.read(version_dir).to_dict()
     if "reduction" not in meta:
         raise ValueError(f"{version_dir} is not a reduced version")
     red = meta["reduction"]
     src_dir = version_dir.parent / str(red["source_version"])
     if sha256_file(src_dir / "model.onnx") != red["source_sha256"]:
         raise ValueError(f"{src_dir} is no longer the model {version_dir} was reduced from: reduce it again first")
-    src_meta = json.loads((src_dir / "meta.json").read_text())
+    src_meta = ModelRecord.read(src_dir).to_dict()
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(version_dir / "model.onnx")).graph.initializer
              if i.name in ("pca_weight", "pca_bias")}
     # What it was fitted on, not how this copy got its basis.
@@ -226,26 +228,20 @@ def append_projection(src: Path, dst: Path, w: np.ndarray, b: np.ndarray, output
 
 def cpu_session(path: Path):
     """An ONNX Runtime session on one intra-op thread, as the embedded backend runs models."""
-    import onnxruntime as ort
+    from visearch.ortsession import ort_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort_session(path, 1)
 
 
 def embed_paths(model: Path, meta: dict, paths: Sequence[Path], progress: Callable[[str], None], batch: int = 32
                 ) -> np.ndarray:
     """The model's descriptors of image files, input prepared exactly as served."""
-    from visearch.evaluation.features import load_batch
+    from visearch.offline import OfflineEmbedder
 
-    sess = cpu_session(model)
-    inp, out = sess.get_inputs()[0].name, meta.get("output_name") or "embeddings"
-    rows = []
-    for i in range(0, len(paths), batch):
-        rows.append(sess.run([out], {inp: load_batch(paths[i:i + batch], int(meta["input_size"]))})[0])
-        if (i // batch) % 20 == 19:
-            progress(f"  {i + batch}/{len(paths)} photos embedded")
-    return np.concatenate(rows)
+    model = OfflineEmbedder(path=model, input_size=int(meta["input_size"]), threads=1,
+                            output=meta.get("output_name") or "embeddings")
+    return model.embed_paths(paths, batch, every=20,
+                             progress=lambda done, total: progress(f"  {done}/{total} photos embedded"))
 
 
 def allow_any_dim(config: Path, output: str = "embeddings") -> bool:
@@ -257,9 +253,7 @@ def allow_any_dim(config: Path, output: str = "embeddings") -> bool:
         raise ValueError(f"{config}: no single {output!r} output entry to relax")
     if new == text:
         return False
-    tmp = config.with_name(f".{config.name}.tmp{os.getpid()}")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, config)
+    write_atomic(config, new)
     return True
 
 
@@ -278,8 +272,8 @@ def reduce_embedder(repo: Path, name: str = "embedder", source_version: int | No
     """
     repo = Path(repo)
     model_dir = repo / name
-    versions = sorted(int(p.name) for p in model_dir.glob("[0-9]*") if p.name.isdigit() and (p / "model.onnx").is_file())
-    metas = {v: json.loads((model_dir / str(v) / "meta.json").read_text()) for v in versions
+    versions = built_versions(model_dir)
+    metas = {v: ModelRecord.read(model_dir / str(v)).to_dict() for v in versions
              if (model_dir / str(v) / "meta.json").is_file()}
     if source_version is None:
         plain = [v for v in versions if "reduction" not in metas.get(v, {})]
@@ -340,14 +334,14 @@ def reduce_embedder(repo: Path, name: str = "embedder", source_version: int | No
         os.replace(tmp, dst_dir / "model.onnx")
     finally:
         tmp.unlink(missing_ok=True)
-    meta = dict(src_meta, version=target, id=f"{src_meta.get('id') or name}-pca{dim}" + (f"w{power:g}" if power else ""),
+    record = ModelRecord.from_dict(src_meta).derive(
+                version=target, id=f"{src_meta.get('id') or name}-pca{dim}" + (f"w{power:g}" if power else ""),
                 dim=dim, model_sha256=sha256_file(dst_dir / "model.onnx"), parity_max_abs_diff=diff,
                 reduction={**want, "method": "PCA" + (" whitening" if power else "") + " in the graph (MatMul + Add + L2 "
                            "after the embeddings output)", "fitted_on": fitted_on, "variance_kept": proj_var,
                            **({"basis_from": provenance(pack), "basis_check": matched} if basis is not None else {})})
-    meta_tmp = dst_dir / f".meta.json.tmp{os.getpid()}"
-    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(meta_tmp, dst_dir / "meta.json")
+    record.write(dst_dir)
+    meta = record.to_dict()
     if allow_any_dim(model_dir / "config.pbtxt"):
         progress(f"{model_dir / 'config.pbtxt'}: embeddings dims [ -1 ] (versions of different dimension)")
     progress(f"{name}/{target}: {meta['id']}, {dim}-d, parity {diff:.1e}, variance kept {meta['reduction']['variance_kept']}")

@@ -23,7 +23,10 @@ from torch import nn
 
 from visearch.datasets import Photo
 from visearch.imaging import decode_image, to_model_input
-from visearch.modeling import backbones, build
+from visearch.modeling import backbones
+from visearch.modeling.embedder import Embedder
+from visearch.models.contract import OPSET
+from visearch.ortsession import ort_session
 from visearch.views import TRAIN_VIEWS, made_up_view, seed_of
 
 from . import model as tmodel
@@ -115,7 +118,7 @@ def load_input(path: Path, size: int, view: str = "id") -> np.ndarray:
 class _Stem(nn.Module):
     """uint8 NHWC images -> output map of unit `cut - 1` (the frozen part)."""
 
-    def __init__(self, model: build.Embedder, cut: int):
+    def __init__(self, model: Embedder, cut: int):
         super().__init__()
         self.model = model
         self.cut = cut
@@ -152,8 +155,8 @@ class FeatureCache:
                     warnings.simplefilter("ignore")
                     torch.onnx.export(stem, (dummy,), str(path), input_names=["images"], output_names=["maps"],
                                       dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}},
-                                      opset_version=build.OPSET, do_constant_folding=True, dynamo=False)
-                self._sess = build.ort_session(path, self.threads)
+                                      opset_version=OPSET, do_constant_folding=True, dynamo=False)
+                self._sess = ort_session(path, self.threads)
         return self._sess
 
     def file(self, sha: str, view: str) -> Path:

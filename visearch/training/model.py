@@ -3,7 +3,7 @@
 The backbone is a chain of units (stem, blocks, head conv) whose composition is
 `forward_features`. Units before `train_from` are frozen; their output is what the
 feature cache stores, so training runs only the top units on cached maps. The model
-is `visearch.modeling.build.Embedder` (uint8 NHWC in, L2-normalised out) with a
+is `visearch.modeling.embedder.Embedder` (uint8 NHWC in, L2-normalised out) with a
 projection head, so a checkpoint exports with the served model's contract unchanged.
 """
 
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visearch.modeling import backbones, build, pooling
+from visearch.modeling import backbones, pooling
+from visearch.modeling.embedder import NORMALISATION, Embedder
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class Projection(nn.Linear):
         return {"in": self.in_features, "out": self.out_features}
 
 
-def make_model(cfg: ModelConfig) -> build.Embedder:
+def make_model(cfg: ModelConfig) -> Embedder:
     """An Embedder (ImageNet weights loaded) with the projection head the config asks for."""
     if cfg.size % 32:
         raise ValueError(f"input size {cfg.size} must be a multiple of 32")
@@ -125,22 +126,22 @@ def make_model(cfg: ModelConfig) -> build.Embedder:
     pool = pooling.make_pooling(cfg.pooling, feature_size=(fs, fs), p=cfg.gem_p, levels=cfg.rmac_levels)
     c = backbones.SPECS[cfg.arch].dim
     head = Projection(c, cfg.dim) if cfg.dim else None
-    mean, std = build.NORMALISATION[cfg.arch]
-    return build.Embedder(backbone, pool, mean, std, head=head)
+    mean, std = NORMALISATION[cfg.arch]
+    return Embedder(backbone, pool, mean, std, head=head)
 
 
-def normalise_images(model: build.Embedder, images: torch.Tensor) -> torch.Tensor:
+def normalise_images(model: Embedder, images: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> normalised float NCHW, exactly as the exported graph does it."""
     return (images.to(torch.float32) * model.scale + model.shift).permute(0, 3, 1, 2)
 
 
-def run_units(model: build.Embedder, x: torch.Tensor, start: int, end: int | None = None) -> torch.Tensor:
+def run_units(model: Embedder, x: torch.Tensor, start: int, end: int | None = None) -> torch.Tensor:
     for unit in units(model.backbone)[start:end]:
         x = unit(x)
     return x
 
 
-def pool_features(model: build.Embedder, fmap: torch.Tensor) -> torch.Tensor:
+def pool_features(model: Embedder, fmap: torch.Tensor) -> torch.Tensor:
     """Pool a last-layer map of any size (R-MAC regions recomputed when a crop changed the size).
 
     R-MAC goes through `fast_rmac` (same values as `pooling.rmac`, a few times faster backward);
@@ -175,7 +176,7 @@ def fast_rmac(x: torch.Tensor, regions: Sequence[tuple[int, int, int, int]], eps
     return F.normalize(total, dim=-1, eps=eps)
 
 
-def embed_from(model: build.Embedder, x: torch.Tensor, start: int) -> torch.Tensor:
+def embed_from(model: Embedder, x: torch.Tensor, start: int) -> torch.Tensor:
     """L2-normalised embeddings from the output of unit `start - 1` (a cached map) or images' NCHW tensor (start 0)."""
     v = pool_features(model, run_units(model, x, start))
     if model.head is not None:
@@ -183,7 +184,7 @@ def embed_from(model: build.Embedder, x: torch.Tensor, start: int) -> torch.Tens
     return F.normalize(v, p=2.0, dim=1, eps=1e-12)
 
 
-def set_trainable(model: build.Embedder, train_from: int, freeze_bn: bool) -> list[nn.Parameter]:
+def set_trainable(model: Embedder, train_from: int, freeze_bn: bool) -> list[nn.Parameter]:
     """Freeze units before `train_from`; return the backbone parameters left trainable."""
     for p in model.backbone.parameters():
         p.requires_grad_(False)
@@ -209,7 +210,7 @@ def frozen_modules(backbone: nn.Module, train_from: int) -> list[nn.Module]:
         for m in lst if id(m) not in trainable]
 
 
-def train_mode(model: build.Embedder, train_from: int, freeze_bn: bool) -> None:
+def train_mode(model: Embedder, train_from: int, freeze_bn: bool) -> None:
     """model.train(), but frozen units stay in eval mode, and with `freeze_bn` every BatchNorm too."""
     model.train()
     for m in frozen_modules(model.backbone, train_from):

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from visearch import datasets
-from visearch.modeling import backbones, build
+from visearch.modeling import backbones
+from visearch.modeling.embedder import NORMALISATION, Embedder
 
 from . import data, losses
 from . import model as tmodel
@@ -162,7 +163,7 @@ class _Source:
             imgs = list(pool.map(fn, jobs))
         return torch.from_numpy(np.stack(imgs))
 
-    def embed(self, model: build.Embedder, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def embed(self, model: Embedder, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         x = x.to(device)
         if self.cfg.cache:
             return tmodel.embed_from(model, x, self.start)
@@ -170,7 +171,7 @@ class _Source:
 
 
 @torch.no_grad()
-def embed_photos(model: build.Embedder, source: _Source, photos: list, device: torch.device, batch: int = 64) -> np.ndarray:
+def embed_photos(model: Embedder, source: _Source, photos: list, device: torch.device, batch: int = 64) -> np.ndarray:
     model.eval()
     idx = np.array([source.index[p.path] for p in photos])
     out = [source.embed(model, source.batch(idx[i:i + batch], None, None, False), device).cpu()
@@ -179,7 +180,7 @@ def embed_photos(model: build.Embedder, source: _Source, photos: list, device: t
 
 
 @torch.no_grad()
-def pooled_descriptors(model: build.Embedder, source: _Source, device: torch.device, batch: int = 64) -> np.ndarray:
+def pooled_descriptors(model: Embedder, source: _Source, device: torch.device, batch: int = 64) -> np.ndarray:
     """Pooled descriptors (before the projection) of every photo of `source`, in its order."""
     model.eval()
     out = []
@@ -191,7 +192,7 @@ def pooled_descriptors(model: build.Embedder, source: _Source, device: torch.dev
     return torch.cat(out).numpy()
 
 
-def holdout_metrics(model: build.Embedder, source: _Source, proto, device: torch.device) -> dict:
+def holdout_metrics(model: Embedder, source: _Source, proto, device: torch.device) -> dict:
     from visearch.evaluation.harness import evaluate_embeddings
 
     q = embed_photos(model, source, proto.queries, device)
@@ -219,10 +220,10 @@ def model_id(meta: dict, state: dict) -> str:
     return f"{m['architecture']}-{pool}-{m['input_size']}-ft-{m['loss']['name']}-d{m['dim']}-{h.hexdigest()[:8]}"
 
 
-def make_meta(cfg: TrainConfig, model: build.Embedder, train_photos: list, proto, metrics: dict, epoch: int,
+def make_meta(cfg: TrainConfig, model: Embedder, train_photos: list, proto, metrics: dict, epoch: int,
               extra: dict | None = None) -> dict:
     mc = cfg.model
-    mean, std = build.NORMALISATION[mc.arch]
+    mean, std = NORMALISATION[mc.arch]
     wfile = backbones.weights_path(mc.arch)
     dim = mc.dim or backbones.SPECS[mc.arch].dim
     classes = sorted({p.fine_id for p in train_photos})
@@ -258,7 +259,7 @@ def make_meta(cfg: TrainConfig, model: build.Embedder, train_photos: list, proto
     return meta
 
 
-def save_checkpoint(path: Path, model: build.Embedder, meta: dict) -> None:
+def save_checkpoint(path: Path, model: Embedder, meta: dict) -> None:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     meta = dict(meta, id=model_id(meta, state))
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -266,7 +267,7 @@ def save_checkpoint(path: Path, model: build.Embedder, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> tuple[build.Embedder, dict]:
+def load_checkpoint(path: Path) -> tuple[Embedder, dict]:
     """The Embedder of a checkpoint (eval mode) and its meta record."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     meta = ckpt["meta"]

@@ -1,8 +1,9 @@
 """Blue/green re-embedding of a catalog, through the ingestion queue.
 
 The gateway's ReembedCatalog makes generation n+1 (empty, for the new model) beside the
-live generation n and queues a plan task. From then on every ingest writes to both
-generations (services/worker/tasks.py), each embedded by its own model version; deletes
+live generation n and queues a plan task (visearch/catalogs.py, which owns the re-embedding's
+Redis keys). From then on every ingest writes to both
+generations (services/worker/pipeline.py), each embedded by its own model version; deletes
 reach every generation. Then:
 
   plan     lists the live generation's items, records them in the job, queues batches;
@@ -30,23 +31,22 @@ import grpc
 import redis
 from celery import Celery
 
-from services.worker.tasks import (
+from services.worker.app import app, settings
+from services.worker.pipeline import (
     INFRASTRUCTURE,
     Context,
     Transient,
     context,
     embed_objects,
     group_objects,
-    model_meta,
     read_uri,
     readable_roots,
     retry_later,
     run_batch,
 )
-from visearch import imaging
+from visearch import convert, imaging
 from visearch import observability as obs
 from visearch.queue import REEMBED_BATCH_TASK, REEMBED_PLAN_TASK, RETIRE_TASK
-from visearch.settings import WorkerSettings
 from visearch.store import Generation
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def copy_items(ctx: Context, src: Generation, dst: Generation, item_ids: list[st
     if todo:
         emb = embed_objects(ctx, [(data, o.box) for _, objs, data in todo for o in objs], dst.model_version,
                             ctx.settings.rpc_timeout_seconds, regions=dst.regions != "off")
-        ctx.store.check_model(dst, model_meta(emb.model))
+        ctx.store.check_model(dst, convert.model_meta(emb.model))
         # An ingest may have written a newer version meanwhile (embedding takes a while): keep it. What
         # still races past this check is found by the repair rounds, which switch only when clean.
         now = {i: objs[0].stamp for i, objs in ctx.store.item_rows(dst, [i for i, _, _ in todo]).items()}
@@ -157,7 +157,7 @@ def reembed(ctx: Context, catalog: str, number: int, item_ids: list[str]) -> tup
 
 def finish(ctx: Context, app: Celery, job_id: str, catalog: str, number: int) -> None:
     """Repair, switch, schedule the retirement: once per job (a Redis lock), idempotent if re-run."""
-    lock = ctx.jobs.r.lock(f"vs:reembed-finish:{job_id}", timeout=3600, blocking=False)
+    lock = ctx.catalogs.finish_lock(job_id)
     if not lock.acquire():
         return
     try:
@@ -223,51 +223,54 @@ def retire(ctx: Context, catalog: str, number: int) -> dict:
     return {"dropped": True, "carried": carried, "failed": len(failed)}
 
 
-def register(app: Celery, settings: WorkerSettings) -> None:
-    def headers_of(task) -> dict:
-        return {"request_id": (getattr(task.request, "headers", None) or {}).get("request_id", "")}
+def headers_of(task) -> dict:
+    return {"request_id": (getattr(task.request, "headers", None) or {}).get("request_id", "")}
 
-    def guarded(task, ctx: Context, job_id: str, what: str, fn) -> None:
-        """Run fn: infrastructure failures retry the task with backoff; giving up, or a bug, ends
-        the job as failed with the reason (the catalog stays on its generation)."""
-        try:
-            fn()
-        except INFRASTRUCTURE as exc:
-            if task.request.retries < task.max_retries:
-                delay = min(60, 2 ** task.request.retries)
-                log.warning("%s retried in %ss: %s", what, delay, exc, extra={"job_id": job_id})
-                retry_later(task, exc, delay)
-            ctx.jobs.set_phase(job_id, "failed", f"{what} gave up after {task.max_retries} retries: {exc}", close=True)
-        except Exception as exc:  # noqa: BLE001 - a bug ends the job with its reason, not a redelivery loop
-            log.exception("%s failed", what, extra={"job_id": job_id})
-            ctx.jobs.set_phase(job_id, "failed", f"{what}: internal error: {type(exc).__name__}: {exc}", close=True)
 
-    @app.task(name=REEMBED_PLAN_TASK, bind=True, max_retries=settings.max_retries)
-    def reembed_plan(self, job_id: str, catalog: str, number: int) -> dict:
-        ctx = context(settings)
-        guarded(self, ctx, job_id, "planning", lambda: plan(ctx, app, job_id, catalog, number, headers_of(self)))
-        return {"job_id": job_id}
+def guarded(task, ctx: Context, job_id: str, what: str, fn) -> None:
+    """Run fn: infrastructure failures retry the task with backoff; giving up, or a bug, ends
+    the job as failed with the reason (the catalog stays on its generation)."""
+    try:
+        fn()
+    except INFRASTRUCTURE as exc:
+        if task.request.retries < task.max_retries:
+            delay = min(60, 2 ** task.request.retries)
+            log.warning("%s retried in %ss: %s", what, delay, exc, extra={"job_id": job_id})
+            retry_later(task, exc, delay)
+        ctx.jobs.set_phase(job_id, "failed", f"{what} gave up after {task.max_retries} retries: {exc}", close=True)
+    except Exception as exc:  # noqa: BLE001 - a bug ends the job with its reason, not a redelivery loop
+        log.exception("%s failed", what, extra={"job_id": job_id})
+        ctx.jobs.set_phase(job_id, "failed", f"{what}: internal error: {type(exc).__name__}: {exc}", close=True)
 
-    @app.task(name=REEMBED_BATCH_TASK, bind=True, max_retries=settings.max_retries)
-    def reembed_batch(self, job_id: str, catalog: str, number: int, item_ids: list[str]) -> dict:
-        ctx = context(settings)
-        done, failed = run_batch(self, ctx, job_id, item_ids, lambda ids: reembed(ctx, catalog, number, ids), str)
-        obs.REEMBEDDED.labels(catalog, "done").inc(len(done))
-        obs.REEMBEDDED.labels(catalog, "failed").inc(len(failed))
 
-        def maybe_finish():
-            st = ctx.jobs.status(job_id, max_failures=0)
-            # "switching": a finish interrupted by an outage, taken up again by this retry.
-            if st.pending == 0 and st.phase in ("embedding", "switching"):
-                finish(ctx, app, job_id, catalog, number)
+@app.task(name=REEMBED_PLAN_TASK, bind=True, max_retries=settings.max_retries)
+def reembed_plan(self, job_id: str, catalog: str, number: int) -> dict:
+    ctx = context(settings)
+    guarded(self, ctx, job_id, "planning", lambda: plan(ctx, app, job_id, catalog, number, headers_of(self)))
+    return {"job_id": job_id}
 
-        # A retry re-runs the batch, which is cheap (its items are current now) and leads here again.
-        guarded(self, ctx, job_id, "the switch", maybe_finish)
-        return {"done": len(done), "failed": len(failed)}
 
-    @app.task(name=RETIRE_TASK, bind=True, max_retries=settings.max_retries)
-    def retire_generation(self, catalog: str, number: int) -> dict:
-        try:
-            return retire(context(settings), catalog, number)
-        except (*INFRASTRUCTURE, grpc.RpcError) as exc:  # the old generation stays until a retry drops it
-            retry_later(self, exc, min(300, 10 * 2 ** self.request.retries))
+@app.task(name=REEMBED_BATCH_TASK, bind=True, max_retries=settings.max_retries)
+def reembed_batch(self, job_id: str, catalog: str, number: int, item_ids: list[str]) -> dict:
+    ctx = context(settings)
+    done, failed = run_batch(self, ctx, job_id, item_ids, lambda ids: reembed(ctx, catalog, number, ids), str)
+    obs.REEMBEDDED.labels(catalog, "done").inc(len(done))
+    obs.REEMBEDDED.labels(catalog, "failed").inc(len(failed))
+
+    def maybe_finish():
+        st = ctx.jobs.status(job_id, max_failures=0)
+        # "switching": a finish interrupted by an outage, taken up again by this retry.
+        if st.pending == 0 and st.phase in ("embedding", "switching"):
+            finish(ctx, app, job_id, catalog, number)
+
+    # A retry re-runs the batch, which is cheap (its items are current now) and leads here again.
+    guarded(self, ctx, job_id, "the switch", maybe_finish)
+    return {"done": len(done), "failed": len(failed)}
+
+
+@app.task(name=RETIRE_TASK, bind=True, max_retries=settings.max_retries)
+def retire_generation(self, catalog: str, number: int) -> dict:
+    try:
+        return retire(context(settings), catalog, number)
+    except (*INFRASTRUCTURE, grpc.RpcError) as exc:  # the old generation stays until a retry drops it
+        retry_later(self, exc, min(300, 10 * 2 ** self.request.retries))

@@ -1,4 +1,6 @@
-"""The ingestion task: load -> decode -> detect -> embed (batched) -> upsert -> record.
+"""The worker's steps: load -> decode -> detect -> embed (batched) -> upsert, and the batch runner
+that records each outcome in its job and retries what infrastructure failures interrupt. The Celery
+tasks are services/worker/ingest.py's and services/worker/reembed.py's.
 
 Idempotent per item id: rows are upserted under deterministic ids and job
 bookkeeping uses sets, so a task that runs twice (a worker died after storing,
@@ -18,21 +20,19 @@ from pathlib import Path
 import grpc
 import numpy as np
 import redis
-from celery import Celery
 from celery.exceptions import Reject
 from pymilvus.exceptions import MilvusException
 
+from visearch import convert, files, imaging
 from visearch import duplicates as dup
-from visearch import files, imaging, ledger
 from visearch import observability as obs
+from visearch.catalogs import Catalogs
 from visearch.common.v1 import common_pb2
 from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.errors import InvalidArgument, NotFound
 from visearch.grpcserver import split_by_bytes, sync_channel, too_large
-from visearch.inference import ModelMeta
 from visearch.jobs import Jobs
-from visearch.queue import INGEST_TASK
 from visearch.settings import WorkerSettings
 from visearch.store import VectorStore, WriteClock
 
@@ -63,6 +63,7 @@ class Context:
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(sync_channel(settings.embedding_addr, settings))
         self.jobs = Jobs.from_url(settings.redis_url, settings.job_ttl_seconds)
         self.store = VectorStore(settings, WriteClock(self.jobs.r))
+        self.catalogs = Catalogs(self.store, self.jobs, settings.job_ttl_seconds)
 
 
 _ctx: tuple[int, Context] | None = None
@@ -147,9 +148,9 @@ def process(ctx: Context, job_id: str, catalog: str, items: list[dict]) -> tuple
         mode = gen.regions if gen else ctx.store.settings.catalog_regions
         emb = embed_objects(ctx, [(ok[n][1], box) for n, box in objects], gen.model_version if gen else "", timeout,
                             regions=mode != "off")
-        meta = model_meta(emb.model)
+        meta = convert.model_meta(emb.model)
         if gen is None:
-            gen = ctx.store.ensure_catalog(catalog, meta)
+            gen = ctx.catalogs.ensure(catalog, meta)
         else:
             ctx.store.check_model(gen, meta)
         local_rows: dict[str, bytes] = {}
@@ -263,10 +264,6 @@ def claimed(ctx: Context, job_id: str, seqs: dict[str, int | None], wait: float 
         ctx.jobs.release(job_id, keep, token)
 
 
-def model_meta(m) -> ModelMeta:
-    return ModelMeta(name=m.name, version=m.version, input_name="", output_name="", input_size=m.input_size, dim=m.dim)
-
-
 def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple]], version: str, timeout: float,
                   regions: bool = True):
     """Embed (image bytes, box in pixels) pairs with one model version, local features as configured
@@ -347,64 +344,6 @@ def catalog_objects(ctx, ok: list, timeout: float) -> list[tuple[int, tuple[floa
             boxes = [full[n], *boxes]
         objects += [(n, b) for b in boxes]
     return objects
-
-
-def register(app: Celery, settings: WorkerSettings) -> None:
-    from celery.signals import worker_process_init, worker_ready
-
-    @worker_ready.connect(weak=False)
-    def _reconciler(**_):
-        # In the worker's main process: tasks the broker lost are sent again (visearch/ledger.py).
-        ledger.start_reconciler(settings.redis_url, app, settings.lost_task_after_seconds,
-                                settings.job_ttl_seconds, settings.ledger_every_seconds)
-
-    @worker_process_init.connect(weak=False)
-    def _metrics(**_):
-        # Each pool child serves its own /metrics: worker_metrics_port + the child's index.
-        if settings.worker_metrics_port:
-            from billiard.process import current_process
-
-            port = settings.worker_metrics_port + (getattr(current_process(), "index", 0) or 0)
-            try:
-                obs.serve_metrics(port, settings.host)
-            except OSError as exc:  # the port is taken: this child works on without a /metrics
-                log.warning("worker /metrics not served on port %s: %s", port, exc)
-
-    @app.task(name=INGEST_TASK, bind=True, max_retries=settings.max_retries)
-    def ingest_batch(self, job_id: str, catalog: str, items: list[dict]) -> dict:
-        ctx = context(settings)
-        sealed = []
-
-        def seal() -> None:
-            # Seal the job's rows into indexed segments: Milvus Lite brute-forces unflushed rows
-            # in Python, which made searches after a bulk ingest slow.
-            for gen in ctx.store.write_targets(catalog):
-                ctx.store.flush(gen)
-            sealed.append(True)
-
-        def seal_if_last(done: list, failed: dict) -> None:
-            # The batch that completes its job seals *before* its items are recorded, so a client
-            # waiting for the job (`ingest --wait`) searches sealed segments instead of competing
-            # with the flush (a 1,320-photo job: the first searches took 0.5-1.3 s, then 0.2 s).
-            if done and ctx.jobs.status(job_id, max_failures=0).pending <= len(done) + len(failed):
-                try:
-                    seal()
-                except Exception as exc:  # noqa: BLE001 - sealed after recording instead (below)
-                    log.warning("not sealed before the job's last items: %s", exc, extra={"job_id": job_id})
-
-        done, failed = run_batch(self, ctx, job_id, items, lambda units: process(ctx, job_id, catalog, units),
-                                 lambda item: item["item_id"], before_record=seal_if_last)
-        obs.INGESTED.labels(catalog, "done").inc(len(done))
-        obs.INGESTED.labels(catalog, "failed").inc(len(failed))
-        if done and not sealed and ctx.jobs.status(job_id, max_failures=0).finished:
-            seal()  # two last batches recorded at once, neither seeing itself last: seal now
-        log.info("batch ingested", extra={"job_id": job_id, "catalog": catalog, "done": len(done),
-                                          "failed": len(failed)})
-        return {"done": len(done), "failed": len(failed)}
-
-    from services.worker import generations
-
-    generations.register(app, settings)
 
 
 def retry_later(task, exc: BaseException, countdown: float):
