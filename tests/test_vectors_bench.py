@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 
 def test_chunked_exact_top10_matches_a_full_sort():
@@ -22,6 +23,7 @@ def test_chunked_exact_top10_matches_a_full_sort():
     assert np.array_equal(np.sort(ids, 1), np.sort(np.argsort(-full, 1)[:, :10], 1))
 
 
+@pytest.mark.integration  # starts Milvus Lite
 def test_vectors_benchmark_smoke_on_milvus_lite(tmp_path):
     from bench.vectors import main
 
