@@ -37,6 +37,7 @@ from visearch import detector as det
 from visearch.evaluation.harness import MAP_AT, order_metrics
 from visearch.evaluation.protocols import Protocol, get_protocols
 from visearch.inference import OnnxRuntimeBackend, resolve_version
+from visearch.models.record import ModelRecord
 from visearch.offline import OfflineEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def log(msg: str) -> None:
 class Embedder:
     def __init__(self, repo: Path, threads: int):
         vdir = resolve_version(repo, "embedder")
-        self.meta = json.loads((vdir / "meta.json").read_text())
+        self.meta = ModelRecord.read(vdir).to_dict()
         self.model = OfflineEmbedder(vdir / "model.onnx", self.meta["input_size"], threads, "embeddings")
         self.session = self.model.session
         self.size = self.meta["input_size"]
@@ -66,7 +67,7 @@ def detectors(repo: Path, threads: int, only: list[str] | None) -> dict[str, det
     versions = sorted(int(p.name) for p in (repo / "detector").glob("*") if (p / "model.onnx").is_file())
     out = {}
     for v in versions:
-        name = json.loads((repo / "detector" / str(v) / "meta.json").read_text())["id"]
+        name = ModelRecord.read(repo / "detector" / str(v)).id
         if only and str(v) not in only:
             continue
         out[f"v{v} {name}"] = det.Detector(OnnxRuntimeBackend(repo, {"detector": str(v)}, threads))

@@ -24,13 +24,13 @@ The smaller descriptor's effect on the vector store (memory, search time) is mea
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from visearch.modeling.reduce import append_projection, embed_paths, fit_pca, project
+from visearch.models.record import ModelRecord
 from visearch.offline import load_batch
 from visearch.ortsession import ort_session
 
@@ -106,11 +106,11 @@ def run(model: Path, dims: list[int], powers: list[float], export: int, export_p
         path = append_projection(src, dst / "model.onnx", w, b, outp)
         sha256 = sha256_file(path)
         label = f"pca{export}" + (f"w{export_power:g}" if export_power else "")
-        new_meta = dict(meta, id=f"{meta.get('id') or 'embedder'}-{label}", dim=export, model_sha256=sha256,
-                        pca={"dim": export, "whitening_power": export_power, "in": int(w.shape[0]),
-                             "fitted_on": f"served descriptors of {len(fit)} grocery train photos",
-                             "in_graph": "MatMul + Add + L2 after the embeddings output"})
-        (dst / "meta.json").write_text(json.dumps(new_meta, indent=2))
+        ModelRecord.from_dict(dict(meta), str(src)).derive(
+            id=f"{meta.get('id') or 'embedder'}-{label}", dim=export, model_sha256=sha256,
+            pca={"dim": export, "whitening_power": export_power, "in": int(w.shape[0]),
+                 "fitted_on": f"served descriptors of {len(fit)} grocery train photos",
+                 "in_graph": "MatMul + Add + L2 after the embeddings output"}).write(dst)
         val = [p.path for p in grocery_split(root, "val") if p.is_product][:16]
         x = load_batch(val, size)
         got = embed_paths(path, meta, val, progress)

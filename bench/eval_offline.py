@@ -30,6 +30,7 @@ from visearch.evaluation.harness import rank
 from visearch.evaluation.protocol import Protocol
 from visearch.evaluation.protocols import split_protocols
 from visearch.metrics import retrieval_report
+from visearch.models.record import ModelRecord
 from visearch.offline import OfflineEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def embed(model_path: Path, input_size: int, paths: list[Path], batch: int = 32,
 def cached_embed(model_dir: Path, photos: list[datasets.Photo], cache: Path, batch: int, threads: int,
                  use_cache: bool = True) -> tuple[np.ndarray, float, dict]:
     """Embed with the model version in `model_dir` (model.onnx + meta.json), reusing cached vectors."""
-    meta = json.loads((model_dir / "meta.json").read_text())
+    meta = ModelRecord.read(model_dir).to_dict()
     keys = [p.key for p in photos]
     cache.mkdir(parents=True, exist_ok=True)
     # Keyed by the model file's hash: a rebuilt model is never served stale vectors.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visearch.models.record import ModelRecord
 from visearch.offline import load_batch
 from visearch.ortsession import ort_session
 
@@ -82,10 +83,9 @@ def run(model: Path, n_calibration: int, out: Path, progress=print, protocols=("
     progress(f"quantising {src} on {len(calib)} train photos")
     t = time.perf_counter()
     q_path = quantize(src, out / "int8", calib, meta.get("input_name") or "images")
-    q_meta = dict(meta, id=f"{meta.get('id') or 'embedder'}-int8", quantization="static QDQ int8, per-channel, MinMax "
-                  f"on {len(calib)} train photos")
-    q_meta.pop("model_sha256", None)
-    (q_path.parent / "meta.json").write_text(json.dumps(q_meta, indent=2))
+    unsigned = ModelRecord.from_dict({k: v for k, v in dict(meta).items() if k != "model_sha256"}, str(src))
+    unsigned.derive(id=f"{meta.get('id') or 'embedder'}-int8", quantization="static QDQ int8, per-channel, MinMax "
+                    f"on {len(calib)} train photos").write(q_path.parent)
     quant_s = round(time.perf_counter() - t, 1)
 
     val = [p.path for p in grocery_split(root, "val") if p.is_product][:32]

@@ -30,6 +30,7 @@ from visearch.detector import box_iou
 from visearch.evaluation.harness import MAP_AT, order_metrics
 from visearch.evaluation.protocols import Protocol, get_protocols
 from visearch.inference import resolve_version
+from visearch.models.record import ModelRecord
 from visearch.offline import OfflineEmbedder, load_batch
 from visearch.scenes import build_scenes
 
@@ -46,7 +47,7 @@ def log(msg: str) -> None:
 class Model:
     def __init__(self, path: Path, threads: int):
         vdir = resolve_version(path, "embedder") if (path / "embedder").is_dir() else path
-        self.meta = json.loads((vdir / "meta.json").read_text())
+        self.meta = ModelRecord.read(vdir).to_dict()
         if not self.meta.get("regions"):
             raise SystemExit(f"{vdir}: the model has no region outputs; rebuild it (visearch models build)")
         self.model = OfflineEmbedder(vdir / "model.onnx", self.meta["input_size"], threads, "embeddings")

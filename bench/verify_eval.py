@@ -42,6 +42,7 @@ from visearch.evaluation.protocols import Protocol, get_protocols
 from visearch.imaging import decode_image
 from visearch.inference import resolve_version
 from visearch.metrics import average_precision
+from visearch.models.record import ModelRecord
 from visearch.offline import OfflineEmbedder
 
 N_CANDIDATES = 100
@@ -59,7 +60,7 @@ def embed_all(repo: Path, paths: list[Path], cache: Path, maps: bool = False):
     """Global descriptors of the repository's default embedder (cached by model and paths); with
     `maps`, also its conv maps (`region_map`, float16) for the CNN's local features."""
     vdir = resolve_version(repo, "embedder") if (repo / "embedder").is_dir() else repo
-    meta = json.loads((vdir / "meta.json").read_text())
+    meta = ModelRecord.read(vdir).to_dict()
     key = hashlib.sha256(((vdir / "model.onnx").read_bytes()[:1 << 20]) + "\n".join(map(str, paths)).encode()).hexdigest()[:12]
     f = cache / f"global-{key}{'-maps' if maps else ''}.npz"
     if f.is_file():
