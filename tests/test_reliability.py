@@ -42,16 +42,18 @@ def rmesh(tmp_path_factory, model_repo, grocery):
                # Items stay multi-object (full frame + the best detection) at half the default's cost.
                VISEARCH_INGEST_MAX_OBJECTS="1")
     cli(env, "up")
-    state = mesh.load_state(data)
-    m = {"env": env, "data": data, "state": state, "comps": {c["name"]: c for c in state["components"]}}
-    m["client"] = GatewayClient(state["gateway"], key=mesh.read_admin_key(data), timeout=60)
-    photos = [p for p in grocery["train"] if p.is_product][:24]
-    res = json.loads(cli(env, "ingest", "--manifest", str(write_manifest(photos, data / "base.csv")), "--catalog",
-                         "base", "--wait", "--json").stdout)
-    assert res["ok"] == 24
-    yield m
-    m["client"].close()
-    cli(env, "down", check=False)
+    try:  # the mesh goes down whatever fails after it came up (a failed setup included)
+        state = mesh.load_state(data)
+        m = {"env": env, "data": data, "state": state, "comps": {c["name"]: c for c in state["components"]}}
+        m["client"] = GatewayClient(state["gateway"], key=mesh.read_admin_key(data), timeout=60)
+        photos = [p for p in grocery["train"] if p.is_product][:24]
+        res = json.loads(cli(env, "ingest", "--manifest", str(write_manifest(photos, data / "base.csv")), "--catalog",
+                             "base", "--wait", "--json").stdout)
+        assert res["ok"] == 24
+        yield m
+        m["client"].close()
+    finally:
+        cli(env, "down", check=False)
 
 
 def enc(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -33,3 +33,31 @@ def test_vectors_benchmark_smoke_on_milvus_lite(tmp_path):
     assert r["n"] == 3000 and r["engine"] == "Milvus Lite"
     (row,) = r["by_ef"]
     assert row["recall@10"] >= 0.9 and 0 < row["p50_ms"] <= row["p99_ms"], row
+
+
+def test_index_kinds_build_and_search_params():
+    from bench.vectors import index_params, search_settings
+
+    assert index_params("hnsw", 10**6) == ("HNSW", {"M": 16, "efConstruction": 200})
+    assert index_params("ivf_sq8", 10**6) == ("IVF_SQ8", {"nlist": 4096})  # 4 sqrt(n), a power of two
+    assert index_params("ivf_sq8", 10**4)[1] == {"nlist": 512}
+    assert index_params("diskann", 10**6) == ("DISKANN", {})
+    with pytest.raises(ValueError):
+        index_params("flat", 10)
+    assert [(k, v) for k, v, _ in search_settings("hnsw", [64])] == [("ef", 64)]
+    assert [v for _, v, _ in search_settings("ivf_sq8")] == [16, 32, 64]
+    (_, _, p), *_ = search_settings("diskann")
+    assert p == {"metric_type": "IP", "params": {"search_list": 32}}
+
+
+def test_rss_of_a_process_tree_from_proc(tmp_path):
+    from bench.vectors import rss_tree_mb
+
+    for pid, ppid, kb in ((10, 1, 1024), (11, 10, 2048), (12, 11, 512), (20, 1, 9999)):
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "stat").write_text(f"{pid} (mil vus) S {ppid} 0 0\n")
+        (d / "status").write_text(f"Name:\tx\nVmRSS:\t    {kb} kB\n")
+    (tmp_path / "self").mkdir()
+    assert rss_tree_mb(10, tmp_path) == 3.5  # 10 + its child 11 + grandchild 12, not 20
+    assert rss_tree_mb(12, tmp_path) == 0.5
