@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visearch.modeling.reduce import append_projection, embed_paths, fit_pca, project
+from visearch.modeling.reduce import embed_paths, fit_pca
+from visearch.models.graph import append_projection, project
 from visearch.models.record import ModelRecord
 from visearch.offline import load_batch
 from visearch.ortsession import ort_session

@@ -28,7 +28,7 @@ from visearch.auth import OPEN_PREFIXES, Authenticator, Unauthenticated, require
 log = logging.getLogger(__name__)
 # The gateway methods and the action each needs; a method not named here is audited when its
 # handler requires one of ACTIONS.
-METHODS = {"IngestItems": "ingest", "DeleteItems": "delete", "ReembedCatalog": "admin",
+METHODS = {"IngestItems": "ingest", "DeleteItems": "delete", "ReembedCatalog": "admin", "AdaptCatalog": "admin",
            "ExportCatalog": "admin", "ImportCatalog": "admin"}
 ACTIONS = frozenset({"ingest", "delete", "admin"})
 MAX_FIELD = 256  # characters of a caller's string (catalog, message) written

@@ -44,9 +44,10 @@ class Catalogs:
 
     # ---- re-embedding -----------------------------------------------------------------------
     def start_reembed(self, catalog: str, live: Generation, meta: ModelMeta,
-                      queue: Callable[[str, int], None]) -> tuple[str, int]:
+                      queue: Callable[[str, int], None], job_id: str = "") -> tuple[str, int]:
         """(job id, generation) of the catalog's re-embedding into `meta`: the one under way, or a new
-        one, whose plan `queue(job_id, generation)` sends to the workers."""
+        one, whose plan `queue(job_id, generation)` sends to the workers. `job_id`: an open job of the
+        caller's that the re-embedding continues (an adaptation's), instead of a new one."""
         # One re-embedding per catalog at a time; a lock so two calls cannot both start one.
         lock = self.jobs.r.lock(f"{START_LOCK}{catalog}", timeout=60, blocking_timeout=10, thread_local=False)
         if not lock.acquire():
@@ -70,8 +71,13 @@ class Catalogs:
                     return st.job_id, building.number
             if building is None:  # else resume it: only what it lacks is re-embedded
                 building = self.store.create_generation(catalog, meta)
-            job_id = new_job_id()
-            self.jobs.create(job_id, catalog, "reembed", "planning", generation=building.number, model=meta.tag)
+            if job_id:
+                self.jobs.set_field(job_id, "generation", str(building.number))
+                self.jobs.set_field(job_id, "model", meta.tag)
+                self.jobs.set_phase(job_id, "planning")
+            else:
+                job_id = new_job_id()
+                self.jobs.create(job_id, catalog, "reembed", "planning", generation=building.number, model=meta.tag)
             self.jobs.r.set(f"{RUNNING}{catalog}", job_id, ex=self.job_ttl)
             try:
                 queue(job_id, building.number)

@@ -453,6 +453,33 @@ def catalogs(ctx, as_json):
             click.echo(json.dumps(row))
 
 
+def _wait_switched(client, job_id: str, as_json: bool) -> dict:
+    """Wait for a re-embedding (or an adaptation, which ends as one), a line on stderr when its phase
+    or counts change (the phase's message too, the first time), unless `as_json`; the job as a dict."""
+    from google.protobuf.json_format import MessageToDict
+
+    last: list = [None]
+
+    def progress(job):
+        now = (job.phase, job.done + job.failed, job.submitted)
+        if now != last[0] and not as_json:
+            said = f" ({job.message})" if job.message and (last[0] is None or job.phase != last[0][0]) else ""
+            click.echo(f"  {job.phase}: {job.done + job.failed}/{job.submitted}{said}", err=True)
+        last[0] = now
+
+    return MessageToDict(client.wait(job_id, on_progress=progress), always_print_fields_with_no_presence=True)
+
+
+def _end_switched(out: dict, wait: bool, as_json: bool) -> None:
+    """Print the command's result; exit 1 when it waited and the catalog did not switch."""
+    if as_json:
+        click.echo(json.dumps(out))
+    elif "job" in out:
+        click.echo(f"{out['job']['phase']}: {out['job']['message']}")
+    if wait and out["job"]["phase"] != "switched":
+        sys.exit(1)
+
+
 @main.command()
 @click.option("--catalog", default="default", show_default=True)
 @click.option("--model-version", default="", help="Embedding model version to re-embed with (default: the served one).")
@@ -462,8 +489,6 @@ def catalogs(ctx, as_json):
 def reembed(ctx, catalog, model_version, wait, as_json):
     """Re-embed a catalog with another model version, blue/green: searches keep working on the current
     generation while the new one is built through the queue, then the catalog switches at once."""
-    from google.protobuf.json_format import MessageToDict
-
     with _client(ctx) as client:
         try:
             res = client.reembed(catalog, model_version)
@@ -473,24 +498,34 @@ def reembed(ctx, catalog, model_version, wait, as_json):
                 click.echo(f"job {res.job_id}: re-embedding {catalog!r} into generation {res.generation} "
                            f"with {out['model']}", err=True)
             if wait:
-                last = [None]
-
-                def progress(job):  # a line when the phase or the counts change
-                    now = (job.phase, job.done + job.failed, job.submitted)
-                    if now != last[0] and not as_json:
-                        click.echo(f"  {job.phase}: {job.done + job.failed}/{job.submitted}", err=True)
-                    last[0] = now
-
-                out["job"] = MessageToDict(client.wait(res.job_id, on_progress=progress),
-                                           always_print_fields_with_no_presence=True)
+                out["job"] = _wait_switched(client, res.job_id, as_json)
         except grpc.RpcError as exc:
             raise Failure(f"{exc.code().name}: {exc.details()}") from None
-    if as_json:
-        click.echo(json.dumps(out))
-    elif "job" in out:
-        click.echo(f"{out['job']['phase']}: {out['job']['message']}")
-    if wait and out["job"]["phase"] != "switched":
-        sys.exit(1)
+    _end_switched(out, wait, as_json)
+
+
+@main.command()
+@click.option("--catalog", default="default", show_default=True)
+@click.option("--views", default=0, help="Made-up views per object (0: the default, 4).")
+@click.option("--max-objects", default=0, help="Objects of the catalog to adapt to (0: the default, 2000).")
+@click.option("--wait", is_flag=True, help="Return when the catalog has switched to its adapted version (or the job failed).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def adapt(ctx, catalog, views, max_objects, wait, as_json):
+    """Adapt a catalog's descriptor to its own images, without labels (docs/ADAPT.md): made-up views of
+    its objects teach a projection (learned whitening) that becomes a model version of this catalog
+    alone, and the catalog is re-embedded into it blue/green. Progress like any job."""
+    with _client(ctx) as client:
+        try:
+            res = client.adapt(catalog, views, max_objects)
+            out = {"job_id": res.job_id, "catalog": catalog}
+            if not as_json:
+                click.echo(f"job {res.job_id}: adapting {catalog!r}", err=True)
+            if wait:
+                out["job"] = _wait_switched(client, res.job_id, as_json)
+        except grpc.RpcError as exc:
+            raise Failure(f"{exc.code().name}: {exc.details()}") from None
+    _end_switched(out, wait, as_json)
 
 
 @main.command()

@@ -279,6 +279,13 @@ class Client(_Base):
         req = gateway_pb2.ReembedCatalogRequest(catalog=catalog, model_version=model_version)
         return self._call("ReembedCatalog", req, timeout)
 
+    def adapt(self, catalog: str = "default", views: int = 0, max_objects: int = 0, timeout: float | None = None
+              ) -> gateway_pb2.AdaptCatalogResponse:
+        """Adapt the catalog's descriptor to its own objects, then re-embed it (one job: `wait` for it;
+        it ends in phase "switched"). 0: the defaults (4 views, 2,000 objects)."""
+        req = gateway_pb2.AdaptCatalogRequest(catalog=catalog, views=views, max_objects=max_objects)
+        return self._call("AdaptCatalog", req, timeout)
+
     def jobs(self, catalog: str = "", limit: int = 20, timeout: float | None = None) -> list[gateway_pb2.IngestJob]:
         """The newest jobs (ingestion and re-embedding), newest first; failures via `job`."""
         req = gateway_pb2.ListIngestJobsRequest(catalog=catalog, limit=limit)
@@ -435,6 +442,11 @@ class AsyncClient(_Base):
                       ) -> gateway_pb2.ReembedCatalogResponse:
         req = gateway_pb2.ReembedCatalogRequest(catalog=catalog, model_version=model_version)
         return await self._call("ReembedCatalog", req, timeout)
+
+    async def adapt(self, catalog: str = "default", views: int = 0, max_objects: int = 0,
+                    timeout: float | None = None) -> gateway_pb2.AdaptCatalogResponse:
+        req = gateway_pb2.AdaptCatalogRequest(catalog=catalog, views=views, max_objects=max_objects)
+        return await self._call("AdaptCatalog", req, timeout)
 
     async def jobs(self, catalog: str = "", limit: int = 20, timeout: float | None = None
                    ) -> list[gateway_pb2.IngestJob]:

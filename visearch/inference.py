@@ -20,7 +20,7 @@ import numpy as np
 
 from visearch.errors import FailedPrecondition, InvalidArgument, Unavailable
 from visearch.models.record import META_FILE, ModelRecord
-from visearch.models.repository import versions as built_versions
+from visearch.models.repository import adapted_to, general_versions
 from visearch.ortsession import ort_session
 from visearch.settings import ORT_PROVIDER_NAMES, InferenceSettings, parse_ort_providers
 
@@ -80,14 +80,14 @@ def model_version(tag: str) -> str:
 
 
 def resolve_version(repo: Path, name: str, version: str = "") -> Path:
-    """The version folder to serve: the pinned one, else the highest integer folder."""
+    """The version folder to serve: the pinned one, else the highest integer folder not adapted to one catalog."""
     model_dir = repo / name
     if version:
         path = model_dir / version
         if not (path / "model.onnx").is_file():
             raise FailedPrecondition(f"model {name} version {version} not found in {repo} (run `visearch models build`)")
         return path
-    versions = built_versions(model_dir)
+    versions = general_versions(model_dir)  # a version adapted to one catalog is never the default
     if not versions:
         raise FailedPrecondition(f"no built version of model {name!r} in {repo}: run `visearch models build`")
     return model_dir / str(versions[-1])
@@ -357,7 +357,10 @@ class TritonBackend(InferenceBackend):
             if asked and await self.ready(model):  # the server is up and serves the model, not this version
                 raise FailedPrecondition(f"model {model} version {asked} is not served by triton at {self.url}") from exc
             raise
-        served_version = version or max(md.get("versions", ["1"]), key=int)
+        served = md.get("versions", ["1"])
+        if self.repo:  # a version adapted to one catalog is never the default
+            served = [v for v in served if adapted_to(self.repo / model / v) is None] or served
+        served_version = version or max(served, key=int)
         if self.repo and (self.repo / model / served_version / "meta.json").is_file():
             meta = read_meta(self.repo, model, served_version)
         else:

@@ -311,6 +311,10 @@ class Jobs:
             mapping["open"] = 0
         self.r.hset(_keys(job_id)[0], mapping=mapping)
 
+    def set_field(self, job_id: str, name: str, value: str) -> None:
+        """Record one field of a job's own (read back by `field`)."""
+        self.r.hset(_keys(job_id)[0], mapping={name: value, "updated_at": time.time()})
+
     def field(self, job_id: str, name: str) -> str | None:
         v = self.r.hget(_keys(job_id)[0], name)
         return v.decode() if v is not None else None

@@ -12,6 +12,8 @@ INGEST_TASK = "visearch.ingest_batch"
 REEMBED_PLAN_TASK = "visearch.reembed_plan"
 REEMBED_BATCH_TASK = "visearch.reembed_batch"
 RETIRE_TASK = "visearch.retire_generation"
+# Adapting a catalog's descriptor, then re-embedding it (services/worker/adapt.py).
+ADAPT_TASK = "visearch.adapt_catalog"
 INGEST_QUEUE = "visearch.ingest"
 
 
@@ -52,5 +54,5 @@ def make_celery(settings: QueueSettings) -> Celery:
     )
     # Every task this process publishes, starts or finishes is kept in the ledger, so a message the
     # broker loses is sent again (visearch/ledger.py).
-    ledger.track(settings.redis_url, (INGEST_TASK, REEMBED_PLAN_TASK, REEMBED_BATCH_TASK, RETIRE_TASK))
+    ledger.track(settings.redis_url, (INGEST_TASK, REEMBED_PLAN_TASK, REEMBED_BATCH_TASK, RETIRE_TASK, ADAPT_TASK))
     return app

@@ -292,6 +292,10 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
 
 
 class WorkerSettings(StoreSettings, QueueSettings, ClientSettings, RootsSettings, TracingSettings):
+    # Where catalog adaptation (services/worker/adapt.py) reads the base model's record and writes the
+    # adapted version: the repository the embedding service serves (a shared volume in production).
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+
     @field_validator("ingest_objects")
     @classmethod
     def _known_policy(cls, v: str) -> str:

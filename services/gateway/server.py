@@ -16,7 +16,7 @@ import grpc
 from PIL import Image
 
 from services.gateway.coalesce import BatchCalls
-from visearch import backup, convert, duplicates, files, imaging, local, search
+from visearch import adapting, backup, convert, duplicates, files, imaging, local, search
 from visearch import observability as obs
 from visearch.audit import audit_interceptor
 from visearch.auth import PermissionDenied, readable, require, visible
@@ -46,7 +46,7 @@ from visearch.grpcserver import (
     split_by_bytes,
 )
 from visearch.jobs import Jobs, check_job_id, new_job_id
-from visearch.queue import INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
+from visearch.queue import ADAPT_TASK, INGEST_QUEUE, INGEST_TASK, REEMBED_PLAN_TASK, make_celery
 from visearch.quota import rate_interceptor
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from visearch.searching import (
@@ -518,6 +518,33 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
 
         job_id, number = await asyncio.to_thread(self.catalogs.start_reembed, catalog, live, meta, queue)
         return gateway_pb2.ReembedCatalogResponse(job_id=job_id, generation=number, model=info)
+
+    @rpc()
+    async def AdaptCatalog(self, request, context):
+        catalog = check_catalog(request.catalog or "default")
+        require("admin", catalog)
+        views = request.views or adapting.DEFAULT_VIEWS
+        max_objects = request.max_objects or adapting.DEFAULT_MAX_OBJECTS
+        if not 1 <= views <= adapting.MAX_VIEWS:
+            raise InvalidArgument(f"views {views}: 1 to {adapting.MAX_VIEWS} made-up views per object")
+        if not 2 <= max_objects <= adapting.MAX_OBJECTS:
+            raise InvalidArgument(f"max_objects {max_objects}: 2 to {adapting.MAX_OBJECTS} objects")
+        await asyncio.to_thread(self.store.resolve, catalog)  # NotFound for a catalog that does not exist
+        job_id = new_job_id()
+        headers = {"request_id": obs.request_id.get()}
+
+        def start() -> None:  # recorded, then queued, in one thread even if the caller goes away
+            self.jobs.create(job_id, catalog, "adapt", "queued", views=views, max_objects=max_objects)
+            try:
+                self.celery.send_task(ADAPT_TASK, args=[job_id, catalog, views, max_objects], headers=headers)
+            except Exception as exc:
+                self.jobs.set_phase(job_id, "failed", f"could not be queued: {exc}", close=True)
+                raise Unavailable(f"the queue refused the adaptation ({exc}): try again") from None
+
+        await asyncio.to_thread(start)
+        log.info("adaptation queued", extra={"job_id": job_id, "catalog": catalog, "views": views,
+                                             "max_objects": max_objects})
+        return gateway_pb2.AdaptCatalogResponse(job_id=job_id)
 
     # ---- backup and restore ----------------------------------------------------
     @rpc_stream

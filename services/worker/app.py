@@ -1,7 +1,8 @@
 """The worker's Celery app, built from settings once: `celery -A services.worker.app worker`.
 
 Its tasks are in the modules of `include`, imported by the worker when it starts: ingestion
-(services/worker/ingest.py) and re-embedding (services/worker/reembed.py); both run the steps of
+(services/worker/ingest.py), re-embedding (services/worker/reembed.py) and catalog adaptation
+(services/worker/adapt.py); they run the steps of
 services/worker/pipeline.py. Those modules import this one, never the reverse."""
 
 import logging
@@ -14,7 +15,7 @@ from visearch.queue import make_celery
 from visearch.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-TASK_MODULES = ["services.worker.ingest", "services.worker.reembed"]
+TASK_MODULES = ["services.worker.ingest", "services.worker.reembed", "services.worker.adapt"]
 
 settings = WorkerSettings()
 app = make_celery(settings)

@@ -264,13 +264,14 @@ def claimed(ctx: Context, job_id: str, seqs: dict[str, int | None], wait: float 
         ctx.jobs.release(job_id, keep, token)
 
 
-def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple]], version: str, timeout: float,
-                  regions: bool = True):
-    """Embed (image bytes, box in pixels) pairs with one model version, local features as configured
-    and regions when the catalog stores them (`regions`) and the worker's settings allow."""
-    want_local = ctx.settings.ingest_local_features and ctx.store.local is not None
+def embed_objects(ctx: Context, objects: list[tuple[bytes, tuple | None]], version: str, timeout: float,
+                  regions: bool = True, local: bool = True):
+    """Embed (image bytes, box in pixels or None: the whole image) pairs with one model version, local
+    features as configured (unless `local` is False) and regions when the catalog stores them
+    (`regions`) and the worker's settings allow."""
+    want_local = local and ctx.settings.ingest_local_features and ctx.store.local is not None
     items = [embedding_pb2.EmbedItem(image=data, box=common_pb2.BoundingBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
-             for data, b in objects]
+             if b is not None else embedding_pb2.EmbedItem(image=data) for data, b in objects]
     parts = split_by_bytes(items, lambda it: len(it.image))  # each object carries its image's bytes
     answers = [_call(ctx.embedding.Embed, embedding_pb2.EmbedRequest(items=part, regions=regions and ctx.settings.ingest_regions,
                                                                      model_version=version, local_features=want_local),

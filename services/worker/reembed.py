@@ -135,8 +135,9 @@ def plan(ctx: Context, app: Celery, job_id: str, catalog: str, number: int, head
                            close=True)
         return
     ids = sorted(ctx.store.item_stamps(live))
+    kind = ctx.jobs.field(job_id, "kind") or "reembed"  # an adaptation's job goes on as its re-embedding
     for part in chunks(ids, SUBMIT_CHUNK):
-        ctx.jobs.submit(job_id, catalog, part, {}, kind="reembed")
+        ctx.jobs.submit(job_id, catalog, part, {}, kind=kind)
     ctx.jobs.set_phase(job_id, "embedding", f"{len(ids)} items from generation {live.number} ({live.model_tag}) "
                                             f"into generation {number} ({gen.model_tag})")
     log.info("re-embedding planned", extra={"job_id": job_id, "catalog": catalog, "items": len(ids)})

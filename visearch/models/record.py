@@ -81,6 +81,7 @@ class ModelRecord:
     torch_version: str | None = None
     onnx_version: str | None = None
     reduction: dict | None = None  # a PCA version (visearch.modeling.reduce)
+    adaptation: dict | None = None  # a version adapted to one catalog (visearch.adapting)
     pca: dict | None = None  # a PCA variant written by bench.dimension
     quantization: str | None = None  # an int8 variant written by bench.quantize
     # The keys of the record, in file order (None-valued keys included: they are written as null).

@@ -7,6 +7,7 @@ temporary file beside the target, then a rename: a server never sees half a file
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from visearch.pbtxt import parse_pbtxt
@@ -40,6 +41,24 @@ def versions(model_folder: Path) -> list[int]:
     if not model_folder.is_dir():
         return []
     return sorted(int(p.name) for p in model_folder.iterdir() if p.name.isdigit() and (p / MODEL_FILE).is_file())
+
+
+def adapted_to(version_folder: Path) -> str | None:
+    """The catalog a version was adapted to (its meta record's `adaptation`), None for a general version.
+
+    An adapted version (visearch/adapting.py) serves one catalog: it is never the model's default."""
+    try:
+        data = json.loads((Path(version_folder) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    adaptation = data.get("adaptation") if isinstance(data, dict) else None
+    return str(adaptation.get("catalog", "")) if isinstance(adaptation, dict) else None
+
+
+def general_versions(model_folder: Path) -> list[int]:
+    """The built versions that any catalog may use (not adapted to one catalog), ascending: the
+    default served version is the highest of these."""
+    return [v for v in versions(model_folder) if adapted_to(Path(model_folder) / str(v)) is None]
 
 
 def next_version(repo: Path, name: str) -> int:

@@ -349,6 +349,22 @@ class ReembedCatalogRequest(_message.Message):
     model_version: str
     def __init__(self, catalog: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
+class AdaptCatalogRequest(_message.Message):
+    __slots__ = ("catalog", "views", "max_objects")
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    catalog: str
+    views: int
+    max_objects: int
+    def __init__(self, catalog: _Optional[str] = ..., views: _Optional[int] = ..., max_objects: _Optional[int] = ...) -> None: ...
+
+class AdaptCatalogResponse(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
 class ReembedCatalogResponse(_message.Message):
     __slots__ = ("job_id", "generation", "model")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

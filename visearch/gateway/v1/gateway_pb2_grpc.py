@@ -80,6 +80,11 @@ class GatewayServiceStub:
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.SerializeToString,
                 response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.FromString,
                 _registered_method=True)
+        self.AdaptCatalog = channel.unary_unary(
+                '/visearch.gateway.v1.GatewayService/AdaptCatalog',
+                request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.AdaptCatalogRequest.SerializeToString,
+                response_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.AdaptCatalogResponse.FromString,
+                _registered_method=True)
         self.ListIngestJobs = channel.unary_unary(
                 '/visearch.gateway.v1.GatewayService/ListIngestJobs',
                 request_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ListIngestJobsRequest.SerializeToString,
@@ -177,6 +182,17 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdaptCatalog(self, request, context):
+        """Adapt the descriptor to one catalog without labels (docs/ADAPT.md): a job embeds made-up views of
+        the catalog's own objects with the full-dimension model, fits a projection on them (learned
+        whitening), writes it as a new model version of this catalog only, and re-embeds the catalog
+        into it blue/green (ReembedCatalog's steps, the same job). Progress: GetIngestJob(job_id); it
+        ends "switched". Needs the "admin" action.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListIngestJobs(self, request, context):
         """The newest jobs (ingestion and re-embedding) of the catalogs the caller may read.
         """
@@ -269,6 +285,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ReembedCatalog,
                     request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.FromString,
                     response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.SerializeToString,
+            ),
+            'AdaptCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdaptCatalog,
+                    request_deserializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.AdaptCatalogRequest.FromString,
+                    response_serializer=visearch_dot_gateway_dot_v1_dot_gateway__pb2.AdaptCatalogResponse.SerializeToString,
             ),
             'ListIngestJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListIngestJobs,
@@ -540,6 +561,33 @@ class GatewayService:
             '/visearch.gateway.v1.GatewayService/ReembedCatalog',
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogRequest.SerializeToString,
             visearch_dot_gateway_dot_v1_dot_gateway__pb2.ReembedCatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdaptCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.gateway.v1.GatewayService/AdaptCatalog',
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.AdaptCatalogRequest.SerializeToString,
+            visearch_dot_gateway_dot_v1_dot_gateway__pb2.AdaptCatalogResponse.FromString,
             options,
             channel_credentials,
             insecure,
