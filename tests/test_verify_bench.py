@@ -46,3 +46,20 @@ def test_mesh_eval_smoke(tmp_path, model_repo, grocery):
     r = json.loads((tmp_path / "result.json").read_text())
     assert [(row["protocol"], row["config"]) for row in r["rows"]] == [("P3", "default"), ("P3", "full-frame")]
     assert all(row["errors"] == 0 and row["p50_ms"] > 0 for row in r["rows"])
+
+
+@pytest.mark.mesh
+def test_mesh_eval_adapts_a_catalog_through_the_mesh(tmp_path, model_repo, grocery):
+    """`--adapt`: the catalog is adapted with `visearch adapt --wait` and searched again, the adapted
+    version written into the run's own repository of links, never into the project's."""
+    from bench.mesh_eval import main
+    from visearch.models.repository import versions
+
+    before = versions(model_repo / "embedder")
+    main(["--smoke", "--out", str(tmp_path), "--configs", "full-frame", "--protocols", "CD", "--adapt", "1"])
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert [(row["protocol"], row["config"]) for row in r["rows"]] == [("CD", "full-frame"), ("CD", "full-frame+adapted")]
+    assert all(row["errors"] == 0 for row in r["rows"])
+    assert r["adapt"]["CD"]["job"]["phase"] == "switched"
+    assert versions(model_repo / "embedder") == before
+    assert len(versions(tmp_path / "repo" / "embedder")) == len(before) + 1
