@@ -307,3 +307,18 @@ def test_wise_rule_keeps_generality_then_the_best_hold_out():
     assert wise.choose(rows)["alpha"] == 0.5  # GS 0.951 >= 0.96 - 0.01, the best TH of those
     assert wise.choose(rows, tolerance=0.005)["alpha"] == 0.35
     assert wise.choose(rows, tolerance=0.05)["alpha"] == 1.0
+
+
+def test_the_production_split_adds_the_val_photos_and_keeps_the_selection_honest(grocery):
+    """`trainval` (the production model) trains on `all`'s photos plus every val photo of a product,
+    and selects on TH, none of whose queries it trains on."""
+    from visearch.training.data import training_protocol
+
+    base, th = training_protocol(grocery["root"], "all")
+    photos, proto = training_protocol(grocery["root"], "trainval")
+    val = [p for p in grocery["val"] if p.is_product]
+    assert proto.name == th.name == "TH" and len(photos) == len(base) + len(val)
+    assert {p.path for p in photos} == {p.path for p in base} | {p.path for p in val}
+    assert not {p.path for p in proto.queries} & {p.path for p in photos}
+    with pytest.raises(ValueError, match="trainval"):
+        training_protocol(grocery["root"], "everything")

@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few steps on a handful of photos (tests, quick checks)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, else 2)")
     ap.add_argument("--cache", type=Path, default=None, help="frozen-feature cache folder (default: .data/train-cache)")
-    ap.add_argument("--split", choices=("all", "cd"), default=None,
-                    help="override the config's training split: all (P1/P3 models) or cd (class-disjoint models)")
+    ap.add_argument("--split", choices=("all", "cd", "trainval"), default=None,
+                    help="override the config's training split: all (P1/P3 models), cd (class-disjoint models) "
+                         "or trainval (the production model: all plus the val photos)")
     ap.add_argument("--name", default=None, help="override the config's run name")
     args = ap.parse_args(argv)
     try:

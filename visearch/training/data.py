@@ -77,19 +77,26 @@ class Labels:
 
 
 def training_protocol(root: Path, split: str = "all"):
-    """(train photos, selection protocol) of a training split; val is never in either.
+    """(training photos, selection protocol) of a training split.
 
     `all`: the train photos minus the TH hold-out (the last 20% of each product's train
-    photos), selected on TH; models for P1/P3. `cd`: the same without products 44..58
-    (class-disjoint), selected on TH-CD; models for CD.
+    photos), selected on TH; models for P1/P3, val never used. `cd`: the same without products
+    44..58 (class-disjoint), selected on TH-CD; models for CD. `trainval`: the production model
+    (issue 19): `all`'s photos plus every val photo of a product, selected on TH as `all` is (TH's
+    queries stay out of training); P1 and P3 then measure photos it trained on, so its honest rows
+    are its `all` twin's, and held-out test photos measure it.
     """
+    from visearch.datasets import grocery_split
     from visearch.evaluation.protocols import get_protocols
 
-    name = {"all": "TH", "cd": "TH-CD"}.get(split)
+    name = {"all": "TH", "cd": "TH-CD", "trainval": "TH"}.get(split)
     if name is None:
-        raise ValueError(f"unknown training split {split!r}: 'all' or 'cd'")
+        raise ValueError(f"unknown training split {split!r}: 'all', 'cd' or 'trainval'")
     proto = get_protocols(root, (name,))[name]
-    return list(proto.database), proto
+    photos = list(proto.database)
+    if split == "trainval":
+        photos += [p for p in grocery_split(root, "val") if p.is_product]
+    return photos, proto
 
 
 # --------------------------------------------------------------------------- feature cache

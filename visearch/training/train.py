@@ -34,7 +34,9 @@ from . import model as tmodel
 
 Progress = Callable[[str], None]
 SMOKE_PER_CLASS, SMOKE_STEPS = 6, 4
-SPLIT_TEXT = {"all": "train minus the TH hold-out", "cd": "train minus products 44..58 and the TH-CD hold-out"}
+SPLIT_TEXT = {"all": "train minus the TH hold-out; val never used",
+              "cd": "train minus products 44..58 and the TH-CD hold-out; val never used",
+              "trainval": "train minus the TH hold-out, plus every val photo of a product (the production model)"}
 
 
 def stderr(msg: str) -> None:
@@ -49,7 +51,9 @@ class TrainConfig:
     name: str = "default"
     description: str = ""
     seed: int = 0
-    split: str = "all"  # "all" (P1/P3 models, selected on TH) or "cd" (class-disjoint models, selected on TH-CD)
+    # "all" (P1/P3 models, selected on TH), "cd" (class-disjoint models, selected on TH-CD) or "trainval"
+    # (the production model: all's photos plus val's, selected on TH)
+    split: str = "all"
     model: tmodel.ModelConfig = field(default_factory=tmodel.ModelConfig)
     loss: dict = field(default_factory=lambda: {"name": "norm_softmax", "scale": 16.0, "margin": 0.1})
     epochs: int = 8  # fine-tuning epochs (top units + pooling + projection)
@@ -244,8 +248,7 @@ def make_meta(cfg: TrainConfig, model: Embedder, train_photos: list, proto, metr
         "seed": cfg.seed,
         "train_split": {
             "split": cfg.split,
-            "description": f"{len(train_photos)} train photos of {len(classes)} fine classes ({SPLIT_TEXT[cfg.split]}); "
-                           "val never used",
+            "description": f"{len(train_photos)} photos of {len(classes)} fine classes ({SPLIT_TEXT[cfg.split]})",
             "n_photos": len(train_photos),
             "fine_ids": classes,
             "selection": f"{proto.name}: {proto.description}",
