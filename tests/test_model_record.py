@@ -61,3 +61,24 @@ def test_versions_and_next_version(tmp_path):
         (tmp_path / "m" / v / "model.onnx").write_bytes(b"")
     assert versions(tmp_path / "m") == [1, 3] and next_version(tmp_path, "m") == 4
     assert next_version(tmp_path, "none") == 1
+
+
+def test_the_demo_says_when_the_served_model_trained_on_its_queries(tmp_path):
+    """`make demo` queries with the val photos: it says so when the served embedder (or the source of
+    its reduction) was trained on them (the `trainval` production split)."""
+    from visearch.demo import trained_on_val
+
+    def version(n, split, **extra):
+        d = tmp_path / "embedder" / str(n)
+        d.mkdir(parents=True)
+        (d / "model.onnx").write_bytes(b"graph")
+        ModelRecord.of(name="embedder", version=n, id=f"m{n}", architecture="a", input_name="images", input_size=8,
+                       output_name="embeddings", dim=4, training={"train_split": {"split": split}}, **extra).write(d)
+
+    version(1, "all")
+    assert trained_on_val(tmp_path) is False
+    version(2, "trainval", reduction={"source_version": 1})  # the reduction's source decides
+    assert trained_on_val(tmp_path) is False
+    version(3, "trainval")
+    assert trained_on_val(tmp_path) is True
+    assert trained_on_val(tmp_path / "nowhere") is False

@@ -9,6 +9,7 @@ and prints example results and retrieval metrics.
 from __future__ import annotations
 
 import csv
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,26 @@ from visearch.client import GatewayClient
 from visearch.datasets import Photo, grocery_root, grocery_split
 from visearch.metrics import match_report, retrieval_report
 from visearch.sdk import ingest_rows, read_manifest, search_one, wait_job
+
+
+def trained_on_val(repo) -> bool:
+    """Whether the served embedder's training saw the val photos (the `trainval` production split)."""
+    from visearch.inference import read_meta
+    from visearch.models.record import ModelRecord
+    from visearch.models.repository import version_dir
+    from visearch.settings import DEFAULT_MODEL_REPOSITORY
+
+    repo = Path(repo or DEFAULT_MODEL_REPOSITORY)
+    try:
+        meta = read_meta(repo, "embedder")
+        record = ModelRecord.read(version_dir(repo, "embedder", meta.version))
+        source = (record.reduction or {}).get("source_version")
+        if source:
+            record = ModelRecord.read(version_dir(repo, "embedder", source))
+    except Exception:  # noqa: BLE001 - a note, never a failure of the demo
+        return False
+    training = record.training or {}
+    return (training.get("train_split") or {}).get("split") == "trainval"
 
 
 def item_id(photo: Photo) -> str:
@@ -109,6 +130,9 @@ def run_demo(data_dir: Path, catalog: str = "demo", n_queries: int = 0, keep_up:
                 click.echo(f"  {k:<16} {v:.3f}" if isinstance(v, float) else f"  {k:<16} {v}")
         click.echo("  (mAP over each query's top 100 hits; matched_top1: the share of queries whose top hit is flagged\n"
                    "   match, match_precision: the share of those that are the right product)")
+        if trained_on_val(os.environ.get("VISEARCH_MODEL_REPOSITORY")):
+            click.echo("  note: the served embedder is the production model, trained on these val photos too: the\n"
+                       "  figures above are not held-out ones. Its train-only twin's are in docs/TRAINING.md.")
         return report
     finally:
         if not (keep_up or was_up):
