@@ -41,7 +41,7 @@ __all__ = ["DEFAULT_MAX_OBJECTS", "DEFAULT_VIEWS", "SHRINK", "base_version", "fi
            "write_version"]
 
 DEFAULT_VIEWS = 4
-DEFAULT_MAX_OBJECTS = 2000
+DEFAULT_MAX_OBJECTS = 5000
 MAX_VIEWS = 16
 MAX_OBJECTS = 50_000
 # Ridge added to the pairs' covariance, as a fraction of its mean eigenvalue (TH-CD: flat from 0.001 to 0.03).

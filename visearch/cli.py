@@ -507,7 +507,7 @@ def reembed(ctx, catalog, model_version, wait, as_json):
 @main.command()
 @click.option("--catalog", default="default", show_default=True)
 @click.option("--views", default=0, help="Made-up views per object (0: the default, 4).")
-@click.option("--max-objects", default=0, help="Objects of the catalog to adapt to (0: the default, 2000).")
+@click.option("--max-objects", default=0, help="Objects of the catalog to adapt to (0: the default, 5000).")
 @click.option("--wait", is_flag=True, help="Return when the catalog has switched to its adapted version (or the job failed).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context

@@ -282,7 +282,7 @@ class Client(_Base):
     def adapt(self, catalog: str = "default", views: int = 0, max_objects: int = 0, timeout: float | None = None
               ) -> gateway_pb2.AdaptCatalogResponse:
         """Adapt the catalog's descriptor to its own objects, then re-embed it (one job: `wait` for it;
-        it ends in phase "switched"). 0: the defaults (4 views, 2,000 objects)."""
+        it ends in phase "switched"). 0: the defaults (4 views, 5,000 objects)."""
         req = gateway_pb2.AdaptCatalogRequest(catalog=catalog, views=views, max_objects=max_objects)
         return self._call("AdaptCatalog", req, timeout)
 
