@@ -102,7 +102,7 @@ def test_configs_parse():
     for p in paths:
         cfg = train.load_config(p)
         assert cfg.loss["name"] in losses.LOSSES, p
-        assert cfg.split in ("all", "cd"), p
+        assert cfg.split in ("all", "cd", "trainval"), p
     with pytest.raises(ValueError, match="unknown config key"):
         train.TrainConfig.from_dict({"epochz": 3})
 
