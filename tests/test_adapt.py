@@ -120,7 +120,10 @@ def test_adapt_writes_a_catalog_version_and_switches_the_catalog(model_repo, gro
         record = ModelRecord.read(repo / "embedder" / adapted)
         assert record.adaptation["catalog"] == "shop" and record.adaptation["views"] == 2
         assert record.adaptation["objects"] >= len(photos) and record.parity_max_abs_diff < 1e-3
-        assert record.dim == read_meta(repo, "embedder", default).dim  # the catalog's vectors keep their size
+        # 128-d, or the catalog's own dimension when its model is a reduction (its vectors keep their size)
+        served = ModelRecord.read(repo / "embedder" / default)
+        assert record.dim == adapting.target_dim(served, ModelRecord.read(repo / "embedder" / str(adapting.base_version(served))))
+        assert record.dim == (served.dim if served.reduction else 128)
         assert read_meta(repo, "embedder").version == default  # still the default for everyone else
 
         hits = jsonl(cli(env, "search", *(str(p.path) for p in photos[:4]), "--catalog", "shop", "--full-frame",
