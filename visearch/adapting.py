@@ -38,7 +38,7 @@ from visearch.models.repository import MODEL_FILE, read_record, versions
 from visearch.views import TRAIN_VIEWS, made_up_view, seed_of
 
 __all__ = ["DEFAULT_MAX_OBJECTS", "DEFAULT_VIEWS", "SHRINK", "base_version", "fit", "target_dim", "view_bytes",
-           "write_version"]
+           "view_of", "write_version"]
 
 DEFAULT_VIEWS = 4
 DEFAULT_MAX_OBJECTS = 5000
@@ -78,15 +78,19 @@ def fit(x: np.ndarray, views: Sequence[np.ndarray], dim: int, shrink: float = SH
     return w.astype(np.float32), (-mu @ w).astype(np.float32)
 
 
-def view_bytes(data: bytes, box, seed: int, quality: int = 90) -> bytes:
+def view_of(img, box, seed: int, quality: int = 90) -> bytes:
     """A made-up view (visearch.views, the training views) of the object at `box` (pixels; None: the
-    whole image) of an encoded image, as JPEG bytes to embed like any photo."""
-    img = imaging.decode_image(data)
+    whole image) of a decoded image, as JPEG bytes to embed like any photo."""
     if box is not None:
         img = imaging.crop(img, box)
     out = io.BytesIO()
     made_up_view(img, seed, TRAIN_VIEWS).convert("RGB").save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def view_bytes(data: bytes, box, seed: int, quality: int = 90) -> bytes:
+    """`view_of` an encoded image."""
+    return view_of(imaging.decode_image(data), box, seed, quality)
 
 
 def view_seed(catalog: str, object_id: str, k: int) -> int:
@@ -167,10 +171,3 @@ def write_version(repo: Path, name: str, source: int, w: np.ndarray, b: np.ndarr
     allow_any_dim(model_dir / "config.pbtxt")  # versions of different dimension (already so after a reduction)
     return record
 
-
-def model_input(data: bytes, box, size: int) -> np.ndarray:
-    """One object's model input (uint8 HWC) as the embedding service makes it, for parity checks."""
-    img = imaging.decode_image(data)
-    if box is not None:
-        img = imaging.crop(img, box)
-    return imaging.to_model_input(img, size)

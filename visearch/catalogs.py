@@ -72,9 +72,7 @@ class Catalogs:
             if building is None:  # else resume it: only what it lacks is re-embedded
                 building = self.store.create_generation(catalog, meta)
             if job_id:
-                self.jobs.set_field(job_id, "generation", str(building.number))
-                self.jobs.set_field(job_id, "model", meta.tag)
-                self.jobs.set_phase(job_id, "planning")
+                self.jobs.set_phase(job_id, "planning", fields={"generation": str(building.number), "model": meta.tag})
             else:
                 job_id = new_job_id()
                 self.jobs.create(job_id, catalog, "reembed", "planning", generation=building.number, model=meta.tag)

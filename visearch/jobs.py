@@ -305,8 +305,11 @@ class Jobs:
                         return out
         return out
 
-    def set_phase(self, job_id: str, phase: str, message: str = "", close: bool = False) -> None:
-        mapping = {"phase": phase, "message": message[:2000], "updated_at": time.time()}
+    def set_phase(self, job_id: str, phase: str, message: str = "", close: bool = False,
+                  fields: dict[str, str] | None = None) -> None:
+        """Move a job to `phase` (closed when `close`), recording `fields` of its own (read back by
+        `field`) in the same write."""
+        mapping = {**(fields or {}), "phase": phase, "message": message[:2000], "updated_at": time.time()}
         if close:
             mapping["open"] = 0
         self.r.hset(_keys(job_id)[0], mapping=mapping)

@@ -27,6 +27,7 @@ from services.worker.app import app, settings
 from services.worker.pipeline import Context, context, embed_objects, read_uri, readable_roots
 from services.worker.reembed import guarded, headers_of
 from visearch import adapting, imaging
+from visearch.embedding_model import prepare
 from visearch.errors import FailedPrecondition
 from visearch.inference import read_meta
 from visearch.models.repository import read_record
@@ -76,12 +77,12 @@ def adapt(ctx: Context, job_id: str, catalog: str, views: int, max_objects: int,
         base = read_record(repo, MODEL, source)
         dim = adapting.target_dim(record, base)
         picked = sample(ctx, live, max_objects)
-        if sum(len(objs) for _, objs in picked) < 2:
+        n_objects = sum(len(objs) for _, objs in picked)
+        if n_objects < 2:
             ctx.jobs.set_phase(job_id, "failed", f"catalog {catalog!r} has fewer than 2 objects whose images were "
                                                  "kept: nothing to adapt to", close=True)
             return
         ctx.jobs.submit(job_id, catalog, [i for i, _ in picked], {}, kind="adapt")
-        n_objects = sum(len(objs) for _, objs in picked)
         ctx.jobs.set_phase(job_id, "views", f"{n_objects} objects of {len(picked)} items, {views} made-up views "
                                             f"each, embedded by {MODEL}:{source}")
         roots = readable_roots(ctx.settings)
@@ -91,26 +92,29 @@ def adapt(ctx: Context, job_id: str, catalog: str, views: int, max_objects: int,
         timeout = ctx.settings.rpc_timeout_seconds
         for start in range(0, len(picked), BATCH_ITEMS):
             part = picked[start:start + BATCH_ITEMS]
-            objects, unread = [], []
+            objects, made, unread = [], [[] for _ in range(views)], {}
             for item_id, objs in part:
                 try:
                     data = read_uri(objs[0].source, roots)
+                    img = imaging.decode_image(data)  # once per item, for all its objects' views
                 except imaging.ImageError as exc:  # gone since: adapt to the rest
-                    unread.append((item_id, str(exc)))
+                    unread[item_id] = str(exc)
                     continue
-                objects += [(f"{item_id}#{j}", data, o.box) for j, o in enumerate(objs)]
+                for j, o in enumerate(objs):
+                    objects.append((data, o.box))
+                    for k in range(views):
+                        made[k].append((adapting.view_of(img, o.box, adapting.view_seed(catalog, f"{item_id}#{j}", k)),
+                                        None))
             if objects:
-                x.append(vectors(embed_objects(ctx, [(d, b) for _, d, b in objects], str(source), timeout,
-                                               regions=False, local=False)))
+                x.append(vectors(embed_objects(ctx, objects, str(source), timeout, regions=False, local=False)))
                 for k in range(views):
-                    made = [(adapting.view_bytes(d, b, adapting.view_seed(catalog, oid, k)), None)
-                            for oid, d, b in objects]
-                    seen[k].append(vectors(embed_objects(ctx, made, str(source), timeout, regions=False, local=False)))
-                check += [adapting.model_input(d, b, int(base.input_size))
-                          for _, d, b in objects[:max(0, PARITY_OBJECTS - len(check))]]
-            ctx.jobs.mark_done(job_id, [i for i, _ in part if i not in dict(unread)])
+                    seen[k].append(vectors(embed_objects(ctx, made[k], str(source), timeout, regions=False,
+                                                         local=False)))
+                check += [prepare(d, b, int(base.input_size))[0]
+                          for d, b in objects[:max(0, PARITY_OBJECTS - len(check))]]
+            ctx.jobs.mark_done(job_id, [i for i, _ in part if i not in unread])
             if unread:
-                ctx.jobs.mark_failed(job_id, {i: f"its image cannot be read again: {r}" for i, r in unread})
+                ctx.jobs.mark_failed(job_id, {i: f"its image cannot be read again: {r}" for i, r in unread.items()})
         X = np.concatenate(x)
         V = [np.concatenate(s) for s in seen]
         ctx.jobs.set_phase(job_id, "fitting", f"learned whitening of {len(X)} objects and {views} views each, "
