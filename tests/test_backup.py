@@ -76,7 +76,7 @@ def test_a_folder_round_trip_across_files(tmp_path):
     assert len(manifest["files"]) > 1 and files == ["manifest.json", *[f["name"] for f in manifest["files"]]]
     assert manifest["objects"] == 23 and manifest["items"] == 12 and manifest["catalog"] == "shop"
     assert manifest["model"] == {"name": "embedder", "version": "2", "dim": 8, "weights_sha256": "ab" * 32}
-    assert manifest["storage"] == {"regions": "int8"} and seen[-1] == (23, 23)
+    assert manifest["storage"] == {"regions": "int8", "index": "hnsw"} and seen[-1] == (23, 23)
     assert json.loads((tmp_path / "b" / "manifest.json").read_text()) == manifest
     recs = list(backup.records(tmp_path / "b", backup.verify(tmp_path / "b"), "restored"))
     assert recs[0].header.catalog == "restored" and recs[0].header.model.version == "2"

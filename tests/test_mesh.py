@@ -198,6 +198,17 @@ def test_catalog_storage_is_chosen_when_made_and_priced(mesh_env, ingested, groc
     for method in ("qam", "regions"):
         hits = jsonl(cli(mesh_env, "search", q, "--catalog", "compact", "--rerank", method, "--json").stdout)[0]["hits"]
         assert hits[0]["item_id"] == item_id(photos[0]) and "region" in hits[0], (method, hits[0])
+    # The vector index is chosen the same way: flat (exact) holds the vector without HNSW's links.
+    res = json.loads(cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "exact", "--index", "flat",
+                         "--wait", "--json").stdout)
+    assert res["ok"] == len(photos)
+    cats = {c["name"]: c for c in jsonl(cli(mesh_env, "catalogs", "--json").stdout)}
+    assert cats["exact"]["index"] == "flat" and lean["index"] == "hnsw" and cats["grocery"]["index"] == "hnsw"
+    assert cats["exact"]["memory_bytes_per_object"] + 100 < lean["memory_bytes_per_object"], (cats["exact"], lean)
+    hits = jsonl(cli(mesh_env, "search", q, "--catalog", "exact", "--json").stdout)[0]["hits"]
+    assert hits[0]["item_id"] == item_id(photos[0])
+    r = cli(mesh_env, "ingest", "--manifest", str(manifest), "--catalog", "exact", "--index", "hnsw", check=False)
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "index flat" in r.stderr, r.stderr
 
 
 def test_similar_searches_with_a_stored_item(mesh_env, ingested, catalog):
@@ -289,7 +300,7 @@ def test_backup_and_restore_answer_every_query_the_same(mesh_env, ingested, val_
     manifest = json.loads(cli(mesh_env, "backup", "--catalog", "grocery", "--out", str(out), "--json").stdout)
     cats = {c["name"]: c for c in jsonl(cli(mesh_env, "catalogs", "--json").stdout)}
     assert manifest["objects"] == cats["grocery"]["objects"] and manifest["items"] == len(catalog)
-    assert manifest["storage"] == {"regions": "float"}
+    assert manifest["storage"] == {"regions": "float", "index": "hnsw"}
     assert manifest["model"]["version"] == cats["grocery"]["model"].rpartition(":")[2]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "records-00000.bin"]
 

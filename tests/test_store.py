@@ -408,3 +408,42 @@ def test_a_scan_reads_every_row_once_whatever_the_ids_hold(store, request):
                                                                               tuple(b["box"]))
     with pytest.raises(AlreadyExists):
         store.restore_generation(cat, META, "off")
+
+
+def test_index_kind_is_chosen_per_catalog_and_kept(store, request):
+    """A catalog's vector index is chosen when it is made (hnsw by default, ivf_sq8 or flat) and read
+    back from the collection; searches use that kind's parameters and find what was stored (by key,
+    the vectors come back exactly); a re-embedding's generation keeps it; asking an existing catalog
+    for another is FAILED_PRECONDITION, an unknown kind INVALID_ARGUMENT; the memory priced per object
+    follows the kind (flat: the vector alone, below HNSW's vector and links)."""
+    from visearch.store import check_index
+
+    rng = np.random.default_rng(11)
+    suffix = request.node.callspec.id.replace("-", "_")
+    memory = {}
+    for kind in ("hnsw", "ivf_sq8", "flat"):
+        cat = f"t_index_{kind}_{suffix}"
+        gen = store.ensure_catalog(cat, META, "", "" if kind == "hnsw" else kind)
+        assert gen.index == kind
+        store._gens.clear()  # read back from the collection's properties, not the cache
+        assert store.live(cat).index == kind
+        vecs = unit(rng, 300)
+        store.upsert_items(cat, [(f"i{n}", [(vecs[n], (0, 0, 10, 10))], {}) for n in range(300)])
+        for n in (0, 123, 299):
+            assert store.search(cat, vecs[n], 5)[0].item_id == f"i{n}", (kind, n)
+        back = store.get_vectors(cat, ["i7#0"])["i7#0"]
+        np.testing.assert_allclose(back, vecs[7], atol=1e-6)
+        memory[kind] = {c.name: c for c in store.list_catalogs(footprint=True)}[cat].footprint.memory
+        assert {c.name: c for c in store.list_catalogs()}[cat].index == kind
+        other = "flat" if kind != "flat" else "hnsw"
+        with pytest.raises(FailedPrecondition, match=f"made with index {kind}, not {other}"):
+            store.ensure_catalog(cat, META, "", other)
+        nxt = store.create_generation(cat, ModelMeta(name="embedder", version="2", input_name="", output_name="",
+                                                     input_size=32, dim=8))
+        assert nxt.index == kind
+        store.drop_generation(nxt)
+    assert memory["flat"] < memory["hnsw"], memory
+    with pytest.raises(InvalidArgument, match="index 'diskann'"):
+        check_index("diskann")
+    with pytest.raises(InvalidArgument, match="index 'annoy'"):
+        store.ensure_catalog(f"t_index_bad_{suffix}", META, "", "annoy")

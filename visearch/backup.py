@@ -133,7 +133,8 @@ def write(records: Iterable[gateway_pb2.CatalogRecord], out: Path,
         "format": FORMAT, "catalog": header.catalog, "generation": header.generation,
         "model": {"name": model.name, "version": model.version, "dim": model.dim,
                   "weights_sha256": model.weights_sha256},
-        "storage": {"regions": header.storage.regions}, "objects": objects, "items": len(items),
+        "storage": {"regions": header.storage.regions, "index": header.storage.index or "hnsw"},
+        "objects": objects, "items": len(items),
         "exported_at": header.exported_at, "written_at": time.time(), "files": files,
     }
     tmp = out / f".{MANIFEST}.tmp"

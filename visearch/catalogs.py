@@ -38,9 +38,10 @@ class Catalogs:
         self.job_ttl = job_ttl_seconds
 
     # ---- catalogs ---------------------------------------------------------------------------
-    def ensure(self, catalog: str, meta: ModelMeta, regions: str = "") -> Generation:
-        """The catalog's live generation, made (for `meta`, with `regions` storage) if it has none."""
-        return self.store.ensure_catalog(catalog, meta, regions)
+    def ensure(self, catalog: str, meta: ModelMeta, regions: str = "", index: str = "") -> Generation:
+        """The catalog's live generation, made (for `meta`, with `regions` storage and an `index`
+        vector index) if it has none."""
+        return self.store.ensure_catalog(catalog, meta, regions, index)
 
     # ---- re-embedding -----------------------------------------------------------------------
     def start_reembed(self, catalog: str, live: Generation, meta: ModelMeta,

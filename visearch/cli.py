@@ -13,7 +13,7 @@ import grpc
 
 from visearch import mesh
 from visearch.sdk import ManifestError, hits_json, ingest_rows, read_manifest, search_batch, search_one, wait_job
-from visearch.search import REGION_MODES
+from visearch.search import INDEX_KINDS, REGION_MODES
 
 
 def _data_dir(value: str | None) -> Path:
@@ -208,12 +208,16 @@ def status(ctx, as_json):
               help="When this ingest makes the catalog: store each object's base regions for --rerank "
                    "regions|qam, as float32 in the vector store (24.6 KB an object in memory) or as int8 files "
                    "read by key (6.6 KB an object on disk), or not (default: the gateway's, off).")
+@click.option("--index", "index_kind", type=click.Choice(list(INDEX_KINDS)), default=None,
+              help="When this ingest makes the catalog: its vector index, hnsw (recall@10 0.9995 at 1M), ivf_sq8 "
+                   "(8-bit codes, recall about 0.98) or flat (exact, for small catalogs); default: the gateway's, "
+                   "hnsw. docs/CAPACITY.md measures them.")
 @click.option("--duplicates", type=click.Choice(["off", "report", "skip"]), default="off", show_default=True,
               help="Check each item against the catalog's stored items for the same picture (re-encoded, resized, "
                    "cropped a little): list them in the job (report), or also leave them out (skip).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def ingest(ctx, manifest, catalog, wait, by_path, regions, duplicates, as_json):
+def ingest(ctx, manifest, catalog, wait, by_path, regions, index_kind, duplicates, as_json):
     """Queue the images of a CSV manifest (item_id,path) for ingestion."""
     try:
         rows = read_manifest(manifest)
@@ -222,7 +226,7 @@ def ingest(ctx, manifest, catalog, wait, by_path, regions, duplicates, as_json):
     with _client(ctx) as client:
         try:
             job_id, local_failed = ingest_rows(client, rows, catalog, by_path, regions or "",
-                                               "" if duplicates == "off" else duplicates)
+                                               "" if duplicates == "off" else duplicates, index_kind or "")
         except grpc.RpcError as exc:
             raise Failure(f"{exc.code().name}: {exc.details()}") from None
         out = {"job_id": job_id, "catalog": catalog, "submitted": len(rows)}
@@ -446,6 +450,7 @@ def catalogs(ctx, as_json):
         for c in client.catalogs():
             row = {"name": c.name, "objects": c.objects, "model": f"{c.model.name}:{c.model.version}",
                    "dim": c.model.dim, "generation": c.generation, "regions": c.storage.regions,
+                   "index": c.storage.index or "hnsw",
                    "memory_bytes_per_object": c.memory_bytes_per_object, "bytes_per_object": c.bytes_per_object}
             if c.building_generation:
                 row["building"] = {"generation": c.building_generation, "objects": c.building_objects,

@@ -88,11 +88,12 @@ def _similar_request(item_id: str, catalog: str, top_k: int, filters: Mapping[st
 
 
 def _ingest_request(items: Iterable[gateway_pb2.IngestItem], catalog: str, job_id: str, regions: str = "",
-                    duplicates: str = ""):
+                    duplicates: str = "", index: str = ""):
     # The job id is made here, not by the gateway, so that a retry after a lost answer adds to the
     # same job instead of starting a second one.
     return gateway_pb2.IngestItemsRequest(catalog=catalog, items=list(items), job_id=job_id or uuid.uuid4().hex,
-                                          storage=gateway_pb2.CatalogStorage(regions=regions), duplicates=duplicates)
+                                          storage=gateway_pb2.CatalogStorage(regions=regions, index=index),
+                                          duplicates=duplicates)
 
 
 def path_items(paths: Mapping[str, str | Path], metadata: Mapping[str, Mapping[str, str]] | None = None,
@@ -212,21 +213,23 @@ class Client(_Base):
                                                      correspondences), timeout)
 
     def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
-               timeout: float | None = None, regions: str = "", duplicates: str = "") -> gateway_pb2.IngestItemsResponse:
+               timeout: float | None = None, regions: str = "", duplicates: str = "", index: str = ""
+               ) -> gateway_pb2.IngestItemsResponse:
         """Queue items (at most the gateway's max_items_per_request per call; pass the job_id of the
-        first answer to add more to the same job). `regions` ("off" or "float"; "": the gateway's
-        default) is how a catalog this call makes stores its objects' base regions. `duplicates`
-        ("report" or "skip"; "": off) checks each item against the stored ones for the same picture
-        (the job's `duplicates` lists them; "skip" does not store them)."""
-        return self._call("IngestItems", _ingest_request(items, catalog, job_id, regions, duplicates), timeout)
+        first answer to add more to the same job). `regions` ("off", "float" or "int8"; "": the
+        gateway's default) is how a catalog this call makes stores its objects' base regions, and
+        `index` ("hnsw", "ivf_sq8" or "flat"; "": the gateway's default) its vector index.
+        `duplicates` ("report" or "skip"; "": off) checks each item against the stored ones for the
+        same picture (the job's `duplicates` lists them; "skip" does not store them)."""
+        return self._call("IngestItems", _ingest_request(items, catalog, job_id, regions, duplicates, index), timeout)
 
     def ingest_paths(self, paths: Mapping[str, str | Path], catalog: str = "default",
                      metadata: Mapping[str, Mapping[str, str]] | None = None, by_path: bool = False,
-                     timeout: float | None = None, regions: str = "", duplicates: str = ""
+                     timeout: float | None = None, regions: str = "", duplicates: str = "", index: str = ""
                      ) -> gateway_pb2.IngestItemsResponse:
         """Queue {item id: image path}."""
         return self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout, regions=regions,
-                           duplicates=duplicates)
+                           duplicates=duplicates, index=index)
 
     def job(self, job_id: str, timeout: float | None = None) -> gateway_pb2.IngestJob:
         return self._call("GetIngestJob", gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout).job
@@ -383,16 +386,17 @@ class AsyncClient(_Base):
                                                            correspondences), timeout)
 
     async def ingest(self, items: Iterable[gateway_pb2.IngestItem], catalog: str = "default", job_id: str = "",
-                     timeout: float | None = None, regions: str = "", duplicates: str = ""
+                     timeout: float | None = None, regions: str = "", duplicates: str = "", index: str = ""
                      ) -> gateway_pb2.IngestItemsResponse:
-        return await self._call("IngestItems", _ingest_request(items, catalog, job_id, regions, duplicates), timeout)
+        return await self._call("IngestItems", _ingest_request(items, catalog, job_id, regions, duplicates, index),
+                                timeout)
 
     async def ingest_paths(self, paths: Mapping[str, str | Path], catalog: str = "default",
                            metadata: Mapping[str, Mapping[str, str]] | None = None, by_path: bool = False,
-                           timeout: float | None = None, regions: str = "", duplicates: str = ""
+                           timeout: float | None = None, regions: str = "", duplicates: str = "", index: str = ""
                            ) -> gateway_pb2.IngestItemsResponse:
         return await self.ingest(path_items(paths, metadata, by_path), catalog, timeout=timeout, regions=regions,
-                                 duplicates=duplicates)
+                                 duplicates=duplicates, index=index)
 
     async def job(self, job_id: str, timeout: float | None = None) -> gateway_pb2.IngestJob:
         return (await self._call("GetIngestJob", gateway_pb2.GetIngestJobRequest(job_id=job_id), timeout)).job

@@ -70,10 +70,11 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool, regions: str = "", duplicates: str = ""
-                ) -> tuple[str, dict[str, str]]:
+def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool, regions: str = "", duplicates: str = "",
+                index: str = "") -> tuple[str, dict[str, str]]:
     """Send rows in requests of bounded size under one job id; returns (job id, local failures).
-    `regions`: how a catalog the first request makes stores base regions ("": the default)."""
+    `regions`, `index`: how a catalog the first request makes stores base regions, and its vector
+    index ("": the defaults)."""
     from visearch.gateway.v1 import gateway_pb2
 
     job_id, local_failed = "", {}
@@ -82,7 +83,8 @@ def ingest_rows(client, rows: list[dict], catalog: str, by_path: bool, regions: 
     def flush():
         nonlocal job_id, batch, size
         if batch:
-            job_id = client.ingest(batch, catalog=catalog, job_id=job_id, regions=regions, duplicates=duplicates).job_id
+            job_id = client.ingest(batch, catalog=catalog, job_id=job_id, regions=regions, duplicates=duplicates,
+                                   index=index).job_id
         batch, size = [], 0
 
     for row in rows:

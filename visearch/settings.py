@@ -15,7 +15,7 @@ from pydantic_settings import NoDecode
 
 from visearch.clientsettings import Base as _Base
 from visearch.clientsettings import SecuritySettings  # noqa: F401 - settings.SecuritySettings for the services
-from visearch.search import REGION_MODES
+from visearch.search import INDEX_KINDS, REGION_MODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -156,6 +156,10 @@ class StoreSettings(_Base):
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     hnsw_ef: int = 128
+    # IVF_SQ8 catalogs: inverted lists per sealed segment (Milvus indexes each segment, up to about
+    # 1M rows of 128-d, on its own) and lists probed per search.
+    ivf_nlist: int = Field(1024, ge=1, le=65536)
+    ivf_nprobe: int = Field(32, ge=1, le=65536)
     # Searches of a catalog that nothing wrote to for this long run Bounded instead of Strong (no
     # wait for the server's time tick); keep it above Milvus's common.gracefulTime (5 s by
     # default). Needs Redis (the write clock every writer marks); 0: every read Strong.
@@ -164,12 +168,22 @@ class StoreSettings(_Base):
     # or "float" (24.6 KB an object in the vector store's memory); a request may choose per catalog
     # (`visearch ingest --regions`). Existing catalogs keep what they were made with.
     catalog_regions: str = "off"
+    # The vector index of a new catalog (INDEX_KINDS); a request may choose per catalog
+    # (`visearch ingest --index`). Existing catalogs keep theirs.
+    catalog_index: str = "hnsw"
 
     @field_validator("catalog_regions")
     @classmethod
     def _region_mode(cls, v: str) -> str:
         if v not in REGION_MODES:
             raise ValueError(f"catalog_regions {v!r}: expected one of {', '.join(REGION_MODES)}")
+        return v
+
+    @field_validator("catalog_index")
+    @classmethod
+    def _index_kind(cls, v: str) -> str:
+        if v not in INDEX_KINDS:
+            raise ValueError(f"catalog_index {v!r}: expected one of {', '.join(INDEX_KINDS)}")
         return v
 
 

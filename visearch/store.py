@@ -21,9 +21,11 @@ Schema (one row per stored object; an item may have several objects):
              what re-embedding reads
   stamp      INT64, when the item was last ingested (ns): a generation being built
              is in step with the live one when its items carry the same stamps
-Index: HNSW (M=16, efConstruction=200), search ef = max(hnsw_ef, top_k): at
-catalog sizes up to a few million it gives recall@10 > 0.98 at millisecond cost,
-and it needs no training step, so a new catalog is searchable from its first row.
+Index: chosen per catalog when it is made (INDEX_KINDS, `visearch ingest --index`). The default,
+HNSW (M=16, efConstruction=200), search ef = max(hnsw_ef, top_k): at catalog sizes up to a few
+million it gives recall@10 > 0.98 at millisecond cost, and it needs no training step, so a new
+catalog is searchable from its first row. IVF_SQ8 (nlist per segment, nprobe per search) and FLAT
+(exact) are the others; docs/CAPACITY.md measures them.
 A search with another model's vectors is refused.
 Every value in an expression (keys, filters) is escaped by visearch.expr; rows are read and
 deleted by primary key through `pk_in`, never pymilvus's unescaped `ids=`.
@@ -63,7 +65,7 @@ from visearch import expr
 from visearch.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.localstore import LocalStore
-from visearch.settings import REGION_MODES, StoreSettings
+from visearch.settings import INDEX_KINDS, REGION_MODES, StoreSettings
 
 CATALOG_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}", re.ASCII)
 ID_MAX = 256
@@ -83,6 +85,11 @@ DIM_PROP = "visearch.dim"
 # them as "float".
 REGIONS_PROP = "visearch.regions"
 LEGACY_REGIONS = "float"
+# The vector index (INDEX_KINDS), also chosen when the catalog is made and kept by every generation
+# of it (a re-embedding builds the new generation's with the same kind). A generation made before
+# the property existed has HNSW.
+INDEX_PROP = "visearch.index"
+LEGACY_INDEX = "hnsw"
 SOURCE_MAX = 2048
 OBJECT_ID_RE = re.compile(r"([^#]+)#([0-9]{1,2})", re.DOTALL)  # "<item_id>#<n>", n < MAX_OBJECTS
 GEN_RE = re.compile(r"vsg_([A-Za-z][A-Za-z0-9_]{0,62})_([0-9]+)", re.ASCII)
@@ -113,6 +120,7 @@ class Generation:
     model_tag: str
     dim: int
     regions: str = LEGACY_REGIONS  # REGION_MODES: whether objects' base regions are stored
+    index: str = LEGACY_INDEX  # INDEX_KINDS: the vector index
 
     @property
     def collection(self) -> str:
@@ -139,12 +147,48 @@ def check_regions(mode: str) -> str:
     return mode
 
 
-def check_storage(gen: Generation, regions: str) -> None:
+def check_index(kind: str) -> str:
+    if kind not in INDEX_KINDS:
+        raise InvalidArgument(f"index {kind[:40]!r}: expected one of {', '.join(INDEX_KINDS)}")
+    return kind
+
+
+def check_storage(gen: Generation, regions: str, index: str = "") -> None:
     """FAILED_PRECONDITION when a request asks an existing catalog for other storage than it was made
-    with (`regions` "": no wish)."""
-    if regions and gen.regions != regions:
-        raise FailedPrecondition(f"catalog {gen.catalog!r} was made with regions {gen.regions}, not {regions}: "
-                                 "a catalog's storage is chosen when it is made (use a new catalog name)")
+    with (`regions`, `index` "": no wish)."""
+    for what, have, want in (("regions", gen.regions, regions), ("index", gen.index, index)):
+        if want and have != want:
+            raise FailedPrecondition(f"catalog {gen.catalog!r} was made with {what} {have}, not {want}: "
+                                     "a catalog's storage is chosen when it is made (use a new catalog name)")
+
+
+def index_params(kind: str, settings: StoreSettings) -> tuple[str, dict]:
+    """Milvus's index type and build parameters for an index kind."""
+    return {"hnsw": ("HNSW", {"M": settings.hnsw_m, "efConstruction": settings.hnsw_ef_construction}),
+            "ivf_sq8": ("IVF_SQ8", {"nlist": settings.ivf_nlist}),
+            "flat": ("FLAT", {})}[kind]
+
+
+def search_params(kind: str, settings: StoreSettings, limit: int) -> dict:
+    """Milvus's search parameters for an index kind, returning `limit` rows."""
+    return {"hnsw": {"ef": max(settings.hnsw_ef, limit)},
+            "ivf_sq8": {"nprobe": min(settings.ivf_nprobe, settings.ivf_nlist)},
+            "flat": {}}[kind]
+
+
+def index_bytes(kind: str, dim: int, settings: StoreSettings) -> float:
+    """Bytes per object a loaded index of this kind holds in memory, its vector included."""
+    if kind == "hnsw":
+        m = settings.hnsw_m
+        # hnswlib's layout (Milvus's HNSW): 2M neighbour ids and a count at level 0, its label, and
+        # on average 1/(M-1) upper levels of M ids and a count; the index holds the vector itself.
+        return dim * 4 + 2 * m * 4 + 4 + 8 + (m * 4 + 4) / (m - 1)
+    if kind == "ivf_sq8":
+        # A byte per dimension and the row's id in its inverted list. The index keeps no raw vector, so
+        # the engine loads the float vectors beside it to answer reads by key (Milvus 2.3.5 returns
+        # them exactly from an IVF_SQ8 collection): they count too.
+        return dim + 8 + dim * 4
+    return dim * 4  # flat: the vectors themselves
 
 
 def check_region_rows(object_id: str, feats: np.ndarray, boxes: np.ndarray, dim: int) -> int:
@@ -250,12 +294,13 @@ class CatalogInfo:
     building_objects: int = 0
     regions: str = LEGACY_REGIONS
     footprint: Footprint | None = None
+    index: str = LEGACY_INDEX
 
 
 @dataclass(frozen=True)
 class Footprint:
     """Bytes per stored object of one generation: `memory` is what the vector store holds in memory
-    to search it (the vector, its HNSW links, the loaded scalar fields, the region collection when
+    to search it (the vector, its index, the loaded scalar fields, the region collection when
     regions are stored); `total` adds the side data read by key (local features). Estimated from the
     schema and a sample of rows (`sampled`); source images kept for re-embedding are not counted."""
 
@@ -384,7 +429,7 @@ class VectorStore:
     def _describe(self, catalog: str, number: int, desc: dict) -> Generation:
         props = desc.get("properties", {})
         gen = Generation(catalog, number, props.get(MODEL_PROP, ""), int(props.get(DIM_PROP, 0)),
-                         props.get(REGIONS_PROP, LEGACY_REGIONS))
+                         props.get(REGIONS_PROP, LEGACY_REGIONS), props.get(INDEX_PROP, LEGACY_INDEX))
         self._gens[gen.collection] = gen
         return gen
 
@@ -455,14 +500,16 @@ class VectorStore:
             chunk = ids[start:start + PK_CHUNK]
             self._read(name, lambda c=chunk: self.client.delete(name, filter=expr.pk_in("object_id", c)))
 
-    def ensure_catalog(self, catalog: str, meta: ModelMeta, regions: str = "") -> Generation:
+    def ensure_catalog(self, catalog: str, meta: ModelMeta, regions: str = "", index: str = "") -> Generation:
         """The catalog's live generation; a new catalog gets generation 1 made for this model, storing
-        regions as asked (`regions`; "": the settings' `catalog_regions`). An existing catalog keeps
-        what it was made with: asking for another mode is FAILED_PRECONDITION."""
+        regions as asked (`regions`; "": the settings' `catalog_regions`) under the vector index
+        asked for (`index`; "": the settings' `catalog_index`). An existing catalog keeps what it was
+        made with: asking for another mode is FAILED_PRECONDITION."""
         with self._create_lock:
             gen = self.live(catalog)
             if gen is None:
-                gen = self.create_generation(catalog, meta, regions or self.settings.catalog_regions)
+                gen = self.create_generation(catalog, meta, regions or self.settings.catalog_regions,
+                                             index or self.settings.catalog_index)
                 try:
                     self.client.create_alias(gen.collection, self.alias(catalog))
                 except MilvusException:
@@ -470,20 +517,22 @@ class VectorStore:
                     if self.live(catalog) is None:
                         raise
                 gen = self.live(catalog)
-        check_storage(gen, regions)
+        check_storage(gen, regions, index)
         self.check_model(gen, meta)
         return gen
 
-    def create_generation(self, catalog: str, meta: ModelMeta, regions: str = "") -> Generation:
+    def create_generation(self, catalog: str, meta: ModelMeta, regions: str = "", index: str = "") -> Generation:
         """A new, empty generation numbered after every existing one (not live until `switch`). It
-        stores regions as `regions` says; "": as the catalog's live generation does (a re-embedding
-        keeps the catalog's storage), or the settings' default for a new catalog."""
+        stores regions as `regions` says, under the vector index `index`; "": as the catalog's live
+        generation does (a re-embedding keeps the catalog's storage), or the settings' default for a
+        new catalog."""
         numbers = [g.number for g in self.generations(catalog)]
-        if not regions:
+        if not regions or not index:
             live = self.live(catalog)
-            regions = live.regions if live is not None else self.settings.catalog_regions
+            regions = regions or (live.regions if live is not None else self.settings.catalog_regions)
+            index = index or (live.index if live is not None else self.settings.catalog_index)
         gen = Generation(check_catalog(catalog), max(numbers, default=0) + 1, meta.tag, meta.dim,
-                         check_regions(regions))
+                         check_regions(regions), check_index(index))
         if gen.regions == "int8" and self.local is None:
             raise FailedPrecondition("regions int8 are kept in files beside the local features: this store has no "
                                      "local dir (VISEARCH_LOCAL_DIR)")
@@ -569,12 +618,12 @@ class VectorStore:
         # rounds can leave n or fewer below the bound, and more above it).
         return values[:n], len(values) > n or upper is not None
 
-    def restore_generation(self, catalog: str, meta: ModelMeta, regions: str) -> Generation:
+    def restore_generation(self, catalog: str, meta: ModelMeta, regions: str, index: str = "") -> Generation:
         """A new generation for a catalog being restored (ALREADY_EXISTS when the catalog exists); it
         goes live with `go_live` once every row is in, and is dropped if the restore fails."""
         if self.live(catalog) is not None:
             raise AlreadyExists(f"catalog {catalog!r} exists: restore into a new catalog name")
-        return self.create_generation(catalog, meta, check_regions(regions))
+        return self.create_generation(catalog, meta, check_regions(regions), check_index(index) if index else "")
 
     def restore_rows(self, gen: Generation, rows: list[dict]) -> int:
         """Write exported rows into `gen` as they were (ids, vectors, boxes, metadata, sources, stamps),
@@ -640,12 +689,12 @@ class VectorStore:
         schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX)
         schema.add_field("stamp", DataType.INT64)
         index = self.client.prepare_index_params()
-        index.add_index(field_name="vector", index_type="HNSW", metric_type="IP",
-                        params={"M": self.settings.hnsw_m, "efConstruction": self.settings.hnsw_ef_construction})
+        index_type, params = index_params(gen.index, self.settings)
+        index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=params)
         self.client.create_collection(gen.collection, schema=schema, index_params=index,
                                       consistency_level="Strong",
                                       properties={MODEL_PROP: gen.model_tag, DIM_PROP: str(gen.dim),
-                                                  REGIONS_PROP: gen.regions})
+                                                  REGIONS_PROP: gen.regions, INDEX_PROP: gen.index})
 
     # ---- items ------------------------------------------------------------------
     @staticmethod
@@ -904,7 +953,7 @@ class VectorStore:
         res = self._read(gen.collection, lambda: self.client.search(
             gen.collection, data=data, limit=limit, filter=where, output_fields=list(fields), anns_field="vector",
             consistency_level=level, search_params={"metric_type": "IP",
-                                                    "params": {"ef": max(self.settings.hnsw_ef, limit)}}))
+                                                    "params": search_params(gen.index, self.settings, limit)}))
         out = []
         for found in res:
             rows = []
@@ -936,7 +985,7 @@ class VectorStore:
             objects = self.count(live, level)
             out.append(CatalogInfo(catalog, live.model_tag, live.dim, objects, live.number, building,
                                    self.count(building, level) if building else 0, live.regions,
-                                   self.footprint(live, objects, level) if footprint else None))
+                                   self.footprint(live, objects, level) if footprint else None, live.index))
         return out
 
     def footprint(self, target: Target, objects: int | None = None, level: str = STRONG,
@@ -954,11 +1003,7 @@ class VectorStore:
         fields = (sum(text(r["object_id"]) + text(r["item_id"]) + 4 * len(r.get("box") or ()) + 4
                       + text(json.dumps(r.get("metadata") or {}, separators=(",", ":"))) + text(r.get("source"))
                       + 8 for r in rows) / len(rows)) if rows else 0.0
-        m = self.settings.hnsw_m
-        # hnswlib's layout (Milvus's HNSW): 2M neighbour ids and a count at level 0, its label, and
-        # on average 1/(M-1) upper levels of M ids and a count; the index holds the vector itself.
-        index = 2 * m * 4 + 4 + 8 + (m * 4 + 4) / (m - 1)
-        memory = gen.dim * 4 + index + fields
+        memory = index_bytes(gen.index, gen.dim, self.settings) + fields
         rdim = self._region_dim(gen)
         if rdim and objects:
             name = gen.region_collection

@@ -12,8 +12,8 @@ keys, catalogs and actions as for any other caller.
   GET  /api/image?catalog=C&item=I[&max_side=N]   an item's image (X-Image-Width/Height: original size)
   POST /api/search?catalog=C[&top_k=&rerank=&full_frame=1]   body: the photo's bytes
   GET  /api/items?catalog=C[&page_size=N&page_token=T]   a page of items in id order (ListItems)
-  POST /api/ingest?catalog=C&item_id=I[&job_id=J&regions=R]   body: one image's bytes
-  POST /api/ingest?catalog=C[&job_id=J&regions=R]   Content-Type text/csv, body: item_id,path[,metadata
+  POST /api/ingest?catalog=C&item_id=I[&job_id=J&regions=R&index=X]   body: one image's bytes
+  POST /api/ingest?catalog=C[&job_id=J&regions=R&index=X]   Content-Type text/csv, body: item_id,path[,metadata
                                 columns] (paths the gateway reads inside its ingest roots; the console
                                 reads no file); answers {"job_id", "accepted"}
   POST /api/delete?catalog=C     body: {"item_ids": [...]}; answers {"deleted": n}
@@ -213,6 +213,7 @@ class Console:
         """Queue one image (its bytes, `item_id` in the query) or the rows of a CSV (by path) into one
         job: `job_id` adds to a job this page started (the page uploads dropped photos one a request)."""
         catalog, job_id, regions = query.get("catalog", ""), query.get("job_id", ""), query.get("regions", "")
+        index = query.get("index", "")
         if not catalog:
             raise bad("no catalog: name the catalog to add to (a new name makes a new catalog)")
         if job_id and not JOB_ID_RE.fullmatch(job_id):
@@ -228,7 +229,7 @@ class Console:
         for start in range(0, len(items), CSV_BATCH):
             try:
                 job_id = vs.ingest(items[start:start + CSV_BATCH], catalog=catalog, job_id=job_id,
-                                   regions=regions).job_id
+                                   regions=regions, index=index).job_id
             except grpc.RpcError as exc:
                 if not start:
                     raise

@@ -69,6 +69,7 @@ from visearch.store import (
     WriteClock,
     check_catalog,
     check_filters,
+    check_index,
     check_item_id,
     check_metadata,
     check_regions,
@@ -347,6 +348,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             tasks.append(entry)
         job_id = request.job_id or new_job_id()
         region_mode = check_regions(request.storage.regions) if request.storage.regions else ""
+        index_kind = check_index(request.storage.index) if request.storage.index else ""
         # The catalog exists from the first ingest request on, made for the serving model and the
         # storage asked for; an existing catalog keeps its model version (the workers embed with it)
         # and its storage.
@@ -355,9 +357,10 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             info = await call("embedding", self.embedding.GetModelInfo(
                 embedding_pb2.GetModelInfoRequest(), timeout=remaining(context, self.s.rpc_timeout_seconds)))
             await self.check_model(info.model)
-            await asyncio.to_thread(self.catalogs.ensure, catalog, convert.model_meta(info.model), region_mode)
+            await asyncio.to_thread(self.catalogs.ensure, catalog, convert.model_meta(info.model), region_mode,
+                                    index_kind)
         else:
-            check_storage(live, region_mode)
+            check_storage(live, region_mode, index_kind)
         headers = {"request_id": obs.request_id.get()}
         # One thread does the rest to its end even if the caller goes away meanwhile (a deadline, a
         # cancel): items recorded as pending are always queued, or failed with the reason.
@@ -483,7 +486,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 continue
             cat = gateway_pb2.Catalog(name=c.name, objects=c.objects, generation=c.generation,
                                       model=convert.model_info_of_tag(c.model_tag, c.dim),
-                                      storage=gateway_pb2.CatalogStorage(regions=c.regions),
+                                      storage=gateway_pb2.CatalogStorage(regions=c.regions, index=c.index),
                                       memory_bytes_per_object=c.footprint.memory,
                                       bytes_per_object=c.footprint.total)
             if c.building:
@@ -558,7 +561,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         model = await self._model_of(gen)
         objects = await asyncio.to_thread(self.store.count, gen)
         yield gateway_pb2.CatalogRecord(header=gateway_pb2.CatalogHeader(
-            catalog=catalog, model=model, storage=gateway_pb2.CatalogStorage(regions=gen.regions), objects=objects,
+            catalog=catalog, model=model, storage=gateway_pb2.CatalogStorage(regions=gen.regions, index=gen.index),
+            objects=objects,
             generation=gen.number, exported_at=time.time(), format=backup.FORMAT))
         # A plain generator stepped in worker threads: it holds no cursor or file, so a cancelled
         # export simply stops stepping it (closing it while a step runs would raise in that thread).
@@ -609,7 +613,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                                      f"{info.weights_sha256[:12]}), not the {want.name} (dim {want.dim}, weights "
                                      f"{want.weights_sha256[:12]}) that made the catalog's vectors")
         gen = await asyncio.to_thread(self.store.restore_generation, catalog, convert.model_meta(info),
-                                      check_regions(head.storage.regions or "off"))
+                                      check_regions(head.storage.regions or "off"), head.storage.index)
         stored, items, trailer = 0, set(), None
         try:
             async for rec in request_iterator:

@@ -161,10 +161,12 @@ class IngestItemsRequest(_message.Message):
     def __init__(self, catalog: _Optional[str] = ..., items: _Optional[_Iterable[_Union[IngestItem, _Mapping]]] = ..., job_id: _Optional[str] = ..., duplicates: _Optional[str] = ..., storage: _Optional[_Union[CatalogStorage, _Mapping]] = ...) -> None: ...
 
 class CatalogStorage(_message.Message):
-    __slots__ = ("regions",)
+    __slots__ = ("regions", "index")
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     regions: str
-    def __init__(self, regions: _Optional[str] = ...) -> None: ...
+    index: str
+    def __init__(self, regions: _Optional[str] = ..., index: _Optional[str] = ...) -> None: ...
 
 class IngestItemsResponse(_message.Message):
     __slots__ = ("job_id", "accepted")
