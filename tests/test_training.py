@@ -205,6 +205,39 @@ def test_export_runs_in_onnxruntime_with_parity(smoke_run, tmp_path):
 
 
 @needs_grocery
+def test_a_checkpoint_is_served_at_another_input_size_and_measured_by_bench_multiscale(smoke_run, tmp_path):
+    """`visearch export --size` serves a checkpoint at an input size it did not train at (the same
+    weights: the graph's input is that size, and a forward gives unit descriptors); a size that is not
+    a multiple of 32 is refused. bench.multiscale's smoke run scores each size and a combination of
+    them on the selection protocol and the reported ones, and chooses on the selection one."""
+    from bench import multiscale
+
+    out, _ = smoke_run
+    repo = tmp_path / "repo"
+    assert export.main(["--checkpoint", str(out / "best.pt"), "--repo", str(repo), "--size", "256", "--write-config"]) == 0
+    meta = json.loads((repo / "embedder" / "1" / "meta.json").read_text())
+    assert meta["input_size"] == 256 and meta["parity_max_abs_diff"] < PARITY_TOL
+    sess = ort.InferenceSession(str(repo / "embedder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == [256, 256, 3]
+    got = sess.run(["embeddings"], {"images": sample_images(256, 2)[0]})[0]
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert export.main(["--checkpoint", str(out / "best.pt"), "--repo", str(tmp_path / "bad"), "--size", "250"]) == 1
+
+    r = multiscale.run(out / "best.pt", [192, 224], [(192, 224)], ["P1"], "TH", tmp_path / "ms", smoke=True)
+    assert [row["sizes"] for row in r["rows"]] == ["192", "224", "192+224"]
+    for row in r["rows"]:
+        assert set(row["results"]) == {"TH", "P1"} and 0 <= row["results"]["TH"]["mAP"] <= 1
+        assert row["ms_per_image"] > 0
+    assert r["rows"][2]["ms_per_image"] == pytest.approx(r["rows"][0]["ms_per_image"] + r["rows"][1]["ms_per_image"],
+                                                         abs=0.11)
+    top = max(x["results"]["TH"]["mAP"] for x in r["rows"])
+    near = [x for x in r["rows"] if x["results"]["TH"]["mAP"] >= top - 0.005]
+    assert r["chosen"] == min(near, key=lambda x: x["ms_per_image"])["sizes"]
+    assert all(0 <= x["results"]["P1"]["R@1"] <= 1 for x in r["rows"])
+    assert (tmp_path / "ms" / "result.md").read_text().startswith("Checkpoint")
+
+
+@needs_grocery
 def test_export_cli_refuses_a_mismatched_config(smoke_run, tmp_path):
     out, _ = smoke_run
     repo = tmp_path / "repo"

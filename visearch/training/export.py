@@ -28,11 +28,15 @@ from .train import load_checkpoint
 
 def export_checkpoint(checkpoint: Path, repo: Path, name: str = "embedder", version: int = 1,
                       progress: Callable[[str], None] = print, write_config: bool = False,
-                      tolerance: float = PARITY_TOL) -> dict:
-    """Export `checkpoint` as `<repo>/<name>/<version>`; returns the meta record written."""
+                      tolerance: float = PARITY_TOL, size: int | None = None) -> dict:
+    """Export `checkpoint` as `<repo>/<name>/<version>`; returns the meta record written. `size`: the
+    served input size, when not the one it trained at (the backbone is convolutional and the pooling
+    takes any map, so a model trained at 320 can be served at 384 or 448: docs/TRAINING.md)."""
     model, tmeta = load_checkpoint(Path(checkpoint))
     mc = tmeta["config"]["model"]
-    cfg = EmbedderConfig(arch=mc["arch"], pooling=mc["pooling"], size=mc["size"], gem_p=mc["gem_p"],
+    if size is not None and (size % 32 or not 96 <= size <= 1024):
+        raise ValueError(f"input size {size}: a multiple of 32 from 96 to 1024")
+    cfg = EmbedderConfig(arch=mc["arch"], pooling=mc["pooling"], size=size or mc["size"], gem_p=mc["gem_p"],
                          rmac_levels=mc["rmac_levels"], name=name, version=version)
     fine_tuned = {
         "whitening": tmeta.get("whitening"),
@@ -56,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
                          "embedded by another version refuse to mix)")
     ap.add_argument("--write-config", action="store_true", help="(re)write config.pbtxt from the model")
     ap.add_argument("--tolerance", type=float, default=PARITY_TOL, help="max |torch - onnxruntime| allowed")
+    ap.add_argument("--size", type=int, default=None,
+                    help="serve at this input size (a multiple of 32) instead of the one the model trained at")
     args = ap.parse_args(argv)
     if args.version is None:
         args.version = next_version(args.repo, args.name)
     try:
         meta = export_checkpoint(args.checkpoint, args.repo, args.name, args.version,
                                  progress=lambda m: print(m, file=sys.stderr, flush=True),
-                                 write_config=args.write_config, tolerance=args.tolerance)
+                                 write_config=args.write_config, tolerance=args.tolerance, size=args.size)
     except (ConfigMismatch, ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
