@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from visearch.clientsettings import Base as _Base
@@ -172,18 +172,12 @@ class StoreSettings(_Base):
     # (`visearch ingest --index`). Existing catalogs keep theirs.
     catalog_index: str = "hnsw"
 
-    @field_validator("catalog_regions")
+    @field_validator("catalog_regions", "catalog_index")
     @classmethod
-    def _region_mode(cls, v: str) -> str:
-        if v not in REGION_MODES:
-            raise ValueError(f"catalog_regions {v!r}: expected one of {', '.join(REGION_MODES)}")
-        return v
-
-    @field_validator("catalog_index")
-    @classmethod
-    def _index_kind(cls, v: str) -> str:
-        if v not in INDEX_KINDS:
-            raise ValueError(f"catalog_index {v!r}: expected one of {', '.join(INDEX_KINDS)}")
+    def _catalog_choice(cls, v: str, info: ValidationInfo) -> str:
+        allowed = {"catalog_regions": REGION_MODES, "catalog_index": INDEX_KINDS}[info.field_name]
+        if v not in allowed:
+            raise ValueError(f"{info.field_name} {v!r}: expected one of {', '.join(allowed)}")
         return v
 
 
