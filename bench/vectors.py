@@ -235,7 +235,8 @@ def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], c
         for kind in indexes:
             by_index.append(build_and_search(client, name, kind, n, q, best_i, efs, pid, progress, build_timeout))
             if out is not None:  # what finished so far, in case a later kind runs out of time
-                write_result(out, {"partial": True, "by_index": by_index}, "")
+                write_result(out, {"partial": True, "n": n, "dim": dim, "clusters": clusters, "spread": spread,
+                                   "queries": queries, "insert_s": round(insert_s, 1), "by_index": by_index}, "")
         index_s, rows = None, next((r["by_setting"] for r in by_index if r["index"] == "hnsw" and "by_setting" in r), [])
     else:
         by_index = None
