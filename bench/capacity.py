@@ -13,7 +13,8 @@ the Milvus distributed topology written below. The unit costs and where each was
 - search: HNSW M 16, ef 128 at 1M x 128 on the real Milvus 2.3.5 engine, p50 4.5 ms for one query
   at a time on this 2-core box, recall@10 0.9995 (`bench.vectors --index`, --index-result); taken as
   4.5 core-ms per query per million vectors a query node holds (each segment is searched, so the
-  cost grows with the vectors held, not with log n);
+  cost grows with the vectors held, not with log n); at 10M the same setting measured 14.1 ms p50
+  (at most 2.8 core-ms per million on the 2 cores, docs/CAPACITY.md), so the 1M unit is the safe side;
 - the query's own work: raw forwards 89.4 ms (detector and embedder) plus 47.2 ms of verification
   on 2 cores (`bench.overhead`, docs/VERIFY.md): about 0.27 core-s per search on the CPU;
 - ingestion: 10.1 photos/s on 2 cores through the whole mesh with the defaults (detection, embedding,

@@ -36,12 +36,12 @@ import numpy as np
 INDEX_KINDS = ("hnsw", "ivf_sq8", "diskann")
 
 
-def index_params(kind: str, n: int) -> tuple[str, dict]:
-    """(Milvus index_type, build params) of an index kind for n rows (IVF: nlist ~ 4 sqrt(n))."""
+def index_params(kind: str, n: int, nlist: int | None = None) -> tuple[str, dict]:
+    """(Milvus index_type, build params) of an index kind for n rows (IVF: `nlist`, else ~ 4 sqrt(n))."""
     if kind == "hnsw":
         return "HNSW", {"M": 16, "efConstruction": 200}
     if kind == "ivf_sq8":
-        nlist = 1 << max(0, round(np.log2(4 * np.sqrt(n))))  # 4096 at 1M
+        nlist = nlist or 1 << max(0, round(np.log2(4 * np.sqrt(n))))  # 4096 at 1M
         return "IVF_SQ8", {"nlist": int(min(nlist, 65536))}
     if kind == "diskann":
         return "DISKANN", {}
@@ -130,12 +130,12 @@ def measure(client, name: str, q: np.ndarray, best_i: np.ndarray, settings, prog
 
 
 def build_and_search(client, name: str, kind: str, n: int, q, best_i, efs, pid: int | None, progress,
-                     build_timeout: float = 1800) -> dict:
+                     build_timeout: float = 1800, nlist: int | None = None) -> dict:
     """Release, drop the index, create `kind`, wait until it covers n rows, load, search."""
     client.release_collection(name)
     for old in client.list_indexes(name):
         client.drop_index(name, old)
-    index_type, params = index_params(kind, n)
+    index_type, params = index_params(kind, n, nlist)
     row = {"index": kind, "index_type": index_type, "build_params": params}
     ip = client.prepare_index_params()
     ip.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=params)
@@ -172,7 +172,8 @@ def build_and_search(client, name: str, kind: str, n: int, q, best_i, efs, pid: 
 
 def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], clusters: int, spread: float,
         chunk_size: int, out: Path | None, progress=None, seed: int = 0, reuse: str = "", keep: bool = False,
-        indexes: list[str] | None = None, pid: int | None = None, build_timeout: float = 1800) -> dict:
+        indexes: list[str] | None = None, pid: int | None = None, build_timeout: float = 1800,
+        nlist: int | None = None) -> dict:
     from pymilvus import DataType, MilvusClient
 
     from bench.common import write_result
@@ -233,7 +234,8 @@ def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], c
         progress(f"flushed in {time.perf_counter() - t:.0f} s")
         by_index = []
         for kind in indexes:
-            by_index.append(build_and_search(client, name, kind, n, q, best_i, efs, pid, progress, build_timeout))
+            by_index.append(build_and_search(client, name, kind, n, q, best_i, efs, pid, progress, build_timeout,
+                                             nlist))
             if out is not None:  # what finished so far, in case a later kind runs out of time
                 write_result(out, {"partial": True, "n": n, "dim": dim, "clusters": clusters, "spread": spread,
                                    "queries": queries, "insert_s": round(insert_s, 1), "by_index": by_index}, "")
@@ -346,12 +348,14 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the running milvus-server).")
     ap.add_argument("--build-timeout", type=float, default=1800, help="Seconds to wait for one index kind's build.")
     ap.add_argument("--plot", type=Path, default=None, help="With several --index kinds: recall@10 vs p50 PNG.")
+    ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n); the store's "
+                    "ivf_sq8 catalogs use VISEARCH_IVF_NLIST, 1024, per segment).")
     args = ap.parse_args(argv)
     # Milvus Lite runs in a process this one starts: one OpenMP thread, as the mesh runs it (docs/PERFORMANCE.md).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     r = run(args.n, args.dim, args.engine, args.uri, args.queries, [int(e) for e in args.ef.split(",")], args.clusters,
             args.spread, args.chunk, args.out, reuse=args.reuse, keep=args.keep or bool(args.reuse),
-            indexes=args.index.split(","), pid=args.pid, build_timeout=args.build_timeout)
+            indexes=args.index.split(","), pid=args.pid, build_timeout=args.build_timeout, nlist=args.nlist)
     print(markdown(r))
     if args.plot and "by_index" in r:
         plot_curves(r, args.plot)

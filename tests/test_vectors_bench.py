@@ -41,6 +41,7 @@ def test_index_kinds_build_and_search_params():
     assert index_params("hnsw", 10**6) == ("HNSW", {"M": 16, "efConstruction": 200})
     assert index_params("ivf_sq8", 10**6) == ("IVF_SQ8", {"nlist": 4096})  # 4 sqrt(n), a power of two
     assert index_params("ivf_sq8", 10**4)[1] == {"nlist": 512}
+    assert index_params("ivf_sq8", 10**6, 1024)[1] == {"nlist": 1024}  # the store's catalogs (--nlist)
     assert index_params("diskann", 10**6) == ("DISKANN", {})
     with pytest.raises(ValueError):
         index_params("flat", 10)
