@@ -47,3 +47,22 @@ def test_ingest_benchmark_one_frame_per_photo_is_raw_embedding_itself(tmp_path):
     assert all(x["raw"]["crops"] == 4 and x["raw"]["embed_only"] == x["raw"]["same_forwards"] for x in r["rounds"])
     cpu = r["cpu_seconds_by_component"]
     assert cpu.get("detection", 0.0) < cpu["embedding"] / 10, "no detection call with ingest_objects=full"
+
+
+def test_local_features_ingest_benchmark_smoke(tmp_path):
+    """bench/ingest_local.py: two meshes side by side, only one of them storing local features."""
+    from bench.ingest_local import main
+
+    assert main(["--images", "6", "--rounds", "2", "--warm-up", "2", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    with_, without = r["with"], r["without"]
+    assert with_["images"] == without["images"] == 6 and with_["failed"] == without["failed"] == 0, r
+    # The same photos, the same detector: the same objects on both sides.
+    assert with_["objects"] == without["objects"] >= 6
+    # One file per object that has features, none when the setting is off, within the 8 KB budget.
+    assert 6 <= with_["local_files"] <= with_["objects"] and without["local_files"] == 0, r
+    assert 0 < with_["local_bytes_per_object"] <= 8192
+    first, second = r["rounds"]
+    assert (first["order"], second["order"]) == ("with then without", "without then with")
+    assert r["without_over_with"] == pytest.approx(without["images_per_s"] / with_["images_per_s"], rel=0.01)
+    assert "| **pooled** | 6 |" in (tmp_path / "result.md").read_text()

@@ -443,6 +443,14 @@ def test_index_kind_is_chosen_per_catalog_and_kept(store, request):
         assert nxt.index == kind
         store.drop_generation(nxt)
     assert memory["flat"] < memory["hnsw"], memory
+    # The kinds differ by their index's bytes a row alone (the same fields); at the served 128-d,
+    # IVF_SQ8 (a byte a dimension, no float vector resident) is below flat, which is below HNSW.
+    from visearch.store import index_bytes
+    for kind in ("hnsw", "ivf_sq8"):
+        assert memory[kind] - memory["flat"] == pytest.approx(
+            index_bytes(kind, META.dim, store.settings) - index_bytes("flat", META.dim, store.settings), abs=1), memory
+    assert index_bytes("ivf_sq8", 128, store.settings) < index_bytes("flat", 128, store.settings) \
+        < index_bytes("hnsw", 128, store.settings)
     with pytest.raises(InvalidArgument, match="index 'diskann'"):
         check_index("diskann")
     with pytest.raises(InvalidArgument, match="index 'annoy'"):
