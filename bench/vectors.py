@@ -101,6 +101,18 @@ def chunk(seed: int, i: int, size: int, dim: int, centres: np.ndarray, spread: f
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
+def split_real(path: Path, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(database rows, query rows) of a bench.real_vectors file: `queries` rows picked at random are the
+    queries (other views of their photos stay in the database, as a new photo of a stored object)."""
+    x = np.load(path)["vectors"].astype(np.float32)
+    if not 0 < queries < len(x):
+        raise SystemExit(f"{path}: {len(x)} rows, not enough for {queries} queries")
+    pick = np.random.default_rng([seed, 7]).choice(len(x), queries, replace=False)
+    keep = np.ones(len(x), bool)
+    keep[pick] = False
+    return np.ascontiguousarray(x[keep]), x[pick]
+
+
 def merge_top(best_s: np.ndarray, best_i: np.ndarray, scores: np.ndarray, offset: int, k: int):
     """Merge a chunk's scores [q, c] into the running top k (scores and global ids)."""
     part = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
@@ -173,7 +185,7 @@ def build_and_search(client, name: str, kind: str, n: int, q, best_i, efs, pid: 
 def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], clusters: int, spread: float,
         chunk_size: int, out: Path | None, progress=None, seed: int = 0, reuse: str = "", keep: bool = False,
         indexes: list[str] | None = None, pid: int | None = None, build_timeout: float = 1800,
-        nlist: int | None = None) -> dict:
+        nlist: int | None = None, vectors: Path | None = None) -> dict:
     from pymilvus import DataType, MilvusClient
 
     from bench.common import write_result
@@ -189,6 +201,11 @@ def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], c
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    real = held_out = None
+    if vectors is not None:  # real descriptors (bench.real_vectors): `queries` rows held out as the queries
+        real, held_out = split_real(vectors, queries, seed)
+        n, dim = real.shape
+        clusters, spread = 0, 0.0
     tmp = None
     if engine == "lite":
         tmp = tempfile.TemporaryDirectory()
@@ -211,9 +228,13 @@ def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], c
     best_s = np.full((queries, 10), -np.inf, np.float32)
     best_i = np.zeros((queries, 10), np.int64)
     t_insert = time.perf_counter()
+    rows_of = (lambda ci, size: real[ci * chunk_size:ci * chunk_size + size]) if real is not None else \
+        (lambda ci, size: chunk(seed, ci, size, dim, centres, spread))
+    if held_out is not None:
+        q, picks = held_out, np.full(queries, -1)
     for ci in range(n_chunks):
         size = min(chunk_size, n - ci * chunk_size)
-        x = chunk(seed, ci, size, dim, centres, spread)
+        x = rows_of(ci, size)
         mine = (picks >= ci * chunk_size) & (picks < ci * chunk_size + size)
         for qi in np.flatnonzero(mine):
             v = x[picks[qi] - ci * chunk_size] + 0.5 * spread * rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim)
@@ -226,7 +247,7 @@ def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], c
     t = time.perf_counter()
     for ci in range(n_chunks):
         size = min(chunk_size, n - ci * chunk_size)
-        best_s, best_i = merge_top(best_s, best_i, q @ chunk(seed, ci, size, dim, centres, spread).T, ci * chunk_size, 10)
+        best_s, best_i = merge_top(best_s, best_i, q @ rows_of(ci, size).T, ci * chunk_size, 10)
     exact_s = time.perf_counter() - t
     if compare:
         t = time.perf_counter()
@@ -265,6 +286,7 @@ def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], c
     if tmp is not None:
         tmp.cleanup()
     result = {"engine": "Milvus Lite" if engine == "lite" else f"Milvus server {uri}", "n": n, "dim": dim,
+              "data": f"real descriptors {vectors}" if vectors is not None else "synthetic clusters",
               "reused_collection": reuse,
               "index": "HNSW M=16 efConstruction=200, IP" if not compare else ", ".join(indexes),
               "clusters": clusters, "spread": spread, "queries": queries,
@@ -277,10 +299,11 @@ def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], c
 
 
 def markdown(r: dict) -> str:
-    lines = [f"{r['engine']}: {r['n']:,} x {r['dim']} ({r['index']}); {r['queries']} queries; insert {r['insert_s']} s, "
+    head = f"{r['engine']}: {r['n']:,} x {r['dim']} {r.get('data', 'synthetic clusters')}"
+    lines = [f"{head} ({r['index']}); {r['queries']} queries; insert {r['insert_s']} s, "
              f"index + load {r['index_and_load_s']} s", "", "| ef | p50 ms | p99 ms | recall@10 |", "|---:|---:|---:|---:|"]
     if "by_index" in r:
-        lines = [f"{r['engine']}: {r['n']:,} x {r['dim']}; {r['queries']} queries; insert {r['insert_s']} s", "",
+        lines = [f"{head}; {r['queries']} queries; insert {r['insert_s']} s", "",
                  "| index | build s | load s | RSS before / after load MiB | setting | recall@10 | p50 ms | p99 ms |",
                  "|---|---:|---:|---:|---|---:|---:|---:|"]
         for x in r["by_index"]:
@@ -350,12 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=None, help="With several --index kinds: recall@10 vs p50 PNG.")
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n); the store's "
                     "ivf_sq8 catalogs use VISEARCH_IVF_NLIST, 1024, per segment).")
+    ap.add_argument("--vectors", type=Path, default=None, help="Real descriptors (a bench.real_vectors .npz) "
+                    "instead of synthetic ones: --n and --dim are the file's, --queries rows of it held out.")
     args = ap.parse_args(argv)
     # Milvus Lite runs in a process this one starts: one OpenMP thread, as the mesh runs it (docs/PERFORMANCE.md).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     r = run(args.n, args.dim, args.engine, args.uri, args.queries, [int(e) for e in args.ef.split(",")], args.clusters,
             args.spread, args.chunk, args.out, reuse=args.reuse, keep=args.keep or bool(args.reuse),
-            indexes=args.index.split(","), pid=args.pid, build_timeout=args.build_timeout, nlist=args.nlist)
+            indexes=args.index.split(","), pid=args.pid, build_timeout=args.build_timeout, nlist=args.nlist,
+            vectors=args.vectors)
     print(markdown(r))
     if args.plot and "by_index" in r:
         plot_curves(r, args.plot)

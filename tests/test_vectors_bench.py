@@ -62,3 +62,30 @@ def test_rss_of_a_process_tree_from_proc(tmp_path):
     (tmp_path / "self").mkdir()
     assert rss_tree_mb(10, tmp_path) == 3.5  # 10 + its child 11 + grandchild 12, not 20
     assert rss_tree_mb(12, tmp_path) == 0.5
+
+
+@pytest.mark.integration  # the served embedder and Milvus Lite
+def test_real_descriptors_are_made_and_searched(tmp_path):
+    """bench.real_vectors embeds made-up views of grocery photos with the served model; bench.vectors
+    --vectors searches them, some rows held out as the queries and never inserted."""
+    from bench.real_vectors import main as make
+    from bench.vectors import main, split_real
+
+    f = tmp_path / "real.npz"
+    assert make(["--views", "6", "--limit", "12", "--out", str(f)]) == 0
+    z = np.load(f)
+    assert z["vectors"].shape[0] == 72 and np.allclose(np.linalg.norm(z["vectors"], axis=1), 1, atol=1e-5)
+    assert np.array_equal(np.bincount(z["photo"]), [6] * 12)
+    # Views of one photo are nearer each other than to the other photos' (they are one object).
+    x, photo = z["vectors"], z["photo"]
+    sims = x @ x.T
+    same, other = photo[:, None] == photo[None, :], photo[:, None] != photo[None, :]
+    np.fill_diagonal(same, False)
+    assert sims[same].mean() > sims[other].mean() + 0.1
+    db, q = split_real(f, 8)
+    assert len(db) == 64 and len(q) == 8 and not (q[:, None, :] == db[None, :, :]).all(-1).any()
+    assert main(["--vectors", str(f), "--queries", "8", "--chunk", "20", "--ef", "64", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["n"] == 64 and r["dim"] == z["vectors"].shape[1] and r["data"].startswith("real descriptors")
+    (row,) = r["by_ef"]
+    assert row["recall@10"] >= 0.9, row
