@@ -341,7 +341,8 @@ def plot_curves(r: dict, path: Path) -> None:
                         xytext=(4, -11 if j % 2 == 0 else 5), fontsize=7)
     ax.set_xlabel("p50 single-query latency (ms)")
     ax.set_ylabel("recall@10")
-    ax.set_title(f"{r['n']:,} x {r['dim']}, Milvus 2.3.5 standalone, 2 cores")
+    real = " real descriptors" if str(r.get("data", "")).startswith("real") else ""
+    ax.set_title(f"{r['n']:,} x {r['dim']}{real}, Milvus 2.3.5 standalone, 2 cores")
     ax.grid(alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
