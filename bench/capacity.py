@@ -1,6 +1,6 @@
 """What a catalog of N photos needs, computed from unit costs measured on this project (docs/CAPACITY.md).
 
-    python -m bench.capacity [--photos 10e6,100e6,1e9] [--index-result runs/vectors-index-1m/result.json]
+    python -m bench.capacity [--photos 10e6,100e6,1e9] [--index hnsw|ivf_sq8] [--index-result runs/vectors-index-1m/result.json]
 
 Nothing here is measured at those sizes: every figure is a measured unit cost times a count, under
 the Milvus distributed topology written below. The unit costs and where each was measured:
@@ -15,6 +15,9 @@ the Milvus distributed topology written below. The unit costs and where each was
   4.5 core-ms per query per million vectors a query node holds (each segment is searched, so the
   cost grows with the vectors held, not with log n); at 10M the same setting measured 14.1 ms p50
   (at most 2.8 core-ms per million on the 2 cores, docs/CAPACITY.md), so the 1M unit is the safe side;
+- search with IVF_SQ8 catalogs (`--index ivf_sq8`, nlist 1024, nprobe 32): p50 38.3 ms at 10M x 128
+  (recall@10 0.972; the server re-indexing meanwhile, so an upper bound; 3.25 ms at 1M): 3.83 core-ms
+  per query per million; 230 bytes a row loaded instead of HNSW's 657 (measured on a restarted server);
 - the query's own work: raw forwards 89.4 ms (detector and embedder) plus 47.2 ms of verification
   on 2 cores (`bench.overhead`, docs/VERIFY.md): about 0.27 core-s per search on the CPU;
 - ingestion: 10.1 photos/s on 2 cores through the whole mesh with the defaults (detection, embedding,
@@ -32,6 +35,7 @@ import math
 from pathlib import Path
 
 GIB = 1024 ** 3
+IVF_SQ8_CORE_MS = 3.83  # p50 at nprobe 32: 38.3 ms at 10M x 128 under re-indexing (3.25 at 1M), the safe side
 UNITS = {
     "objects_per_photo": 4918 / 2640,
     "memory_bytes_per_object": 878,
@@ -50,14 +54,31 @@ REPLICAS = 2
 SEGMENT_ROWS = 1_000_000
 
 
-def units_from(index_result: Path | None) -> dict:
-    """The unit costs, with the HNSW search cost read from a `bench.vectors --index` result when given."""
+# Per index kind a catalog can choose (`visearch ingest --index`): the Milvus index type, the search
+# setting the store uses, the bytes a row holds loaded (visearch.store.index_bytes at 128-d: HNSW 657,
+# IVF_SQ8 230 measured on a restarted server) and the search cost per million rows held, measured on
+# this box (docs/CAPACITY.md; IVF_SQ8: nlist 1024, nprobe 32, IVF_SQ8_CORE_MS).
+INDEX_UNITS = {
+    "hnsw": {"index_type": "HNSW", "setting": ("ef", 128), "index_bytes": 657, "search_core_ms_per_million": 4.5},
+    "ivf_sq8": {"index_type": "IVF_SQ8", "setting": ("nprobe", 32), "index_bytes": 230,
+                "search_core_ms_per_million": IVF_SQ8_CORE_MS},
+}
+
+
+def units_from(index_result: Path | None, index: str = "hnsw") -> dict:
+    """The unit costs for catalogs with `index`, the search cost read from a `bench.vectors --index`
+    result when given (the row of that kind at the store's setting)."""
     units = dict(UNITS)
+    kind = INDEX_UNITS[index]
+    units["memory_bytes_per_object"] = UNITS["memory_bytes_per_object"] - INDEX_UNITS["hnsw"]["index_bytes"] \
+        + kind["index_bytes"]
+    units["search_core_ms_per_million"] = kind["search_core_ms_per_million"]
     if index_result and Path(index_result).is_file():
         res = json.loads(Path(index_result).read_text())
-        hnsw = next((r for r in res.get("by_index", []) if r.get("index_type") == "HNSW"), None)
-        if hnsw:
-            best = next(s for s in hnsw["by_setting"] if s.get("ef") == 128)
+        row = next((r for r in res.get("by_index", []) if r.get("index_type") == kind["index_type"]), None)
+        key, value = kind["setting"]
+        best = next((s for s in row["by_setting"] if s.get(key) == value), None) if row else None
+        if best:
             units["search_core_ms_per_million"] = best["p50_ms"] * 1_000_000 / res["n"]
     return units
 
@@ -117,10 +138,12 @@ def main() -> None:
     ap.add_argument("--qps", type=float, default=100.0, help="searches a second to plan for")
     ap.add_argument("--index-result", type=Path, default=Path("runs/vectors-index-1m/result.json"),
                     help="a `bench.vectors --index` result to read the HNSW search cost from (if present)")
+    ap.add_argument("--index", choices=sorted(INDEX_UNITS), default="hnsw",
+                    help="the catalogs' vector index (its memory a row and search cost)")
     ap.add_argument("--photo-bytes", type=int, default=UNITS["photo_bytes"], help="bytes of a kept source photo")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    units = units_from(a.index_result)
+    units = units_from(a.index_result, a.index)
     units["photo_bytes"] = a.photo_bytes
     rows = [plan(float(p), units, a.qps) for p in a.photos.split(",")]
     print(json.dumps({"units": units, "rows": rows}, indent=1) if a.json else table(rows))

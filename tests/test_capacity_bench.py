@@ -32,3 +32,23 @@ def test_units_read_the_measured_hnsw_cost(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.capacity", "--photos", "1e7", "--index-result",
                           str(tmp_path / "r.json"), "--json"], capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["rows"][0]["photos"] == 1e7
+
+
+def test_ivf_sq8_catalogs_hold_less_per_object_and_read_their_own_row(tmp_path):
+    from visearch.settings import StoreSettings
+    from visearch.store import index_bytes
+
+    hnsw, ivf = capacity.units_from(None, "hnsw"), capacity.units_from(None, "ivf_sq8")
+    # the index's bytes a row differ, the fields do not; the figures are the store's own pricing at 128-d
+    s = StoreSettings(milvus_uri="unused")
+    assert capacity.INDEX_UNITS["ivf_sq8"]["index_bytes"] == round(index_bytes("ivf_sq8", 128, s))
+    assert capacity.INDEX_UNITS["hnsw"]["index_bytes"] == round(index_bytes("hnsw", 128, s))
+    assert hnsw["memory_bytes_per_object"] - ivf["memory_bytes_per_object"] == 657 - 230
+    big_h, big_i = capacity.plan(1e9, hnsw, 100), capacity.plan(1e9, ivf, 100)
+    assert big_i["nodes_per_replica"] < big_h["nodes_per_replica"]
+    res = {"n": 1_000_000, "by_index": [
+        {"index_type": "HNSW", "by_setting": [{"ef": 128, "p50_ms": 6.0}]},
+        {"index_type": "IVF_SQ8", "by_setting": [{"nprobe": 16, "p50_ms": 1.0}, {"nprobe": 32, "p50_ms": 2.0}]}]}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    assert capacity.units_from(tmp_path / "r.json", "ivf_sq8")["search_core_ms_per_million"] == 2.0
+    assert capacity.units_from(tmp_path / "r.json", "hnsw")["search_core_ms_per_million"] == 6.0
