@@ -58,9 +58,17 @@ SEGMENT_ROWS = 1_000_000
 # setting the store uses, the bytes a row holds loaded (visearch.store.index_bytes at 128-d: HNSW 657,
 # IVF_SQ8 230 measured on a restarted server) and the search cost per million rows held, measured on
 # this box (docs/CAPACITY.md; IVF_SQ8: nlist 1024, nprobe 32, IVF_SQ8_CORE_MS).
+def _index_bytes(kind: str) -> int:
+    from visearch.settings import StoreSettings
+    from visearch.store import index_bytes
+
+    return round(index_bytes(kind, 128, StoreSettings.model_construct()))  # the store's defaults
+
+
 INDEX_UNITS = {
-    "hnsw": {"index_type": "HNSW", "setting": ("ef", 128), "index_bytes": 657, "search_core_ms_per_million": 4.5},
-    "ivf_sq8": {"index_type": "IVF_SQ8", "setting": ("nprobe", 32), "index_bytes": 230,
+    "hnsw": {"index_type": "HNSW", "setting": ("ef", 128), "index_bytes": _index_bytes("hnsw"),
+             "search_core_ms_per_million": 4.5},
+    "ivf_sq8": {"index_type": "IVF_SQ8", "setting": ("nprobe", 32), "index_bytes": _index_bytes("ivf_sq8"),
                 "search_core_ms_per_million": IVF_SQ8_CORE_MS},
 }
 

@@ -22,10 +22,10 @@ import numpy as np
 SIDES = ("with", "without")
 
 
-def local_bytes(data: Path) -> tuple[int, int]:
-    """(files, bytes) of local features under a mesh's local folder."""
-    files = [p for p in (data / "local").rglob("*") if p.is_file() and not p.name.startswith(".")]
-    return len(files), sum(p.stat().st_size for p in files)
+def local_bytes(store) -> tuple[int, int]:
+    """(files, bytes) of the local features stored for the "bench" catalog (its live generation)."""
+    live = store.live("bench")  # none yet without a warm-up
+    return (store.local.count(live.collection), store.local.bytes_used(live.collection)) if live else (0, 0)
 
 
 def run(n_images: int, rounds: int, workers: int, out: Path | None, progress=print, warm_up: int = 16) -> dict:
@@ -55,12 +55,13 @@ def run(n_images: int, rounds: int, workers: int, out: Path | None, progress=pri
                 state = mesh_up(data, env, workers=workers)
                 milvus = next(c["address"] for c in state["components"] if c["kind"] == "milvus")
                 vs = Client(state["gateway"], api_key=mesh.read_admin_key(data), timeout=120)
+                # the mesh's local features folder (visearch.mesh sets VISEARCH_LOCAL_DIR so)
                 meshes[side] = {"data": data, "state": state, "vs": vs,
-                                "store": VectorStore(StoreSettings(milvus_uri=milvus))}
+                                "store": VectorStore(StoreSettings(milvus_uri=milvus, local_dir=str(data / "local")))}
                 if warm:
                     vs.wait(vs.ingest_paths({f"warm{i}": p for i, p in enumerate(warm)}, catalog="bench").job_id)
             for side in SIDES:
-                meshes[side]["warm"] = local_bytes(meshes[side]["data"])
+                meshes[side]["warm"] = local_bytes(meshes[side]["store"])
             for r in range(rounds):
                 group = [photos[i] for i in range(r, len(photos), rounds)]
                 order = SIDES if r % 2 == 0 else SIDES[::-1]
@@ -74,7 +75,7 @@ def run(n_images: int, rounds: int, workers: int, out: Path | None, progress=pri
                 progress(f"round {r + 1}: with local features {res['with']['images_per_s']} images/s, without "
                          f"{res['without']['images_per_s']}: {res['without_over_with']}x")
                 per_round.append(res)
-            stored = {side: local_bytes(meshes[side]["data"]) for side in SIDES}
+            stored = {side: local_bytes(meshes[side]["store"]) for side in SIDES}
             result = summarize(per_round, stored, {s: meshes[s]["warm"] for s in SIDES}, workers)
         finally:
             for m in meshes.values():

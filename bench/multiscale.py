@@ -65,13 +65,8 @@ def run(checkpoint: Path, sizes: list[int], combos: list[tuple[int, ...]], proto
             ms[size] = round(model.ms_per_image, 1)
 
     def score(vectors: dict[Path, np.ndarray]) -> dict:
-        res = {}
-        for n, p in protocols.items():
-            q, db = harness.protocol_matrices(p, vectors)
-            r = harness.evaluate_embeddings(p, harness.l2_normalize(q), harness.l2_normalize(db))
-            res[n] = {"mAP": round(r["mAP"], 3), "mAP@20": round(r["mAP@20"], 3), "R@1": round(r["recall@1"], 3),
-                      "R@5": round(r["recall@5"], 3)}
-        return res
+        return {n: {"mAP": round(r["mAP"], 3), "mAP@20": round(r["mAP@20"], 3), "R@1": round(r["recall@1"], 3),
+                    "R@5": round(r["recall@5"], 3)} for n, r in harness.evaluate_all(protocols, vectors).items()}
 
     rows = []
     for combo in [(s,) for s in sizes] + combos:

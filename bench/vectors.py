@@ -38,11 +38,12 @@ INDEX_KINDS = ("hnsw", "ivf_sq8", "diskann")
 
 def index_params(kind: str, n: int, nlist: int | None = None) -> tuple[str, dict]:
     """(Milvus index_type, build params) of an index kind for n rows (IVF: `nlist`, else ~ 4 sqrt(n))."""
-    if kind == "hnsw":
-        return "HNSW", {"M": 16, "efConstruction": 200}
-    if kind == "ivf_sq8":
+    from visearch.settings import StoreSettings
+    from visearch.store import index_params as store_index_params
+
+    if kind in ("hnsw", "ivf_sq8"):  # what the store builds for a catalog (its default settings)
         nlist = nlist or 1 << max(0, round(np.log2(4 * np.sqrt(n))))  # 4096 at 1M
-        return "IVF_SQ8", {"nlist": int(min(nlist, 65536))}
+        return store_index_params(kind, StoreSettings.model_construct(ivf_nlist=int(min(nlist, 65536))))
     if kind == "diskann":
         return "DISKANN", {}
     raise ValueError(f"unknown index kind {kind!r} (one of {', '.join(INDEX_KINDS)})")
@@ -217,7 +218,8 @@ def run(n: int, dim: int, engine: str, uri: str, queries: int, efs: list[int], c
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         index = client.prepare_index_params()
-        index.add_index(field_name="vector", index_type="HNSW", metric_type="IP", params={"M": 16, "efConstruction": 200})
+        index_type, params = index_params("hnsw", n)
+        index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=params)
         client.create_collection(name, schema=schema, index_params=None if compare else index,
                                  consistency_level="Strong")
 

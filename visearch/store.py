@@ -627,7 +627,7 @@ class VectorStore:
         goes live with `go_live` once every row is in, and is dropped if the restore fails."""
         if self.live(catalog) is not None:
             raise AlreadyExists(f"catalog {catalog!r} exists: restore into a new catalog name")
-        return self.create_generation(catalog, meta, check_regions(regions), check_index(index) if index else "")
+        return self.create_generation(catalog, meta, check_regions(regions), index)
 
     def restore_rows(self, gen: Generation, rows: list[dict]) -> int:
         """Write exported rows into `gen` as they were (ids, vectors, boxes, metadata, sources, stamps),

@@ -151,7 +151,11 @@ def evaluate(embed: Callable[[list[Path]], np.ndarray], protocols: dict[str, Pro
     `embed(paths) -> float32 [len(paths), D]`, rows L2-normalised (they are re-normalised here
     defensively; a row of zeros stays zeros). Returns {protocol name: evaluate_embeddings(...)}.
     """
-    emb = embed_all(embed, distinct_paths(protocols), cache, progress)
+    return evaluate_all(protocols, embed_all(embed, distinct_paths(protocols), cache, progress))
+
+
+def evaluate_all(protocols: dict[str, Protocol], emb: dict[Path, np.ndarray]) -> dict[str, dict]:
+    """Every protocol scored on descriptors already made ({path: vector}, re-normalised here)."""
     out = {}
     for name, p in protocols.items():
         q, db = protocol_matrices(p, emb)
