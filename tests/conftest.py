@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from visearch import liteserver
 from visearch.datasets import grocery_root, grocery_split
 from visearch.mesh import free_port
 from visearch.settings import DEFAULT_MODEL_REPOSITORY
@@ -74,8 +75,7 @@ def redis_url(tmp_path_factory):
 def milvus_uri(tmp_path_factory):
     port = free_port()
     d = tmp_path_factory.mktemp("milvus")
-    proc = Proc([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(d / "data"), "--host",
-                 "127.0.0.1", "--port", str(port)], d / "log")
+    proc = Proc(liteserver.argv(d / "data", port), d / "log")
     from visearch.store import milvus_client
 
     uri = f"http://127.0.0.1:{port}"

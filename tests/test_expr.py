@@ -3,8 +3,6 @@ both engines, change exactly their own rows; a store that meets a restarted Milv
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -12,7 +10,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import Proc, wait_until
 from tests.test_store import META, unit
-from visearch import expr
+from visearch import expr, liteserver
 from visearch.errors import InvalidArgument, NotFound
 from visearch.mesh import free_port
 from visearch.settings import StoreSettings
@@ -148,8 +146,7 @@ def test_a_running_store_heals_after_milvus_lite_restarts(tmp_path):
     Milvus Lite: the collections come back released, and the next reads load them again."""
 
     def start(port: int) -> Proc:
-        proc = Proc([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "data"), "--host",
-                     "127.0.0.1", "--port", str(port)], tmp_path / f"log{port}-{len(list(tmp_path.iterdir()))}")
+        proc = Proc(liteserver.argv(tmp_path / "data", port), tmp_path / f"log{port}-{len(list(tmp_path.iterdir()))}")
         wait_until(lambda: milvus_client(f"http://127.0.0.1:{port}", timeout=1).list_collections() is not None, 30,
                    "milvus", proc.p, proc.log)
         return proc

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from tests.conftest import channel
+from visearch import liteserver
 from visearch.common.v1 import common_pb2
 from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from visearch.rerank.v1 import rerank_pb2, rerank_pb2_grpc
@@ -148,7 +149,6 @@ def test_gateway_started_before_its_redis_and_milvus_serves_once_they_come(servi
     """Start-up cannot race: a gateway and a re-rank service whose Redis and Milvus are not up yet
     stay up, NOT_SERVING, and turn SERVING by themselves once both come (nothing restarted)."""
     import shutil
-    import sys
 
     import redis
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -175,8 +175,7 @@ def test_gateway_started_before_its_redis_and_milvus_serves_once_they_come(servi
         assert status(addr) == health_pb2.HealthCheckResponse.NOT_SERVING
     procs = [Proc([shutil.which("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                    "--dir", str(tmp_path)], tmp_path / "redis.log"),
-             Proc([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus"), "--host",
-                   "127.0.0.1", "--port", str(milvus_port)], tmp_path / "milvus.log")]
+             Proc(liteserver.argv(tmp_path / "milvus", milvus_port), tmp_path / "milvus.log")]
     try:
         wait_until(lambda: redis.Redis(port=redis_port).ping(), 20, "redis")
         for addr in (rerank, gateway):

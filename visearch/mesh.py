@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from visearch import liteserver
 from visearch.meshfiles import STATE, default_data_dir, load_state, read_admin_key  # noqa: F401 - mesh.X for callers
 
 LOCK = "mesh.lock"
@@ -354,8 +355,7 @@ def launch(data_dir: Path, ingest_roots: list[str], replicas: dict[str, int], wo
             comps.append(Component("redis", 0, env["VISEARCH_REDIS_URL"], "redis", ""))
         if not env.get("VISEARCH_MILVUS_URI"):
             port = free_port()
-            argv = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir / "milvus"),
-                    "--host", "127.0.0.1", "--port", str(port)]
+            argv = liteserver.argv(data_dir / "milvus", port)  # Milvus Lite, writes serialised
             pid, lp = _spawn("milvus", argv, env, data_dir)
             env["VISEARCH_MILVUS_URI"] = f"http://127.0.0.1:{port}"
             comps.append(Component("milvus", pid, env["VISEARCH_MILVUS_URI"], "milvus", lp, argv))
