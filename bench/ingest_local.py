@@ -55,9 +55,9 @@ def run(n_images: int, rounds: int, workers: int, out: Path | None, progress=pri
                 state = mesh_up(data, env, workers=workers)
                 milvus = next(c["address"] for c in state["components"] if c["kind"] == "milvus")
                 vs = Client(state["gateway"], api_key=mesh.read_admin_key(data), timeout=120)
-                # the mesh's local features folder (visearch.mesh sets VISEARCH_LOCAL_DIR so)
+                local_dir = state["settings"]["VISEARCH_LOCAL_DIR"]  # the folder the mesh's workers write
                 meshes[side] = {"data": data, "state": state, "vs": vs,
-                                "store": VectorStore(StoreSettings(milvus_uri=milvus, local_dir=str(data / "local")))}
+                                "store": VectorStore(StoreSettings(milvus_uri=milvus, local_dir=local_dir))}
                 if warm:
                     vs.wait(vs.ingest_paths({f"warm{i}": p for i, p in enumerate(warm)}, catalog="bench").job_id)
             for side in SIDES:

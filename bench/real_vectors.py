@@ -1,12 +1,13 @@
 """Real descriptors for the index benchmark: `python -m bench.real_vectors --views 38 --out runs/real-vectors.npz`.
 
 The served embedder (the model repository's highest version, 128-d by default) run on --views
-made-up views of each grocery train photo (a random crop of 35-100 % of its area at aspect 3:4 to
-4:3, a rotation of up to 10 degrees, a mirror half of the time, brightness and contrast within
-+-20 %): what a catalog of real photos looks like to the index, several photos of each object and
-objects that resemble each other, unlike Gaussian clusters. The first view of a photo is the whole
-photo. Writes `vectors` (float32 [photos x views, dim], unit length) and `photo` (the photo's index
-of each row) to --out; `bench.vectors --vectors FILE` searches them (held-out views as queries).
+made-up views of each grocery train photo (visearch.views.made_up_view: a random crop of 35-100 %
+of its area at aspect 3:4 to 4:3, a rotation of up to 10 degrees, a mirror half of the time,
+brightness, contrast and saturation within +-20 %): what a catalog of real photos looks like to
+the index, several photos of each object and objects that resemble each other, unlike Gaussian
+clusters. The first view of a photo is the whole photo. Writes `vectors` (float32 [photos x views,
+dim], unit length) and `photo` (the photo's index of each row) to --out; `bench.vectors --vectors
+FILE` searches them (held-out views as queries).
 No label is used: the rows are the photos' views, nothing else.
 """
 
@@ -18,25 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from visearch.views import ViewParams, made_up_view, seed_of
 
-def views(img, k: int, rng: np.random.Generator) -> list:
-    """k views of a PIL image: the whole photo, then random crops, turns, mirrors and lighting."""
-    from PIL import ImageEnhance, ImageOps
+# A random crop of 35-100 % of the area at aspect 3:4 to 4:3, a turn of up to 10 degrees, a mirror
+# half of the time, brightness, contrast and saturation within +-20 %; no perspective, blur, patch
+# or shrinking: views a catalog could hold, through the training's own view maker.
+VIEWS = ViewParams(rotate_deg=10.0, perspective=0.0, colour=0.2, blur_p=0.0, occlude_p=0.0, min_side=1.0)
 
-    out = [img]
-    w, h = img.size
-    for _ in range(k - 1):
-        area = rng.uniform(0.35, 1.0) * w * h
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        cw, ch = min(w, int(round(np.sqrt(area * aspect)))), min(h, int(round(np.sqrt(area / aspect))))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        v = img.crop((x, y, x + cw, y + ch)).rotate(float(rng.uniform(-10, 10)), expand=False)
-        if rng.random() < 0.5:
-            v = ImageOps.mirror(v)
-        v = ImageEnhance.Brightness(v).enhance(float(rng.uniform(0.8, 1.2)))
-        v = ImageEnhance.Contrast(v).enhance(float(rng.uniform(0.8, 1.2)))
-        out.append(v)
-    return out
+
+def views(img, k: int, photo: str, seed: int = 0) -> list:
+    """k views of a PIL image: the whole photo, then k - 1 seeded made-up views (visearch.views)."""
+    return [img] + [made_up_view(img, seed_of("real-vectors", seed, photo, n), VIEWS) for n in range(1, k)]
 
 
 def make(n_views: int, out: Path, repo: Path | None = None, limit: int = 0, threads: int = 2, seed: int = 0,
@@ -49,12 +42,11 @@ def make(n_views: int, out: Path, repo: Path | None = None, limit: int = 0, thre
     embedder = OfflineEmbedder.from_repository(repo or DEFAULT_MODEL_REPOSITORY, "embedder", threads=threads)
     photos = [p.path for p in grocery_split(grocery_root(), "train")]
     photos = photos[:limit] if limit else photos
-    rng = np.random.default_rng(seed)
     vecs, owner = [], []
     t0 = time.perf_counter()
     for i, path in enumerate(photos):
         img = imaging.decode_image(Path(path).read_bytes())
-        vecs.append(embedder.embed_images(views(img, n_views, rng), batch=n_views))
+        vecs.append(embedder.embed_images(views(img, n_views, Path(path).name, seed), batch=n_views))
         owner += [i] * n_views
         if (i + 1) % 100 == 0 or i + 1 == len(photos):
             rate = (i + 1) * n_views / (time.perf_counter() - t0)
