@@ -91,6 +91,52 @@ def test_concurrent_writers_lose_nothing_to_a_kill(tmp_path):
         proc.stop()
 
 
+def test_reads_never_miss_an_acknowledged_write(tmp_path):
+    """A search or query sees every row whose write was acknowledged before it started, also while
+    the server flushes: Milvus Lite's flush takes the rows out of the memtable before their segment
+    is in place, and a read between the two missed them (the last 8-12 items in 5 of 1,086 queries,
+    with writes alone serialised). Reads are held back while a write runs."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    proc = start(tmp_path / "data", port, tmp_path / "log1")
+    try:
+        store = VectorStore(StoreSettings(milvus_uri=uri))
+        gen = store.ensure_catalog("rw", META)
+        acked: list[str] = []
+        stop = threading.Event()
+        misses: list[tuple[int, int]] = []
+        queries = []
+
+        def reader() -> None:
+            client = milvus_client(uri)
+            while not stop.is_set():
+                want = set(acked)
+                rows = client.query(gen.collection, filter='object_id != ""', output_fields=["item_id"], limit=16000)
+                queries.append(1)
+                if want - {r["item_id"] for r in rows}:
+                    misses.append((len(want), len(want - {r["item_id"] for r in rows})))
+            client.close()
+
+        t = threading.Thread(target=reader)
+        t.start()
+        rng = np.random.default_rng(0)
+        try:
+            for b in range(150):
+                items = [(f"b{b:03d}-{i}", [(rng.standard_normal(32).astype(np.float32), (0, 0, 1, 1))], {})
+                         for i in range(4)]
+                store.upsert_items(gen, items)
+                acked.extend(i[0] for i in items)
+                store.flush(gen)
+        finally:
+            stop.set()
+            t.join()
+        store.close()
+        assert len(queries) > 50, "the reader ran alongside the writes"
+        assert not misses, f"{len(misses)} of {len(queries)} reads missed acknowledged items: {misses[:5]}"
+    finally:
+        proc.stop()
+
+
 def test_sigterm_closes_the_data_cleanly(tmp_path):
     """SIGTERM: the server drains, closes the database (the write-ahead log flushed into segments and
     removed) and exits 0; the rows are there after a start on the same folder."""
