@@ -15,8 +15,8 @@ runs alone, reads (search, query, describe, ...) run together between them. A na
 is taken as a write. Reads wait for writes because Milvus Lite's flush (an explicit one, or one an
 insert starts when its memtable is full) takes the rows out of the memtable before their segment is
 in place: a read between the two missed every row written since the last flush (tests: 3-9 of
-about 500 reads during an ingest that flushes after each batch). SIGTERM stops the server (requests in flight drain) and closes the database, so a clean
-stop leaves no log to replay.
+about 500 reads during an ingest that flushes after each batch). SIGTERM stops the server
+(requests in flight drain) and closes the database, so a clean stop leaves no log to replay.
 
     python -m visearch.liteserver --data-dir DIR --host 127.0.0.1 --port 19530
 """
