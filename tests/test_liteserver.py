@@ -113,8 +113,9 @@ def test_reads_never_miss_an_acknowledged_write(tmp_path):
                 want = set(acked)
                 rows = client.query(gen.collection, filter='object_id != ""', output_fields=["item_id"], limit=16000)
                 queries.append(1)
-                if want - {r["item_id"] for r in rows}:
-                    misses.append((len(want), len(want - {r["item_id"] for r in rows})))
+                missed = want - {r["item_id"] for r in rows}
+                if missed:
+                    misses.append((len(want), len(missed)))
             client.close()
 
         t = threading.Thread(target=reader)
