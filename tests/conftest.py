@@ -71,16 +71,22 @@ def redis_url(tmp_path_factory):
     proc.stop()
 
 
+def start_milvus_lite(data: Path, port: int, log: Path) -> Proc:
+    """Milvus Lite as the mesh runs it (visearch.liteserver) on `data`, answering at 127.0.0.1:`port`."""
+    from visearch.store import milvus_client
+
+    proc = Proc(liteserver.argv(data, port), log)
+    wait_until(lambda: milvus_client(f"http://127.0.0.1:{port}", timeout=1).list_collections() is not None, 30,
+               "milvus lite", proc.p, proc.log)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def milvus_uri(tmp_path_factory):
     port = free_port()
     d = tmp_path_factory.mktemp("milvus")
-    proc = Proc(liteserver.argv(d / "data", port), d / "log")
-    from visearch.store import milvus_client
-
-    uri = f"http://127.0.0.1:{port}"
-    wait_until(lambda: milvus_client(uri, timeout=1).list_collections() is not None, 30, "milvus", proc.p, proc.log)
-    yield uri
+    proc = start_milvus_lite(d / "data", port, d / "log")
+    yield f"http://127.0.0.1:{port}"
     proc.stop()
 
 

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Proc, wait_until
+from tests.conftest import Proc, start_milvus_lite, wait_until
 from tests.test_store import META, unit
-from visearch import expr, liteserver
+from visearch import expr
 from visearch.errors import InvalidArgument, NotFound
 from visearch.mesh import free_port
 from visearch.settings import StoreSettings
-from visearch.store import ID_MAX, VectorStore, check_filters, check_item_id, check_metadata, milvus_client
+from visearch.store import ID_MAX, VectorStore, check_filters, check_item_id, check_metadata
 
 # What breaks expressions and parsers: quotes, backslashes, brackets, the id separator, wildcards,
 # operators, whitespace and control characters, non-ASCII (2-, 3- and 4-byte UTF-8, line and
@@ -146,10 +146,7 @@ def test_a_running_store_heals_after_milvus_lite_restarts(tmp_path):
     Milvus Lite: the collections come back released, and the next reads load them again."""
 
     def start(port: int) -> Proc:
-        proc = Proc(liteserver.argv(tmp_path / "data", port), tmp_path / f"log{port}-{len(list(tmp_path.iterdir()))}")
-        wait_until(lambda: milvus_client(f"http://127.0.0.1:{port}", timeout=1).list_collections() is not None, 30,
-                   "milvus", proc.p, proc.log)
-        return proc
+        return start_milvus_lite(tmp_path / "data", port, tmp_path / f"log{port}-{len(list(tmp_path.iterdir()))}")
 
     port = free_port()
     proc = start(port)

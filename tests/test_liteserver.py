@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import Proc, free_port, wait_until
+from tests.conftest import free_port, start_milvus_lite
 from visearch import liteserver
 from visearch.inference import ModelMeta
 from visearch.settings import StoreSettings
@@ -25,13 +24,6 @@ from visearch.store import VectorStore, milvus_client
 pytestmark = pytest.mark.integration
 
 META = ModelMeta("m", "1", "input", "embedding", 224, 32)
-
-
-def start(data: Path, port: int, log: Path) -> Proc:
-    proc = Proc(liteserver.argv(data, port), log)
-    wait_until(lambda: milvus_client(f"http://127.0.0.1:{port}", timeout=1).list_collections() is not None, 30,
-               "milvus lite", proc.p, proc.log)
-    return proc
 
 
 def stored(uri: str, catalog: str, ids: list[str]) -> set[str]:
@@ -48,7 +40,7 @@ def test_concurrent_writers_lose_nothing_to_a_kill(tmp_path):
     every item each writer was told was stored is there, with both its objects."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    proc = start(tmp_path / "data", port, tmp_path / "log1")
+    proc = start_milvus_lite(tmp_path / "data", port, tmp_path / "log1")
     try:
         VectorStore(StoreSettings(milvus_uri=uri)).ensure_catalog("conc", META)
         acked: list[str] = []
@@ -79,7 +71,7 @@ def test_concurrent_writers_lose_nothing_to_a_kill(tmp_path):
         proc.p.wait()
     finally:
         proc.stop()
-    proc = start(tmp_path / "data", port, tmp_path / "log2")
+    proc = start_milvus_lite(tmp_path / "data", port, tmp_path / "log2")
     try:
         have = stored(uri, "conc", acked)
         assert len(have) == len(acked), f"{len(acked) - len(have)} of {len(acked)} acknowledged items lost"
@@ -98,7 +90,7 @@ def test_reads_never_miss_an_acknowledged_write(tmp_path):
     with writes alone serialised). Reads are held back while a write runs."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    proc = start(tmp_path / "data", port, tmp_path / "log1")
+    proc = start_milvus_lite(tmp_path / "data", port, tmp_path / "log1")
     try:
         store = VectorStore(StoreSettings(milvus_uri=uri))
         gen = store.ensure_catalog("rw", META)
@@ -143,7 +135,7 @@ def test_sigterm_closes_the_data_cleanly(tmp_path):
     removed) and exits 0; the rows are there after a start on the same folder."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    proc = start(tmp_path / "data", port, tmp_path / "log1")
+    proc = start_milvus_lite(tmp_path / "data", port, tmp_path / "log1")
     store = VectorStore(StoreSettings(milvus_uri=uri))
     store.ensure_catalog("kept", META)
     vecs = np.eye(32, dtype=np.float32)
@@ -153,7 +145,7 @@ def test_sigterm_closes_the_data_cleanly(tmp_path):
     assert "stopped" in proc.log.read_text()
     wal = [p for p in (tmp_path / "data").rglob("wal_*") if p.is_file()]
     assert not wal, f"write-ahead logs left after a clean stop: {wal}"
-    proc = start(tmp_path / "data", port, tmp_path / "log2")
+    proc = start_milvus_lite(tmp_path / "data", port, tmp_path / "log2")
     try:
         assert stored(uri, "kept", [f"i{n}" for n in range(8)]) == {f"i{n}" for n in range(8)}
     finally:
@@ -165,7 +157,7 @@ def test_a_busy_folder_is_one_line(tmp_path):
     import subprocess
 
     port = free_port()
-    proc = start(tmp_path / "data", port, tmp_path / "log1")
+    proc = start_milvus_lite(tmp_path / "data", port, tmp_path / "log1")
     try:
         out = subprocess.run(liteserver.argv(tmp_path / "data", free_port()), capture_output=True, text=True,
                              timeout=60)

@@ -7,7 +7,6 @@ import time
 import numpy as np
 import pytest
 
-from visearch import liteserver
 from visearch.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from visearch.inference import ModelMeta
 from visearch.settings import StoreSettings
@@ -149,15 +148,11 @@ def test_generations_switch_atomically_by_alias(store, request):
 def test_catalogs_survive_a_milvus_lite_restart(tmp_path):
     """Collections come back released after Milvus restarts; the store loads them again instead of failing."""
 
-    from tests.conftest import Proc, free_port, wait_until
-    from visearch.store import milvus_client
+    from tests.conftest import free_port, start_milvus_lite
 
     def start():
         port = free_port()
-        proc = Proc(liteserver.argv(tmp_path / "data", port), tmp_path / f"log{port}")
-        uri = f"http://127.0.0.1:{port}"
-        wait_until(lambda: milvus_client(uri, timeout=1).list_collections() is not None, 30, "milvus", proc.p, proc.log)
-        return proc, uri
+        return start_milvus_lite(tmp_path / "data", port, tmp_path / f"log{port}"), f"http://127.0.0.1:{port}"
 
     proc, uri = start()
     rng = np.random.default_rng(2)
