@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import sys
 from dataclasses import dataclass
@@ -45,6 +46,18 @@ class Obj:
     object_id: str
     score: float
     box: tuple
+
+
+@dataclass
+class Hit:
+    item_id: str
+    score: float
+    verified: bool = False
+    match: bool = False
+    similarity: float = 0.0  # the global score it was a candidate with (before re-ranking)
+    inliers: int = 0  # its verification against the query ("verify"; 0 when not checked)
+    matches: int = 0  # the tentative correspondences that verification started from
+    coverage: float = 0.0  # local.coverage of its inliers
 
 
 def log(msg: str) -> None:
@@ -130,6 +143,22 @@ class MeshPath:
     def rank(self, q: dict, top_k: int = 100, query_margin: float = 0.0, crop_margin: float = 0.0,
              rerank: str | None = None) -> list[str]:
         """The answer the gateway and the re-rank service give for a prepared query."""
+        return [h.item_id for h in self.hits(q, top_k, query_margin, crop_margin, rerank)]
+
+    def subset(self, items: set[str]) -> MeshPath:
+        """The same path over a catalog of only `items` (their stored objects, as ingested)."""
+        keep = [i for i, o in enumerate(self.objects) if o.item_id in items]
+        other = copy.copy(self)
+        other.objects = [self.objects[i] for i in keep]
+        other.vectors = self.vectors[keep]
+        other.local = {n: self.local[i] for n, i in enumerate(keep) if i in self.local}
+        other.index = {o.object_id: n for n, o in enumerate(other.objects)}
+        return other
+
+    def hits(self, q: dict, top_k: int = 100, query_margin: float = 0.0, crop_margin: float = 0.0,
+             rerank: str | None = None) -> list[Hit]:
+        """`rank` with each hit's score as the re-rank service returns it, and for "verify" whether
+        it was verified and whether it is a match (the search's `SearchHit.match`)."""
         rerank = rerank or self.rerank
         margins = search.view_margins(q["views"], q["full"], query_margin)
         rows = search.first_rows(top_k, self.n_candidates)
@@ -145,23 +174,27 @@ class MeshPath:
         db = np.stack([self.vectors[index[c.object_id]] for _, c in chosen])
         if rerank == "qe":
             expanded = regions.alpha_qe(qv, db, db @ qv, self.qe_k, self.qe_alpha)
-            order = np.argsort(-(db @ expanded), kind="stable")
-        elif rerank == "verify":
+            scores = db @ expanded
+            order = np.argsort(-scores, kind="stable")
+            return [Hit(chosen[i][1].item_id, float(scores[i]), similarity=chosen[i][0]) for i in order][:top_k]
+        if rerank == "verify":
             # local.rerank, with each (query, object) verification computed once across calls.
             memo = q.setdefault("checks", {})
             checks = {}
             for i, (_, c) in enumerate(chosen[:min(self.params.top, len(chosen))]):
                 k = index[c.object_id]
                 if k in self.local and q["local"] is not None and len(q["local"]) >= 2 and len(self.local[k]) >= 2:
-                    if k not in memo:
-                        memo[k] = local.verify(q["local"], self.local[k])
-                    checks[i] = memo[k]
+                    if c.object_id not in memo:
+                        memo[c.object_id] = local.verify(q["local"], self.local[k])
+                    checks[i] = memo[c.object_id]
             r = local.fuse(qv, db, np.array([s for s, _ in chosen], np.float32), checks,
                            {i: c.box for i, (_, c) in enumerate(chosen[:self.params.top])}, q["area"], self.params)
-            order = r.order
-        else:
-            order = np.arange(len(chosen))
-        return [chosen[i][1].item_id for i in order][:top_k]
+            boxes = {i: c.box for i, (_, c) in enumerate(chosen)}
+            return [Hit(chosen[i][1].item_id, float(f), i in r.verified, i in r.matched, chosen[i][0],
+                        checks[i].inliers if i in checks else 0, checks[i].matches if i in checks else 0,
+                        local.coverage(checks[i], boxes[i], q["area"]) if i in checks else 0.0)
+                    for i, f in zip(r.order, r.scores, strict=True)][:top_k]
+        return [Hit(c.item_id, s, similarity=s) for s, c in chosen][:top_k]
 
     async def search(self, photo: Path, top_k: int = 100) -> list[str]:
         return self.rank(await self.prepare(photo), top_k)

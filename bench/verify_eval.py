@@ -307,7 +307,7 @@ def main(argv=None) -> None:
         best = max(grid, key=lambda p: np.mean([score(res[k], "verify", p)["mAP@20"] for k in sel]))
         pooled = [pr for k in sel for pr in match_stats(res[k], best)[0]]
         threshold, curve = pick_threshold(pooled)
-        best = replace(best, threshold=float(threshold), extractor=ext.name,
+        best = replace(best, threshold=float(threshold), match_on="fused", extractor=ext.name,
                        selected_on="TH (" + " + ".join(k[0] for k in sel) + ")",
                        curve=[(round(s, 4), round(p, 4), round(r, 4)) for s, p, r in curve[::max(1, len(curve) // 40)]])
         results["params"][ext.name] = {k: v for k, v in asdict(best).items() if k != "curve"}

@@ -4,6 +4,8 @@ the fusion and match rule, and the file store that keeps them."""
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -89,7 +91,7 @@ def test_fusion_verifies_expands_and_decides_matches():
     strong = local.Verification(40, 50, pairs, hull_area=5000.0, query_hull_area=5000.0)
     logo = local.Verification(40, 50, pairs, hull_area=100.0, query_hull_area=100.0)  # many inliers on a small patch
     boxes = {i: (0, 0, 100, 100) for i in range(5)}
-    params = local.VerifyParams(min_inliers=12, min_coverage=0.06, weight=0.5, cap=40, threshold=0.9)
+    params = local.VerifyParams(min_inliers=12, min_coverage=0.06, weight=0.5, cap=40, threshold=0.9, match_on="fused")
     r = local.fuse(query, vecs, scores, {4: strong, 1: logo}, boxes, 100 * 100, params)
     assert r.verified == {4}, "a small patch of inliers is not verification"
     assert r.order[0] == 4 and r.matched == {4}
@@ -97,6 +99,16 @@ def test_fusion_verifies_expands_and_decides_matches():
                                         abs=1e-5), "spatially verified expansion, then the bonus"
     unsure = local.fuse(query, vecs, scores, {4: strong}, boxes, 100 * 100, local.VerifyParams(threshold=5.0))
     assert unsure.verified == {4} and unsure.matched == set(), "verified but under the threshold: no match"
+    # The match decided on the candidate's own similarity (the default), not the expanded, fused one:
+    # candidate 4 is last by similarity; 1 is higher but not verified.
+    for t, matched in ((float(scores[4]) + 1e-3, set()), (float(scores[4]) - 1e-3, {4})):
+        own = local.fuse(query, vecs, scores, {4: strong, 1: logo}, boxes, 100 * 100,
+                         replace(params, match_on="similarity", threshold=t))
+        assert own.order[0] == 4 and own.matched == matched
+    evidence = replace(params, match_on="evidence", threshold=float(scores[4]) + 0.5 - 1e-3)
+    assert local.fuse(query, vecs, scores, {4: strong}, boxes, 100 * 100, evidence).matched == {4}
+    with pytest.raises(ValueError, match="unknown match score"):
+        local.fuse(query, vecs, scores, {4: strong}, boxes, 100 * 100, replace(params, match_on="vibes"))
     none = local.fuse(query, vecs, scores, {}, boxes, 100 * 100, params)
     assert none.order.tolist() == list(range(5)) and not none.matched, "nothing verified: the global order"
 
@@ -106,6 +118,9 @@ def test_params_are_read_from_the_model_folder(tmp_path):
     p = local.VerifyParams(top=10, threshold=0.8, selected_on="TH")
     p.write(tmp_path / "verify.json")
     assert local.VerifyParams.load(tmp_path / "verify.json") == p
+    # A file written before the match rule was a choice holds a threshold on the fused score.
+    (tmp_path / "old.json").write_text(json.dumps({"top": 20, "threshold": 0.9781}))
+    assert local.VerifyParams.load(tmp_path / "old.json") == local.VerifyParams(threshold=0.9781, match_on="fused")
 
 
 def test_local_store_keys_files_by_hashed_id(tmp_path):

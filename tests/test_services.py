@@ -337,10 +337,12 @@ def test_rerank_verifies_candidates_against_stored_local_features(services, milv
     store.flush("vv")
     store.close()
 
-    # The parameters recorded beside the catalog's model (embedder:1): its match threshold.
+    # The parameters recorded beside the catalog's model (embedder:1): its match threshold, on the
+    # candidate's similarity, under which "same" (0.7) would be no match by default (0.7331).
     repo = tmp_path / "repo"
     (repo / "embedder" / "1").mkdir(parents=True)
-    local.VerifyParams(threshold=0.75).write(repo / "embedder" / "1" / "verify.json")
+    local.VerifyParams(threshold=0.65, match_on="similarity").write(repo / "embedder" / "1" / "verify.json")
+    assert local.VerifyParams().threshold > 0.7
     services.env.update(VISEARCH_MILVUS_URI=milvus_uri, VISEARCH_LOCAL_DIR=str(tmp_path / "local"),
                         VISEARCH_MODEL_REPOSITORY=str(repo))
     addr = services.start("rerank")
@@ -356,7 +358,6 @@ def test_rerank_verifies_candidates_against_stored_local_features(services, milv
         assert resp.method == "verify" and [h.item_id for h in resp.hits][0] == "same", resp
         same = resp.hits[0]
         assert same.match and same.inliers >= 12 and len(same.correspondences) == same.inliers
-        assert same.score >= 0.75
         c = same.correspondences[0]
         assert 0 <= c.x <= ww and 0 <= c.query_x <= ww
         other = next(h for h in resp.hits if h.item_id == "other")

@@ -63,3 +63,55 @@ def test_mesh_eval_adapts_a_catalog_through_the_mesh(tmp_path, model_repo, groce
     assert r["adapt"]["CD"]["job"]["phase"] == "switched"
     assert versions(model_repo / "embedder") == before
     assert len(versions(tmp_path / "repo" / "embedder")) == len(before) + 1
+
+
+def test_match_rules_choose_on_the_selection_top_hits():
+    """bench.match_eval's choice: per rule, the lowest threshold at which the verified top hits it
+    flags over TH-mesh and TH-absent (their product left out) are right >= 95 %; of the rules, the
+    one flagging more of TH-mesh's top hits."""
+    from bench.match_eval import evaluate, match_score, top1
+    from bench.meshpath import Hit
+
+    params = local.VerifyParams(threshold=1.15, match_on="fused", weight=0.1, cap=40)
+    fine = {f"a{i}": 1 for i in range(3)} | {f"b{i}": 2 for i in range(3)}
+
+    def hit(item, fused, similarity, inliers=0):
+        return Hit(item, fused, inliers >= 8, False, similarity, inliers)
+
+    # The expansion lifts every verified top hit's fused score; their own similarity tells them apart.
+    present = [(1, [hit("a0", 1.2, 0.9, 40)]), (1, [hit("a1", 1.05, 0.8, 20)]), (2, [hit("b2", 1.1, 0.85, 40)])]
+    absent = [(1, [hit("b0", 1.16, 0.6, 40)]), (1, [hit("b1", 0.7, 0.5)]), (2, [hit("a2", 1.0, 0.7, 12)])]
+    reported = [(1, [hit("b0", 1.3, 0.75, 40)]), (2, [hit("b1", 1.1, 0.8, 40)])]
+    assert match_score(present[1][1][0], "evidence", params) == pytest.approx(0.85)
+    r = evaluate({"TH-mesh": present, "TH-absent": absent, "P1": reported}, fine, params)
+    # fused, verified top hits: 1.2 right, 1.16 wrong, 1.1 right, 1.05 right, 1.0 wrong -> only 1.2 keeps 95 %.
+    assert r["rules"]["fused"]["threshold"] == pytest.approx(1.2)
+    # similarity: 0.9, 0.85, 0.8 right, 0.7, 0.6 wrong -> 0.8.
+    assert r["rules"]["similarity"]["threshold"] == pytest.approx(0.8)
+    # evidence: 1.0, 0.95, 0.85 right, 0.73, 0.7 wrong -> 0.85. Both flag every TH-mesh top hit; the
+    # first rule listed wins a tie.
+    assert r["rules"]["evidence"]["threshold"] == pytest.approx(0.85)
+    assert r["rules"]["similarity"]["selection_top1_coverage"] == r["rules"]["evidence"]["selection_top1_coverage"] == 1
+    assert r["chosen"] == {"rule": "evidence", "threshold": pytest.approx(0.85), "selected_on": "TH-mesh + TH-absent"}
+    assert top1(present, fine, "fused", 1.1, params) == {"coverage": 2 / 3, "precision": 1.0, "flagged": 2}
+    rows = {(row["protocol"], row["rule"]): row for row in r["rows"]}
+    # Served (fused >= 1.15): the sibling with its product absent is a false match.
+    assert rows[("TH-absent", "served (fused)")]["flagged"] == 1
+    # P1 (evidence >= 0.85): the wrong top hit (0.75 + 0.1) is matched too; similarity >= 0.8 keeps it out.
+    assert rows[("P1", "evidence (chosen)")]["flagged"] == 2 and rows[("P1", "evidence (chosen)")]["precision"] == 0.5
+    assert rows[("P1", "similarity")]["flagged"] == 1 and rows[("P1", "similarity")]["precision"] == 1.0
+    assert rows[("P1", "served (fused)")]["R@1"] == 0.5
+
+
+@pytest.mark.integration
+def test_match_eval_smoke(tmp_path, model_repo, grocery):
+    from bench.match_eval import main
+
+    main(["--smoke", "--model", str(model_repo), "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["chosen"]["selected_on"] == "TH-mesh + TH-absent" and r["chosen"]["rule"] in ("fused", "evidence", "similarity")
+    assert {row["protocol"] for row in r["rows"]} == {"TH-mesh", "TH-absent", "P1"}
+    assert all(0 <= row["coverage"] <= 1 for row in r["rows"])
+    assert (tmp_path / "curve.png").stat().st_size > 0 and "| P1 | served (similarity) |" in (tmp_path / "result.md").read_text()
+    main(["--smoke", "--model", str(model_repo), "--out", str(tmp_path), "--from-hits"])  # chosen again from the hits
+    assert json.loads((tmp_path / "result.json").read_text())["chosen"] == r["chosen"]
