@@ -187,9 +187,8 @@ class MeshPath:
                     if c.object_id not in memo:
                         memo[c.object_id] = local.verify(q["local"], self.local[k])
                     checks[i] = memo[c.object_id]
-            r = local.fuse(qv, db, np.array([s for s, _ in chosen], np.float32), checks,
-                           {i: c.box for i, (_, c) in enumerate(chosen[:self.params.top])}, q["area"], self.params)
-            boxes = {i: c.box for i, (_, c) in enumerate(chosen)}
+            boxes = {i: c.box for i, (_, c) in enumerate(chosen[:self.params.top])}
+            r = local.fuse(qv, db, np.array([s for s, _ in chosen], np.float32), checks, boxes, q["area"], self.params)
             return [Hit(chosen[i][1].item_id, float(f), i in r.verified, i in r.matched, chosen[i][0],
                         checks[i].inliers if i in checks else 0, checks[i].matches if i in checks else 0,
                         local.coverage(checks[i], boxes[i], q["area"]) if i in checks else 0.0)

@@ -346,7 +346,8 @@ def fuse(query: np.ndarray, vectors: np.ndarray, scores: np.ndarray, checks: dic
         if v.inliers >= params.min_inliers and coverage(v, boxes.get(i, (0, 0, 0, 0)), query_area) >= params.min_coverage:
             evidence[i] = min(v.inliers, params.cap) / params.cap
     verified = set(np.flatnonzero(evidence > 0).tolist())
-    g = np.asarray(scores, np.float32)
+    similarity = np.asarray(scores, np.float32)
+    g = similarity
     if verified:
         idx = sorted(verified)
         q = np.asarray(query, np.float32) + (evidence[idx, None] * vectors[idx]).sum(0)
@@ -354,7 +355,7 @@ def fuse(query: np.ndarray, vectors: np.ndarray, scores: np.ndarray, checks: dic
         g = vectors @ q
     fused = g + params.weight * evidence
     order = np.argsort(-fused, kind="stable")
-    score = match_scores(np.asarray(scores, np.float32), fused, evidence, params)
+    score = match_scores(similarity, fused, evidence, params)
     matched = {i for i in verified if score[i] >= params.threshold}
     return Ranked(order, fused[order], checks, verified, matched)
 
