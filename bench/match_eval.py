@@ -2,6 +2,7 @@
 
     python -m bench.match_eval --model model_repository --out runs/match [--smoke] [--write-params]
     python -m bench.match_eval --model model_repository --out runs/match --from-hits   # choose again, no model runs
+    python -m bench.match_eval --model REPO --select-on TF --out DIR   # select on TF (a model trained on split far)
 
 `SearchHit.match` says the system is sure a hit shows the same product. Its threshold on the fused
 score was chosen by bench.verify_eval on whole images (one object per photo); the mesh stores each
@@ -19,7 +20,9 @@ the threshold on it:
   query's top 20 are nearly all right and any threshold keeps them 95 % right (it chose 0.56,
   which would flag nearly every top hit). For each rule, the lowest threshold at which the top
   hits it flags are right >= 95 % of the time (bench.verify_eval.pick_threshold); of the rules, the
-  one that flags more of TH-mesh's top hits at its threshold.
+  one that flags more of TH-mesh's top hits at its threshold. `--select-on TF` builds the same two
+  from TF (each product's train photos least like the rest, visearch.evaluation.farsplit) for a
+  model trained on the `far` split, which never saw them.
 - Rules (visearch.local.match_scores; a match is always a verified hit): `fused`, the fused score
   after the expansion (the rule served until stop 37); `evidence`, the hit's own global similarity
   plus the same verification bonus, without the expansion; `similarity`, the global similarity
@@ -58,7 +61,19 @@ from visearch.settings import GatewaySettings
 
 TARGET = 0.95
 RULES = ("fused", "evidence", "similarity")  # visearch.local.match_scores, on verified hits
-SELECTION, ABSENT, REPORTED = "TH-mesh", "TH-absent", "P1"
+REPORTED = "P1"
+
+
+def selection_names(select_on: str) -> tuple[str, str]:
+    """The two selection protocols built from a train hold-out: its queries against the catalog, and
+    against the catalog without their own product."""
+    return f"{select_on}-mesh", f"{select_on}-absent"
+
+
+def selection_of(runs: dict) -> tuple[str, str]:
+    """The selection protocols of a run's hits (the first two keys; older hits.pkl: TH's)."""
+    sel, absent = list(runs)[:2]
+    return sel, absent
 
 
 def log(msg: str) -> None:
@@ -90,18 +105,19 @@ def top1(runs: list[tuple[int, list[Hit]]], fine: dict[str, int], rule: str, t: 
             "flagged": len(hits)}
 
 
-async def collect(model: Path, smoke: bool) -> tuple[dict, dict[str, int]]:
+async def collect(model: Path, smoke: bool, select_on: str = "TH") -> tuple[dict, dict[str, int]]:
     """Each protocol's (query product, re-ranked hits) through the mesh path; item id -> product."""
     root = datasets.grocery_root()
     if root is None:
         raise SystemExit("the Grocery Store dataset is not at ../shared/data/grocery-store")
     train, val = datasets.grocery_split(root, "train"), datasets.grocery_split(root, "val")
-    th = get_protocols(root, ("TH",))["TH"]
-    queries = {SELECTION: th.queries, REPORTED: [p for p in val if p.is_product]}
+    sel_name, absent_name = selection_names(select_on)
+    th = get_protocols(root, (select_on,))[select_on]
+    queries = {sel_name: th.queries, REPORTED: [p for p in val if p.is_product]}
     catalog = train
     if smoke:
         queries = {k: v[::40][:4] for k, v in queries.items()}
-        catalog = smoke_catalog(queries[SELECTION] + queries[REPORTED], train)
+        catalog = smoke_catalog(queries[sel_name] + queries[REPORTED], train)
     fine = {item_id(p): p.fine_id for p in catalog}
     gw = GatewaySettings.model_fields
     margins = (gw["query_crop_margin"].default, gw["catalog_crop_margin"].default)
@@ -113,14 +129,14 @@ async def collect(model: Path, smoke: bool) -> tuple[dict, dict[str, int]]:
         log(f"  {time.monotonic() - t0:.0f}s")
         th_items = {item_id(p) for p in th.database} & fine.keys()
         selection = mp.subset(th_items)
-        absent = {f: mp.subset({i for i in th_items if fine[i] != f}) for f in {q.fine_id for q in queries[SELECTION]}}
-        runs = {SELECTION: [], ABSENT: [], REPORTED: []}
+        absent = {f: mp.subset({i for i in th_items if fine[i] != f}) for f in {q.fine_id for q in queries[sel_name]}}
+        runs = {sel_name: [], absent_name: [], REPORTED: []}
         for name, qs in queries.items():
             for n, q in enumerate(qs):
                 prepared = await mp.prepare(q.path)
-                if name == SELECTION:
-                    runs[SELECTION].append((q.fine_id, selection.hits(prepared, 100, *margins)))
-                    runs[ABSENT].append((q.fine_id, absent[q.fine_id].hits(prepared, 100, *margins)))
+                if name == sel_name:
+                    runs[sel_name].append((q.fine_id, selection.hits(prepared, 100, *margins)))
+                    runs[absent_name].append((q.fine_id, absent[q.fine_id].hits(prepared, 100, *margins)))
                 else:
                     runs[name].append((q.fine_id, mp.hits(prepared, 100, *margins)))
                 if n % 50 == 0:
@@ -133,21 +149,22 @@ async def collect(model: Path, smoke: bool) -> tuple[dict, dict[str, int]]:
 def evaluate(runs: dict, fine: dict[str, int], params: local.VerifyParams) -> dict:
     """Each rule's threshold on the selection's top hits, the rule chosen, and every protocol's row
     for the served decision (`params`) and each rule at its threshold."""
+    sel_name, absent_name = selection_of(runs)
     result: dict = {"served": {"rule": params.match_on, "threshold": params.threshold}, "rules": {}, "rows": []}
     for rule in RULES:
-        t, _ = pick_threshold(pairs(runs[SELECTION] + runs[ABSENT], fine, rule, params), TARGET)
+        t, _ = pick_threshold(pairs(runs[sel_name] + runs[absent_name], fine, rule, params), TARGET)
         result["rules"][rule] = {"threshold": t, **{f"selection_top1_{k}": v
-                                                    for k, v in top1(runs[SELECTION], fine, rule, t, params).items()}}
+                                                    for k, v in top1(runs[sel_name], fine, rule, t, params).items()}}
     chosen = max(RULES, key=lambda r: result["rules"][r]["selection_top1_coverage"])
     result["chosen"] = {"rule": chosen, "threshold": result["rules"][chosen]["threshold"],
-                        "selected_on": f"{SELECTION} + {ABSENT}"}
+                        "selected_on": f"{sel_name} + {absent_name}"}
     decisions = [(f"served ({params.match_on})", params.match_on, params.threshold)]
     decisions += [(f"{x} (chosen)" if x == chosen else x, x, result["rules"][x]["threshold"]) for x in RULES]
     for name, r in runs.items():
         rankings = [[h.item_id for h in hits] for _, hits in r]
         positives = [{i for i, f in fine.items() if f == q} for q, _ in r]
-        # TH-absent has no right hit: its flagged share is its false matches, it has no ranking quality.
-        quality = retrieval_report(rankings, positives) if name != ABSENT else {"mAP@20": np.nan, "recall@1": np.nan}
+        # The absent protocol has no right hit: its flagged share is its false matches, it has no ranking quality.
+        quality = retrieval_report(rankings, positives) if name != absent_name else {"mAP@20": np.nan, "recall@1": np.nan}
         for label, rule, t in decisions:
             result["rows"].append({"protocol": name, "rule": label, "threshold": t, "mAP@20": quality["mAP@20"],
                                    "R@1": quality["recall@1"], **top1(r, fine, rule, t, params)})
@@ -160,8 +177,9 @@ def draw(runs: dict, fine: dict[str, int], result: dict, params: local.VerifyPar
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sel_name, absent_name = selection_of(runs)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
-    panels = ((f"{SELECTION} + {ABSENT} (selection)", runs[SELECTION] + runs[ABSENT]),
+    panels = ((f"{sel_name} + {absent_name} (selection)", runs[sel_name] + runs[absent_name]),
               (f"{REPORTED} (reported)", runs[REPORTED]))
     for ax, (title, r) in zip(axes, panels, strict=True):
         for rule, style in zip(RULES, ("-", "--", ":"), strict=True):
@@ -189,6 +207,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="a few queries and a small catalog (CI)")
     ap.add_argument("--from-hits", action="store_true", help="choose again from --out's hits.pkl (no model runs)")
     ap.add_argument("--write-params", action="store_true", help="write the choice into <served version>/verify.json")
+    ap.add_argument("--select-on", choices=("TH", "TF"), default="TH",
+                    help="the train hold-out the selection is built from (TF: for a model trained on split far)")
     args = ap.parse_args(argv)
     vdir = args.model / "embedder" / resolve_version(args.model / "embedder", "")
     params = local.VerifyParams.load(vdir / "verify.json")
@@ -198,7 +218,7 @@ def main(argv=None) -> None:
             saved = pickle.load(f)
         runs, fine = saved["runs"], saved["fine"]
     else:
-        runs, fine = asyncio.run(collect(args.model, args.smoke))
+        runs, fine = asyncio.run(collect(args.model, args.smoke, args.select_on))
         with open(args.out / "hits.pkl", "wb") as f:  # every query's hits: --from-hits chooses again from them
             pickle.dump({"runs": runs, "fine": fine}, f)
     result = evaluate(runs, fine, params)
@@ -212,7 +232,7 @@ def main(argv=None) -> None:
     draw(runs, fine, result, params, args.out / "curve.png")
     if args.write_params:
         replace(params, threshold=result["chosen"]["threshold"], match_on=result["chosen"]["rule"],
-                selected_on=f"{SELECTION} + {ABSENT} (bench.match_eval)").write(vdir / "verify.json")
+                selected_on=f"{' + '.join(selection_of(runs))} (bench.match_eval)").write(vdir / "verify.json")
         log(f"wrote {vdir / 'verify.json'}")
     print("\n".join(md))
 

@@ -100,14 +100,14 @@ def alone(env: dict, catalog: str, queries: list, config: str) -> list[float]:
     """Each query's latency searched on its own, as an app's search is (one Search call through the
     SDK the CLI runs; `visearch search` with several photos sends BatchSearch calls, whose latency
     is the whole batch's)."""
-    from visearch import mesh
+    from visearch import meshfiles
     from visearch.client import GatewayClient
     from visearch.sdk import search_one
 
     flags = CONFIGS[config]
     rerank = flags[flags.index("--rerank") + 1] if "--rerank" in flags else ""
     data = Path(env["VISEARCH_DATA_DIR"])
-    with GatewayClient(mesh.load_state(data)["gateway"], key=mesh.read_admin_key(data) or "", timeout=60) as client:
+    with GatewayClient(meshfiles.gateway_address(data), key=meshfiles.api_key(data), timeout=60) as client:
         outs = [search_one(client, str(q.path), catalog, 100, rerank, {}, "--full-frame" in flags) for q in queries]
     return [o["latency_ms"] for o in outs if "latency_ms" in o]
 

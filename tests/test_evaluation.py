@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,51 @@ def test_protocol_sizes_and_disjointness():
     assert all(q.fine_id in CD_TRAIN_IDS for q in thcd.queries)
     assert not any(x.fine_id in CD_TEST_IDS for x in (*thcd.queries, *thcd.database))
     assert [x.path for x in train_holdout(GROCERY).queries] == [x.path for x in th.queries]  # deterministic
+
+
+def test_far_holdout_takes_the_rows_least_like_the_rest_of_their_group():
+    """TF's rule: per group, ceil(20 %) rows leave, one at a time, the one whose best cosine to the
+    rows still in is the lowest; a group of one keeps its row."""
+    from visearch.evaluation.farsplit import far_holdout
+
+    a = np.array([[1, 0, 0], [0.99, 0.1, 0], [0.98, 0, 0.2], [0, 1, 0], [0.9, 0.4, 0]], float)
+    # group 0: row 3 is alone (best cosine 0.4 to row 4); with five rows ceil(0.2 * 5) = 1 leaves
+    assert far_holdout(a, [0, 0, 0, 0, 0]) == [3]
+    # at 40 % two leave: row 3, then among 0, 1, 2, 4 the one whose best match is the lowest: row 4
+    # (0.95 to row 1; rows 0-2 match each other at >= 0.975)
+    assert far_holdout(a, [0] * 5, fraction=0.4) == [3, 4]
+    # groups are independent; the second group's lone row stays
+    assert far_holdout(np.vstack([a, a[:1]]), [0, 0, 0, 0, 0, 1]) == [3]
+    # scale does not matter (cosine)
+    assert far_holdout(a * np.arange(1, 6)[:, None], [0] * 5) == [3]
+
+
+@needs_grocery
+def test_tf_holds_out_a_fifth_of_each_products_train_photos_and_trains_on_the_rest():
+    """The committed TF list: ceil(20 %) of each product's train photos, no val photo, disjoint from
+    its database, which is every other train photo; the `far` training split trains on that database
+    and selects on TF."""
+    from visearch.evaluation.protocols import read_list
+    from visearch.training.data import training_protocol
+
+    tf = get_protocols(GROCERY, ("TF",))["TF"]
+    train = datasets.grocery_split(GROCERY, "train")
+    assert len(tf.queries) == len(read_list()) == 183
+    per_product: dict[int, int] = {}
+    for p in train:
+        if p.is_product:
+            per_product[p.fine_id] = per_product.get(p.fine_id, 0) + 1
+    held: dict[int, int] = {}
+    for q in tf.queries:
+        held[q.fine_id] = held.get(q.fine_id, 0) + 1
+    assert held == {f: math.ceil(0.2 * n) for f, n in per_product.items()}
+    assert {x.path for x in tf.queries} | {x.path for x in tf.database} == {x.path for x in train}
+    assert not {x.path for x in tf.queries} & {x.path for x in tf.database} and tf.fit == tf.database
+    # not TH again: most of its queries are other photos
+    th = get_protocols(GROCERY, ("TH",))["TH"]
+    assert len({x.path for x in tf.queries} & {x.path for x in th.queries}) < len(th.queries) / 2
+    photos, proto = training_protocol(GROCERY, "far")
+    assert proto.name == "TF" and {x.path for x in photos} == {x.path for x in tf.database}
 
 
 @needs_grocery

@@ -101,6 +101,10 @@ def test_match_rules_choose_on_the_selection_top_hits():
     assert rows[("P1", "evidence (chosen)")]["flagged"] == 2 and rows[("P1", "evidence (chosen)")]["precision"] == 0.5
     assert rows[("P1", "similarity")]["flagged"] == 1 and rows[("P1", "similarity")]["precision"] == 1.0
     assert rows[("P1", "served (fused)")]["R@1"] == 0.5
+    # Built from TF (--select-on TF): the same choice, named after it.
+    tf = evaluate({"TF-mesh": present, "TF-absent": absent, "P1": reported}, fine, params)
+    assert tf["chosen"] == {**r["chosen"], "selected_on": "TF-mesh + TF-absent"}
+    assert {row["protocol"] for row in tf["rows"]} == {"TF-mesh", "TF-absent", "P1"}
 
 
 @pytest.mark.integration

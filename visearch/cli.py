@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import click
 import grpc
 
-from visearch import mesh
+from visearch import mesh, meshfiles
 from visearch.sdk import ManifestError, hits_json, ingest_rows, read_manifest, search_batch, search_one, wait_job
 from visearch.search import INDEX_KINDS, REGION_MODES
 
@@ -23,19 +22,16 @@ def _data_dir(value: str | None) -> Path:
 def _gateway(ctx: click.Context) -> str:
     if ctx.obj.get("gateway"):
         return ctx.obj["gateway"]
-    state = mesh.load_state(ctx.obj["data_dir"])
-    if not state or not state.get("gateway"):
+    address = meshfiles.gateway_address(ctx.obj["data_dir"])
+    if not address:
         raise Failure(f"no mesh is up in {ctx.obj['data_dir']}: run `visearch up` "
                                    "(or pass --gateway / VISEARCH_GATEWAY_ADDR)")
-    return state["gateway"]
+    return address
 
 
 def _api_key(ctx: click.Context) -> str:
     """VISEARCH_API_KEY, else the admin key `visearch up` wrote into the data dir."""
-    key = os.environ.get("VISEARCH_API_KEY", "")
-    if key:
-        return key
-    return mesh.read_admin_key(ctx.obj["data_dir"]) or ""
+    return meshfiles.api_key(ctx.obj["data_dir"])
 
 
 def _client(ctx: click.Context):

@@ -149,11 +149,11 @@ class _Base:
         from visearch import meshfiles
 
         data_dir = Path(data_dir) if data_dir else meshfiles.default_data_dir()
-        state = meshfiles.load_state(data_dir)
-        if not state:
+        address = meshfiles.gateway_address(data_dir)
+        if not address:
             raise RuntimeError(f"no mesh is up in {data_dir}: run `visearch up`")
-        kw.setdefault("api_key", os.environ.get("VISEARCH_API_KEY") or meshfiles.read_admin_key(data_dir) or "")
-        return cls(state["gateway"], **kw)
+        kw.setdefault("api_key", meshfiles.api_key(data_dir))
+        return cls(address, **kw)
 
 
 class Client(_Base):

@@ -30,3 +30,14 @@ def load_state(data_dir: Path) -> dict | None:
 def read_admin_key(data_dir: Path) -> str | None:
     path = Path(data_dir) / "secrets" / "admin.key"
     return path.read_text().strip() if path.is_file() else None
+
+
+def gateway_address(data_dir: Path) -> str | None:
+    """The gateway's address of the mesh `visearch up` started in `data_dir`, or None if none is up."""
+    state = load_state(Path(data_dir))
+    return (state or {}).get("gateway") or None
+
+
+def api_key(data_dir: Path) -> str:
+    """The key a local client calls with: VISEARCH_API_KEY, else the admin key `visearch up` wrote."""
+    return os.environ.get("VISEARCH_API_KEY") or read_admin_key(data_dir) or ""

@@ -34,12 +34,20 @@ from .generic import GENERIC_CACHE, generic_protocols
 from .protocol import Protocol
 
 __all__ = ["CD_TEST_IDS", "CD_TRAIN_IDS", "GENERIC_CACHE", "HOLDOUT_FRACTION", "PROTOCOL_NAMES", "Protocol",
-           "dataset_images", "get_protocols", "split_protocols", "train_holdout"]
+           "dataset_images", "get_protocols", "split_protocols", "train_far_holdout", "train_holdout"]
 
 CD_TRAIN_IDS = range(28, 44)
 CD_TEST_IDS = range(44, 59)
-PROTOCOL_NAMES = ("P1", "P3", "CD", "TH", "TH-CD", "G", "GR", "GS")
+PROTOCOL_NAMES = ("P1", "P3", "CD", "TH", "TH-CD", "TF", "G", "GR", "GS")
 HOLDOUT_FRACTION = 0.2
+# TF's queries (visearch.evaluation.farsplit), dataset-relative paths: committed, so no model is needed.
+TF_LIST = Path(__file__).resolve().parent.parent / "data" / "grocery-tf.txt"
+
+
+def read_list(path: Path = TF_LIST) -> list[str]:
+    """The dataset-relative paths in a split list (lines starting with '#' are comments)."""
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def _holdout(photos: list[Photo], fraction: float) -> tuple[list[Photo], list[Photo]]:
@@ -70,6 +78,20 @@ def train_holdout(root: Path, fraction: float = HOLDOUT_FRACTION, query_ids: Seq
                     f"-> the other train photos" + (f" (classes {min(exclude_ids)}..{max(exclude_ids)} removed)"
                                                    if exclude_ids else ""),
                     fit=database)
+
+
+def train_far_holdout(root: Path, listed: Path | None = None) -> Protocol:
+    """TF, a selection protocol inside TRAIN closer to val's shift than TH: per product, the train
+    photos least like the rest of their product (`visearch.evaluation.farsplit`, a committed list)
+    -> the other train photos."""
+    held_keys = set(read_list(listed or TF_LIST))
+    train = grocery_split(root, "train")
+    held = [p for p in train if p.key in held_keys]
+    if len(held) != len(held_keys):
+        raise ValueError(f"{len(held_keys) - len(held)} photo(s) of the TF list are not train photos of {root}")
+    database = [p for p in train if p.key not in held_keys]
+    return Protocol("TF", held, database, "train far hold-out: each product's train photos least like the rest "
+                    "(ceil 20 %, off-the-shelf descriptor) -> the other train photos", fit=database)
 
 
 SPLIT_PROTOCOLS = ("P1", "P3", "CD")  # defined by the dataset's own splits alone
@@ -112,6 +134,8 @@ def get_protocols(root: Path, names: Sequence[str] = ("P1", "P3", "CD")) -> dict
             out[n] = train_holdout(root)
         elif n == "TH-CD":
             out[n] = train_holdout(root, query_ids=CD_TRAIN_IDS, exclude_ids=CD_TEST_IDS, name="TH-CD")
+        elif n == "TF":
+            out[n] = train_far_holdout(root)
         elif n in ("G", "GR", "GS"):
             out.update(generic_protocols(GENERIC_CACHE, train, [n]))
     return out

@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few steps on a handful of photos (tests, quick checks)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, else 2)")
     ap.add_argument("--cache", type=Path, default=None, help="frozen-feature cache folder (default: .data/train-cache)")
-    ap.add_argument("--split", choices=("all", "cd", "trainval"), default=None,
+    ap.add_argument("--split", choices=("all", "cd", "trainval", "far"), default=None,
                     help="override the config's training split: all (P1/P3 models), cd (class-disjoint models) "
-                         "or trainval (the production model: all plus the val photos)")
+                         "trainval (the production model: all plus the val photos) or far (P1/P3 models selected on TF, "
+                         "a hold-out closer to val's shift)")
     ap.add_argument("--name", default=None, help="override the config's run name")
     args = ap.parse_args(argv)
     try:

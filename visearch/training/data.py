@@ -84,14 +84,16 @@ def training_protocol(root: Path, split: str = "all"):
     44..58 (class-disjoint), selected on TH-CD; models for CD. `trainval`: the production model
     (issue 19): `all`'s photos plus every val photo of a product, selected on TH as `all` is (TH's
     queries stay out of training); P1 and P3 then measure photos it trained on, so its honest rows
-    are its `all` twin's, and held-out test photos measure it.
+    are its `all` twin's, and held-out test photos measure it. `far`: the train photos minus the TF
+    hold-out (each product's train photos least like the rest, visearch.evaluation.farsplit), selected
+    on TF, a split closer to val's shift than TH; models for P1/P3, val never used.
     """
     from visearch.datasets import grocery_split
     from visearch.evaluation.protocols import get_protocols
 
-    name = {"all": "TH", "cd": "TH-CD", "trainval": "TH"}.get(split)
+    name = {"all": "TH", "cd": "TH-CD", "trainval": "TH", "far": "TF"}.get(split)
     if name is None:
-        raise ValueError(f"unknown training split {split!r}: 'all', 'cd' or 'trainval'")
+        raise ValueError(f"unknown training split {split!r}: 'all', 'cd', 'trainval' or 'far'")
     proto = get_protocols(root, (name,))[name]
     photos = list(proto.database)
     if split == "trainval":

@@ -36,7 +36,8 @@ Progress = Callable[[str], None]
 SMOKE_PER_CLASS, SMOKE_STEPS = 6, 4
 SPLIT_TEXT = {"all": "train minus the TH hold-out; val never used",
               "cd": "train minus products 44..58 and the TH-CD hold-out; val never used",
-              "trainval": "train minus the TH hold-out, plus every val photo of a product (the production model)"}
+              "trainval": "train minus the TH hold-out, plus every val photo of a product (the production model)",
+              "far": "train minus the TF hold-out (each product's photos least like the rest); val never used"}
 
 
 def stderr(msg: str) -> None:
@@ -52,7 +53,7 @@ class TrainConfig:
     description: str = ""
     seed: int = 0
     # "all" (P1/P3 models, selected on TH), "cd" (class-disjoint models, selected on TH-CD) or "trainval"
-    # (the production model: all's photos plus val's, selected on TH)
+    # (the production model: all's photos plus val's, selected on TH) or "far" (P1/P3 models, selected on TF)
     split: str = "all"
     model: tmodel.ModelConfig = field(default_factory=tmodel.ModelConfig)
     loss: dict = field(default_factory=lambda: {"name": "norm_softmax", "scale": 16.0, "margin": 0.1})

@@ -74,7 +74,7 @@ def _embed(model, mcfg, photos, cache_root, batch: int = 64) -> np.ndarray:
                       for i in range(0, len(maps), batch)]).numpy()
 
 
-SELECT_ON = {"all": "TH", "cd": "TH-CD"}  # the train hold-out a checkpoint's split may select on
+SELECT_ON = {"all": "TH", "cd": "TH-CD", "far": "TF"}  # the train hold-out a checkpoint's split may select on
 
 
 def own_holdout(checkpoint: Path) -> str:
