@@ -49,6 +49,9 @@ def test_units_compose_to_the_backbone_and_cached_path_equals_the_export():
         cut = tmodel.run_units(model, x, 0, cfg.train_from)  # what the cache stores
         assert torch.allclose(tmodel.embed_from(model, cut, cfg.train_from), model(images), atol=1e-5)
     assert tmodel.n_units("efficientnet_lite0") == len(tmodel.units(model.backbone)) == 18
+    from visearch.modeling.backbones import EfficientNetLite
+
+    assert tmodel.n_units("efficientnet_lite2") == len(tmodel.units(EfficientNetLite("efficientnet_lite2", 320))) == 23
 
 
 def test_fast_rmac_equals_rmac():

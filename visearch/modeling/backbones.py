@@ -182,19 +182,28 @@ class EfficientNetLite(nn.Module):
               (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
     COEFFS = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite2": (1.1, 1.2)}  # width, depth
 
+    @classmethod
+    def repeats(cls, arch: str) -> list[int]:
+        """Blocks per stage: the depth multiplier applies to every stage but the first and the last."""
+        depth = cls.COEFFS[arch][1]
+        last = len(cls.STAGES) - 1
+        return [n if i in (0, last) else int(math.ceil(depth * n)) for i, (n, *_) in enumerate(cls.STAGES)]
+
+    @classmethod
+    def n_blocks(cls, arch: str) -> int:
+        return sum(cls.repeats(arch))
+
     def __init__(self, arch: str = "efficientnet_lite0", image_size: int = 224, num_classes: int = 1000):
         super().__init__()
-        width, depth = self.COEFFS[arch]
+        width = self.COEFFS[arch][0]
         eps = 1e-3  # TF batch-norm epsilon
         self._conv_stem = _SameConv2d(3, 32, 3, 2, image_size)
         self._bn0 = nn.BatchNorm2d(32, eps=eps)
         size = self._conv_stem.out_size
         blocks: list[nn.Module] = []
-        last = len(self.STAGES) - 1
-        for i, (n, k, s, e, cin, cout) in enumerate(self.STAGES):
+        for i, ((_, k, s, e, cin, cout), n) in enumerate(zip(self.STAGES, self.repeats(arch), strict=True)):
             cin = 32 if i == 0 else _round_filters(cin, width)
             cout = _round_filters(cout, width)
-            n = n if i in (0, last) else int(math.ceil(depth * n))
             for j in range(n):
                 block = _MBConv(cin if j == 0 else cout, cout, k, s if j == 0 else 1, e, size, eps)
                 blocks.append(block)

@@ -100,7 +100,11 @@ def has_stride2(backbone: nn.Module, start: int) -> bool:
 
 
 def n_units(arch: str) -> int:
-    return 18 if arch.startswith("efficientnet_lite") else 19
+    """The number of units `units` splits the backbone into: the stem, every MBConv block and the head
+    conv for EfficientNet-Lite (18 for Lite0, 23 for Lite2, whose depth multiplier adds blocks)."""
+    if arch in backbones.EfficientNetLite.COEFFS:
+        return backbones.EfficientNetLite.n_blocks(arch) + 2
+    return 19
 
 
 class Projection(nn.Linear):
