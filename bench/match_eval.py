@@ -71,9 +71,12 @@ def selection_names(select_on: str) -> tuple[str, str]:
 
 
 def selection_of(runs: dict) -> tuple[str, str]:
-    """The selection protocols of a run's hits (the first two keys; older hits.pkl: TH's)."""
-    sel, absent = list(runs)[:2]
-    return sel, absent
+    """The selection protocols of a run's hits (`<hold-out>-mesh`, `<hold-out>-absent`)."""
+    sel = [k for k in runs if k.endswith("-mesh")]
+    absent = [k for k in runs if k.endswith("-absent")]
+    if len(sel) != 1 or len(absent) != 1:
+        raise ValueError(f"hits of {sorted(runs)}: expected one <hold-out>-mesh and one <hold-out>-absent")
+    return sel[0], absent[0]
 
 
 def log(msg: str) -> None:
@@ -112,8 +115,8 @@ async def collect(model: Path, smoke: bool, select_on: str = "TH") -> tuple[dict
         raise SystemExit("the Grocery Store dataset is not at ../shared/data/grocery-store")
     train, val = datasets.grocery_split(root, "train"), datasets.grocery_split(root, "val")
     sel_name, absent_name = selection_names(select_on)
-    th = get_protocols(root, (select_on,))[select_on]
-    queries = {sel_name: th.queries, REPORTED: [p for p in val if p.is_product]}
+    hold = get_protocols(root, (select_on,))[select_on]
+    queries = {sel_name: hold.queries, REPORTED: [p for p in val if p.is_product]}
     catalog = train
     if smoke:
         queries = {k: v[::40][:4] for k, v in queries.items()}
@@ -127,9 +130,9 @@ async def collect(model: Path, smoke: bool, select_on: str = "TH") -> tuple[dict
         log(f"ingesting {len(catalog)} train photos as the mesh does")
         await mp.ingest(catalog)
         log(f"  {time.monotonic() - t0:.0f}s")
-        th_items = {item_id(p) for p in th.database} & fine.keys()
-        selection = mp.subset(th_items)
-        absent = {f: mp.subset({i for i in th_items if fine[i] != f}) for f in {q.fine_id for q in queries[sel_name]}}
+        hold_items = {item_id(p) for p in hold.database} & fine.keys()
+        selection = mp.subset(hold_items)
+        absent = {f: mp.subset({i for i in hold_items if fine[i] != f}) for f in {q.fine_id for q in queries[sel_name]}}
         runs = {sel_name: [], absent_name: [], REPORTED: []}
         for name, qs in queries.items():
             for n, q in enumerate(qs):
@@ -217,6 +220,9 @@ def main(argv=None) -> None:
         with open(args.out / "hits.pkl", "rb") as f:
             saved = pickle.load(f)
         runs, fine = saved["runs"], saved["fine"]
+        if selection_of(runs) != selection_names(args.select_on):
+            raise SystemExit(f"{args.out / 'hits.pkl'} holds the hits of {' + '.join(selection_of(runs))}, "
+                             f"not of --select-on {args.select_on}")
     else:
         runs, fine = asyncio.run(collect(args.model, args.smoke, args.select_on))
         with open(args.out / "hits.pkl", "wb") as f:  # every query's hits: --from-hits chooses again from them

@@ -107,7 +107,8 @@ def alone(env: dict, catalog: str, queries: list, config: str) -> list[float]:
     flags = CONFIGS[config]
     rerank = flags[flags.index("--rerank") + 1] if "--rerank" in flags else ""
     data = Path(env["VISEARCH_DATA_DIR"])
-    with GatewayClient(meshfiles.gateway_address(data), key=meshfiles.api_key(data), timeout=60) as client:
+    # The admin key, as the bench's CLI calls use (main() drops VISEARCH_* from their environment).
+    with GatewayClient(meshfiles.gateway_address(data), key=meshfiles.read_admin_key(data) or "", timeout=60) as client:
         outs = [search_one(client, str(q.path), catalog, 100, rerank, {}, "--full-frame" in flags) for q in queries]
     return [o["latency_ms"] for o in outs if "latency_ms" in o]
 

@@ -35,6 +35,28 @@ def test_search_with_no_mesh_up(tmp_path, photo):
     assert "no mesh is up" in out and "visearch up" in out
 
 
+def test_a_local_mesh_is_found_by_its_files(tmp_path, monkeypatch):
+    """What the CLI, Client.local and the benches read of a local mesh: the gateway in mesh.json (none
+    without one), VISEARCH_API_KEY over the admin key `visearch up` wrote, else no key."""
+    import json
+
+    from visearch import meshfiles
+    from visearch.client import Client
+
+    monkeypatch.delenv("VISEARCH_API_KEY", raising=False)
+    assert meshfiles.gateway_address(tmp_path) is None and meshfiles.api_key(tmp_path) == ""
+    (tmp_path / meshfiles.STATE).write_text(json.dumps({"components": []}))  # written before the gateway is up
+    assert meshfiles.gateway_address(tmp_path) is None
+    with pytest.raises(RuntimeError, match="no mesh is up"):
+        Client.local(tmp_path)
+    (tmp_path / meshfiles.STATE).write_text(json.dumps({"gateway": "127.0.0.1:1"}))
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "admin.key").write_text("admin-key\n")
+    assert meshfiles.gateway_address(tmp_path) == "127.0.0.1:1" and meshfiles.api_key(tmp_path) == "admin-key"
+    monkeypatch.setenv("VISEARCH_API_KEY", "app-key")
+    assert meshfiles.api_key(tmp_path) == "app-key"
+
+
 def test_search_with_a_dead_gateway(photo):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

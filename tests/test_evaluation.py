@@ -161,6 +161,8 @@ def test_far_holdout_takes_the_rows_least_like_the_rest_of_their_group():
     assert far_holdout(np.vstack([a, a[:1]]), [0, 0, 0, 0, 0, 1]) == [3]
     # scale does not matter (cosine)
     assert far_holdout(a * np.arange(1, 6)[:, None], [0] * 5) == [3]
+    # ties go to the earlier row: two identical pairs, each row's best match is 1
+    assert far_holdout(np.array([[1, 0], [1, 0], [0, 1], [0, 1]], float), [0] * 4) == [0]
 
 
 @needs_grocery

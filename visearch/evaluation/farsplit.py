@@ -20,13 +20,12 @@ Torch-free.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .protocols import HOLDOUT_FRACTION, TF_LIST
+from .protocols import HOLDOUT_FRACTION, TF_LIST, holdout_count
 
 
 def far_holdout(emb: np.ndarray, groups: Sequence[int], fraction: float = HOLDOUT_FRACTION) -> list[int]:
@@ -38,8 +37,7 @@ def far_holdout(emb: np.ndarray, groups: Sequence[int], fraction: float = HOLDOU
     out: list[int] = []
     for g in dict.fromkeys(groups.tolist()):
         rows = [int(i) for i in np.flatnonzero(groups == g)]
-        k = math.ceil(fraction * len(rows)) if len(rows) > 1 else 0
-        for _ in range(k):
+        for _ in range(holdout_count(len(rows), fraction)):
             sim = x[rows] @ x[rows].T
             np.fill_diagonal(sim, -np.inf)
             out.append(rows.pop(int(np.argmin(sim.max(axis=1)))))

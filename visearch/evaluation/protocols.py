@@ -34,7 +34,8 @@ from .generic import GENERIC_CACHE, generic_protocols
 from .protocol import Protocol
 
 __all__ = ["CD_TEST_IDS", "CD_TRAIN_IDS", "GENERIC_CACHE", "HOLDOUT_FRACTION", "PROTOCOL_NAMES", "Protocol",
-           "dataset_images", "get_protocols", "split_protocols", "train_far_holdout", "train_holdout"]
+           "TF_LIST", "dataset_images", "get_protocols", "holdout_count", "read_list", "split_protocols", "train_far_holdout",
+           "train_holdout"]
 
 CD_TRAIN_IDS = range(28, 44)
 CD_TEST_IDS = range(44, 59)
@@ -50,6 +51,11 @@ def read_list(path: Path = TF_LIST) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+def holdout_count(n: int, fraction: float = HOLDOUT_FRACTION) -> int:
+    """How many of a class's n train photos a hold-out takes: ceil(fraction * n), none of a lone photo."""
+    return math.ceil(fraction * n) if n > 1 else 0
+
+
 def _holdout(photos: list[Photo], fraction: float) -> tuple[list[Photo], list[Photo]]:
     """(queries, rest): per class, the last ceil(fraction * n) photos in file order are queries."""
     by_class: dict[int, list[Photo]] = {}
@@ -57,7 +63,7 @@ def _holdout(photos: list[Photo], fraction: float) -> tuple[list[Photo], list[Ph
         by_class.setdefault(p.fine_id, []).append(p)
     held: set[Path] = set()
     for ps in by_class.values():
-        k = math.ceil(fraction * len(ps)) if len(ps) > 1 else 0
+        k = holdout_count(len(ps), fraction)
         held.update(p.path for p in sorted(ps, key=lambda p: p.key)[len(ps) - k:])
     return [p for p in photos if p.path in held], [p for p in photos if p.path not in held]
 

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from .data import HOLDOUT_OF_SPLIT
 from .train import load_config, stderr, train
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few steps on a handful of photos (tests, quick checks)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, else 2)")
     ap.add_argument("--cache", type=Path, default=None, help="frozen-feature cache folder (default: .data/train-cache)")
-    ap.add_argument("--split", choices=("all", "cd", "trainval", "far"), default=None,
+    ap.add_argument("--split", choices=tuple(HOLDOUT_OF_SPLIT), default=None,
                     help="override the config's training split: all (P1/P3 models), cd (class-disjoint models) "
                          "trainval (the production model: all plus the val photos) or far (P1/P3 models selected on TF, "
                          "a hold-out closer to val's shift)")

@@ -76,6 +76,10 @@ class Labels:
 # --------------------------------------------------------------------------- which photos
 
 
+# Each training split's selection protocol: the hold-out of train its epoch (and recipe) is chosen on.
+HOLDOUT_OF_SPLIT = {"all": "TH", "cd": "TH-CD", "trainval": "TH", "far": "TF"}
+
+
 def training_protocol(root: Path, split: str = "all"):
     """(training photos, selection protocol) of a training split.
 
@@ -91,9 +95,9 @@ def training_protocol(root: Path, split: str = "all"):
     from visearch.datasets import grocery_split
     from visearch.evaluation.protocols import get_protocols
 
-    name = {"all": "TH", "cd": "TH-CD", "trainval": "TH", "far": "TF"}.get(split)
+    name = HOLDOUT_OF_SPLIT.get(split)
     if name is None:
-        raise ValueError(f"unknown training split {split!r}: 'all', 'cd', 'trainval' or 'far'")
+        raise ValueError(f"unknown training split {split!r}: one of {', '.join(map(repr, HOLDOUT_OF_SPLIT))}")
     proto = get_protocols(root, (name,))[name]
     photos = list(proto.database)
     if split == "trainval":

@@ -31,6 +31,7 @@ import torch
 
 from visearch import datasets
 
+from . import data
 from . import model as tmodel
 from .train import load_checkpoint, save_checkpoint, stderr
 
@@ -66,20 +67,16 @@ def interpolate(checkpoint: Path, alpha: float):
 
 @torch.no_grad()
 def _embed(model, mcfg, photos, cache_root, batch: int = 64) -> np.ndarray:
-    from . import data
-
     fc = data.FeatureCache(mcfg, cache_root or data.DEFAULT_CACHE)
     maps = fc.maps(photos)
     return torch.cat([tmodel.embed_from(model, torch.from_numpy(maps[i:i + batch]).float(), mcfg.cut)
                       for i in range(0, len(maps), batch)]).numpy()
 
 
-SELECT_ON = {"all": "TH", "cd": "TH-CD", "far": "TF"}  # the train hold-out a checkpoint's split may select on
-
-
 def own_holdout(checkpoint: Path) -> str:
+    """The train hold-out a checkpoint's split selects on."""
     meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
-    return SELECT_ON[meta["train_split"]["split"]]
+    return data.HOLDOUT_OF_SPLIT[meta["train_split"]["split"]]
 
 
 def sweep(checkpoint: Path, alphas=ALPHAS, names=("TH", "GS"), root: Path | None = None,
