@@ -64,6 +64,32 @@ RULES = ("fused", "evidence", "similarity")  # visearch.local.match_scores, on v
 REPORTED = "P1"
 
 
+def _bonus(w: float, cap: int):
+    return lambda hits: hits[0].similarity + w * min(hits[0].inliers, cap) / cap
+
+
+def _plus(w: float, feature):
+    return lambda hits: hits[0].similarity + w * feature(hits[0])
+
+
+def _background(a: float):
+    """The evidence score less a share of the query's last candidate's similarity (a query whose
+    every similarity is low, another light or face of the package, is judged against its own floor)."""
+    return lambda hits: hits[0].similarity + 0.1 * min(hits[0].inliers, 40) / 40 - a * hits[-1].similarity
+
+
+# Other forms of the decision, measured beside RULES (`families`), never served: a stronger or longer
+# verification bonus, the share of tentative matches that are inliers, the inliers' hull, and the
+# query's own floor. Fixed before any reported row was read.
+FAMILIES = {
+    **{f"similarity + {w} x min(inliers, {cap})/{cap}": _bonus(w, cap) for w in (0.1, 0.2, 0.3, 0.5)
+       for cap in (40, 80, 150)},
+    **{f"similarity + {w} x inliers/matches": _plus(w, lambda h: h.inliers / max(h.matches, 1)) for w in (0.1, 0.3, 0.5)},
+    **{f"similarity + {w} x hull coverage": _plus(w, lambda h: min(h.coverage, 1.0)) for w in (0.1, 0.3, 0.5)},
+    **{f"evidence - {a} x the 100th candidate's similarity": _background(a) for a in (0.25, 0.5)},
+}
+
+
 def selection_names(select_on: str) -> tuple[str, str]:
     """The two selection protocols built from a train hold-out: its queries against the catalog, and
     against the catalog without their own product."""
@@ -174,6 +200,31 @@ def evaluate(runs: dict, fine: dict[str, int], params: local.VerifyParams) -> di
     return result
 
 
+def families(runs: dict, fine: dict[str, int]) -> list[dict]:
+    """Each form in FAMILIES with its threshold chosen as the rules' are (the selection's top hits
+    right >= TARGET above it), its selection coverage and false matches, and the reported protocol's
+    coverage and precision at that threshold; best on the selection first."""
+    sel_name, absent_name = selection_of(runs)
+
+    def top(r, score, t):
+        right = [fine[h[0].item_id] == q for q, h in r if h and h[0].verified and score(h) >= t]
+        return len(right) / max(1, len(r)), (float(np.mean(right)) if right else float("nan"))
+
+    rows = []
+    for name, form in FAMILIES.items():
+        def score(hits, form=form):  # float32, as the re-rank service's scores are
+            return float(np.float32(form(hits)))
+
+        t, _ = pick_threshold([(score(h), fine[h[0].item_id] == q) for q, h in runs[sel_name] + runs[absent_name]
+                               if h and h[0].verified], TARGET)
+        row = {"form": name, "threshold": t, "selection_coverage": top(runs[sel_name], score, t)[0],
+               "absent_flagged": top(runs[absent_name], score, t)[0]}
+        if REPORTED in runs:
+            row["reported_coverage"], row["reported_precision"] = top(runs[REPORTED], score, t)
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["selection_coverage"])
+
+
 def draw(runs: dict, fine: dict[str, int], result: dict, params: local.VerifyParams, out: Path) -> None:
     import matplotlib
 
@@ -229,11 +280,18 @@ def main(argv=None) -> None:
             pickle.dump({"runs": runs, "fine": fine}, f)
     result = evaluate(runs, fine, params)
     result["model"] = str(vdir)
+    result["families"] = families(runs, fine)
     md = ["| protocol | rule | threshold | mAP@20 | R@1 | top-1 flagged | precision of a flagged top-1 |",
           "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         md.append(f"| {r['protocol']} | {r['rule']} | {r['threshold']:.4f} | {r['mAP@20']:.3f} | {r['R@1']:.2f} | "
                   f"{r['coverage']:.2f} | {r['precision']:.3f} |")
+    md += ["", f"Other forms of the decision (never served), each thresholded on {' + '.join(selection_of(runs))}:", "",
+           f"| form | threshold | selection top-1 flagged | absent flagged | {REPORTED} flagged | {REPORTED} precision |",
+           "|---|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['form']} | {r['threshold']:.4f} | {r['selection_coverage']:.3f} | {r['absent_flagged']:.3f} | "
+           f"{r.get('reported_coverage', float('nan')):.2f} | {r.get('reported_precision', float('nan')):.3f} |"
+           for r in result["families"]]
     write_result(args.out, result, "\n".join(md) + "\n")
     draw(runs, fine, result, params, args.out / "curve.png")
     if args.write_params:

@@ -69,7 +69,7 @@ def test_match_rules_choose_on_the_selection_top_hits():
     """bench.match_eval's choice: per rule, the lowest threshold at which the verified top hits it
     flags over TH-mesh and TH-absent (their product left out) are right >= 95 %; of the rules, the
     one flagging more of TH-mesh's top hits."""
-    from bench.match_eval import evaluate, match_score, top1
+    from bench.match_eval import evaluate, families, match_score, top1
     from bench.meshpath import Hit
 
     params = local.VerifyParams(threshold=1.15, match_on="fused", weight=0.1, cap=40)
@@ -105,11 +105,24 @@ def test_match_rules_choose_on_the_selection_top_hits():
     tf = evaluate({"TF-mesh": present, "TF-absent": absent, "P1": reported}, fine, params)
     assert tf["chosen"] == {**r["chosen"], "selected_on": "TF-mesh + TF-absent"}
     assert {row["protocol"] for row in tf["rows"]} == {"TF-mesh", "TF-absent", "P1"}
+    # The other forms of the decision, thresholded the same way. similarity + 0.1 x min(inliers, 40)/40
+    # is the evidence rule: the same threshold and rows.
+    forms = {row["form"]: row for row in families({"TH-mesh": present, "TH-absent": absent, "P1": reported}, fine)}
+    ev = forms["similarity + 0.1 x min(inliers, 40)/40"]
+    assert ev["threshold"] == pytest.approx(0.85) and ev["selection_coverage"] == 1 and ev["absent_flagged"] == 0
+    assert ev["reported_coverage"] == 1 and ev["reported_precision"] == 0.5
+    # A stronger bonus (0.5 x min(inliers, 40)/40): right 1.4, 1.35, 1.05; wrong 1.1 (b0), 0.85 -> only 1.35
+    # and above keep 95 %: two of three TH-mesh top hits.
+    strong = forms["similarity + 0.5 x min(inliers, 40)/40"]
+    assert strong["threshold"] == pytest.approx(1.35) and strong["selection_coverage"] == pytest.approx(2 / 3)
+    # The query's floor: its last candidate is its only one here, so evidence - a x similarity.
+    floor = forms["evidence - 0.5 x the 100th candidate's similarity"]
+    assert floor["threshold"] == pytest.approx(0.5 * 0.8 + 0.05) and floor["selection_coverage"] == 1
 
 
 @pytest.mark.integration
 def test_match_eval_smoke(tmp_path, model_repo, grocery):
-    from bench.match_eval import main
+    from bench.match_eval import FAMILIES, main
 
     main(["--smoke", "--model", str(model_repo), "--out", str(tmp_path)])
     r = json.loads((tmp_path / "result.json").read_text())
@@ -117,5 +130,6 @@ def test_match_eval_smoke(tmp_path, model_repo, grocery):
     assert {row["protocol"] for row in r["rows"]} == {"TH-mesh", "TH-absent", "P1"}
     assert all(0 <= row["coverage"] <= 1 for row in r["rows"])
     assert (tmp_path / "curve.png").stat().st_size > 0 and "| P1 | served (similarity) |" in (tmp_path / "result.md").read_text()
+    assert len(r["families"]) == len(FAMILIES) and all(0 <= f["selection_coverage"] <= 1 for f in r["families"])
     main(["--smoke", "--model", str(model_repo), "--out", str(tmp_path), "--from-hits"])  # chosen again from the hits
     assert json.loads((tmp_path / "result.json").read_text())["chosen"] == r["chosen"]
