@@ -2,8 +2,10 @@
 
     python -m bench.time_onnx runs/onnx-lite0:320 runs/onnx-mnv2:224 --out runs/onnx-times.json
 
-Each DIR:SIZE is a folder of `.onnx` files (as `visearch eval --export DIR` writes) and their
-input size; prints and writes {file name: ms per image} (best of 3 runs after a warm-up).
+Each DIR:SIZE is a folder of `.onnx` files (as `visearch eval --export DIR` writes, or a model
+version folder such as runs/twin-repo/embedder/1) and their input size; prints and writes
+{file name: ms per image} (best of 3 runs after a warm-up; a name already timed from another
+folder is written as its path).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         d, size = spec.rsplit(":", 1)
         batch = load_batch(photos, int(size))
         for f in sorted(Path(d).glob("*.onnx")):
-            times[f.name] = round(onnx_ms_per_image(f, batch, threads=args.threads, repeats=3), 1)
-            print(f"{f.name}: {times[f.name]} ms/img", flush=True)
+            name = f.name if f.name not in times else str(f)
+            times[name] = round(onnx_ms_per_image(f, batch, threads=args.threads, repeats=3), 1)
+            print(f"{name}: {times[name]} ms/img", flush=True)
     if args.out:
         args.out.write_text(json.dumps(times, indent=1) + "\n")
     return 0
