@@ -43,6 +43,7 @@ import asyncio
 import pickle
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,9 +74,11 @@ def _plus(w: float, feature):
 
 
 def _background(a: float):
-    """The evidence score less a share of the query's last candidate's similarity (a query whose
-    every similarity is low, another light or face of the package, is judged against its own floor)."""
-    return lambda hits: hits[0].similarity + 0.1 * min(hits[0].inliers, 40) / 40 - a * hits[-1].similarity
+    """The evidence score less a share of the lowest similarity among the query's candidates (a
+    query whose every similarity is low, another light or face of the package, is judged against its
+    own floor). The hits come in re-ranked order, so the floor is their minimum, not the last one."""
+    return lambda hits: (hits[0].similarity + 0.1 * min(hits[0].inliers, 40) / 40
+                         - a * min(h.similarity for h in hits))
 
 
 # Other forms of the decision, measured beside RULES (`families`), never served: a stronger or longer
@@ -86,7 +89,7 @@ FAMILIES = {
        for cap in (40, 80, 150)},
     **{f"similarity + {w} x inliers/matches": _plus(w, lambda h: h.inliers / max(h.matches, 1)) for w in (0.1, 0.3, 0.5)},
     **{f"similarity + {w} x hull coverage": _plus(w, lambda h: min(h.coverage, 1.0)) for w in (0.1, 0.3, 0.5)},
-    **{f"evidence - {a} x the 100th candidate's similarity": _background(a) for a in (0.25, 0.5)},
+    **{f"evidence - {a} x the lowest of its 100 candidates' similarities": _background(a) for a in (0.25, 0.5)},
 }
 
 
@@ -116,22 +119,23 @@ def match_score(hit: Hit, rule: str, params: local.VerifyParams) -> float:
                                     replace(params, match_on=rule))[0])
 
 
-def flagged(hit: Hit, rule: str, t: float, params: local.VerifyParams) -> bool:
-    return hit.verified and match_score(hit, rule, params) >= t
+Score = Callable[[list[Hit]], float]  # a query's hits -> its top hit's match score
 
 
-def pairs(runs: list[tuple[int, list[Hit]]], fine: dict[str, int], rule: str, params: local.VerifyParams
-          ) -> list[tuple[float, bool]]:
+def rule_score(rule: str, params: local.VerifyParams) -> Score:
+    return lambda hits: match_score(hits[0], rule, params)
+
+
+def pairs(runs: list[tuple[int, list[Hit]]], fine: dict[str, int], score: Score) -> list[tuple[float, bool]]:
     """(match score, right) of the verified top hits."""
-    return [(match_score(hits[0], rule, params), fine[hits[0].item_id] == q) for q, hits in runs
-            if hits and hits[0].verified]
+    return [(score(hits), fine[hits[0].item_id] == q) for q, hits in runs if hits and hits[0].verified]
 
 
-def top1(runs: list[tuple[int, list[Hit]]], fine: dict[str, int], rule: str, t: float,
-         params: local.VerifyParams) -> dict:
-    hits = [(fine[hits[0].item_id] == q) for q, hits in runs if hits and flagged(hits[0], rule, t, params)]
-    return {"coverage": len(hits) / max(1, len(runs)), "precision": float(np.mean(hits)) if hits else float("nan"),
-            "flagged": len(hits)}
+def top1(runs: list[tuple[int, list[Hit]]], fine: dict[str, int], score: Score, t: float) -> dict:
+    """The share of queries whose top hit is flagged (verified, score >= t) and how often it is right."""
+    right = [y for s, y in pairs(runs, fine, score) if s >= t]
+    return {"coverage": len(right) / max(1, len(runs)), "precision": float(np.mean(right)) if right else float("nan"),
+            "flagged": len(right)}
 
 
 async def collect(model: Path, smoke: bool, select_on: str = "TH") -> tuple[dict, dict[str, int]]:
@@ -181,9 +185,9 @@ def evaluate(runs: dict, fine: dict[str, int], params: local.VerifyParams) -> di
     sel_name, absent_name = selection_of(runs)
     result: dict = {"served": {"rule": params.match_on, "threshold": params.threshold}, "rules": {}, "rows": []}
     for rule in RULES:
-        t, _ = pick_threshold(pairs(runs[sel_name] + runs[absent_name], fine, rule, params), TARGET)
+        t, _ = pick_threshold(pairs(runs[sel_name] + runs[absent_name], fine, rule_score(rule, params)), TARGET)
         result["rules"][rule] = {"threshold": t, **{f"selection_top1_{k}": v
-                                                    for k, v in top1(runs[sel_name], fine, rule, t, params).items()}}
+                                                    for k, v in top1(runs[sel_name], fine, rule_score(rule, params), t).items()}}
     chosen = max(RULES, key=lambda r: result["rules"][r]["selection_top1_coverage"])
     result["chosen"] = {"rule": chosen, "threshold": result["rules"][chosen]["threshold"],
                         "selected_on": f"{sel_name} + {absent_name}"}
@@ -196,7 +200,7 @@ def evaluate(runs: dict, fine: dict[str, int], params: local.VerifyParams) -> di
         quality = retrieval_report(rankings, positives) if name != absent_name else {"mAP@20": np.nan, "recall@1": np.nan}
         for label, rule, t in decisions:
             result["rows"].append({"protocol": name, "rule": label, "threshold": t, "mAP@20": quality["mAP@20"],
-                                   "R@1": quality["recall@1"], **top1(r, fine, rule, t, params)})
+                                   "R@1": quality["recall@1"], **top1(r, fine, rule_score(rule, params), t)})
     return result
 
 
@@ -205,22 +209,17 @@ def families(runs: dict, fine: dict[str, int]) -> list[dict]:
     right >= TARGET above it), its selection coverage and false matches, and the reported protocol's
     coverage and precision at that threshold; best on the selection first."""
     sel_name, absent_name = selection_of(runs)
-
-    def top(r, score, t):
-        right = [fine[h[0].item_id] == q for q, h in r if h and h[0].verified and score(h) >= t]
-        return len(right) / max(1, len(r)), (float(np.mean(right)) if right else float("nan"))
-
     rows = []
     for name, form in FAMILIES.items():
         def score(hits, form=form):  # float32, as the re-rank service's scores are
             return float(np.float32(form(hits)))
 
-        t, _ = pick_threshold([(score(h), fine[h[0].item_id] == q) for q, h in runs[sel_name] + runs[absent_name]
-                               if h and h[0].verified], TARGET)
-        row = {"form": name, "threshold": t, "selection_coverage": top(runs[sel_name], score, t)[0],
-               "absent_flagged": top(runs[absent_name], score, t)[0]}
+        t, _ = pick_threshold(pairs(runs[sel_name] + runs[absent_name], fine, score), TARGET)
+        row = {"form": name, "threshold": t, "selection_coverage": top1(runs[sel_name], fine, score, t)["coverage"],
+               "absent_flagged": top1(runs[absent_name], fine, score, t)["coverage"]}
         if REPORTED in runs:
-            row["reported_coverage"], row["reported_precision"] = top(runs[REPORTED], score, t)
+            reported = top1(runs[REPORTED], fine, score, t)
+            row["reported_coverage"], row["reported_precision"] = reported["coverage"], reported["precision"]
         rows.append(row)
     return sorted(rows, key=lambda r: -r["selection_coverage"])
 
@@ -238,11 +237,11 @@ def draw(runs: dict, fine: dict[str, int], result: dict, params: local.VerifyPar
     for ax, (title, r) in zip(axes, panels, strict=True):
         for rule, style in zip(RULES, ("-", "--", ":"), strict=True):
             ts = sorted({match_score(hits[0], rule, params) for _, hits in r if hits and hits[0].verified}, reverse=True)
-            pts = [p for p in (top1(r, fine, rule, t, params) for t in ts) if p["flagged"]]
+            pts = [p for p in (top1(r, fine, rule_score(rule, params), t) for t in ts) if p["flagged"]]
             ax.plot([p["coverage"] for p in pts], [p["precision"] for p in pts], style, label=f"{rule} >= t")
-            c = top1(r, fine, rule, result["rules"][rule]["threshold"], params)
+            c = top1(r, fine, rule_score(rule, params), result["rules"][rule]["threshold"])
             ax.plot([c["coverage"]], [c["precision"]], "o", color=ax.lines[-1].get_color())
-        s = top1(r, fine, params.match_on, params.threshold, params)
+        s = top1(r, fine, rule_score(params.match_on, params), params.threshold)
         ax.plot([s["coverage"]], [s["precision"]], "kx", label=f"served: {params.match_on} >= {params.threshold:.4f}")
         ax.axhline(TARGET, color="grey", lw=0.5)
         ax.set_title(f"top hits: {title}", fontsize=9)

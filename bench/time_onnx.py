@@ -4,8 +4,8 @@
 
 Each DIR:SIZE is a folder of `.onnx` files (as `visearch eval --export DIR` writes, or a model
 version folder such as runs/twin-repo/embedder/1) and their input size; prints and writes
-{file name: ms per image} (best of 3 runs after a warm-up; a name already timed from another
-folder is written as its path).
+{file name: ms per image} (best of 3 runs after a warm-up; every file by its path when two
+folders hold the same file name).
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grocery dataset not found: set {datasets.ENV_VAR}", file=sys.stderr)
         return 2
     photos = [p.path for p in datasets.grocery_split(root, "val") if p.is_product][:32]
+    specs = [(Path(d), int(size)) for d, size in (spec.rsplit(":", 1) for spec in args.dirs)]
+    files = [(f, size) for d, size in specs for f in sorted(d.glob("*.onnx"))]
+    by_path = len({f.name for f, _ in files}) < len(files)  # the same file name in two folders
     times: dict[str, float] = {}
-    for spec in args.dirs:
-        d, size = spec.rsplit(":", 1)
-        batch = load_batch(photos, int(size))
-        for f in sorted(Path(d).glob("*.onnx")):
-            name = f.name if f.name not in times else str(f)
-            times[name] = round(onnx_ms_per_image(f, batch, threads=args.threads, repeats=3), 1)
-            print(f"{name}: {times[name]} ms/img", flush=True)
+    batches = {size: load_batch(photos, size) for _, size in specs}
+    for f, size in files:
+        batch = batches[size]
+        name = str(f) if by_path else f.name
+        times[name] = round(onnx_ms_per_image(f, batch, threads=args.threads, repeats=3), 1)
+        print(f"{name}: {times[name]} ms/img", flush=True)
     if args.out:
         args.out.write_text(json.dumps(times, indent=1) + "\n")
     return 0

@@ -69,7 +69,7 @@ def test_match_rules_choose_on_the_selection_top_hits():
     """bench.match_eval's choice: per rule, the lowest threshold at which the verified top hits it
     flags over TH-mesh and TH-absent (their product left out) are right >= 95 %; of the rules, the
     one flagging more of TH-mesh's top hits."""
-    from bench.match_eval import evaluate, families, match_score, top1
+    from bench.match_eval import evaluate, families, match_score, rule_score, top1
     from bench.meshpath import Hit
 
     params = local.VerifyParams(threshold=1.15, match_on="fused", weight=0.1, cap=40)
@@ -93,7 +93,7 @@ def test_match_rules_choose_on_the_selection_top_hits():
     assert r["rules"]["evidence"]["threshold"] == pytest.approx(0.85)
     assert r["rules"]["similarity"]["selection_top1_coverage"] == r["rules"]["evidence"]["selection_top1_coverage"] == 1
     assert r["chosen"] == {"rule": "evidence", "threshold": pytest.approx(0.85), "selected_on": "TH-mesh + TH-absent"}
-    assert top1(present, fine, "fused", 1.1, params) == {"coverage": 2 / 3, "precision": 1.0, "flagged": 2}
+    assert top1(present, fine, rule_score("fused", params), 1.1) == {"coverage": 2 / 3, "precision": 1.0, "flagged": 2}
     rows = {(row["protocol"], row["rule"]): row for row in r["rows"]}
     # Served (fused >= 1.15): the sibling with its product absent is a false match.
     assert rows[("TH-absent", "served (fused)")]["flagged"] == 1
@@ -109,15 +109,22 @@ def test_match_rules_choose_on_the_selection_top_hits():
     # is the evidence rule: the same threshold and rows.
     forms = {row["form"]: row for row in families({"TH-mesh": present, "TH-absent": absent, "P1": reported}, fine)}
     ev = forms["similarity + 0.1 x min(inliers, 40)/40"]
-    assert ev["threshold"] == pytest.approx(0.85) and ev["selection_coverage"] == 1 and ev["absent_flagged"] == 0
+    assert ev["threshold"] == pytest.approx(r["rules"]["evidence"]["threshold"]) and ev["selection_coverage"] == 1
+    assert ev["absent_flagged"] == 0
     assert ev["reported_coverage"] == 1 and ev["reported_precision"] == 0.5
     # A stronger bonus (0.5 x min(inliers, 40)/40): right 1.4, 1.35, 1.05; wrong 1.1 (b0), 0.85 -> only 1.35
     # and above keep 95 %: two of three TH-mesh top hits.
     strong = forms["similarity + 0.5 x min(inliers, 40)/40"]
     assert strong["threshold"] == pytest.approx(1.35) and strong["selection_coverage"] == pytest.approx(2 / 3)
-    # The query's floor: its last candidate is its only one here, so evidence - a x similarity.
-    floor = forms["evidence - 0.5 x the 100th candidate's similarity"]
-    assert floor["threshold"] == pytest.approx(0.5 * 0.8 + 0.05) and floor["selection_coverage"] == 1
+    # The query's floor: with one hit, evidence - a x its own similarity. a1's query gets two more hits
+    # in re-ranked order, similarities 0.4 then 0.7: the floor is the lowest similarity, not the last hit's.
+    lifted = [present[0], (1, [present[1][1][0], hit("b1", 0.95, 0.4), hit("b0", 0.9, 0.7)]), present[2]]
+    floor = {row["form"]: row for row in families({"TH-mesh": lifted, "TH-absent": absent}, fine)}[
+        "evidence - 0.5 x the lowest of its 100 candidates' similarities"]
+    # a0 0.55, b2 0.525, a1 0.85 - 0.2 = 0.65 right; b0 0.4, a2 0.38 wrong -> 0.525 (with the last
+    # hit's 0.7, a1 would score 0.5 and be the threshold).
+    assert floor["threshold"] == pytest.approx(0.5 * 0.85 + 0.1) and floor["selection_coverage"] == 1
+    assert "reported_coverage" not in floor
 
 
 @pytest.mark.integration
