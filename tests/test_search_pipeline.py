@@ -321,3 +321,33 @@ def test_conversions_to_protobuf():
     assert convert.box_of(first.region) == BOX2 and convert.box_of(first.box) == BOX
     assert not res.hits[1].HasField("region") and res.hits[1].score == pytest.approx(0.4)
     assert [(o.label, o.detection_score, [h.item_id for h in o.hits]) for o in res.objects] == [("can", 0.75, ["a"])]
+
+
+def test_batch_calls_stop_waiting_for_a_finished_search():
+    """A BatchSearch's merged calls wait for every search still running, not for one that has
+    finished (a bad image fails before it calls anything): with a window far longer than the test,
+    the two live searches' calls still go out at once, as one merged call."""
+    from services.gateway.coalesce import Coalescer
+
+    sent = []
+
+    async def send(key, requests, timeout):
+        sent.append(list(requests))
+        return [f"answer {r}" for r in requests]
+
+    async def run():
+        co = Coalescer(send, expected=3, window=30.0, cap=30.0)
+        first = co("k", "a", 1.0)
+        await asyncio.sleep(0.01)
+        co.leave()  # the third search failed: the two others are all there is to wait for
+        answers = await asyncio.wait_for(asyncio.gather(first, co("k", "b", 1.0)), 5)
+        # Once one search leaves with a call pending from every live search, it goes out at once.
+        lone = Coalescer(send, expected=2, window=30.0, cap=30.0)
+        pending = lone("k", "c", 1.0)
+        await asyncio.sleep(0.01)
+        lone.leave()
+        return answers, await asyncio.wait_for(pending, 5)
+
+    answers, lone = asyncio.run(run())
+    assert answers == ["answer a", "answer b"] and lone == "answer c"
+    assert sent == [["a", "b"], ["c"]]

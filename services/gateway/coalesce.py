@@ -2,7 +2,8 @@
 
 The searches of a batch run concurrently, each through the same steps as a single search. Each
 Detect or Embed call they make is held until no other came for WINDOW_SECONDS (at most CAP_SECONDS
-after the first, or until every search of the batch has made one) and merged with the others of the
+after the first, or until every search of the batch still running has made one: a search that has
+finished, a bad image's at once, makes no more calls and is not waited for) and merged with the others of the
 same kind and options into one call: the services run one forward over all of their images. A
 merged call that fails is made again call by call, so a bad image fails only its own search, with
 its own reason.
@@ -47,6 +48,12 @@ class Coalescer:
         else:  # wait for the others a little longer, never past the cap
             self.timer = loop.call_later(max(0.0, min(self.window, self.first + self.cap - loop.time())), self.flush)
         return fut
+
+    def leave(self) -> None:
+        """One search of the batch has finished and makes no more calls: the others wait for one fewer."""
+        self.expected -= 1
+        if self.pending and len(self.pending) >= self.expected:
+            self.flush()
 
     def flush(self) -> None:
         if self.timer is not None:
@@ -95,6 +102,11 @@ class BatchCalls:
         self.detection, self.embedding, self.split = detection, embedding, split
         self._detect = Coalescer(self._send_detect, expected)
         self._embed = Coalescer(self._send_embed, expected)
+
+    def finished(self) -> None:
+        """A search of the batch has its answer or its error (gateway BatchSearch)."""
+        self._detect.leave()
+        self._embed.leave()
 
     @property
     def merged_calls(self) -> int:

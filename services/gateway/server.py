@@ -154,10 +154,17 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         n = len(request.searches)
         if not 0 < n <= search.MAX_BATCH_SEARCHES:
             raise InvalidArgument(f"{n} searches in one BatchSearch; 1 to {search.MAX_BATCH_SEARCHES} are answered")
-        token = _BATCH.set(BatchCalls(self.detection, self.embedding, n, split_by_bytes))
+        batch = BatchCalls(self.detection, self.embedding, n, split_by_bytes)
+        token = _BATCH.set(batch)
+
+        async def one(s):
+            try:
+                return await self._search(s, context)
+            finally:  # its batch-mates stop waiting for its calls
+                batch.finished()
+
         try:
-            outcomes = await asyncio.gather(*(self._search(s, context) for s in request.searches),
-                                            return_exceptions=True)
+            outcomes = await asyncio.gather(*(one(s) for s in request.searches), return_exceptions=True)
         finally:
             _BATCH.reset(token)
         results = []
