@@ -77,8 +77,8 @@ def _background(a: float):
     """The evidence score less a share of the lowest similarity among the query's candidates (a
     query whose every similarity is low, another light or face of the package, is judged against its
     own floor). The hits come in re-ranked order, so the floor is their minimum, not the last one."""
-    return lambda hits: (hits[0].similarity + 0.1 * min(hits[0].inliers, 40) / 40
-                         - a * min(h.similarity for h in hits))
+    evidence = _bonus(0.1, 40)
+    return lambda hits: evidence(hits) - a * min(h.similarity for h in hits)
 
 
 # Other forms of the decision, measured beside RULES (`families`), never served: a stronger or longer
@@ -185,9 +185,10 @@ def evaluate(runs: dict, fine: dict[str, int], params: local.VerifyParams) -> di
     sel_name, absent_name = selection_of(runs)
     result: dict = {"served": {"rule": params.match_on, "threshold": params.threshold}, "rules": {}, "rows": []}
     for rule in RULES:
-        t, _ = pick_threshold(pairs(runs[sel_name] + runs[absent_name], fine, rule_score(rule, params)), TARGET)
+        score = rule_score(rule, params)
+        t, _ = pick_threshold(pairs(runs[sel_name] + runs[absent_name], fine, score), TARGET)
         result["rules"][rule] = {"threshold": t, **{f"selection_top1_{k}": v
-                                                    for k, v in top1(runs[sel_name], fine, rule_score(rule, params), t).items()}}
+                                                    for k, v in top1(runs[sel_name], fine, score, t).items()}}
     chosen = max(RULES, key=lambda r: result["rules"][r]["selection_top1_coverage"])
     result["chosen"] = {"rule": chosen, "threshold": result["rules"][chosen]["threshold"],
                         "selected_on": f"{sel_name} + {absent_name}"}
