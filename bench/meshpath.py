@@ -178,7 +178,7 @@ class MeshPath:
             order = np.argsort(-scores, kind="stable")
             return [Hit(chosen[i][1].item_id, float(scores[i]), similarity=chosen[i][0]) for i in order][:top_k]
         if rerank == "verify":
-            # local.rerank, with each (query, object) verification computed once across calls.
+            # local.verify_top and fuse, with each (query, object) verification computed once across calls.
             memo = q.setdefault("checks", {})
             checks = {}
             for i, (_, c) in enumerate(chosen[:min(self.params.top, len(chosen))]):

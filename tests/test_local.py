@@ -62,6 +62,23 @@ def test_features_inside_a_box_keep_the_strongest():
     assert got.xy.tolist() == [[50, 50]]
 
 
+def test_tentative_matches_are_opencvs_mutual_ratio_matches(photos):
+    # The served matcher (one matrix product, masked minimum for the second nearest) against
+    # OpenCV's brute-force L2 matcher: nearest two, Lowe's ratio, kept when mutual.
+    q = local.RootSift(max_side=local.QUERY_SIDE)(photos[1])
+    cap = local.capacity("rootsift", 32)
+    for other in (photos[0], photos[2]):
+        c = local.RootSift()(other).inside((0, 0, 1e9, 1e9), cap)
+        a, b = q.desc.astype(np.float32), c.desc.astype(np.float32)
+        bf = cv2.BFMatcher(cv2.NORM_L2)
+        back = {m.queryIdx: m.trainIdx for m in bf.match(b, a)}
+        want = sorted((m.queryIdx, m.trainIdx) for m, n in bf.knnMatch(a, b, k=2)
+                      if m.distance <= 0.9 * n.distance and back[m.trainIdx] == m.queryIdx)
+        got = local.tentative(q, c, ratio=0.9)
+        assert len(want) >= 10
+        assert sorted(map(tuple, got.tolist())) == want
+
+
 def test_verification_finds_the_transform_of_the_same_photo_and_not_another_product(photos):
     ext = local.RootSift()
     warped, m = warp(photos[0])

@@ -293,6 +293,52 @@ def test_detection_failure_cancels_the_full_frame():
         run(NumpyStore(), remote, SearchQuery(image=png()), query_objects="both")
 
 
+def test_the_boxes_are_embedded_while_the_full_frame_still_runs(store):
+    # The full frame's call (with the query's local features) answers only once the box's call has
+    # been made: a pipeline that waited for the full frame before embedding the box would hang.
+    class Slow(Remote):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.box_called = asyncio.Event()
+
+        async def embed(self, c):
+            if c.boxes == [None]:
+                await asyncio.wait_for(self.box_called.wait(), 5.0)
+            else:
+                self.box_called.set()
+            return await super().embed(c)
+
+    remote = Slow([Detection(BOX, 0.9, "carton")], {BOX: (0.9, 0.1, 0, 0), FULL: (0, 0, 1, 0)})
+    res = run(store, remote, SearchQuery(image=png()), rerank_default="verify")
+    # (the full frame's call is recorded last: it answered last) local features from the full frame only
+    assert [(c.boxes, c.local) for c in remote.embed_calls] == [([BOX], False), ([None], True)]
+    assert remote.rerank_calls[0].local.features == b"local"
+    assert res.hits
+
+
+def test_a_failing_full_frame_cancels_the_boxes_call(store):
+    class Failing(Remote):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.box_cancelled = False
+
+        async def embed(self, c):
+            self.embed_calls.append(c)
+            if c.boxes == [None]:
+                await asyncio.sleep(0.01)
+                raise RuntimeError("embedding down")
+            try:
+                await asyncio.sleep(5.0)
+            except asyncio.CancelledError:
+                self.box_cancelled = True
+                raise
+
+    remote = Failing([Detection(BOX, 0.9, "carton")], {})
+    with pytest.raises(RuntimeError, match="embedding down"):
+        run(store, remote, SearchQuery(image=png()))
+    assert remote.box_cancelled
+
+
 def test_undecodable_image_under_full_policy():
     with pytest.raises(InvalidArgument, match="query image"):
         run(NumpyStore(), Remote(), SearchQuery(image=b"not an image"), query_objects="full")

@@ -22,7 +22,7 @@ labels, or a similarity transform when few matches are left. The number of inlie
 share of the candidate's box their convex hull covers, and the inlier correspondences (for
 display) are the outcome.
 
-Re-ranking (`rerank`, the re-rank service's "verify" method): the top `top` candidates
+Re-ranking (`verify_top`, then `fuse`: the re-rank service's "verify" method): the top `top` candidates
 by global score are verified against the query; a candidate is *verified* when it has at
 least `min_inliers` inliers whose hull covers at least `min_coverage` of its box (a shared
 logo on a sibling product matches in a small patch; the same product matches across its
@@ -39,6 +39,7 @@ fused score (the rule before) cannot tell them apart.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,9 +127,14 @@ QUERY_SIDE = 256
 MIN_SIDE = 64
 
 
+@functools.lru_cache(maxsize=4)
 def load_pca(path: Path = PCA_FILE) -> tuple[np.ndarray, np.ndarray]:
+    """The projection's mean and directions, read once per file (an extractor is made per request);
+    read-only, as they are shared."""
     data = np.load(path)
-    return data["mean"].astype(np.float32), data["w"].astype(np.float32)
+    mean, w = data["mean"].astype(np.float32), data["w"].astype(np.float32)
+    mean.flags.writeable = w.flags.writeable = False
+    return mean, w
 
 
 class RootSift:
@@ -217,9 +223,11 @@ _MATCHERS = {"orb": cv2.NORM_HAMMING}
 
 def tentative(q: Features, c: Features, ratio: float = 0.9) -> np.ndarray:
     """Mutual nearest neighbours passing Lowe's ratio test: pairs [m, 2] of (query index, candidate
-    index). Binary descriptors through OpenCV's brute-force matcher (SIMD popcounts); float ones as
+    index). Binary descriptors through OpenCV's brute-force matcher (SIMD popcounts); float ones from
     one matrix product (the squared L2 distances, BLAS), which gives the same pairs as the matcher
-    without a Python object per match (a tenth of the time)."""
+    without a Python object per match (a tenth of the time). The second nearest distance is the
+    row's minimum once its nearest is masked (two passes over the rows instead of a partition: half
+    the time of a pair, the same pairs; `python -m bench.verify_cost`)."""
     if len(q) < 2 or len(c) < 2:
         return np.zeros((0, 2), np.int64)
     if q.kind in _MATCHERS:
@@ -230,12 +238,17 @@ def tentative(q: Features, c: Features, ratio: float = 0.9) -> np.ndarray:
                if len(m) == 2 and m[0].distance <= ratio * m[1].distance and back.get(m[0].trainIdx) == m[0].queryIdx]
         return np.asarray(out, np.int64).reshape(-1, 2)
     a, b = q.desc.astype(np.float32), c.desc.astype(np.float32)
-    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    np.maximum(d2, 0.0, out=d2)
-    best = d2.argmin(axis=1)
-    two = np.partition(d2, 1, axis=1)[:, :2]  # the nearest and the second nearest distance
+    d2 = a @ b.T  # in place from here: |a|^2 + |b|^2 - 2 a.b
+    d2 *= -2.0
+    d2 += (a * a).sum(1)[:, None]
+    d2 += (b * b).sum(1)[None, :]
     rows = np.arange(len(a))
-    keep = (two[:, 0] <= ratio * ratio * two[:, 1]) & (d2.argmin(axis=0)[best] == rows)
+    best = d2.argmin(axis=1)
+    mutual = d2.argmin(axis=0)[best] == rows
+    first = np.maximum(d2[rows, best], 0.0)
+    d2[rows, best] = np.inf
+    second = np.maximum(d2.min(axis=1), 0.0)
+    keep = (first <= ratio * ratio * second) & mutual
     return np.stack([rows[keep], best[keep]], axis=1).astype(np.int64)
 
 
@@ -315,7 +328,7 @@ class VerifyParams:
 
 @dataclass
 class Ranked:
-    """The outcome of `rerank`: candidate order, fused scores, and per candidate its verification."""
+    """The outcome of `fuse`: candidate order, fused scores, and per candidate its verification."""
 
     order: np.ndarray  # indexes into the candidates, best first
     scores: np.ndarray  # fused scores, in `order`
@@ -371,11 +384,3 @@ def match_scores(similarity: np.ndarray, fused: np.ndarray, evidence: np.ndarray
     if params.match_on == "similarity":
         return similarity
     raise ValueError(f"unknown match score {params.match_on!r}: evidence, fused or similarity")
-
-
-def rerank(query: np.ndarray, vectors: np.ndarray, scores: np.ndarray, query_features: Features | None,
-           candidate_features: dict[int, Features], boxes: dict[int, tuple], query_area: float,
-           params: VerifyParams) -> Ranked:
-    """`verify_top` then `fuse`: the re-rank service's "verify" method."""
-    return fuse(query, vectors, scores, verify_top(query_features, candidate_features, min(params.top, len(scores))),
-                boxes, query_area, params)

@@ -111,7 +111,7 @@ class Reranker:
             if method == "qe":
                 scores = await asyncio.to_thread(self._qe, query, cands)
             elif method == "verify":
-                scores, verdicts = await asyncio.to_thread(self._verify, query, cands)
+                scores, verdicts = await self._verify(query, cands)
             else:
                 scores, boxes = await asyncio.to_thread(self._regions, query, cands, method)
             order = np.argsort(-scores, kind="stable")
@@ -140,16 +140,22 @@ class Reranker:
             raise InvalidArgument(f"consistency {level!r}: expected {STRONG!r} or {BOUNDED!r}")
         return level
 
-    def _qe(self, query: Query, cands: list[Candidate]) -> np.ndarray:
-        q = query.embedding
-        vecs = self.store.get_vectors(self._generation(query), [c.object_id for c in cands], self._level(query))
+    def _candidate_vectors(self, target: Generation | str, query: Query, cands: list[Candidate]) -> np.ndarray:
+        """The candidates' global vectors [n, d], in their order; every one must still be stored."""
+        vecs = self.store.get_vectors(target, [c.object_id for c in cands], self._level(query))
         missing = [c.object_id for c in cands if c.object_id not in vecs]
         if missing:
             raise FailedPrecondition(f"{len(missing)} candidates are not in catalog {query.catalog!r} "
                                      f"(e.g. {missing[0]!r}): deleted since the search?")
         db = np.stack([vecs[c.object_id] for c in cands])
-        if q.shape != db.shape[1:]:
-            raise InvalidArgument(f"query_embedding has {q.size} values, the catalog's vectors {db.shape[1]}")
+        if query.embedding.shape != db.shape[1:]:
+            raise InvalidArgument(f"query_embedding has {query.embedding.size} values, the catalog's vectors "
+                                  f"{db.shape[1]}")
+        return db
+
+    def _qe(self, query: Query, cands: list[Candidate]) -> np.ndarray:
+        q = query.embedding
+        db = self._candidate_vectors(self._generation(query), query, cands)
         expanded = regions.alpha_qe(q, db, db @ q, self.s.qe_k, self.s.qe_alpha)
         return db @ expanded
 
@@ -162,45 +168,45 @@ class Reranker:
             self._params[key] = local.VerifyParams.load(Path(self.s.model_repository) / name / version / "verify.json")
         return self._params[key]
 
-    def _verify(self, query: Query, cands: list[Candidate]
-                ) -> tuple[np.ndarray, dict[str, tuple[bool, local.Verification]]]:
+    async def _verify(self, query: Query, cands: list[Candidate]
+                      ) -> tuple[np.ndarray, dict[str, tuple[bool, local.Verification]]]:
         if not query.local_features:
             raise InvalidArgument("re-rank method 'verify' needs query_local (the query's local features)")
         try:
             query_features = local.Features.from_bytes(query.local_features)
         except (ValueError, IndexError) as exc:
             raise InvalidArgument(f"query_local is not a local-features record: {exc}") from None
-        target = self._generation(query)
-        gen = self.store.resolve(target)
+        self._level(query)  # a bad consistency fails before any read
+        gen = await asyncio.to_thread(lambda: self.store.resolve(self._generation(query)))
         params = self.params(gen)
-        level = self._level(query)
-        q = query.embedding
-        ids = [c.object_id for c in cands]
-        vecs = self.store.get_vectors(gen, ids, level)
-        missing = [i for i in ids if i not in vecs]
-        if missing:
-            raise FailedPrecondition(f"{len(missing)} candidates are not in catalog {query.catalog!r} "
-                                     f"(e.g. {missing[0]!r}): deleted since the search?")
-        db = np.stack([vecs[i] for i in ids])
-        if q.shape != db.shape[1:]:
-            raise InvalidArgument(f"query_embedding has {q.size} values, the catalog's vectors {db.shape[1]}")
         top = min(params.top, len(cands))
-        stored = self.store.get_local(gen, ids[:top])
+        # The candidates' vectors (for the expansion) are read while the top ones' local features are
+        # read and verified: one thread waits on the store while the other computes.
+        db, checks = await asyncio.gather(asyncio.to_thread(self._candidate_vectors, gen, query, cands),
+                                          asyncio.to_thread(self._checks, gen, query_features, cands[:top]))
+        boxes = {j: c.box for j, c in enumerate(cands[:top])}
+        area = float(max(1, query.width) * max(1, query.height))
+        ranked = local.fuse(query.embedding, db, np.array([c.score for c in cands], np.float32), checks, boxes, area,
+                            params)
+        fused = np.empty(len(cands), np.float32)
+        fused[ranked.order] = ranked.scores
+        ids = [c.object_id for c in cands]
+        verdicts = {ids[i]: (i in ranked.matched, v) for i, v in ranked.checks.items()}
+        return fused, verdicts
+
+    def _checks(self, gen: Generation, query_features: local.Features, top: list[Candidate]
+                ) -> dict[int, local.Verification]:
+        """The verification of each of the `top` candidates that has local features stored."""
+        ids = [c.object_id for c in top]
+        stored = self.store.get_local(gen, ids)
         feats = {}
-        for j, object_id in enumerate(ids[:top]):
+        for j, object_id in enumerate(ids):
             if object_id in stored:
                 try:
                     feats[j] = local.Features.from_bytes(stored[object_id])
                 except (ValueError, IndexError):  # a damaged file: that candidate is not verified
                     log.warning("unreadable local features", extra={"object_id": object_id[:80]})
-        boxes = {j: c.box for j, c in enumerate(cands[:top])}
-        area = float(max(1, query.width) * max(1, query.height))
-        ranked = local.rerank(q, db, np.array([c.score for c in cands], np.float32), query_features, feats, boxes,
-                              area, params)
-        fused = np.empty(len(cands), np.float32)
-        fused[ranked.order] = ranked.scores
-        verdicts = {ids[i]: (i in ranked.matched, v) for i, v in ranked.checks.items()}
-        return fused, verdicts
+        return local.verify_top(query_features, feats, len(top))
 
     def _regions(self, query: Query, cands: list[Candidate], method: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         qr = query.region

@@ -190,6 +190,17 @@ def check_method(method: str) -> str:
     return method
 
 
+def _abandon(*tasks: asyncio.Future | None) -> None:
+    """Cancel calls whose answers are no longer wanted (another error is reported); an error one of
+    them already has is retrieved, so it is not logged as never seen."""
+    for t in tasks:
+        if t is None:
+            continue
+        t.cancel()
+        if t.done() and not t.cancelled():
+            t.exception()
+
+
 class SearchPipeline:
     def __init__(self, store: SearchStore, config: SearchConfig):
         self.store = store
@@ -239,10 +250,7 @@ class SearchPipeline:
             try:
                 det = await ports.detect(query.image, MAX_QUERY_OBJECTS)
             except BaseException:
-                if full_task is not None:
-                    full_task.cancel()
-                    if full_task.done() and not full_task.cancelled():
-                        full_task.exception()  # retrieved: the detection error is the one reported
+                _abandon(full_task)  # the detection error is the one reported
                 raise
             full = (0.0, 0.0, float(det.width), float(det.height))
             detections = list(det.detections)
@@ -253,9 +261,15 @@ class SearchPipeline:
         # "both": the full frame (embedded while the detector ran) is the last view.
         full_at = len(views) - 1 if full_task is not None and views[-1] == full else None
         boxes = [None if box == full else box for i, box in enumerate(wanted) if i != full_at]
-        answers = [await full_task] if full_task is not None else []
-        if boxes:  # local features only from the full frame (already extracted when it was embedded)
-            answers.append(await embed(boxes, want_local and full_at is None))
+        # The boxes' call goes out as soon as the detector has answered, while the full frame's (and
+        # its local features, extracted beside its forward) may still be running. Local features come
+        # only from the full frame when it is embedded.
+        box_task = asyncio.ensure_future(embed(boxes, want_local and full_at is None)) if boxes else None
+        try:
+            answers = [await t for t in (full_task, box_task) if t is not None]
+        except BaseException:
+            _abandon(full_task, box_task)
+            raise
         for a in answers:
             self.store.check_model(gen, a.meta)  # a Generation: compared, nothing read
         model = answers[0].model
