@@ -295,7 +295,7 @@ def test_detection_failure_cancels_the_full_frame():
 
 def test_the_boxes_are_embedded_while_the_full_frame_still_runs(store):
     # The full frame's call (with the query's local features) answers only once the box's call has
-    # been made: a pipeline that waited for the full frame before embedding the box would hang.
+    # been made: a pipeline that waited for the full frame before embedding the box would time out.
     class Slow(Remote):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
@@ -334,9 +334,16 @@ def test_a_failing_full_frame_cancels_the_boxes_call(store):
                 raise
 
     remote = Failing([Detection(BOX, 0.9, "carton")], {})
-    with pytest.raises(RuntimeError, match="embedding down"):
-        run(store, remote, SearchQuery(image=png()))
-    assert remote.box_cancelled
+    config = SearchConfig(query_objects="both", rerank_default="none", rerank_candidates=10)
+
+    async def search_then_look() -> None:
+        with pytest.raises(RuntimeError, match="embedding down"):
+            await SearchPipeline(store, config).search(SearchQuery(image=png()), GEN, remote.ports())
+        await asyncio.sleep(0)  # the cancelled call runs its handler (asyncio.run would cancel it only at its end)
+        assert remote.box_cancelled
+        assert asyncio.all_tasks() == {asyncio.current_task()}, "no call left running"
+
+    asyncio.run(search_then_look())
 
 
 def test_undecodable_image_under_full_policy():
@@ -397,3 +404,26 @@ def test_batch_calls_stop_waiting_for_a_finished_search():
     answers, lone = asyncio.run(run())
     assert answers == ["answer a", "answer b"] and lone == "answer c"
     assert sent == [["a", "b"], ["c"]]
+
+
+def test_a_call_cancelled_before_its_merge_is_not_made():
+    """A search that stops waiting for a call (its other call failed) leaves it in the batch: it is
+    not sent, merged or one by one."""
+    from services.gateway.coalesce import Coalescer
+
+    sent = []
+
+    async def send(key, requests, timeout):
+        sent.append(list(requests))
+        if len(requests) > 1:
+            raise RuntimeError("one of them is bad")
+        return [f"answer {r}" for r in requests]
+
+    async def run():
+        co = Coalescer(send, expected=3, window=30.0, cap=30.0)
+        gone = co("k", "gone", 1.0)
+        gone.cancel()
+        return await asyncio.wait_for(asyncio.gather(co("k", "a", 1.0), co("k", "b", 1.0)), 5)
+
+    assert asyncio.run(run()) == ["answer a", "answer b"]
+    assert sent == [["a", "b"], ["a"], ["b"]]  # merged, failed, then one by one: never "gone"

@@ -370,4 +370,14 @@ def test_rerank_verifies_candidates_against_stored_local_features(services, milv
             with pytest.raises(grpc.RpcError) as err:
                 stub.Rerank(req, timeout=30)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in err.value.details()
+        # Features of another kind (ORB's binary descriptors) cannot be matched against the catalog's:
+        # the request's fault, said so. A candidate gone from the catalog is reported before that.
+        req.query_local = local.Orb()(query).to_bytes()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rerank(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot be matched" in err.value.details()
+        req.candidates.append(rerank_pb2.Candidate(item_id="gone", object_id="gone#0", score=.5, box=box))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rerank(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not in catalog" in err.value.details()
     assert pid_a in photos

@@ -227,7 +227,8 @@ def tentative(q: Features, c: Features, ratio: float = 0.9) -> np.ndarray:
     one matrix product (the squared L2 distances, BLAS), which gives the same pairs as the matcher
     without a Python object per match (a tenth of the time). The second nearest distance is the
     row's minimum once its nearest is masked (two passes over the rows instead of a partition: half
-    the time of a pair, the same pairs; `python -m bench.verify_cost`)."""
+    the time of a pair, the same pairs; `python -m bench.verify_cost`). Both descriptors must have
+    the same width: `check_comparable`."""
     if len(q) < 2 or len(c) < 2:
         return np.zeros((0, 2), np.int64)
     if q.kind in _MATCHERS:
@@ -238,18 +239,27 @@ def tentative(q: Features, c: Features, ratio: float = 0.9) -> np.ndarray:
                if len(m) == 2 and m[0].distance <= ratio * m[1].distance and back.get(m[0].trainIdx) == m[0].queryIdx]
         return np.asarray(out, np.int64).reshape(-1, 2)
     a, b = q.desc.astype(np.float32), c.desc.astype(np.float32)
-    d2 = a @ b.T  # in place from here: |a|^2 + |b|^2 - 2 a.b
+    d2 = a @ b.T  # in place from here: |a|^2 + |b|^2 - 2 a.b (exact for int8 descriptors in float32)
     d2 *= -2.0
     d2 += (a * a).sum(1)[:, None]
     d2 += (b * b).sum(1)[None, :]
+    np.maximum(d2, 0.0, out=d2)  # float descriptors: rounding below zero
     rows = np.arange(len(a))
     best = d2.argmin(axis=1)
     mutual = d2.argmin(axis=0)[best] == rows
-    first = np.maximum(d2[rows, best], 0.0)
+    first = d2[rows, best]
     d2[rows, best] = np.inf
-    second = np.maximum(d2.min(axis=1), 0.0)
+    second = d2.min(axis=1)
     keep = (first <= ratio * ratio * second) & mutual
     return np.stack([rows[keep], best[keep]], axis=1).astype(np.int64)
+
+
+def check_comparable(q: Features, c: Features) -> None:
+    """ValueError unless q's descriptors can be matched against c's (the same kind and width)."""
+    qd, cd = q.desc.shape[1:], c.desc.shape[1:]
+    if q.kind != c.kind or qd != cd:
+        raise ValueError(f"{q.kind} features of width {qd[0] if qd else 0} cannot be matched against {c.kind} "
+                         f"features of width {cd[0] if cd else 0}")
 
 
 def verify(q: Features, c: Features, ratio: float = 0.9, threshold: float = 6.0, min_matches: int = 5,

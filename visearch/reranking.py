@@ -177,13 +177,22 @@ class Reranker:
         except (ValueError, IndexError) as exc:
             raise InvalidArgument(f"query_local is not a local-features record: {exc}") from None
         self._level(query)  # a bad consistency fails before any read
-        gen = await asyncio.to_thread(lambda: self.store.resolve(self._generation(query)))
-        params = self.params(gen)
+
+        def resolved() -> tuple[Generation, local.VerifyParams]:
+            gen = self.store.resolve(self._generation(query))
+            return gen, self.params(gen)
+
+        gen, params = await asyncio.to_thread(resolved)
         top = min(params.top, len(cands))
         # The candidates' vectors (for the expansion) are read while the top ones' local features are
-        # read and verified: one thread waits on the store while the other computes.
+        # read and verified: one thread waits on the store while the other computes. Both finish; a
+        # candidate gone from the catalog is reported before anything its features say.
         db, checks = await asyncio.gather(asyncio.to_thread(self._candidate_vectors, gen, query, cands),
-                                          asyncio.to_thread(self._checks, gen, query_features, cands[:top]))
+                                          asyncio.to_thread(self._checks, gen, query_features, cands[:top]),
+                                          return_exceptions=True)
+        for outcome in (db, checks):
+            if isinstance(outcome, BaseException):
+                raise outcome
         boxes = {j: c.box for j, c in enumerate(cands[:top])}
         area = float(max(1, query.width) * max(1, query.height))
         ranked = local.fuse(query.embedding, db, np.array([c.score for c in cands], np.float32), checks, boxes, area,
@@ -206,6 +215,11 @@ class Reranker:
                     feats[j] = local.Features.from_bytes(stored[object_id])
                 except (ValueError, IndexError):  # a damaged file: that candidate is not verified
                     log.warning("unreadable local features", extra={"object_id": object_id[:80]})
+        for f in feats.values():
+            try:
+                local.check_comparable(query_features, f)
+            except ValueError as exc:
+                raise InvalidArgument(f"query_local does not match the catalog's local features: {exc}") from None
         return local.verify_top(query_features, feats, len(top))
 
     def _regions(self, query: Query, cands: list[Candidate], method: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:

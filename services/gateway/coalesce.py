@@ -67,6 +67,9 @@ class Coalescer:
             asyncio.ensure_future(self._run(key, group))
 
     async def _run(self, key: Hashable, group: list) -> None:
+        group = [entry for entry in group if not entry[3].done()]  # a call cancelled meanwhile is not made
+        if not group:
+            return
         timeout = max(t for _, _, t, _ in group)
         try:
             self.merged_calls += 1
@@ -76,6 +79,8 @@ class Coalescer:
                 _settle(group[0][3], exc=exc)
                 return
             for _, request, t, fut in group:  # again one by one: each search gets its own answer
+                if fut.done():
+                    continue
                 try:
                     _settle(fut, (await self.send(key, [request], t))[0])
                 except Exception as one:  # noqa: BLE001
