@@ -79,6 +79,20 @@ def test_tentative_matches_are_opencvs_mutual_ratio_matches(photos):
         assert sorted(map(tuple, got.tolist())) == want
 
 
+def test_tentative_matches_equal_the_partition_form_on_ties_and_tiny_sets():
+    # Small integer descriptors force equal distances; two-feature candidates are the smallest matched.
+    from bench.verify_cost import reference
+
+    rng = np.random.default_rng(7)
+    for n_q, n_c in ((2, 2), (5, 2), (40, 30), (200, 120)):
+        for _ in range(20):
+            q = local.Features("rootsift", np.zeros((n_q, 2), np.float32),
+                               rng.integers(-2, 3, (n_q, 8)).astype(np.int8))
+            c = local.Features("rootsift", np.zeros((n_c, 2), np.float32),
+                               np.concatenate([q.desc[: n_c // 2], rng.integers(-2, 3, (n_c - n_c // 2, 8))]).astype(np.int8))
+            assert np.array_equal(local.tentative(q, c), reference(q, c))
+
+
 def test_verification_finds_the_transform_of_the_same_photo_and_not_another_product(photos):
     ext = local.RootSift()
     warped, m = warp(photos[0])

@@ -239,11 +239,13 @@ def tentative(q: Features, c: Features, ratio: float = 0.9) -> np.ndarray:
                if len(m) == 2 and m[0].distance <= ratio * m[1].distance and back.get(m[0].trainIdx) == m[0].queryIdx]
         return np.asarray(out, np.int64).reshape(-1, 2)
     a, b = q.desc.astype(np.float32), c.desc.astype(np.float32)
-    d2 = a @ b.T  # in place from here: |a|^2 + |b|^2 - 2 a.b (exact for int8 descriptors in float32)
+    # In place: |a|^2 + |b|^2 - 2 a.b. Features hold int8 descriptors, so every term is an integer
+    # below 2^24, exact in float32: no distance rounds below zero, and no clip is needed (a pass
+    # over the matrix, a fifth of the matcher's time).
+    d2 = a @ b.T
     d2 *= -2.0
     d2 += (a * a).sum(1)[:, None]
     d2 += (b * b).sum(1)[None, :]
-    np.maximum(d2, 0.0, out=d2)  # float descriptors: rounding below zero
     rows = np.arange(len(a))
     best = d2.argmin(axis=1)
     mutual = d2.argmin(axis=0)[best] == rows
