@@ -64,3 +64,15 @@ def write_result(out: Path | None, result: dict, markdown: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(result, indent=2))
         (out / "result.md").write_text(markdown)
+
+
+def stored_local_features(path: Path):
+    """A whole photo's local features as ingestion stores them (visearch.local: RootSIFT at the
+    catalog's side, the strongest that fit the budget of one object)."""
+    import numpy as np
+
+    from visearch import local
+    from visearch.imaging import decode_image
+
+    image = np.asarray(decode_image(Path(path).read_bytes()))
+    return local.RootSift()(image).inside((0, 0, 1e9, 1e9), local.capacity("rootsift", 32))

@@ -194,12 +194,9 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
     queries = [p.path for p in val]
     repo = Path(os.environ.get("VISEARCH_MODEL_REPOSITORY") or DEFAULT_MODEL_REPOSITORY)
     raw = RawForwards(repo, queries)
-    from visearch import local
-    from visearch.imaging import decode_image
+    from bench.common import stored_local_features
 
-    cap = local.capacity("rootsift", 32)
-    stored = [local.RootSift()(np.asarray(decode_image(p.path.read_bytes()))).inside((0, 0, 1e9, 1e9), cap)
-              for p in real[:20]]  # stand-ins for a query's top 20 candidates, as stored
+    stored = [stored_local_features(p.path) for p in real[:20]]  # stand-ins for a query's top 20 candidates
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

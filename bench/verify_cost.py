@@ -14,13 +14,14 @@ the same pairs: the benchmark stops if they do not.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import grocery_root, show
+from bench.common import grocery_root, show, stored_local_features
 
 CANDIDATES = 20
 SAME = 5  # candidates showing the query's product
@@ -66,14 +67,8 @@ def _run(args) -> int:
     val = [p for p in datasets.grocery_split(root, "val") if p.is_product]
     rng = np.random.default_rng(args.seed)
     queries = [val[i] for i in sorted(rng.choice(len(val), min(args.queries, len(val)), replace=False))]
-    cap = local.capacity("rootsift", 32)
-    stored_extractor, query_extractor = local.RootSift(), local.RootSift(max_side=local.QUERY_SIDE)
-    cache: dict[Path, local.Features] = {}
-
-    def stored(path: Path) -> local.Features:
-        if path not in cache:
-            cache[path] = stored_extractor(np.asarray(decode_image(path.read_bytes()))).inside((0, 0, 1e9, 1e9), cap)
-        return cache[path]
+    query_extractor = local.RootSift(max_side=local.QUERY_SIDE)
+    stored = functools.cache(stored_local_features)
 
     rows: list[dict] = []
     for k, qp in enumerate(queries):
