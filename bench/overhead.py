@@ -6,13 +6,16 @@ Side by side in one run, on the same grocery val photos:
            photo, the embedder on a batch of 2: the best box and the full frame), timed on each
            photo just before its search, so both see the same load of the machine;
   verify   the raw cost of geometric verification on inputs prepared beforehand: the query's
-           local features extracted (visearch.local, as the embedding service does while its
-           model runs) and matched against the stored features of its top 20 candidates;
+           local features extracted (visearch.local, as the embedding service does) and matched
+           against the stored features of its top 20 candidates, with one BLAS thread as the
+           services run (before stop 41 this process's BLAS pool kept spinning on both cores
+           after the matching, and the search timed next, always the default, paid for it);
   search   gateway Search through a fresh local mesh (defaults: query objects "both", re-rank
            "verify") over a catalog of --catalog-size items (a few hundred real photos through the
            queue, the rest synthetic unit vectors of the real dimension written to the store), one
            client, one query at a time, after a warm-up; each photo also searched with each of
-           --compare (e.g. "qe", the previous default), interleaved, so the methods share the load;
+           --compare (e.g. "qe", the previous default), interleaved, so the methods share the load,
+           and taking turns at going first after the raw timings;
   where    each service's own time per search, from their /metrics (visearch_rpc_seconds sums):
            detection, embedding, re-rank, and the gateway's remainder (decode, vector search,
            gRPC hops, Python).
@@ -71,17 +74,22 @@ class RawForwards:
         return d, (time.perf_counter() - t) * 1000
 
     def verify_time(self, path: Path, candidates: list) -> tuple[float, float]:
-        """(extract ms, match ms): the query's local features, then verified against `candidates`."""
+        """(extract ms, match ms): the query's local features, then verified against `candidates`,
+        with one BLAS thread as the re-rank service runs it (visearch.mesh). A BLAS pool of more
+        threads would also keep spinning after the matching, on the cores the next search needs."""
+        from threadpoolctl import threadpool_limits
+
         from visearch import local
         from visearch.imaging import decode_image
 
         img = np.asarray(decode_image(path.read_bytes()))
-        t = time.perf_counter()
-        q = local.RootSift(max_side=local.QUERY_SIDE)(img)  # as the gateway asks for a query's
-        e = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        local.verify_top(q, dict(enumerate(candidates)), len(candidates))
-        return e, (time.perf_counter() - t) * 1000
+        with threadpool_limits(1):
+            t = time.perf_counter()
+            q = local.RootSift(max_side=local.QUERY_SIDE)(img)  # as the gateway asks for a query's
+            e = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            local.verify_top(q, dict(enumerate(candidates)), len(candidates))
+            return e, (time.perf_counter() - t) * 1000
 
     def summary(self, det_ms: list[float], emb_ms: list[float]) -> dict:
         total = [a + b for a, b in zip(det_ms, emb_ms, strict=True)]
@@ -217,7 +225,7 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
                 other: dict[str, list[float]] = {m: [] for m in compare}
                 others_answers: dict[str, list] = {m: [] for m in compare}
                 for r in range(rounds):
-                    for q in queries:
+                    for i, q in enumerate(queries):
                         # The raw forwards and the search, one after the other on each photo: the
                         # same moment of this machine's load for both.
                         d, e = raw.time(q)
@@ -225,17 +233,18 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real
                         emb_ms.append(e)
                         ver_ms.append(raw.verify_time(q, stored))
                         image = q.read_bytes()
-                        t = time.perf_counter()
-                        found = vs.search(image, catalog=catalog)
-                        lat.append((time.perf_counter() - t) * 1000)
-                        if r == 0:
-                            answers.append([h.item_id for h in found.hits])
-                        for m in compare:
+                        # The methods take turns at going first: the first search after the raw
+                        # timings above runs on caches they left cold, and pays for it.
+                        order = [None, *compare]
+                        if (r * len(queries) + i) % 2:
+                            order = order[1:] + order[:1]
+                        for m in order:
                             t = time.perf_counter()
-                            alt = vs.search(image, catalog=catalog, rerank=m)
-                            other[m].append((time.perf_counter() - t) * 1000)
+                            found = vs.search(image, catalog=catalog, rerank=m or "")
+                            took = (time.perf_counter() - t) * 1000
+                            (lat if m is None else other[m]).append(took)
                             if r == 0:
-                                others_answers[m].append([h.item_id for h in alt.hits])
+                                (answers if m is None else others_answers[m]).append([h.item_id for h in found.hits])
                 after = service_seconds(state)
         finally:
             mesh.down(data, log=lambda m: None)
