@@ -17,6 +17,7 @@ from visearch.searching import (
     Detection,
     EmbedAnswer,
     Embedded,
+    LocalCall,
     Ranked,
     Reranked,
     SearchConfig,
@@ -102,18 +103,25 @@ class Remote:
         self.meta = meta
         self.method_used = method_used
         self.detect_calls = 0
+        self.detected = False  # the detector has answered
         self.embed_calls = []
         self.rerank_calls = []
+        self.local_calls = []  # (the call, whether the detector had answered when it was made)
 
     async def detect(self, image, max_detections):
         self.detect_calls += 1
+        self.detected = True
         return Detected(W, H, self.detections[:max_detections])
 
     async def embed(self, c):
         self.embed_calls.append(c)
         embs = [Embedded(values=unit(*self.vectors[box if box is not None else FULL]).tolist(),
-                         regions_query=[0.5] * 3, local_features=b"local" if c.local else b"") for box in c.boxes]
+                         regions_query=[0.5] * 3) for box in c.boxes]
         return EmbedAnswer(embs, self.meta, model=f"model {self.meta.tag}")
+
+    async def local(self, c):
+        self.local_calls.append((c, self.detected))
+        return b"local of " + repr(c.box).encode()
 
     async def rerank(self, c):
         # "none": the candidates as they come, cut to top_k
@@ -122,7 +130,7 @@ class Remote:
                         self.method_used or c.method)
 
     def ports(self):
-        return SearchPorts(detect=self.detect, embed=self.embed, rerank=self.rerank)
+        return SearchPorts(detect=self.detect, embed=self.embed, rerank=self.rerank, local=self.local)
 
 
 def run(store, remote, query, gen=GEN, **cfg):
@@ -248,12 +256,34 @@ def test_search_by_item_verify_uses_its_stored_local_features(store):
     assert local.features == b"feats" and (local.width, local.height) == (W, H) and local.correspondences
 
 
-def test_verify_takes_the_full_frames_local_features(store):
+def test_verify_takes_the_full_frames_local_features_once_the_detector_has_answered(store):
     remote = Remote(detections=[Detection(BOX, 0.9, "bottle")], vectors={BOX: (0, 0, 1, 0), FULL: (1, 0, 0, 0)})
     run(store, remote, SearchQuery(image=png(), top_k=2, rerank="verify"))
-    assert [c.local for c in remote.embed_calls] == [True, False]  # only the full frame's
-    assert remote.rerank_calls[0].local.features == b"local"
+    # One extraction, of the full frame, asked when the detector has answered (beside the box's forward)
+    assert remote.local_calls == [(LocalCall(png(), None, "1"), True)]
+    assert remote.rerank_calls[0].local.features == b"local of None"
     assert (remote.rerank_calls[0].local.width, remote.rerank_calls[0].local.height) == (W, H)
+
+
+def test_verify_without_the_full_frame_takes_the_lead_views_features(store):
+    remote = Remote(detections=[Detection(BOX, 0.9, "bottle")], vectors={BOX: (0, 0, 1, 0), FULL: (1, 0, 0, 0)})
+    run(store, remote, SearchQuery(image=png(), top_k=2, rerank="verify"), query_objects="best")
+    assert remote.local_calls == [(LocalCall(png(), BOX, "1"), True)]
+    local = remote.rerank_calls[0].local
+    assert local.features == b"local of " + repr(BOX).encode() and (local.width, local.height) == (16.0, 16.0)
+
+
+def test_verify_of_a_full_frame_query_extracts_beside_its_only_forward(store):
+    remote = Remote(vectors={FULL: (1, 0, 0, 0)})
+    run(store, remote, SearchQuery(image=png(), top_k=2, rerank="verify", full_frame=True))
+    assert remote.detect_calls == 0 and remote.local_calls == [(LocalCall(png(), None, "1"), False)]
+    assert [c.boxes for c in remote.embed_calls] == [[None]]
+
+
+def test_other_methods_extract_no_local_features(store):
+    remote = Remote(detections=[Detection(BOX, 0.9, "bottle")], vectors={BOX: (0, 0, 1, 0), FULL: (1, 0, 0, 0)})
+    run(store, remote, SearchQuery(image=png(), top_k=2, rerank="qe"))
+    assert remote.local_calls == [] and remote.rerank_calls[0].local.features == b""
 
 
 def test_region_methods_fetch_regions_and_need_stored_ones(store):
@@ -293,27 +323,63 @@ def test_detection_failure_cancels_the_full_frame():
         run(NumpyStore(), remote, SearchQuery(image=png()), query_objects="both")
 
 
-def test_the_boxes_are_embedded_while_the_full_frame_still_runs(store):
-    # The full frame's call (with the query's local features) answers only once the box's call has
-    # been made: a pipeline that waited for the full frame before embedding the box would time out.
+def test_the_boxes_and_the_local_features_go_out_while_the_full_frame_still_runs(store):
+    # The full frame's call answers only once the box's call and the extraction have been made: a
+    # pipeline that waited for the full frame before either would time out.
     class Slow(Remote):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.box_called = asyncio.Event()
+            self.local_called = asyncio.Event()
 
         async def embed(self, c):
             if c.boxes == [None]:
                 await asyncio.wait_for(self.box_called.wait(), 5.0)
+                await asyncio.wait_for(self.local_called.wait(), 5.0)
             else:
                 self.box_called.set()
             return await super().embed(c)
 
+        async def local(self, c):
+            self.local_called.set()
+            return await super().local(c)
+
     remote = Slow([Detection(BOX, 0.9, "carton")], {BOX: (0.9, 0.1, 0, 0), FULL: (0, 0, 1, 0)})
     res = run(store, remote, SearchQuery(image=png()), rerank_default="verify")
-    # (the full frame's call is recorded last: it answered last) local features from the full frame only
-    assert [(c.boxes, c.local) for c in remote.embed_calls] == [([BOX], False), ([None], True)]
-    assert remote.rerank_calls[0].local.features == b"local"
+    # (the full frame's call is recorded last: it answered last)
+    assert [c.boxes for c in remote.embed_calls] == [[BOX], [None]]
+    assert remote.rerank_calls[0].local.features == b"local of None"
     assert res.hits
+
+
+def test_a_failing_extraction_cancels_the_forwards(store):
+    class Failing(Remote):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.cancelled = 0
+
+        async def embed(self, c):
+            try:
+                await asyncio.sleep(5.0)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+
+        async def local(self, c):
+            raise RuntimeError("extraction failed")
+
+    remote = Failing([Detection(BOX, 0.9, "carton")], {})
+    config = SearchConfig(query_objects="both", rerank_default="verify", rerank_candidates=10)
+
+    async def search_then_look() -> None:
+        with pytest.raises(RuntimeError, match="extraction failed"):
+            await asyncio.wait_for(SearchPipeline(store, config).search(SearchQuery(image=png()), GEN, remote.ports()),
+                                   4.0)
+        await asyncio.sleep(0)
+        assert remote.cancelled == 2  # the full frame's forward and the box's
+        assert asyncio.all_tasks() == {asyncio.current_task()}, "no call left running"
+
+    asyncio.run(search_then_look())
 
 
 def test_a_failing_full_frame_cancels_the_boxes_call(store):

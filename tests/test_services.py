@@ -302,6 +302,38 @@ def test_embedding_service_returns_local_features(services, grocery):
     np.testing.assert_allclose(resp.embeddings[0].values, plain.embeddings[0].values, atol=1e-5)
 
 
+def test_extract_local_gives_embeds_local_features_without_a_forward(services, grocery):
+    """ExtractLocal (a search's query, beside its boxes' forward) returns the bytes Embed returns for
+    the same items and settings, on a photo large enough to be decoded at a reduced JPEG scale."""
+    addr = services.start("embedding")
+    img = Image.open(grocery["val"][1].path).convert("RGB")
+    buf = io.BytesIO()
+    img.resize((img.width * 4, img.height * 4)).save(buf, "JPEG", quality=90)
+    photo, (w, h) = buf.getvalue(), (img.width * 4, img.height * 4)
+    box = common_pb2.BoundingBox(x1=w / 4, y1=h / 4, x2=w * 3 / 4, y2=h)
+    items = [embedding_pb2.EmbedItem(image=photo), embedding_pb2.EmbedItem(image=photo, box=box)]
+    with channel(addr) as ch:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+        # The full frame alone is decoded at half scale; with the box (which needs every pixel) at full scale.
+        for some, limit, side in (([items[0]], 1000, 256), (items, 0, 0), (items, 1000, 256)):
+            embedded = stub.Embed(embedding_pb2.EmbedRequest(items=some, local_features=True, local_limit=limit,
+                                                             local_max_side=side), timeout=30)
+            got = stub.ExtractLocal(embedding_pb2.ExtractLocalRequest(items=some, local_limit=limit,
+                                                                      local_max_side=side), timeout=30)
+            assert list(got.local_features) == [e.local_features for e in embedded.embeddings]
+            assert all(len(f) > 100 for f in got.local_features)
+        bad = {"no items": embedding_pb2.ExtractLocalRequest(),
+               "local_limit": embedding_pb2.ExtractLocalRequest(items=items, local_limit=10**6),
+               "local_max_side": embedding_pb2.ExtractLocalRequest(items=items, local_max_side=3),
+               "item 0": embedding_pb2.ExtractLocalRequest(items=[embedding_pb2.EmbedItem(image=b"not an image")]),
+               "item 1: crop box": embedding_pb2.ExtractLocalRequest(items=[items[0], embedding_pb2.EmbedItem(
+                   image=photo, box=common_pb2.BoundingBox(x1=w + 5, y1=0, x2=w + 50, y2=h))])}
+        for reason, req in bad.items():
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ExtractLocal(req, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in err.value.details(), reason
+
+
 def test_rerank_verifies_candidates_against_stored_local_features(services, milvus_uri, grocery, tmp_path):
     """"verify": the candidate that shows the query's object (here the same photo, rotated and scaled)
     is verified, moves first and is a match, with its correspondences; another product is not."""

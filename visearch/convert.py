@@ -62,7 +62,7 @@ def detected_of(result) -> Detected:
 
 def embedded_of(e) -> Embedded:
     """An embedding.v1 Embedding (its values kept as the message's own sequence)."""
-    return Embedded(values=e.values, regions_query=e.regions.query, local_features=e.local_features)
+    return Embedded(values=e.values, regions_query=e.regions.query)
 
 
 def hit_pb(hit: Hit) -> gateway_pb2.SearchHit:

@@ -46,36 +46,55 @@ def cut(img, width: int, height: int, box, size: int) -> tuple[np.ndarray, tuple
     return imaging.to_model_input(crop, size), frame
 
 
-def prepare_all(items: list[tuple[bytes, tuple | None]], size: int, decoded: dict | None = None
-                ) -> list[tuple[np.ndarray, tuple]]:
-    """Model inputs for (image, box) items. Each distinct image is decoded once (a search sends the
-    same photo for its box and its full frame, ingestion for each object), at the reduced JPEG
-    scale its largest need allows. An undecodable image is InvalidArgument naming its first item.
-    `decoded`, when given, receives each distinct image: bytes -> (decoded image, width, height)."""
+def decode_all(items: list[tuple[bytes, tuple | None]], size: int) -> dict:
+    """Each distinct image of (image, box) items decoded once (a search sends the same photo for its
+    box and its full frame, ingestion for each object), at the reduced JPEG scale its largest need
+    allows: bytes -> (decoded image, width, height). An undecodable image is InvalidArgument naming
+    its first item."""
     groups: dict[bytes, list[int]] = {}
     for i, (data, _) in enumerate(items):
         groups.setdefault(data, []).append(i)
-    out: list = [None] * len(items)
+    decoded = {}
     for data, idx in groups.items():
         try:
             width, height = imaging.image_size(data)
             need = max(needed_scale(items[i][1], width, height, size) for i in idx)
-            img = imaging.decode_image_scaled(data, draft_scale=need)[0]
+            decoded[data] = (imaging.decode_image_scaled(data, draft_scale=need)[0], width, height)
         except imaging.ImageError as exc:
             raise InvalidArgument(f"item {idx[0]}: {exc}") from None
-        if decoded is not None:
-            decoded[data] = (img, width, height)
-        for i in idx:
-            try:
-                out[i] = cut(img, width, height, items[i][1], size)
-            except imaging.ImageError as exc:
-                raise InvalidArgument(f"item {i}: {exc}") from None
+    return decoded
+
+
+def prepare_all(items: list[tuple[bytes, tuple | None]], size: int, decoded: dict | None = None
+                ) -> list[tuple[np.ndarray, tuple]]:
+    """Model inputs for (image, box) items, each distinct image decoded once (`decode_all`).
+    `decoded`, when given, receives each distinct image: bytes -> (decoded image, width, height)."""
+    images = decode_all(items, size)
+    if decoded is not None:
+        decoded.update(images)
+    out = []
+    for i, (data, box) in enumerate(items):
+        try:
+            out.append(cut(*images[data], box, size))
+        except imaging.ImageError as exc:
+            raise InvalidArgument(f"item {i}: {exc}") from None
     return out
 
 
 def prepare(data: bytes, box, size: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """One item's model input and frame (`prepare_all` for one)."""
     return prepare_all([(data, box)], size)[0]
+
+
+def check_boxes(items: list[tuple[bytes, tuple | None]], decoded: dict) -> dict:
+    """`decoded` once every item's box is checked as an Embed call checks it (a box with no area
+    inside its image is InvalidArgument naming the item)."""
+    for i, (data, box) in enumerate(items):
+        _, width, height = decoded[data]
+        if box is not None and (min(float(width), box[2]) <= max(0.0, box[0])
+                                or min(float(height), box[3]) <= max(0.0, box[1])):
+            raise InvalidArgument(f"item {i}: crop box {tuple(box)} is empty inside a {width}x{height} image")
+    return decoded
 
 
 def local_features(items: list[tuple[bytes, tuple | None]], decoded: dict, limit: int, max_side: int) -> list[bytes]:
@@ -139,6 +158,16 @@ class Embedder:
         await asyncio.gather(*(self.backend.infer(MODEL, {meta.input_name: blank}, names)
                                for _ in range(self.backend.parallel_runs)))
         log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
+
+    async def extract_local(self, items: list[tuple[bytes, tuple | None]], version: str = "", limit: int = 0,
+                            side: int = 0) -> list[bytes]:
+        """Each item's local features without a forward: the bytes `embed_with_regions` returns for
+        them (each image decoded as an Embed call with model `version` decodes it)."""
+        meta = await self.meta(version)
+        decoded = await decode_bounded(lambda: check_boxes(items, decode_all(items, meta.input_size)),
+                                       self.decode_timeout)
+        return await asyncio.to_thread(local_features, items, decoded, limit or local.capacity("rootsift", 32),
+                                       side or self.local_side)
 
     async def embed(self, items: list[tuple[bytes, tuple | None]]) -> np.ndarray:
         return (await self.embed_with_regions(items, False))[0]

@@ -90,14 +90,22 @@ class EmbedCall:
     boxes: list[Box | None]
     model_version: str
     regions: bool
-    local: bool
+
+
+@dataclass(frozen=True)
+class LocalCall:
+    """The query's local features (visearch.local), of one view of the photo (a box in pixels; None:
+    the full frame), decoded as the embedder of `model_version` decodes it."""
+
+    image: bytes
+    box: Box | None
+    model_version: str
 
 
 @dataclass
 class Embedded:
     values: Sequence[float]
     regions_query: Sequence[float] = ()
-    local_features: bytes = b""
 
 
 @dataclass
@@ -180,6 +188,7 @@ class SearchPorts:
     detect: Callable[[bytes, int], Awaitable[Detected]]
     embed: Callable[[EmbedCall], Awaitable[EmbedAnswer]]
     rerank: Callable[[RerankCall], Awaitable[Reranked]]
+    local: Callable[[LocalCall], Awaitable[bytes]]
     time_left: Callable[[], float | None] = lambda: None
 
 
@@ -220,8 +229,8 @@ class SearchPipeline:
             raise FailedPrecondition(f"catalog {gen.catalog!r} stores no regions (made with regions off): re-rank "
                                      f"{method!r} needs them; make the catalog with `visearch ingest --regions "
                                      "float` (or int8), or use another method")
-        # "verify" matches the query's local features (extracted by the embedding service while its
-        # model runs) against the candidates' stored ones.
+        # "verify" matches the query's local features (extracted by the embedding service) against the
+        # candidates' stored ones.
         want_local = method == "verify"
         if query.item_id:
             return await self._similar(query, gen, ports, policy, method, want_local)
@@ -229,10 +238,10 @@ class SearchPipeline:
 
     async def _photo(self, query: SearchQuery, gen: Generation, ports: SearchPorts, policy: str, method: str,
                      want_regions: bool, want_local: bool) -> SearchResult:
-        def embed(boxes: list[Box | None], local_wanted: bool) -> Awaitable[EmbedAnswer]:
+        def embed(boxes: list[Box | None]) -> Awaitable[EmbedAnswer]:
             # Queries are embedded by the model version that made the catalog's vectors, whatever
             # the embedding service serves by default: a model change never compares two versions.
-            return ports.embed(EmbedCall(query.image, boxes, gen.model_version, want_regions, local_wanted))
+            return ports.embed(EmbedCall(query.image, boxes, gen.model_version, want_regions))
 
         detections: list[Detection] = []
         full_task = None
@@ -246,7 +255,7 @@ class SearchPipeline:
             if policy == "both":
                 # The full frame is searched whatever the detector finds: it is embedded while the
                 # detector runs (two services, two cores) instead of after it.
-                full_task = asyncio.ensure_future(embed([None], want_local))
+                full_task = asyncio.ensure_future(embed([None]))
             try:
                 det = await ports.detect(query.image, MAX_QUERY_OBJECTS)
             except BaseException:
@@ -261,26 +270,31 @@ class SearchPipeline:
         # "both": the full frame (embedded while the detector ran) is the last view.
         full_at = len(views) - 1 if full_task is not None and views[-1] == full else None
         boxes = [None if box == full else box for i, box in enumerate(wanted) if i != full_at]
-        # The boxes' call goes out as soon as the detector has answered, while the full frame's (and
-        # its local features, extracted beside its forward) may still be running. Local features come
-        # only from the full frame when it is embedded.
-        box_task = asyncio.ensure_future(embed(boxes, want_local and full_at is None)) if boxes else None
+        # The boxes' call goes out as soon as the detector has answered, while the full frame's may
+        # still be running. The query's local features (the full frame's when it is searched, else
+        # the lead view's) are extracted beside the boxes' forward, on the core it leaves idle, not
+        # beside the detector and the full frame's forward, which already take both.
+        box_task = asyncio.ensure_future(embed(boxes)) if boxes else None
+        local_box = full if full in wanted else wanted[0]
+        local_task = (asyncio.ensure_future(ports.local(LocalCall(query.image, None if local_box == full else local_box,
+                                                                   gen.model_version)))
+                      if want_local else None)
+        calls = [t for t in (full_task, box_task, local_task) if t is not None]
         try:
-            answers = [await t for t in (full_task, box_task) if t is not None]
+            await asyncio.gather(*calls)  # the first error fails the search at once
         except BaseException:
-            _abandon(full_task, box_task)
+            _abandon(*calls)
             raise
+        answers = [t.result() for t in (full_task, box_task) if t is not None]
+        features = local_task.result() if local_task is not None else b""
         for a in answers:
             self.store.check_model(gen, a.meta)  # a Generation: compared, nothing read
         model = answers[0].model
         rest = iter(answers[-1].embeddings if boxes else [])
         embs = [answers[0].embeddings[0] if i == full_at else next(rest) for i in range(len(wanted))]
-        # The query's local features: those of the full frame when it was embedded, else of the lead view.
         local = QueryLocal()
         if want_local:
-            j = full_at if full_at is not None else next((i for i, b in enumerate(wanted) if b == full), 0)
-            box = wanted[j]
-            local = QueryLocal(embs[j].local_features, box[2] - box[0], box[3] - box[1], query.correspondences)
+            local = QueryLocal(features, local_box[2] - local_box[0], local_box[3] - local_box[1], query.correspondences)
         # One read level for the whole search (Bounded unless the catalog was written lately).
         level = await asyncio.to_thread(self.store.read_level, gen)
         args = (gen, level, method, want_regions, query.top_k, dict(query.filters), local, ports)

@@ -25,6 +25,19 @@ def box_of(msg) -> tuple[float, float, float, float] | None:
     return (msg.x1, msg.y1, msg.x2, msg.y2) if msg is not None else None
 
 
+def items_of(request) -> list[tuple[bytes, tuple[float, float, float, float] | None]]:
+    return [(it.image, box_of(it.box) if it.HasField("box") else None) for it in request.items]
+
+
+def check_local(request) -> None:
+    """The local-feature settings of an Embed or ExtractLocal request."""
+    if not 0 <= request.local_limit <= MAX_LOCAL:
+        raise InvalidArgument(f"local_limit must be between 0 and {MAX_LOCAL}, got {request.local_limit}")
+    if not (request.local_max_side == 0 or local.MIN_SIDE <= request.local_max_side <= local.MAX_SIDE):
+        raise InvalidArgument(f"local_max_side must be 0 or between {local.MIN_SIDE} and {local.MAX_SIDE}, "
+                              f"got {request.local_max_side}")
+
+
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def __init__(self, embedder: Embedder):
         self.embedder = embedder
@@ -33,12 +46,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def Embed(self, request, context):
         if not request.items:
             raise InvalidArgument("no items to embed")
-        items = [(it.image, box_of(it.box) if it.HasField("box") else None) for it in request.items]
-        if not 0 <= request.local_limit <= MAX_LOCAL:
-            raise InvalidArgument(f"local_limit must be between 0 and {MAX_LOCAL}, got {request.local_limit}")
-        if not (request.local_max_side == 0 or local.MIN_SIDE <= request.local_max_side <= local.MAX_SIDE):
-            raise InvalidArgument(f"local_max_side must be 0 or between {local.MIN_SIDE} and {local.MAX_SIDE}, "
-                                  f"got {request.local_max_side}")
+        items = items_of(request)
+        check_local(request)
         limit = (request.local_limit or local.capacity("rootsift", 32)) if request.local_features else 0
         vectors, sets, feats = await self.embedder.embed_with_regions(items, request.regions, request.model_version,
                                                                       limit, request.local_max_side)
@@ -52,6 +61,15 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             if feats is not None:
                 e.local_features = feats[j]
         return embedding_pb2.EmbedResponse(embeddings=embeddings, model=model_info(meta))
+
+    @rpc()
+    async def ExtractLocal(self, request, context):
+        if not request.items:
+            raise InvalidArgument("no items to extract local features from")
+        check_local(request)
+        feats = await self.embedder.extract_local(items_of(request), request.model_version, request.local_limit,
+                                                  request.local_max_side)
+        return embedding_pb2.ExtractLocalResponse(local_features=feats)
 
     @rpc()
     async def GetModelInfo(self, request, context):

@@ -53,6 +53,7 @@ from visearch.searching import (
     Detected,
     EmbedAnswer,
     EmbedCall,
+    LocalCall,
     Ranked,
     RerankCall,
     Reranked,
@@ -243,9 +244,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 items.append(item)
             # Each item carries the query's bytes: several objects of a large photo go as several calls.
             parts = await asyncio.gather(*(call("embedding", self._embed_call(
-                embedding_pb2.EmbedRequest(items=part, regions=c.regions, model_version=c.model_version,
-                                           local_features=c.local, local_limit=local.QUERY_FEATURES,
-                                           local_max_side=local.QUERY_SIDE),
+                embedding_pb2.EmbedRequest(items=part, regions=c.regions, model_version=c.model_version),
                 remaining(context, t))) for part in split_by_bytes(items, lambda it: len(it.image))))
             if len(parts) == 1:
                 merged = parts[0]
@@ -256,6 +255,16 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                     merged.embeddings.extend(p.embeddings)
             return EmbedAnswer([convert.embedded_of(e) for e in merged.embeddings], convert.model_meta(merged.model),
                                merged.model)
+
+        async def extract_local(c: LocalCall) -> bytes:
+            item = embedding_pb2.EmbedItem(image=c.image)
+            if c.box is not None:
+                item.box.CopyFrom(convert.pb_box(c.box))
+            got = await call("embedding", self.embedding.ExtractLocal(
+                embedding_pb2.ExtractLocalRequest(items=[item], local_limit=local.QUERY_FEATURES,
+                                                  local_max_side=local.QUERY_SIDE, model_version=c.model_version),
+                timeout=remaining(context, t)))
+            return got.local_features[0]
 
         async def rerank(c: RerankCall) -> Reranked:
             candidates = [rerank_pb2.Candidate(item_id=o.item_id, object_id=o.object_id, score=s,
@@ -269,7 +278,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
                 timeout=remaining(context, t)))
             return Reranked([Ranked(h.item_id, h.score, h) for h in rr.hits], rr.method)
 
-        return SearchPorts(detect=detect, embed=embed, rerank=rerank, time_left=context.time_remaining)
+        return SearchPorts(detect=detect, embed=embed, rerank=rerank, local=extract_local, time_left=context.time_remaining)
 
     # ---- ingestion ------------------------------------------------------------
     def _check_path(self, uri: str) -> str:

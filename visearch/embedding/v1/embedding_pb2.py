@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from visearch.common.v1 import common_pb2 as visearch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%visearch/embedding/v1/embedding.proto\x12\x15visearch.embedding.v1\x1a\x1fvisearch/common/v1/common.proto\"H\n\tEmbedItem\x12\r\n\x05image\x18\x01 \x01(\x0c\x12,\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"\xac\x01\n\x0c\x45mbedRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.EmbedItem\x12\x0f\n\x07regions\x18\x02 \x01(\x08\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0elocal_features\x18\x04 \x01(\x08\x12\x13\n\x0blocal_limit\x18\x05 \x01(\x05\x12\x16\n\x0elocal_max_side\x18\x06 \x01(\x05\"c\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12.\n\x07regions\x18\x02 \x01(\x0b\x32\x1d.visearch.common.v1.RegionSet\x12\x16\n\x0elocal_features\x18\x03 \x01(\x0c\"s\n\rEmbedResponse\x12\x34\n\nembeddings\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.Embedding\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\",\n\x13GetModelInfoRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"D\n\x14GetModelInfoResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo2\xcf\x01\n\x10\x45mbeddingService\x12R\n\x05\x45mbed\x12#.visearch.embedding.v1.EmbedRequest\x1a$.visearch.embedding.v1.EmbedResponse\x12g\n\x0cGetModelInfo\x12*.visearch.embedding.v1.GetModelInfoRequest\x1a+.visearch.embedding.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%visearch/embedding/v1/embedding.proto\x12\x15visearch.embedding.v1\x1a\x1fvisearch/common/v1/common.proto\"H\n\tEmbedItem\x12\r\n\x05image\x18\x01 \x01(\x0c\x12,\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x1f.visearch.common.v1.BoundingBox\"\xac\x01\n\x0c\x45mbedRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.EmbedItem\x12\x0f\n\x07regions\x18\x02 \x01(\x08\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0elocal_features\x18\x04 \x01(\x08\x12\x13\n\x0blocal_limit\x18\x05 \x01(\x05\x12\x16\n\x0elocal_max_side\x18\x06 \x01(\x05\"c\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12.\n\x07regions\x18\x02 \x01(\x0b\x32\x1d.visearch.common.v1.RegionSet\x12\x16\n\x0elocal_features\x18\x03 \x01(\x0c\"s\n\rEmbedResponse\x12\x34\n\nembeddings\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.Embedding\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo\"\x8a\x01\n\x13\x45xtractLocalRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .visearch.embedding.v1.EmbedItem\x12\x13\n\x0blocal_limit\x18\x02 \x01(\x05\x12\x16\n\x0elocal_max_side\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\t\".\n\x14\x45xtractLocalResponse\x12\x16\n\x0elocal_features\x18\x01 \x03(\x0c\",\n\x13GetModelInfoRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"D\n\x14GetModelInfoResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.visearch.common.v1.ModelInfo2\xb8\x02\n\x10\x45mbeddingService\x12R\n\x05\x45mbed\x12#.visearch.embedding.v1.EmbedRequest\x1a$.visearch.embedding.v1.EmbedResponse\x12g\n\x0c\x45xtractLocal\x12*.visearch.embedding.v1.ExtractLocalRequest\x1a+.visearch.embedding.v1.ExtractLocalResponse\x12g\n\x0cGetModelInfo\x12*.visearch.embedding.v1.GetModelInfoRequest\x1a+.visearch.embedding.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,10 +40,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDING']._serialized_end=445
   _globals['_EMBEDRESPONSE']._serialized_start=447
   _globals['_EMBEDRESPONSE']._serialized_end=562
-  _globals['_GETMODELINFOREQUEST']._serialized_start=564
-  _globals['_GETMODELINFOREQUEST']._serialized_end=608
-  _globals['_GETMODELINFORESPONSE']._serialized_start=610
-  _globals['_GETMODELINFORESPONSE']._serialized_end=678
-  _globals['_EMBEDDINGSERVICE']._serialized_start=681
-  _globals['_EMBEDDINGSERVICE']._serialized_end=888
+  _globals['_EXTRACTLOCALREQUEST']._serialized_start=565
+  _globals['_EXTRACTLOCALREQUEST']._serialized_end=703
+  _globals['_EXTRACTLOCALRESPONSE']._serialized_start=705
+  _globals['_EXTRACTLOCALRESPONSE']._serialized_end=751
+  _globals['_GETMODELINFOREQUEST']._serialized_start=753
+  _globals['_GETMODELINFOREQUEST']._serialized_end=797
+  _globals['_GETMODELINFORESPONSE']._serialized_start=799
+  _globals['_GETMODELINFORESPONSE']._serialized_end=867
+  _globals['_EMBEDDINGSERVICE']._serialized_start=870
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1182
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,24 @@ class EmbedResponse(_message.Message):
     model: _common_pb2.ModelInfo
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
+class ExtractLocalRequest(_message.Message):
+    __slots__ = ("items", "local_limit", "local_max_side", "model_version")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[EmbedItem]
+    local_limit: int
+    local_max_side: int
+    model_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[EmbedItem, _Mapping]]] = ..., local_limit: _Optional[int] = ..., local_max_side: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ExtractLocalResponse(_message.Message):
+    __slots__ = ("local_features",)
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    local_features: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, local_features: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model_version",)
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class EmbeddingServiceStub:
                 request_serializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.ExtractLocal = channel.unary_unary(
+                '/visearch.embedding.v1.EmbeddingService/ExtractLocal',
+                request_serializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.ExtractLocalRequest.SerializeToString,
+                response_deserializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.ExtractLocalResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/visearch.embedding.v1.EmbeddingService/GetModelInfo',
                 request_serializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.GetModelInfoRequest.SerializeToString,
@@ -58,6 +63,16 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtractLocal(self, request, context):
+        """Local features alone (the same as Embed's `local_features`), without a forward. A search asks
+        for its query's when the detector has answered, beside the call that embeds the query's boxes,
+        so the extraction takes the core that forward leaves idle instead of competing with the
+        detector and the full frame's forward (docs/VERIFY.md, stop 41). INVALID_ARGUMENT as Embed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -71,6 +86,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.EmbedRequest.FromString,
                     response_serializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.EmbedResponse.SerializeToString,
+            ),
+            'ExtractLocal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtractLocal,
+                    request_deserializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.ExtractLocalRequest.FromString,
+                    response_serializer=visearch_dot_embedding_dot_v1_dot_embedding__pb2.ExtractLocalResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -106,6 +126,33 @@ class EmbeddingService:
             '/visearch.embedding.v1.EmbeddingService/Embed',
             visearch_dot_embedding_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
             visearch_dot_embedding_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtractLocal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/visearch.embedding.v1.EmbeddingService/ExtractLocal',
+            visearch_dot_embedding_dot_v1_dot_embedding__pb2.ExtractLocalRequest.SerializeToString,
+            visearch_dot_embedding_dot_v1_dot_embedding__pb2.ExtractLocalResponse.FromString,
             options,
             channel_credentials,
             insecure,
