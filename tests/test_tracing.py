@@ -388,6 +388,7 @@ def _whole_trace(mesh: dict, root, needed: set[tuple[str, str, str]], what: str)
 
 GW = "/visearch.gateway.v1.GatewayService/"
 DETECT, EMBED = "/visearch.detection.v1.DetectionService/Detect", "/visearch.embedding.v1.EmbeddingService/Embed"
+EXTRACT = "/visearch.embedding.v1.EmbeddingService/ExtractLocal"
 
 
 @pytest.fixture(scope="module")
@@ -448,6 +449,7 @@ def test_one_search_is_one_trace_across_every_service(traced_mesh, traced_ingest
         ("test", "CLIENT", GW + "Search"), ("gateway", "SERVER", GW + "Search"),
         ("gateway", "CLIENT", DETECT), ("detection", "SERVER", DETECT),
         ("gateway", "CLIENT", EMBED), ("embedding", "SERVER", EMBED),
+        ("gateway", "CLIENT", EXTRACT), ("embedding", "SERVER", EXTRACT),  # the query's local features ("verify")
         ("gateway", "CLIENT", rerank), ("rerank", "SERVER", rerank)}, "the search's trace")
     tree = render(got)
     assert {s.service for s in got} == {"test", "gateway", "detection", "embedding", "rerank"}, tree
