@@ -95,6 +95,19 @@ def test_k8s_manifests_probe_over_grpc_and_match_config():
         assert "VISEARCH_REDIS_URL" not in env, f"{name}: VISEARCH_REDIS_URL comes from the ConfigMap"
         assert env["VISEARCH_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == REDIS_SECRET, name
     assert config["VISEARCH_REDIS_URL"].startswith("redis://") and "@" not in config["VISEARCH_REDIS_URL"]
+    # Every component reads the ConfigMap, and it gives each process one BLAS thread as the mesh does.
+    for name, dep in deployments.items():
+        refs = dep["spec"]["template"]["spec"]["containers"][0].get("envFrom", [])
+        assert {"configMapRef": {"name": "visearch-config"}} in refs, name
+    assert config["OMP_NUM_THREADS"] == config["OPENBLAS_NUM_THREADS"] == "1"
+
+
+def test_compose_services_run_one_blas_thread_each_as_the_mesh_does():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    ours = {n: s for n, s in compose["services"].items() if (ROOT / "services" / n).is_dir()}
+    assert {"gateway", "detection", "embedding", "rerank", "worker"} <= set(ours)
+    for name, svc in ours.items():
+        assert svc["environment"]["OMP_NUM_THREADS"] == svc["environment"]["OPENBLAS_NUM_THREADS"] == "1", name
 
 
 def _run(*argv: str):
