@@ -28,11 +28,10 @@ STEPS = ("detect", "embed_full", "embed_box", "detect_with_embed_full", "vector_
 
 def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, milvus_uri: str = "", n_real: int = 200,
         progress=print) -> dict:
-    from bench.common import mesh_up, write_result
+    from bench.common import grocery_catalog_and_queries, mesh_up, write_result
     from bench.overhead import fill_catalog
     from visearch import mesh
     from visearch.client import Client
-    from visearch.datasets import grocery_root, grocery_split
     from visearch.detection.v1 import detection_pb2, detection_pb2_grpc
     from visearch.embedding.v1 import embedding_pb2, embedding_pb2_grpc
     from visearch.grpcserver import sync_channel
@@ -40,12 +39,8 @@ def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, milvus
     from visearch.settings import SecuritySettings, StoreSettings
     from visearch.store import BOUNDED, VectorStore
 
-    root = grocery_root()
-    train = [p for p in grocery_split(root, "train") if p.is_product]
-    n_real = min(n_real, catalog_size)
-    real = train[:: max(1, len(train) // n_real)][:n_real]
-    val = [p for p in grocery_split(root, "val") if p.is_product]
-    queries = [p.path.read_bytes() for p in val[:: max(1, len(val) // n_queries)][:n_queries]]
+    real, val = grocery_catalog_and_queries(catalog_size, n_real, n_queries)
+    queries = [p.path.read_bytes() for p in val]
     ms: dict[str, list[float]] = {k: [] for k in STEPS}
 
     def timed(step, fn):
@@ -144,14 +139,9 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--catalog-size", type=int, default=10_000)
-    ap.add_argument("--queries", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--real", type=int, default=200, help="Real photos ingested through the queue.")
-    ap.add_argument("--milvus-uri", default="", help="A Milvus server instead of the mesh's Milvus Lite.")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    from bench.common import mesh_bench_args
+
+    args = mesh_bench_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), 20, 200).parse_args(argv)
     print(markdown(run(args.catalog_size, args.queries, args.rounds, args.out, args.milvus_uri, args.real)))
     return 0
 

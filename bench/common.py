@@ -76,3 +76,26 @@ def stored_local_features(path: Path):
 
     image = np.asarray(decode_image(Path(path).read_bytes()))
     return local.RootSift()(image).inside((0, 0, 1e9, 1e9), local.capacity("rootsift", 32))
+
+
+def mesh_bench_args(ap, queries: int, real: int, out: Path | None = None):
+    """The arguments of a benchmark over a fresh mesh and a catalog (`bench.overhead.fill_catalog`)."""
+    ap.add_argument("--catalog-size", type=int, default=10_000)
+    ap.add_argument("--queries", type=int, default=queries)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--real", type=int, default=real, help="Real photos ingested through the queue (the rest synthetic).")
+    ap.add_argument("--milvus-uri", default="", help="A Milvus server instead of the mesh's Milvus Lite.")
+    ap.add_argument("--out", type=Path, default=out)
+    return ap
+
+
+def grocery_catalog_and_queries(catalog_size: int, n_real: int, n_queries: int) -> tuple[list, list]:
+    """(train photos for a catalog, val photos to search with): up to `n_real` (and at most
+    `catalog_size`) train photos of products and `n_queries` val photos, each spread over the products."""
+    from visearch.datasets import grocery_split
+
+    root = grocery_root()
+    train = [p for p in grocery_split(root, "train") if p.is_product]
+    n_real = min(n_real, catalog_size)
+    val = [p for p in grocery_split(root, "val") if p.is_product]
+    return train[:: max(1, len(train) // n_real)][:n_real], val[:: max(1, len(val) // n_queries)][:n_queries]

@@ -188,19 +188,13 @@ def service_seconds(state: dict) -> dict[str, tuple[float, float]]:
 
 def run(catalog_size: int, n_queries: int, rounds: int, out: Path | None, n_real: int = 400, progress=print,
         milvus_uri: str = "", compare: tuple[str, ...] = ("qe",)) -> dict:
-    from bench.common import mesh_up, write_result
+    from bench.common import grocery_catalog_and_queries, mesh_up, write_result
     from visearch import mesh
     from visearch.client import Client
-    from visearch.datasets import grocery_root, grocery_split
     from visearch.demo import item_id
     from visearch.settings import DEFAULT_MODEL_REPOSITORY, StoreSettings
 
-    root = grocery_root()
-    train = [p for p in grocery_split(root, "train") if p.is_product]
-    n_real = min(n_real, catalog_size)
-    real = train[:: max(1, len(train) // n_real)][:n_real]
-    val = [p for p in grocery_split(root, "val") if p.is_product]
-    val = val[:: max(1, len(val) // n_queries)][:n_queries]  # spread over the products
+    real, val = grocery_catalog_and_queries(catalog_size, n_real, n_queries)  # spread over the products
     queries = [p.path for p in val]
     repo = Path(os.environ.get("VISEARCH_MODEL_REPOSITORY") or DEFAULT_MODEL_REPOSITORY)
     raw = RawForwards(repo, queries)

@@ -38,3 +38,22 @@ def test_breakdown_benchmark_smoke(tmp_path):
     assert all(v["p50_ms"] > 0 for v in r["steps"].values()), r["steps"]
     path = ("detect_with_embed_full", "embed_box", "vector_search", "rerank_qe")
     assert r["critical_path_p50_ms"] == pytest.approx(sum(r["steps"][k]["p50_ms"] for k in path), abs=0.2)
+
+
+def test_timeline_benchmark_smoke(tmp_path):
+    """bench/timeline.py: each search's spans from a traced mesh, per method; the query's local features
+    are asked for only by "verify", once the detector has answered (an order, not a timing)."""
+    from bench.timeline import main
+
+    assert main(["--catalog-size", "150", "--real", "12", "--queries", "2", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["catalog_items"] == 150 and set(r["steps"]) == {"verify", "qe"}, r
+    verify, qe = r["steps"]["verify"], r["steps"]["qe"]
+    for rows in (verify, qe):
+        assert rows["gateway server Search"]["searches"] == 2 and rows["gateway server Search"]["start_ms"] == 0
+        assert {"gateway client Detect", "embedding server Embed", "rerank server Rerank"} <= set(rows), rows
+        # (medians: an order that holds in every search holds for them, for steps every search has)
+        assert all(v["end_ms"] <= rows["gateway server Search"]["end_ms"] for v in rows.values() if v["searches"] == 2)
+    assert "gateway client ExtractLocal" in verify and not any("ExtractLocal" in k for k in qe)
+    assert verify["gateway client ExtractLocal"]["start_ms"] >= verify["gateway client Detect"]["end_ms"]
+    assert "--rerank verify" in (tmp_path / "result.md").read_text()
