@@ -271,6 +271,17 @@ def test_batch_search_answers_in_order_with_merged_forwards(mesh_env, ingested, 
             assert [h.item_id for h in r.response.hits] == [h.item_id for h in single.hits]
             assert [h.score for h in r.response.hits] == pytest.approx([h.score for h in single.hits], abs=1e-4)
         assert embedded >= len(photos) and forwards < embedded / 2, (forwards, embedded)
+        # The default re-rank ("verify"): the queries' local features are merged too (a batch of 64
+        # searches would otherwise make 64 ExtractLocal calls at once, at the service's in-flight
+        # limit), and each answer, its `match` flags included, is its own Search's.
+        verified = [c.search(img, catalog="grocery", top_k=5) for img in photos]
+        calls0 = metric(scrape(comps["embedding"]["metrics"]), "visearch_rpc_seconds_count", method="ExtractLocal")
+        results = c.search_many(photos, catalog="grocery", top_k=5)
+        calls = metric(scrape(comps["embedding"]["metrics"]), "visearch_rpc_seconds_count", method="ExtractLocal") - calls0
+        for single, r in zip(verified, results, strict=True):
+            assert r.HasField("response") and r.response.rerank == single.rerank == "verify", r
+            assert [(h.item_id, h.match) for h in r.response.hits] == [(h.item_id, h.match) for h in single.hits]
+        assert 1 <= calls < len(photos), calls
     import grpc
 
     from visearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc

@@ -1,7 +1,7 @@
 """Calls made by the searches of one BatchSearch, merged into batched forwards.
 
 The searches of a batch run concurrently, each through the same steps as a single search. Each
-Detect or Embed call they make is held until no other came for WINDOW_SECONDS (at most CAP_SECONDS
+Detect, Embed or ExtractLocal call they make is held until no other came for WINDOW_SECONDS (at most CAP_SECONDS
 after the first, or until every search of the batch still running has made one: a search that has
 finished, a bad image's at once, makes no more calls and is not waited for) and merged with the others of the
 same kind and options into one call: the services run one forward over all of their images. A
@@ -100,22 +100,23 @@ def _settle(fut: asyncio.Future, value=None, exc: BaseException | None = None) -
 
 
 class BatchCalls:
-    """The Detect and Embed calls of one batch of searches, coalesced; `split` bounds each merged
+    """The Detect, Embed and ExtractLocal calls of one batch of searches, coalesced; `split` bounds each merged
     call's message size (gateway.split_by_bytes)."""
 
     def __init__(self, detection, embedding, expected: int, split):
         self.detection, self.embedding, self.split = detection, embedding, split
         self._detect = Coalescer(self._send_detect, expected)
         self._embed = Coalescer(self._send_embed, expected)
+        self._local = Coalescer(self._send_local, expected)
 
     def finished(self) -> None:
         """A search of the batch has its answer or its error (gateway BatchSearch)."""
-        self._detect.leave()
-        self._embed.leave()
+        for c in (self._detect, self._embed, self._local):
+            c.leave()
 
     @property
     def merged_calls(self) -> int:
-        return self._detect.merged_calls + self._embed.merged_calls
+        return self._detect.merged_calls + self._embed.merged_calls + self._local.merged_calls
 
     def detect(self, request: detection_pb2.DetectRequest, timeout: float):
         return self._detect((request.max_detections, request.min_score), request, timeout)
@@ -124,6 +125,24 @@ class BatchCalls:
         key = (request.regions, request.model_version, request.local_features, request.local_limit,
                request.local_max_side)
         return self._embed(key, request, timeout)
+
+    def extract_local(self, request: embedding_pb2.ExtractLocalRequest, timeout: float):
+        return self._local((request.model_version, request.local_limit, request.local_max_side), request, timeout)
+
+    async def _send_local(self, key, requests: list, timeout: float) -> list:
+        version, local_limit, local_max_side = key
+        items = [it for r in requests for it in r.items]
+        feats = []
+        for part in self.split(items, lambda it: len(it.image)):
+            res = await self.embedding.ExtractLocal(embedding_pb2.ExtractLocalRequest(
+                items=part, model_version=version, local_limit=local_limit, local_max_side=local_max_side),
+                timeout=timeout)
+            feats += res.local_features
+        out, at = [], 0
+        for r in requests:
+            out.append(embedding_pb2.ExtractLocalResponse(local_features=feats[at:at + len(r.items)]))
+            at += len(r.items)
+        return out
 
     async def _send_detect(self, key, requests: list, timeout: float) -> list:
         max_detections, min_score = key

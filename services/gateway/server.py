@@ -190,6 +190,10 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         batch = _BATCH.get()
         return batch.embed(req, timeout) if batch is not None else self.embedding.Embed(req, timeout=timeout)
 
+    def _local_call(self, req, timeout: float):
+        batch = _BATCH.get()
+        return batch.extract_local(req, timeout) if batch is not None else self.embedding.ExtractLocal(req, timeout=timeout)
+
     async def _search(self, request, context):
         catalog = check_catalog(request.catalog or "default")
         require("search", catalog)
@@ -260,10 +264,10 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             item = embedding_pb2.EmbedItem(image=c.image)
             if c.box is not None:
                 item.box.CopyFrom(convert.pb_box(c.box))
-            got = await call("embedding", self.embedding.ExtractLocal(
+            got = await call("embedding", self._local_call(
                 embedding_pb2.ExtractLocalRequest(items=[item], local_limit=local.QUERY_FEATURES,
                                                   local_max_side=local.QUERY_SIDE, model_version=c.model_version),
-                timeout=remaining(context, t)))
+                remaining(context, t)))
             return got.local_features[0]
 
         async def rerank(c: RerankCall) -> Reranked:
