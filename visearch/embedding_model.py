@@ -22,13 +22,19 @@ log = logging.getLogger(__name__)
 MODEL = "embedder"
 
 
+def clipped(box, width: int, height: int) -> tuple[float, float, float, float]:
+    """A box in pixels cut to the (width x height) image it is in."""
+    return max(0.0, box[0]), max(0.0, box[1]), min(float(width), box[2]), min(float(height), box[3])
+
+
 def needed_scale(box, width: int, height: int, size: int) -> float:
     """The fraction of the full resolution a crop needs: about twice the model size on its short
     side keeps crops sharp while JPEG draft decoding skips most of a large photo."""
     if box is None:
         bw, bh = width, height
     else:
-        bw, bh = min(float(width), box[2]) - max(0.0, box[0]), min(float(height), box[3]) - max(0.0, box[1])
+        x1, y1, x2, y2 = clipped(box, width, height)
+        bw, bh = x2 - x1, y2 - y1
     return min(1.0, 2 * size / max(1.0, min(bw, bh)))
 
 
@@ -37,7 +43,7 @@ def cut(img, width: int, height: int, box, size: int) -> tuple[np.ndarray, tuple
     model input and the frame it shows, (x1, y1, x2, y2) in pixels of the photo."""
     if box is None:
         return imaging.to_model_input(img, size), (0.0, 0.0, float(width), float(height))
-    frame = (max(0.0, box[0]), max(0.0, box[1]), min(float(width), box[2]), min(float(height), box[3]))
+    frame = clipped(box, width, height)
     sx, sy = img.width / width, img.height / height  # per axis: a reduced decode rounds each side up
     try:
         crop = imaging.crop(img, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
@@ -90,9 +96,11 @@ def check_boxes(items: list[tuple[bytes, tuple | None]], decoded: dict) -> dict:
     """`decoded` once every item's box is checked as an Embed call checks it (a box with no area
     inside its image is InvalidArgument naming the item)."""
     for i, (data, box) in enumerate(items):
+        if box is None:
+            continue
         _, width, height = decoded[data]
-        if box is not None and (min(float(width), box[2]) <= max(0.0, box[0])
-                                or min(float(height), box[3]) <= max(0.0, box[1])):
+        x1, y1, x2, y2 = clipped(box, width, height)
+        if x2 <= x1 or y2 <= y1:
             raise InvalidArgument(f"item {i}: crop box {tuple(box)} is empty inside a {width}x{height} image")
     return decoded
 
@@ -159,15 +167,14 @@ class Embedder:
                                for _ in range(self.backend.parallel_runs)))
         log.info("model warmed up", extra={"model": meta.tag, "ms": round((time.perf_counter() - t0) * 1000, 1)})
 
-    async def extract_local(self, items: list[tuple[bytes, tuple | None]], version: str = "", limit: int = 0,
+    async def extract_local(self, items: list[tuple[bytes, tuple | None]], limit: int, version: str = "",
                             side: int = 0) -> list[bytes]:
-        """Each item's local features without a forward: the bytes `embed_with_regions` returns for
-        them (each image decoded as an Embed call with model `version` decodes it)."""
+        """Each item's local features (up to `limit`) without a forward: the bytes `embed_with_regions`
+        returns for them (each image decoded as an Embed call with model `version` decodes it)."""
         meta = await self.meta(version)
         decoded = await decode_bounded(lambda: check_boxes(items, decode_all(items, meta.input_size)),
                                        self.decode_timeout)
-        return await asyncio.to_thread(local_features, items, decoded, limit or local.capacity("rootsift", 32),
-                                       side or self.local_side)
+        return await asyncio.to_thread(local_features, items, decoded, limit, side or self.local_side)
 
     async def embed(self, items: list[tuple[bytes, tuple | None]]) -> np.ndarray:
         return (await self.embed_with_regions(items, False))[0]

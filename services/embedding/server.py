@@ -29,13 +29,15 @@ def items_of(request) -> list[tuple[bytes, tuple[float, float, float, float] | N
     return [(it.image, box_of(it.box) if it.HasField("box") else None) for it in request.items]
 
 
-def check_local(request) -> None:
-    """The local-feature settings of an Embed or ExtractLocal request."""
+def local_limit(request) -> int:
+    """The local-feature settings of an Embed or ExtractLocal request, checked: the features wanted
+    per item (0 asks for the per-object budget)."""
     if not 0 <= request.local_limit <= MAX_LOCAL:
         raise InvalidArgument(f"local_limit must be between 0 and {MAX_LOCAL}, got {request.local_limit}")
     if not (request.local_max_side == 0 or local.MIN_SIDE <= request.local_max_side <= local.MAX_SIDE):
         raise InvalidArgument(f"local_max_side must be 0 or between {local.MIN_SIDE} and {local.MAX_SIDE}, "
                               f"got {request.local_max_side}")
+    return request.local_limit or local.capacity("rootsift", 32)
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -47,8 +49,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         if not request.items:
             raise InvalidArgument("no items to embed")
         items = items_of(request)
-        check_local(request)
-        limit = (request.local_limit or local.capacity("rootsift", 32)) if request.local_features else 0
+        limit = local_limit(request)  # its settings are checked even when no features are asked for
+        limit = limit if request.local_features else 0
         vectors, sets, feats = await self.embedder.embed_with_regions(items, request.regions, request.model_version,
                                                                       limit, request.local_max_side)
         meta = await self.embedder.meta(request.model_version)
@@ -66,8 +68,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def ExtractLocal(self, request, context):
         if not request.items:
             raise InvalidArgument("no items to extract local features from")
-        check_local(request)
-        feats = await self.embedder.extract_local(items_of(request), request.model_version, request.local_limit,
+        feats = await self.embedder.extract_local(items_of(request), local_limit(request), request.model_version,
                                                   request.local_max_side)
         return embedding_pb2.ExtractLocalResponse(local_features=feats)
 

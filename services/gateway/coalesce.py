@@ -99,6 +99,17 @@ def _settle(fut: asyncio.Future, value=None, exc: BaseException | None = None) -
         fut.set_result(value)
 
 
+def _per_request(requests: list, answers: list, count: Callable[[Any], int], build: Callable[[list], Any]) -> list:
+    """A merged call's answers (one per image or item, in order) handed back to the requests merged
+    into it: `build` makes each request's response from its `count(request)` answers."""
+    out, at = [], 0
+    for r in requests:
+        n = count(r)
+        out.append(build(answers[at:at + n]))
+        at += n
+    return out
+
+
 class BatchCalls:
     """The Detect, Embed and ExtractLocal calls of one batch of searches, coalesced; `split` bounds each merged
     call's message size (gateway.split_by_bytes)."""
@@ -138,11 +149,8 @@ class BatchCalls:
                 items=part, model_version=version, local_limit=local_limit, local_max_side=local_max_side),
                 timeout=timeout)
             feats += res.local_features
-        out, at = [], 0
-        for r in requests:
-            out.append(embedding_pb2.ExtractLocalResponse(local_features=feats[at:at + len(r.items)]))
-            at += len(r.items)
-        return out
+        return _per_request(requests, feats, lambda r: len(r.items),
+                            lambda part: embedding_pb2.ExtractLocalResponse(local_features=part))
 
     async def _send_detect(self, key, requests: list, timeout: float) -> list:
         max_detections, min_score = key
@@ -152,13 +160,8 @@ class BatchCalls:
             res = await self.detection.Detect(detection_pb2.DetectRequest(images=part, max_detections=max_detections,
                                                                           min_score=min_score), timeout=timeout)
             results += res.results
-        out, at = [], 0
-        for r in requests:
-            one = detection_pb2.DetectResponse()
-            one.results.extend(results[at:at + len(r.images)])
-            at += len(r.images)
-            out.append(one)
-        return out
+        return _per_request(requests, results, lambda r: len(r.images),
+                            lambda part: detection_pb2.DetectResponse(results=part))
 
     async def _send_embed(self, key, requests: list, timeout: float) -> list:
         regions, version, local_features, local_limit, local_max_side = key
@@ -172,11 +175,5 @@ class BatchCalls:
                 raise RuntimeError("the embedding model changed between the parts of one batch")
             model = res.model
             embeddings += res.embeddings
-        out, at = [], 0
-        for r in requests:
-            one = embedding_pb2.EmbedResponse()
-            one.model.CopyFrom(model)
-            one.embeddings.extend(embeddings[at:at + len(r.items)])
-            at += len(r.items)
-            out.append(one)
-        return out
+        return _per_request(requests, embeddings, lambda r: len(r.items),
+                            lambda part: embedding_pb2.EmbedResponse(embeddings=part, model=model))
