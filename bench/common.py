@@ -99,3 +99,18 @@ def grocery_catalog_and_queries(catalog_size: int, n_real: int, n_queries: int) 
     n_real = min(n_real, catalog_size)
     val = [p for p in grocery_split(root, "val") if p.is_product]
     return train[:: max(1, len(train) // n_real)][:n_real], val[:: max(1, len(val) // n_queries)][:n_queries]
+
+
+def wait_indexed(store, gen, rows: int, progress=print, timeout: float = 900, every: float = 2.0) -> None:
+    """Until the catalog's vector index covers its `rows` rows: a store indexes flushed or sealed
+    rows in the background, and searches beside that work would time it too."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = store.client.describe_index(gen.collection, "vector")
+        indexed = info.get("indexed_rows")
+        if int(info.get("pending_index_rows") or 0) == 0 and (indexed is None or int(indexed) >= rows):
+            return
+        progress(f"indexing: {indexed}/{rows}")
+        time.sleep(every)

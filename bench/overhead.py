@@ -119,6 +119,7 @@ def accuracy(answers: list[list[str]], truth: list[int], product_of: dict[str, i
 
 def fill_catalog(state: dict, key: str, catalog: str, real: list, size: int, tmp: Path, progress) -> int:
     """Real photos through the queue, then synthetic unit vectors up to `size` items."""
+    from bench.common import wait_indexed
     from visearch.client import Client
     from visearch.demo import write_manifest
     from visearch.settings import StoreSettings
@@ -147,15 +148,7 @@ def fill_catalog(state: dict, key: str, catalog: str, real: list, size: int, tmp
         progress(f"synthetic items: {start + n}/{n_synth}")
     store.flush(gen)
     total = len(store.item_stamps(gen))
-    rows = store.count(gen)
-    end = time.monotonic() + 900
-    while time.monotonic() < end:  # a server indexes sealed segments in the background: wait for it
-        info = store.client.describe_index(gen.collection, "vector")
-        indexed = info.get("indexed_rows")
-        if int(info.get("pending_index_rows") or 0) == 0 and (indexed is None or int(indexed) >= rows):
-            break
-        progress(f"indexing: {info.get('indexed_rows')}/{rows}")
-        time.sleep(5)
+    wait_indexed(store, gen, store.count(gen), progress, every=5)
     store.close()
     return total
 

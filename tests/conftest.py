@@ -71,6 +71,12 @@ def redis_url(tmp_path_factory):
     proc.stop()
 
 
+def process_env(pid: int) -> dict[str, str]:
+    """A running process's environment, as it was started (Linux /proc)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+
+
 def start_milvus_lite(data: Path, port: int, log: Path) -> Proc:
     """Milvus Lite as the mesh runs it (visearch.liteserver) on `data`, answering at 127.0.0.1:`port`."""
     from visearch.store import milvus_client

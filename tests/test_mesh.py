@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.conftest import process_env
 from visearch.demo import item_id, write_manifest
 from visearch.metrics import retrieval_report
 
@@ -42,6 +43,10 @@ def mesh_env(tmp_path_factory, model_repo, grocery):
     # Each photo stored as its full frame only: the whole train split at a third of the default's
     # cost (CI time). Detected objects at ingestion: tests/test_objects_mesh.py, tests/test_reliability.py.
     env.update(VISEARCH_DATA_DIR=str(data), VISEARCH_MODEL_REPOSITORY=str(model_repo), VISEARCH_INGEST_OBJECTS="full")
+    # Searches as a deployment on a Milvus server does: the full frame's rows asked for while the box's
+    # forward runs (the embedded mesh's default is one call after both; tests/test_objects_mesh.py), so
+    # the parity check below covers that path over gRPC.
+    env["VISEARCH_EARLY_FULL_FRAME_SEARCH"] = "true"
     cli(env, "up", "--ingest-root", str(grocery["root"]))
     yield env
     cli(env, "down", check=False)
@@ -81,6 +86,7 @@ def test_status_lists_every_component_serving(mesh_env):
     names = {c["name"]: c for c in st["components"]}
     assert set(names) == {"redis", "milvus", "detection", "embedding", "rerank", "gateway", "worker"}
     assert all(c["health"] == "SERVING" and c["pid"] > 0 and c["address"] for c in names.values()), names
+    assert process_env(names["gateway"]["pid"])["VISEARCH_EARLY_FULL_FRAME_SEARCH"] == "true"  # as asked
 
 
 def test_ingest_train_photos_through_the_queue(ingested, catalog):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import process_env
 from tests.test_mesh import cli, jsonl
 from visearch import composites
 from visearch.detector import box_iou
@@ -52,6 +53,9 @@ def test_each_object_of_a_catalog_photo_is_found_with_its_box(objects_mesh, groc
                         + "".join(f"d{i},{p.path}\n" for i, p in enumerate(distractors)))
     res = json.loads(cli(env, "ingest", "--manifest", str(manifest), "--catalog", "objects", "--wait", "--json").stdout)
     assert res["ok"] == 1 + len(distractors) and res["failed"] == 0, res
+    # The embedded mesh's Milvus Lite: a search's views in one call after its forwards (docs/VERIFY.md, stop 42).
+    gateway = {c["name"]: c for c in json.loads(cli(env, "status", "--json").stdout)["components"]}["gateway"]
+    assert process_env(gateway["pid"])["VISEARCH_EARLY_FULL_FRAME_SEARCH"] == "false"
     objects = {c["name"]: c["objects"] for c in jsonl(cli(env, "catalogs").stdout)}["objects"]
     assert objects >= 3 + len(distractors), "the shelf photo is stored as (at least) its three objects"
     # Each fruit's studio photo finds the shelf, and the hit's box is where that fruit is on the shelf.

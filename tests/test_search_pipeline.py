@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -350,6 +351,55 @@ def test_the_boxes_and_the_local_features_go_out_while_the_full_frame_still_runs
     assert [c.boxes for c in remote.embed_calls] == [[BOX], [None]]
     assert remote.rerank_calls[0].local.features == b"local of None"
     assert res.hits
+
+
+def test_the_full_frame_is_searched_while_the_box_is_embedded(store):
+    # The box's forward answers only once the full frame's rows have been asked for: a pipeline that
+    # searched the views together, after both forwards, would time out. The answer is the same.
+    class Watched(NumpyStore):
+        def __init__(self):
+            super().__init__()
+            self.views: list[int] = []  # vectors per search_many call
+            self.searched = threading.Event()
+
+        def search_many(self, gen, vectors, limit, filters=None, *, level=None):
+            self.views.append(len(vectors))
+            self.searched.set()
+            return super().search_many(gen, vectors, limit, filters, level=level)
+
+    class SlowBox(Remote):
+        async def embed(self, c):
+            if c.boxes == [BOX]:
+                for _ in range(500):
+                    if watched.searched.is_set():
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise TimeoutError("the full frame was not searched before the box's forward answered")
+            return await super().embed(c)
+
+    watched = Watched()
+    watched.objects, watched.vectors = store.objects, store.vectors
+    vectors = {BOX: (0, 0, 1, 0), FULL: (0.9, 0.1, 0, 0)}
+    res = run(watched, SlowBox([Detection(BOX, 0.9, "bottle")], vectors), SearchQuery(image=png(), top_k=4))
+    assert watched.views == [1, 1] and watched.searches == [20, 20]  # the full frame's rows, then the box's
+    together = run(store, Remote([Detection(BOX, 0.9, "bottle")], vectors), SearchQuery(image=png(), top_k=4))
+    assert [(h.item_id, h.score) for h in res.hits] == [(h.item_id, h.score) for h in together.hits]
+    assert res.query_box == together.query_box == BOX
+
+
+def test_a_second_round_asks_for_every_views_rows():
+    store = NumpyStore()
+    store.add("many", [(1, 0, 0, 0)] * 8, boxes=[(float(i), 0.0, 10.0, 10.0) for i in range(8)])
+    store.add("other", [(0.5, 0.5, 0, 0)])
+    remote = Remote([Detection(BOX, 0.9, "bottle")], {BOX: (1, 0, 0, 0), FULL: (1, 0.1, 0, 0)})
+    res = run(store, remote, SearchQuery(image=png(), top_k=2), rerank_candidates=1)
+    assert store.searches == [4, 4, 16]  # the full frame's first rows, the box's, then both views at 4x
+    assert ids(res.hits) == ["many", "other"]
+    store.searches.clear()
+    late = run(store, remote, SearchQuery(image=png(), top_k=2), rerank_candidates=1, early_full_frame_search=False)
+    assert store.searches == [4, 16]  # off: one call for both views, after both forwards
+    assert [(h.item_id, h.score) for h in late.hits] == [(h.item_id, h.score) for h in res.hits]
 
 
 def test_a_failing_extraction_cancels_the_forwards(store):

@@ -358,6 +358,9 @@ def launch(data_dir: Path, ingest_roots: list[str], replicas: dict[str, int], wo
             argv = liteserver.argv(data_dir / "milvus", port)  # Milvus Lite, writes serialised
             pid, lp = _spawn("milvus", argv, env, data_dir)
             env["VISEARCH_MILVUS_URI"] = f"http://127.0.0.1:{port}"
+            # Milvus Lite searches in Python on the cores the forwards use, and pays a pass over every
+            # row per call: one call for a search's views, after its forwards (docs/VERIFY.md, stop 42).
+            env.setdefault("VISEARCH_EARLY_FULL_FRAME_SEARCH", "false")
             comps.append(Component("milvus", pid, env["VISEARCH_MILVUS_URI"], "milvus", lp, argv))
         else:
             comps.append(Component("milvus", 0, env["VISEARCH_MILVUS_URI"], "milvus", ""))

@@ -58,12 +58,14 @@ class SearchConfig:
     rerank_candidates: int = 100
     query_crop_margin: float = 0.0
     catalog_crop_margin: float = 0.0
+    early_full_frame_search: bool = True
 
     @classmethod
     def of(cls, settings) -> SearchConfig:
         return cls(query_objects=settings.query_objects, rerank_default=settings.rerank_default,
                    rerank_candidates=settings.rerank_candidates, query_crop_margin=settings.query_crop_margin,
-                   catalog_crop_margin=settings.catalog_crop_margin)
+                   catalog_crop_margin=settings.catalog_crop_margin,
+                   early_full_frame_search=settings.early_full_frame_search)
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,20 @@ class SearchPipeline:
 
     async def _photo(self, query: SearchQuery, gen: Generation, ports: SearchPorts, policy: str, method: str,
                      want_regions: bool, want_local: bool) -> SearchResult:
+        # One read level for the whole search (Bounded unless the catalog was written lately), read
+        # while the forwards run; `early` holds a search started before the others (see below).
+        level_task = asyncio.ensure_future(asyncio.to_thread(self.store.read_level, gen))
+        early: list[asyncio.Future] = []
+        try:
+            return await self._photo_views(query, gen, ports, policy, method, want_regions, want_local, level_task,
+                                           early)
+        except BaseException:
+            _abandon(level_task, *early)  # whatever failed is the error reported
+            raise
+
+    async def _photo_views(self, query: SearchQuery, gen: Generation, ports: SearchPorts, policy: str, method: str,
+                           want_regions: bool, want_local: bool, level_task: asyncio.Future,
+                           early: list[asyncio.Future]) -> SearchResult:
         def embed(boxes: list[Box | None]) -> Awaitable[EmbedAnswer]:
             # Queries are embedded by the model version that made the catalog's vectors, whatever
             # the embedding service serves by default: a model change never compares two versions.
@@ -245,6 +261,7 @@ class SearchPipeline:
 
         detections: list[Detection] = []
         full_task = None
+        rows = search.first_rows(query.top_k, self.cfg.rerank_candidates)
         if policy == "full" and not query.per_object:
             try:
                 w, h = await asyncio.to_thread(imaging.image_size, query.image)
@@ -254,8 +271,12 @@ class SearchPipeline:
         else:
             if policy == "both":
                 # The full frame is searched whatever the detector finds: it is embedded while the
-                # detector runs (two services, two cores) instead of after it.
+                # detector runs (two services, two cores) instead of after it, and (early_full_frame_search)
+                # its first rows are asked for as soon as its vector is back, while the box's forward runs.
                 full_task = asyncio.ensure_future(embed([None]))
+                if self.cfg.early_full_frame_search:
+                    rows_task = self._full_rows(full_task, level_task, gen, rows, query.filters)
+                    early.append(asyncio.ensure_future(rows_task))
             try:
                 det = await ports.detect(query.image, MAX_QUERY_OBJECTS)
             except BaseException:
@@ -295,18 +316,26 @@ class SearchPipeline:
         local = QueryLocal()
         if want_local:
             local = QueryLocal(features, local_box[2] - local_box[0], local_box[3] - local_box[1], query.correspondences)
-        # One read level for the whole search (Bounded unless the catalog was written lately).
-        level = await asyncio.to_thread(self.store.read_level, gen)
-        args = (gen, level, method, want_regions, query.top_k, dict(query.filters), local, ports)
+        args = (gen, await level_task, method, want_regions, query.top_k, dict(query.filters), local, ports)
 
         # The view whose best match is closest leads (its vector and regions go to re-ranking);
         # every item keeps its best object over all views.
         lead, (hits, used) = await self._ranked(embs[:len(views)],
-                                                search.view_margins(views, full, self.cfg.query_crop_margin), *args)
+                                                search.view_margins(views, full, self.cfg.query_crop_margin), *args,
+                                                early={full_at: early[0]} if early else None)
         per_object = await asyncio.gather(*(self._ranked([e], [0.0], *args) for e in embs[len(views):]))
         return SearchResult(hits=hits, query_box=views[lead], method=used, model=model,
                             objects=[ObjectResult(d, obj_hits)
                                      for d, (_, (obj_hits, _)) in zip(detections, per_object, strict=False)])
+
+    async def _full_rows(self, full_task: asyncio.Future, level_task: asyncio.Future, gen: Generation, rows: int,
+                         filters) -> list[StoredObject]:
+        """The full frame's first `rows` rows: what `_ranked`'s first search would find for it."""
+        answer = await full_task
+        self.store.check_model(gen, answer.meta)  # never a search with another model's vector
+        found = await asyncio.to_thread(self.store.search_many, gen, [answer.embeddings[0].values], rows,
+                                        dict(filters), level=await level_task)
+        return found[0]
 
     async def _similar(self, query: SearchQuery, gen: Generation, ports: SearchPorts, policy: str, method: str,
                        want_local: bool) -> SearchResult:
@@ -340,17 +369,23 @@ class SearchPipeline:
 
     async def _ranked(self, embs: list[Embedded], margins, gen: Generation, level: str, method: str,
                       want_regions: bool, top_k: int, filters: dict[str, str], local: QueryLocal, ports: SearchPorts,
-                      exclude: str = "") -> tuple[int, tuple[list[Hit], str]]:
+                      exclude: str = "", early: dict[int, Awaitable[list[StoredObject]]] | None = None
+                      ) -> tuple[int, tuple[list[Hit], str]]:
         """Search the store with each query vector, keep each item's best object, re-rank with the
         lead vector (the one whose best match scored highest): (lead index, (hits, method used)).
-        `exclude`: an item left out (the query itself, in a search by item)."""
+        `exclude`: an item left out (the query itself, in a search by item). `early`: view index ->
+        that view's first rows, asked for already (the same rows, level and filters)."""
         # An item may be stored as several objects: ask for more rows than items wanted, and
         # more again only while the rows hold fewer items than the answer needs (top_k): a
         # shorter candidate list for re-ranking costs less than a second search at 4x the rows.
         rows = search.first_rows(top_k, self.cfg.rerank_candidates)
+        early = early or {}
         while True:
-            found = await asyncio.to_thread(self.store.search_many, gen, [e.values for e in embs], rows, filters,
-                                            level=level)
+            rest = [i for i in range(len(embs)) if i not in early]
+            found_rest = iter(await asyncio.to_thread(self.store.search_many, gen, [embs[i].values for i in rest],
+                                                      rows, filters, level=level) if rest else [])
+            found = [await early[i] if i in early else next(found_rest) for i in range(len(embs))]
+            early = {}  # a second round asks for every view's rows
             results = [[r for r in view if r.item_id != exclude] for view in found] if exclude else found
             best = search.best_per_item(results, margins, self.cfg.catalog_crop_margin)
             left = ports.time_left()

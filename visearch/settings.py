@@ -296,6 +296,12 @@ class GatewaySettings(ServerSettings, StoreSettings, QueueSettings, ClientSettin
     # beats the full frames by this much (docs/VERIFY.md: chosen on train-only protocols).
     query_crop_margin: float = 0.0
     catalog_crop_margin: float = 0.05
+    # "both": ask the store for the full frame's rows as soon as its vector is back, while the box's
+    # forward runs, then for the box's rows (two store calls a search); off: one call for both views
+    # after both forwards. On by default, where the store is a Milvus server with its own CPU; the
+    # embedded mesh's Milvus Lite turns it off, since its per-call work runs on the same cores
+    # (docs/VERIFY.md, "Stop 42").
+    early_full_frame_search: bool = True
     max_items_per_request: int = 10_000
 
 
