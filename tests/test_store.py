@@ -449,3 +449,18 @@ def test_index_kind_is_chosen_per_catalog_and_kept(store, request):
         check_index("diskann")
     with pytest.raises(InvalidArgument, match="index 'annoy'"):
         store.ensure_catalog(f"t_index_bad_{suffix}", META, "", "annoy")
+
+
+def test_pymilvus_logs_through_the_process_logging_without_copies_of_raised_errors(store, caplog):
+    """A catalog that does not exist yet is a normal answer (None), not an ERROR with a traceback in
+    plain text amid the services' JSON lines; pymilvus's own warnings still reach the process's
+    logging (one JSON line each in a service), through no handler of its own."""
+    import logging
+
+    for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
+        assert not logging.getLogger(name).handlers and logging.getLogger(name).propagate, name
+    with caplog.at_level(logging.WARNING):
+        assert store.live("never_made") is None  # describe_collection fails inside pymilvus
+        logging.getLogger("pymilvus.client.connection_manager").warning("Connection recovery failed")
+    assert not [r for r in caplog.records if "RPC error" in r.getMessage()]
+    assert [r.name for r in caplog.records] == ["pymilvus.client.connection_manager"]

@@ -111,6 +111,31 @@ FOOTPRINT_SAMPLE = 256  # rows read to estimate a catalog's bytes per object
 log = logging.getLogger(__name__)
 
 
+class _RaisedToCaller(logging.Filter):
+    """Drops pymilvus's record of a failed call: it logs each one at ERROR with a traceback before
+    raising it here, where the store handles it (a catalog not made yet is no failure) or turns it
+    into the error its caller reports."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "_log_rpc_error"
+
+
+def _pymilvus_logs_as_ours() -> None:
+    """pymilvus gives its loggers a plain-text handler of its own on import: its records (connection
+    recovery warnings, say) go through the process's logging instead, one JSON line each in the
+    services, without its copies of the errors raised to the store."""
+    for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    decorators = logging.getLogger("pymilvus.decorators")
+    if not any(isinstance(f, _RaisedToCaller) for f in decorators.filters):
+        decorators.addFilter(_RaisedToCaller())
+
+
+_pymilvus_logs_as_ours()
+
+
 @dataclass(frozen=True)
 class Generation:
     """One physical generation of a catalog: its collections and the model that made them."""
