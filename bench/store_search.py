@@ -30,14 +30,11 @@ SHAPES = ((1, 10), (1, 200), (2, 10), (2, 200))  # (views, rows per view)
 
 def start_lite(data: Path) -> tuple[subprocess.Popen, str]:
     """Milvus Lite as the mesh runs it, on a free port; (process, URI) once it answers."""
-    import socket
-
     from visearch import liteserver
+    from visearch.mesh import free_port
     from visearch.store import milvus_client
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(liteserver.argv(data, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 60
