@@ -1,4 +1,7 @@
-"""Image-level augmentation for the full fine-tuning (GPU) recipe: random resized crop, colour jitter, mirror.
+"""Image-level augmentation for the full fine-tuning (GPU) recipe: random resized crop, colour jitter, mirror,
+or, with `made_up` (a probability), a fresh made-up view (visearch.views.made_up_view: crop, mirror,
+rotation, perspective, colour, blur, an occluding patch, a smaller scale), drawn each step where the
+CPU recipe caches six of them once (configs/gpu-views.json against configs/default.json).
 
 The output is the served model's input (uint8 RGB [S, S, 3], plain resize), so training
 sees exactly the preprocessing of `visearch.imaging.to_model_input` plus the random changes.
@@ -12,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from visearch.imaging import decode_image, to_model_input
-from visearch.views import random_resized_crop
+from visearch.views import TRAIN_VIEWS, made_up_view, random_resized_crop
 
 
 def jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
@@ -24,6 +27,8 @@ def jitter(img: Image.Image, rng: np.random.Generator, strength: float) -> Image
 
 def augmented_input(path: Path, size: int, rng: np.random.Generator, params: dict) -> np.ndarray:
     img = decode_image(Path(path).read_bytes())
+    if params.get("made_up", 0) and rng.random() < float(params["made_up"]):
+        return to_model_input(made_up_view(img, int(rng.integers(0, 2**63)), TRAIN_VIEWS), size)
     img = random_resized_crop(img, rng, tuple(params.get("scale", (0.35, 1.0))), tuple(params.get("ratio", (0.75, 4 / 3))))
     if params.get("jitter", 0):
         img = jitter(img, rng, float(params["jitter"]))
