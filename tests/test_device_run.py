@@ -48,7 +48,7 @@ def test_pack_fills_two_parts_within_a_call_and_check_finds_what_is_missing(pack
     classes = {line.split(",")[1].strip() for line in (out / "a/grocery/dataset/train.txt").read_text().splitlines()}
     assert r["photos"] == 8 * len(classes)
     counts = device.check(out)
-    assert counts["a"] + counts["b"] == r["photos"] + len(device.DATASET_FILES)
+    assert counts["a"] + counts["b"] == r["photos"] + len(device.DATASET_FILES) + 2  # + the package's __init__ and weights
     # a photo of part b changed, then part a gone: one line saying which part and what to do
     one = next(iter(json.loads((out / "b" / device.MANIFEST).read_text())["files"]))
     saved = (out / "b" / one).read_bytes()

@@ -78,8 +78,11 @@ def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", pe
     parts = {"a": out / "a", "b": out / "b"}
     site = parts["a"] / "site" / package_dir.name
     shutil.copytree(package_dir, site, ignore=shutil.ignore_patterns("__pycache__", ".gitignore"))
-    used = {"a": sum(f.stat().st_size for f in site.rglob("*") if f.is_file()), "b": 0}
     files: dict[str, dict[str, str]] = {"a": {}, "b": {}}
+    used = {"a": 0, "b": 0}
+    for f in sorted(q for q in site.rglob("*") if q.is_file()):  # the weights are checked like the photos
+        files["a"][str(f.relative_to(parts["a"]))] = sha256(f)
+        used["a"] += f.stat().st_size
     meta_dir = parts["a"] / "grocery" / "dataset"
     meta_dir.mkdir(parents=True)
     for name in DATASET_FILES:
@@ -133,6 +136,8 @@ def assemble(root: Path, to: Path) -> Path:
         shutil.rmtree(to)
     for name in ("a", "b"):
         for rel in json.loads((root / name / MANIFEST).read_text())["files"]:
+            if not rel.startswith("grocery/"):
+                continue
             dst = to / Path(rel).relative_to("grocery")
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.symlink((root / name / rel).resolve(), dst)
