@@ -72,7 +72,8 @@ def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", pe
     package_dir = weights.parents[len(Path(spec.weights_relpath).parts) - 1]
     lines = _train_lines(root, per_class)
     photos = [line.split(",")[0].strip() for line in lines]
-    room = limit - tree_bytes(repo) - MARGIN
+    tree = tree_bytes(repo)
+    room = limit - tree - MARGIN
     if out.exists():
         shutil.rmtree(out)
     parts = {"a": out / "a", "b": out / "b"}
@@ -86,9 +87,10 @@ def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", pe
     meta_dir = parts["a"] / "grocery" / "dataset"
     meta_dir.mkdir(parents=True)
     for name in DATASET_FILES:
-        shutil.copy2(root / "dataset" / name, meta_dir / name)
-    (meta_dir / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    for name in DATASET_FILES:
+        if name == "train.txt":  # the lines packed (all, or per_class of each class)
+            (meta_dir / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        else:
+            shutil.copy2(root / "dataset" / name, meta_dir / name)
         files["a"][f"grocery/dataset/{name}"] = sha256(meta_dir / name)
         used["a"] += (meta_dir / name).stat().st_size
     for rel in photos:
@@ -97,7 +99,7 @@ def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", pe
         part = "a" if used["a"] + size <= room else "b"
         if used[part] + size > room:
             raise DeviceError(f"the photos do not fit in two calls of {limit // MIB} MiB "
-                              f"beside a {tree_bytes(repo) / 1e6:.1f} MB tree")
+                              f"beside a {tree / 1e6:.1f} MB tree")
         dst = parts[part] / "grocery" / "dataset" / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
@@ -108,7 +110,7 @@ def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", pe
         (folder / MANIFEST).write_text(json.dumps({"part": name, "files": files[name], "bytes": used[name],
                                                   "site": f"site/{package_dir.name}" if name == "a" else None},
                                                  indent=1) + "\n")
-    return {"photos": len(photos), "bytes": used, "room": room, "tree": limit - room - MARGIN,
+    return {"photos": len(photos), "bytes": used, "room": room, "tree": tree,
             "weights_sha256": sha256(weights)}
 
 
