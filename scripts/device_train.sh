@@ -4,8 +4,9 @@
 #   call 1, carry [".device/a"]: bash scripts/device_train.sh check
 #   call 2, carry [".device/b"], right after: bash scripts/device_train.sh train
 #   here: python -m visearch.training.device unpack --from <files_at> --to runs
-# DEVICE_DIR (.device), CONFIGS (paths), BUDGET (seconds each run may take; SIGINT then, best.pt is what the last
-# evaluation saved), PYTHON and SMOKE=1 (a few steps: the CI test on CPU) may be set.
+# DEVICE_DIR (.device), CONFIGS (paths), BUDGET (seconds each run may take: its fine-tuning epochs are cut to what
+# 90 % of it fits, so the schedule ends inside it; a SIGINT at BUDGET stops a run that overruns, best.pt is then what
+# the last evaluation saved), PYTHON and SMOKE=1 (a few steps: the CI test on CPU) may be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -36,6 +37,7 @@ train)
         name=$(basename "$cfg" .json); names+=("$RUNS/$name")
         mkdir -p "$RUNS/$name"
         timeout -s INT "$BUDGET" "$PYTHON" -m visearch.training.cli --config "$cfg" --out "$RUNS/$name" "${smoke[@]}" \
+            --budget "$((BUDGET * 9 / 10))" \
             > "$RUNS/$name/summary.json" 2> "$RUNS/$name.log" &
         pids+=($!)
     done

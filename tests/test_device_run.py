@@ -39,6 +39,7 @@ def packed(tmp_path_factory):
 def test_pack_fills_two_parts_within_a_call_and_check_finds_what_is_missing(packed, tmp_path):
     out, r, limit = packed
     assert r["bytes"]["a"] > 0 and r["bytes"]["b"] > 0
+    assert r["spare"] == limit - device.tree_bytes(ROOT) - max(r["bytes"].values()) >= device.MARGIN
     for part in ("a", "b"):
         on_disk = sum(f.stat().st_size for f in (out / part).rglob("*") if f.is_file() and f.name != device.MANIFEST)
         assert on_disk == r["bytes"][part]
@@ -56,6 +57,12 @@ def test_pack_fills_two_parts_within_a_call_and_check_finds_what_is_missing(pack
     with pytest.raises(device.DeviceError, match="part b: .* missing or changed"):
         device.check(out)
     (out / "b" / one).write_bytes(saved)
+    (out / "b").rename(tmp_path / "b")
+    try:  # the hint names the part under the root checked, wherever DEVICE_DIR points
+        with pytest.raises(device.DeviceError, match=f"part b is not on this machine.*carry {out / 'b'}"):
+            device.check(out)
+    finally:
+        (tmp_path / "b").rename(out / "b")
     moved = tmp_path / "a"
     (out / "a").rename(moved)
     try:
@@ -96,7 +103,8 @@ def test_the_device_script_trains_both_recipes_and_the_parts_join_back(packed, t
         model, meta = train.load_checkpoint(path)
         assert meta["train_split"]["split"] == "all" and meta["config"]["cache"] is False
         assert "device cpu" in (tmp_path / "here" / name / "train.log").read_text()
-        assert json.loads((tmp_path / "here" / name / "history.json").read_text())["best_epoch"] == meta["epoch"]
+        hist = json.loads((tmp_path / "here" / name / "history.json").read_text())
+        assert hist["best_epoch"] == meta["epoch"] and hist["budget_s"] > 0 and hist["epochs_run"] == 1
     assert train.load_checkpoint(joined["tiny-gpu-views"])[1]["config"]["image_augment"]["made_up"] == 0.75
     # a part lost on the way is refused, not joined into a broken checkpoint
     part = json.loads((back / device.MANIFEST).read_text())["tiny-gpu-full"]["parts"][-1]

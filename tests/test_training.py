@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,38 @@ def test_smoke_run_on_made_up_views(smoke_run, tmp_path):
     cache_dir = next(p for p in cache.iterdir() if p.is_dir())
     aug = {p.name.split("-")[0] for p in cache_dir.glob("*-aug0.npy")}
     assert aug and aug <= {p.name.split("-")[0] for p in cache_dir.glob("*-id.npy")}
+
+
+def test_a_budget_cuts_the_planned_epochs_to_what_the_measured_pace_fits():
+    """1 epoch of 10 s took the run to 20 s; evaluations take 4 s, one every 2 epochs: a further epoch costs 12 s,
+    and the room left is 100 - 20 - 4 (the last epoch's evaluation) = 76 s: 6 more, 7 in all."""
+    assert train.epochs_within(100, 20, 10, 4, 2, 1, 40) == 7
+    assert train.epochs_within(100, 20, 10, 4, 2, 1, 5) == 5  # the plan fits: unchanged
+    assert train.epochs_within(100, 20, 10, 4, 1, 1, 40) == 6  # an evaluation every epoch: 14 s each
+    assert train.epochs_within(30, 45, 10, 4, 2, 3, 40) == 3  # already past it: the epochs done, never fewer
+
+
+@needs_grocery
+def test_a_sigint_while_fine_tuning_ends_the_run_with_its_best_checkpoint(smoke_run, tmp_path):
+    """A real SIGINT (what `timeout -s INT` sends the GPU run) once a checkpoint is saved: the run ends as finished,
+    its history says where it stopped. Before anything is saved it stops the run as usual."""
+    _, cache = smoke_run
+    cfg = train.TrainConfig.from_dict({**SMOKE, "name": "cut"})
+
+    def interrupt_at(text):
+        def progress(msg):
+            if text in msg:
+                signal.raise_signal(signal.SIGINT)
+        return progress
+
+    run = train.train(cfg, tmp_path / "cut", progress=interrupt_at("fine-tune epoch"), smoke=True, cache_root=cache,
+                      budget=3600)
+    assert run.interrupted_in_epoch == 2 and run.epochs_run == 1 and run.best.is_file()
+    hist = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert hist["interrupted_in_epoch"] == 2 and hist["budget_s"] == 3600 and hist["planned_epochs"] == 1
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, tmp_path / "early", progress=interrupt_at("before training"), smoke=True, cache_root=cache)
+    assert not (tmp_path / "early" / "best.pt").exists()
 
 
 @needs_grocery

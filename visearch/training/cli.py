@@ -1,6 +1,6 @@
 """`visearch train`: train a descriptor model from a config (docs/TRAINING.md).
 
-    visearch train --config configs/default.json [--out runs/default] [--seed N] [--smoke]
+    visearch train --config configs/default.json [--out runs/default] [--seed N] [--smoke] [--budget SECONDS]
 
 Progress (epoch, loss, hold-out metric, ETA) goes to stderr; the final summary (paths,
 hold-out metrics, seconds) is one JSON object on stdout.
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                          "trainval (the production model: all plus the val photos) or far (P1/P3 models selected on TF, "
                          "a hold-out closer to val's shift)")
     ap.add_argument("--name", default=None, help="override the config's run name")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds the whole run may take: the fine-tuning epochs are cut to what the measured pace "
+                         "fits, and the learning-rate schedule ends there (a GPU machine lent for minutes)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -52,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = mine_and_retrain(cfg, out, smoke=args.smoke, cache_root=args.cache)
         else:
-            run = train(cfg, out, smoke=args.smoke, cache_root=args.cache)
+            run = train(cfg, out, smoke=args.smoke, cache_root=args.cache, budget=args.budget)
             summary = {"name": cfg.name, "best": str(run.best), "epoch": run.meta["epoch"],
+                       "epochs_run": run.epochs_run, "interrupted_in_epoch": run.interrupted_in_epoch,
                        "holdout": run.meta["holdout_metrics"], "seconds": round(run.seconds, 1), "id": run.meta["id"]}
     except FileNotFoundError as exc:
         print(f"train: {exc}", file=sys.stderr)

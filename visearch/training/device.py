@@ -66,7 +66,8 @@ def _train_lines(root: Path, per_class: int) -> list[str]:
 
 def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", per_class: int = 0,
          limit: int = TREE_LIMIT) -> dict:
-    """Write `out`/a (the weights' package and as many photos as fit) and `out`/b (the rest)."""
+    """Write `out`/a (the weights' package and photos) and `out`/b (the other photos), split so that each call
+    leaves the same room beside the tree: the tree may grow between packing and the calls by that much."""
     spec = backbones.SPECS[arch]
     weights = backbones.weights_path(arch)
     package_dir = weights.parents[len(Path(spec.weights_relpath).parts) - 1]
@@ -93,10 +94,12 @@ def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", pe
             shutil.copy2(root / "dataset" / name, meta_dir / name)
         files["a"][f"grocery/dataset/{name}"] = sha256(meta_dir / name)
         used["a"] += (meta_dir / name).stat().st_size
+    sizes = {rel: (root / "dataset" / rel).stat().st_size for rel in photos}
+    half = (used["a"] + sum(sizes.values())) / 2  # part a's share of both, weights included
     for rel in photos:
         src = root / "dataset" / rel
-        size = src.stat().st_size
-        part = "a" if used["a"] + size <= room else "b"
+        size = sizes[rel]
+        part = "a" if used["a"] + size <= min(room, half) else "b"
         if used[part] + size > room:
             raise DeviceError(f"the photos do not fit in two calls of {limit // MIB} MiB "
                               f"beside a {tree / 1e6:.1f} MB tree")
@@ -110,7 +113,7 @@ def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", pe
         (folder / MANIFEST).write_text(json.dumps({"part": name, "files": files[name], "bytes": used[name],
                                                   "site": f"site/{package_dir.name}" if name == "a" else None},
                                                  indent=1) + "\n")
-    return {"photos": len(photos), "bytes": used, "room": room, "tree": tree,
+    return {"photos": len(photos), "bytes": used, "room": room, "tree": tree, "spare": room + MARGIN - max(used.values()),
             "weights_sha256": sha256(weights)}
 
 
@@ -120,7 +123,7 @@ def check(root: Path, parts: tuple[str, ...] = ("a", "b")) -> dict[str, int]:
     for name in parts:
         manifest = root / name / MANIFEST
         if not manifest.is_file():
-            hint = "the machine went back between the two calls; run both again" if name == "a" else "carry .device/b"
+            hint = "the machine went back between the two calls; run both again" if name == "a" else f"carry {root / name}"
             raise DeviceError(f"part {name} is not on this machine ({manifest} missing): {hint}")
         files = json.loads(manifest.read_text())["files"]
         for rel, digest in files.items():
@@ -222,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             r = pack(args.out, root, Path.cwd(), args.arch, args.per_class)
             print(json.dumps(r))
             print(f"packed {r['photos']} photos: {args.out}/a {r['bytes']['a'] / 1e6:.1f} MB, {args.out}/b "
-                  f"{r['bytes']['b'] / 1e6:.1f} MB beside a {r['tree'] / 1e6:.1f} MB tree", file=sys.stderr)
+                  f"{r['bytes']['b'] / 1e6:.1f} MB beside a {r['tree'] / 1e6:.1f} MB tree; the tree may grow by "
+                  f"{r['spare'] / 1e6:.1f} MB before the calls", file=sys.stderr)
         elif args.cmd == "check":
             counts = check(args.root, tuple(args.parts.split(",")))
             print("parts present: " + ", ".join(f"{k} ({v} files)" for k, v in counts.items()))

@@ -126,6 +126,8 @@ class Run:
     history: list[dict]
     meta: dict
     seconds: float
+    epochs_run: int = 0  # fine-tuning epochs run (fewer than planned under a budget or after a SIGINT)
+    interrupted_in_epoch: int | None = None
 
 
 class _Source:
@@ -306,13 +308,29 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def epochs_within(budget: float, elapsed: float, epoch_s: float, eval_s: float, eval_every: int, done: int,
+                  planned: int) -> int:
+    """How many fine-tuning epochs in all fit in `budget` seconds: `done` of them brought the run to `elapsed`
+    seconds, each further one takes `epoch_s` plus an evaluation (`eval_s`) every `eval_every`, and the last one is
+    always evaluated. Never fewer than `done` nor more than `planned`."""
+    per_epoch = epoch_s + eval_s / max(1, eval_every)
+    room = budget - elapsed - eval_s
+    return max(done, min(planned, done + int(room // per_epoch))) if per_epoch > 0 else planned
+
+
 def train(cfg: TrainConfig, out: Path, progress: Progress = stderr, smoke: bool = False, cache_root: Path | None = None,
-          root: Path | None = None, pseudo: list[tuple[datasets.Photo, int]] | None = None) -> Run:
+          root: Path | None = None, pseudo: list[tuple[datasets.Photo, int]] | None = None,
+          budget: float | None = None) -> Run:
     """Train per `cfg`, select on the split's hold-out, write checkpoints, history and curves into `out`.
 
     `pseudo` (from same-item mining): unlabelled photos with a mined cluster id; each cluster
     is one extra identity. Their true labels are never read; their attributes are unknown
     (ignored by the attribute heads).
+
+    `budget` (seconds, the whole run): after each fine-tuning epoch the epochs still planned are cut to what
+    the measured pace fits (`epochs_within`), so the learning-rate schedule runs to its end inside the budget
+    instead of being cut by a timeout. A SIGINT during fine-tuning stops the run as finished once a checkpoint
+    has been evaluated: `best.pt` is the best evaluated, history.json says where it stopped.
     """
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
@@ -393,7 +411,9 @@ def train(cfg: TrainConfig, out: Path, progress: Progress = stderr, smoke: bool 
         return float(batch_loss(source.embed(model, source.batch(train_idx[fixed], None, None, False), device), fixed))
 
     history: list[dict] = []
+    t_eval = time.perf_counter()
     m0 = holdout_metrics(model, source, proto, device)
+    eval_s = time.perf_counter() - t_eval
     history.append({"epoch": 0, "stage": "start", "holdout": m0, "fixed_batch_loss": fixed_batch_loss()})
     progress(f"[{cfg.name}] epoch 0 (before training): {proto.name} mAP {m0['mAP']:.3f} R@1 {m0['recall@1']:.3f}")
     best = {"mAP": -1.0, "epoch": 0}
@@ -461,31 +481,51 @@ def train(cfg: TrainConfig, out: Path, progress: Progress = stderr, smoke: bool 
     sampler = data.PKSampler(fine, cfg.p, cfg.k, seed=cfg.seed + 2, steps=steps)
     total, step = epochs * steps, 0
     t1 = time.perf_counter()
-    for epoch in range(head_epochs + 1, n_epochs + 1):
-        tmodel.train_mode(model, cfg.model.train_from, cfg.model.freeze_bn)
-        loss_fn.train()
-        loss_sum, n = 0.0, 0
-        for b in sampler:
-            f = lr_factor(step, total, cfg.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * f
-            emb = source.embed(model, source.batch(train_idx[b], rng, npr, True), device)
-            loss = batch_loss(emb, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum, n, step = loss_sum + float(loss.detach()), n + 1, step + 1
-        el = time.perf_counter() - t1
-        end_epoch(epoch, "fine-tune", loss_sum, n, (epoch - head_epochs) % cfg.eval_every == 0 or epoch == n_epochs,
-                  el / step * (total - step))
+    train_s, done, stopped, epoch, planned_epochs = 0.0, 0, None, head_epochs, epochs
+    try:
+        while done < epochs:
+            epoch = head_epochs + done + 1
+            tmodel.train_mode(model, cfg.model.train_from, cfg.model.freeze_bn)
+            loss_fn.train()
+            loss_sum, n = 0.0, 0
+            t_epoch = time.perf_counter()
+            for b in sampler:
+                f = lr_factor(step, total, cfg.warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * f
+                emb = source.embed(model, source.batch(train_idx[b], rng, npr, True), device)
+                loss = batch_loss(emb, b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum, n, step = loss_sum + float(loss.detach()), n + 1, step + 1
+            train_s, done = train_s + time.perf_counter() - t_epoch, done + 1
+            if budget and done < epochs:
+                fit = epochs_within(budget, time.perf_counter() - t_start, train_s / done, eval_s, cfg.eval_every,
+                                    done, epochs)
+                if fit < epochs:
+                    progress(f"[{cfg.name}] budget {budget:.0f}s: {fit} of {epochs} fine-tuning epochs fit at "
+                             f"{train_s / done:.1f}s an epoch and {eval_s:.1f}s an evaluation; the schedule now ends "
+                             "there")
+                    epochs, n_epochs = fit, head_epochs + fit
+                    total = epochs * steps
+            el = time.perf_counter() - t1
+            end_epoch(epoch, "fine-tune", loss_sum, n, done % cfg.eval_every == 0 or done == epochs,
+                      el / step * (total - step))
+    except KeyboardInterrupt:
+        if best["epoch"] == 0:  # nothing evaluated and saved by this run yet
+            raise
+        stopped = epoch
+        progress(f"[{cfg.name}] interrupted in epoch {stopped}: best.pt is epoch {best['epoch']}'s")
     best_map, best_epoch = best["mAP"], best["epoch"]
     seconds = time.perf_counter() - t_start
+    planned = {"planned_epochs": planned_epochs, "epochs_run": done, "budget_s": budget, "interrupted_in_epoch": stopped}
     (out / "history.json").write_text(json.dumps({"config": cfg.to_dict(), "history": history, "best_epoch": best_epoch,
-                                                  "seconds": round(seconds, 1)}, indent=2) + "\n")
+                                                  "seconds": round(seconds, 1), **planned}, indent=2) + "\n")
     try:
         plot_history(history, out / "loss.png", f"{cfg.name}: {cfg.loss['name']}, best epoch {best_epoch}")
     except ImportError:
         progress("matplotlib not installed: no loss.png (pip install matplotlib)")
     _, meta = load_checkpoint(out / "best.pt")
     progress(f"[{cfg.name}] best epoch {best_epoch}: {proto.name} mAP {best_map:.3f}; {seconds:.0f}s in all -> {out / 'best.pt'}")
-    return Run(out, out / "best.pt", history, meta, seconds)
+    return Run(out, out / "best.pt", history, meta, seconds, done, stopped)
