@@ -391,3 +391,20 @@ def test_the_production_split_adds_the_val_photos_and_keeps_the_selection_honest
     assert not {p.path for p in proto.queries} & {p.path for p in photos}
     with pytest.raises(ValueError, match="trainval"):
         training_protocol(grocery["root"], "everything")
+
+
+def test_the_iconic_splits_add_each_products_studio_image_and_no_query(grocery):
+    """`iconic` and `trainval-iconic` add the studio image of each of the 31 products (P3's database), never a
+    photo P1's or P3's queries come from when the val photos are left out."""
+    from visearch.datasets import grocery_iconic
+    from visearch.training.data import training_protocol
+
+    iconic = {p.path for p in grocery_iconic(grocery["root"]) if p.is_product}
+    assert len(iconic) == 31
+    for base, split in (("all", "iconic"), ("trainval", "trainval-iconic")):
+        before, th = training_protocol(grocery["root"], base)
+        photos, proto = training_protocol(grocery["root"], split)
+        assert proto.name == th.name == "TH" and {p.path for p in photos} == {p.path for p in before} | iconic
+        assert not {p.path for p in proto.queries} & {p.path for p in photos}
+    photos, _ = training_protocol(grocery["root"], "iconic")
+    assert not {p.path for p in grocery["val"]} & {p.path for p in photos}

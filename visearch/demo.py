@@ -23,7 +23,8 @@ from visearch.sdk import ingest_rows, read_manifest, search_one, wait_job
 
 
 def trained_on_val(repo) -> bool:
-    """Whether the served embedder's training saw the val photos (the `trainval` production split)."""
+    """Whether the served embedder's training saw the val photos (the `trainval` production split, or
+    `trainval-iconic`)."""
     from visearch.inference import read_meta
     from visearch.models.record import ModelRecord
     from visearch.models.repository import version_dir
@@ -39,7 +40,7 @@ def trained_on_val(repo) -> bool:
     except Exception:  # noqa: BLE001 - a note, never a failure of the demo
         return False
     training = record.training or {}
-    return (training.get("train_split") or {}).get("split") == "trainval"
+    return (training.get("train_split") or {}).get("split") in ("trainval", "trainval-iconic")
 
 
 def item_id(photo: Photo) -> str:

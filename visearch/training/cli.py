@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="frozen-feature cache folder (default: .data/train-cache)")
     ap.add_argument("--split", choices=tuple(HOLDOUT_OF_SPLIT), default=None,
                     help="override the config's training split: all (P1/P3 models), cd (class-disjoint models) "
-                         "trainval (the production model: all plus the val photos) or far (P1/P3 models selected on TF, "
-                         "a hold-out closer to val's shift)")
+                         "trainval (the production model: all plus the val photos), far (P1/P3 models selected on TF, "
+                         "a hold-out closer to val's shift), iconic or trainval-iconic (all or trainval plus each "
+                         "product's iconic image)")
     ap.add_argument("--name", default=None, help="override the config's run name")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds the whole run may take: the fine-tuning epochs are cut to what the measured pace "

@@ -77,7 +77,7 @@ class Labels:
 
 
 # Each training split's selection protocol: the hold-out of train its epoch (and recipe) is chosen on.
-HOLDOUT_OF_SPLIT = {"all": "TH", "cd": "TH-CD", "trainval": "TH", "far": "TF"}
+HOLDOUT_OF_SPLIT = {"all": "TH", "cd": "TH-CD", "trainval": "TH", "far": "TF", "iconic": "TH", "trainval-iconic": "TH"}
 
 
 def training_protocol(root: Path, split: str = "all"):
@@ -90,9 +90,12 @@ def training_protocol(root: Path, split: str = "all"):
     queries stay out of training); P1 and P3 then measure photos it trained on, so its honest rows
     are its `all` twin's, and held-out test photos measure it. `far`: the train photos minus the TF
     hold-out (each product's train photos least like the rest, visearch.evaluation.farsplit), selected
-    on TF, a split closer to val's shift than TH; models for P1/P3, val never used.
+    on TF, a split closer to val's shift than TH; models for P1/P3, val never used. `iconic` and
+    `trainval-iconic`: `all` and `trainval` plus the studio ("iconic") image of each product, the
+    labelled photos a catalog of products comes with (P3's database: a model trained on them has seen
+    P3's catalog, never its queries).
     """
-    from visearch.datasets import grocery_split
+    from visearch.datasets import grocery_iconic, grocery_split
     from visearch.evaluation.protocols import get_protocols
 
     name = HOLDOUT_OF_SPLIT.get(split)
@@ -100,8 +103,10 @@ def training_protocol(root: Path, split: str = "all"):
         raise ValueError(f"unknown training split {split!r}: one of {', '.join(map(repr, HOLDOUT_OF_SPLIT))}")
     proto = get_protocols(root, (name,))[name]
     photos = list(proto.database)
-    if split == "trainval":
+    if split in ("trainval", "trainval-iconic"):
         photos += [p for p in grocery_split(root, "val") if p.is_product]
+    if split in ("iconic", "trainval-iconic"):
+        photos += [p for p in grocery_iconic(root) if p.is_product]
     return photos, proto
 
 

@@ -26,7 +26,8 @@ from . import model as tmodel
 from .train import load_checkpoint, stderr
 
 # trainval (the production model) trained on the val photos P1 and P3 query with: only TH is honest for it.
-PROTOCOLS_OF_SPLIT = {"all": ("P1", "P3"), "cd": ("CD",), "trainval": ("TH",), "far": ("P1", "P3")}
+PROTOCOLS_OF_SPLIT = {"all": ("P1", "P3"), "cd": ("CD",), "trainval": ("TH",), "far": ("P1", "P3"), "iconic": ("P1", "P3"),
+                      "trainval-iconic": ("TH",)}
 METRICS = ("mAP", "mAP@20", "recall@1", "recall@5", "recall@10")
 
 

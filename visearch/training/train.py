@@ -37,7 +37,9 @@ SMOKE_PER_CLASS, SMOKE_STEPS = 6, 4
 SPLIT_TEXT = {"all": "train minus the TH hold-out; val never used",
               "cd": "train minus products 44..58 and the TH-CD hold-out; val never used",
               "trainval": "train minus the TH hold-out, plus every val photo of a product (the production model)",
-              "far": "train minus the TF hold-out (each product's photos least like the rest); val never used"}
+              "far": "train minus the TF hold-out (each product's photos least like the rest); val never used",
+              "iconic": "train minus the TH hold-out, plus each product's iconic image; val never used",
+              "trainval-iconic": "train minus the TH hold-out, plus every val photo and the iconic image of a product"}
 
 
 def stderr(msg: str) -> None:
