@@ -194,6 +194,19 @@ def test_tf_holds_out_a_fifth_of_each_products_train_photos_and_trains_on_the_re
 
 
 @needs_grocery
+def test_ti_is_p3s_shape_inside_train():
+    """TI: TH's queries (held-out train photos of the products) against the 81 iconic images, one positive
+    each: the train-only protocol on which a choice that P3 would show is made."""
+    got = get_protocols(GROCERY, ("TI", "TH", "P3"))
+    ti, th, p3 = got["TI"], got["TH"], got["P3"]
+    assert [x.path for x in ti.queries] == [x.path for x in th.queries]
+    assert [x.path for x in ti.database] == [x.path for x in p3.database] and len(ti.database) == 81
+    for q in ti.queries:
+        assert sum(d.fine_id == q.fine_id for d in ti.database) == 1
+    assert not {x.path for x in ti.queries} & {x.path for x in datasets.grocery_split(GROCERY, "val")}
+
+
+@needs_grocery
 def test_unknown_protocol():
     with pytest.raises(ValueError, match="unknown protocol"):
         get_protocols(GROCERY, ("P2",))

@@ -39,7 +39,7 @@ __all__ = ["CD_TEST_IDS", "CD_TRAIN_IDS", "GENERIC_CACHE", "HOLDOUT_FRACTION", "
 
 CD_TRAIN_IDS = range(28, 44)
 CD_TEST_IDS = range(44, 59)
-PROTOCOL_NAMES = ("P1", "P3", "CD", "TH", "TH-CD", "TF", "G", "GR", "GS")
+PROTOCOL_NAMES = ("P1", "P3", "CD", "TH", "TH-CD", "TF", "TI", "G", "GR", "GS")
 HOLDOUT_FRACTION = 0.2
 # TF's queries (visearch.evaluation.farsplit), dataset-relative paths: committed, so no model is needed.
 TF_LIST = Path(__file__).resolve().parent.parent / "data" / "grocery-tf.txt"
@@ -142,6 +142,10 @@ def get_protocols(root: Path, names: Sequence[str] = ("P1", "P3", "CD")) -> dict
             out[n] = train_holdout(root, query_ids=CD_TRAIN_IDS, exclude_ids=CD_TEST_IDS, name="TH-CD")
         elif n == "TF":
             out[n] = train_far_holdout(root)
+        elif n == "TI":  # P3's shape inside TRAIN: selects what P3 would be read for
+            th = train_holdout(root)
+            out[n] = Protocol("TI", th.queries, iconic, "train hold-out (TH's queries) -> the 81 iconic images "
+                              "(1 positive)", th.database)
         elif n in ("G", "GR", "GS"):
             out.update(generic_protocols(GENERIC_CACHE, train, [n]))
     return out
