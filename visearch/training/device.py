@@ -113,7 +113,7 @@ def pack(out: Path, root: Path, repo: Path, arch: str = "efficientnet_lite0", pe
         (folder / MANIFEST).write_text(json.dumps({"part": name, "files": files[name], "bytes": used[name],
                                                   "site": f"site/{package_dir.name}" if name == "a" else None},
                                                  indent=1) + "\n")
-    return {"photos": len(photos), "bytes": used, "room": room, "tree": tree, "spare": room + MARGIN - max(used.values()),
+    return {"photos": len(photos), "bytes": used, "room": room, "tree": tree, "spare": limit - tree - max(used.values()),
             "weights_sha256": sha256(weights)}
 
 
